@@ -3,6 +3,7 @@ when run, so `--help` answers fast and a command's heavy imports cost only that 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import traceback
