@@ -1,0 +1,43 @@
+"""`label-studio-ml start DIR`: serve a backend the way its container does."""
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False), default=".", metavar="DIR")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=9090, envvar="PORT", show_envvar=True,
+              help="Port to listen on.")
+@click.option("--host", default="0.0.0.0", envvar="HOST", show_envvar=True,
+              help="Address to listen on (127.0.0.1 for this machine only).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, envvar="WORKERS", show_envvar=True,
+              help="gunicorn worker processes.")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, envvar="THREADS", show_envvar=True,
+              help="Threads per worker.")
+@click.option("--model", "model", default=None, envvar="LSDEPLOY_MODEL", show_envvar=True, metavar="FILE.py:CLASS",
+              help="Model class to serve when DIR has several (default: the one in model.py).")
+@click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", show_envvar=True, default=None,
+              help="Require basic auth with this user (everything but GET /health).")
+@click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
+              help="Basic auth password (prefer the environment variable: argv is visible to other users).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", envvar="LOG_LEVEL", show_envvar=True, help="Log level.")
+@click.option("--debug", is_flag=True, default=False, help="Flask's reloading development server, full tracebacks.")
+def start(directory, port, host, workers, threads, model, basic_auth_user, basic_auth_pass, log_level, debug):
+    """Serve the backend in DIR under gunicorn (the same command its container runs).
+
+    State is kept in SQLite under MODEL_DIR (default DIR/.lsdeploy), or in Cloud Storage when
+    MODEL_STATE_URI=gs://BUCKET/PREFIX. Stops cleanly on SIGTERM: in-flight requests and queued
+    training finish first (up to 8 s).
+    """
+    from ..errors import EXIT_USAGE, LsdeployError
+    from ..serve import ServeSettings, run
+
+    if bool(basic_auth_user) != bool(basic_auth_pass):
+        raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass "
+                            "(BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
+    run(ServeSettings(
+        directory=directory, port=port, host=host, workers=workers, threads=threads, model=model,
+        basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
+        log_level=log_level.upper(), debug=debug,
+    ))

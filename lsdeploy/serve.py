@@ -1,0 +1,142 @@
+"""Running a backend under gunicorn: what `label-studio-ml start` and every container run.
+
+Options come from `ServeSettings` (the CLI fills it from flags and PORT/HOST/WORKERS/THREADS).
+The app is built in the master process after the model class is imported (so a broken
+backend fails once, with one line, before any worker starts); each worker opens its own
+state store after fork and finishes queued training before it exits.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import logging.config
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import EXIT_USAGE, LsdeployError
+
+logger = logging.getLogger("lsdeploy.serve")
+
+# Cloud Run sends SIGTERM and kills 10 s later: finish in-flight work within 8 s.
+GRACEFUL_TIMEOUT = 8
+
+
+@dataclass
+class ServeSettings:
+    directory: str
+    port: int = 9090
+    host: str = "0.0.0.0"
+    workers: int = 1
+    threads: int = 8
+    model: Optional[str] = None
+    basic_auth: Optional[tuple] = field(default=None, repr=False)
+    log_level: str = "INFO"
+    debug: bool = False
+    graceful_timeout: int = GRACEFUL_TIMEOUT
+
+
+def server_command(directory: str, port: int, host: str = "0.0.0.0", model: Optional[str] = None) -> list[str]:
+    """The argv a container runs (and preview runs as a local process). Secrets go by
+    environment (BASIC_AUTH_PASS, LABEL_STUDIO_API_KEY), never on this command line."""
+    argv = ["label-studio-ml", "start", str(directory), "--port", str(port), "--host", host]
+    if model:
+        argv += ["--model", model]
+    return argv
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    })
+
+
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise LsdeployError(f"port {port} on {host} is in use: stop what uses it or choose another with --port (PORT)", EXIT_USAGE) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise LsdeployError(f"cannot listen on {host}: no such address on this machine; use --host 0.0.0.0 or 127.0.0.1", EXIT_USAGE) from None
+            raise LsdeployError(f"cannot listen on {host}:{port}: {exc.strerror}", EXIT_USAGE) from None
+
+
+def build_app(settings: ServeSettings):
+    """Import the backend, check its state store, and build the WSGI app."""
+    from .loader import load_model_class
+    from .server import create_app
+    from .state import default_store, set_default_store
+
+    model_class = load_model_class(settings.directory, settings.model)
+    os.environ.setdefault("MODEL_DIR", os.path.join(os.path.abspath(settings.directory), ".lsdeploy"))
+    store = default_store()  # fails here, once, when the store is unusable
+    store.close()
+    set_default_store(None)  # each worker opens its own after fork
+    return create_app(model_class, basic_auth=settings.basic_auth, debug=settings.debug)
+
+
+def run(settings: ServeSettings) -> None:
+    configure_logging(settings.log_level)
+    check_port(settings.host, settings.port)
+    app = build_app(settings)
+    if settings.debug:
+        logger.warning("debug mode: Flask's reloading development server, not for production")
+        app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, threaded=True)
+        return
+    from gunicorn.app.base import BaseApplication
+
+    graceful = settings.graceful_timeout
+
+    def post_worker_init(worker):
+        from .state import default_store
+
+        default_store()  # open this worker's store before its first request
+
+    def worker_exit(server, worker):
+        ext = app.extensions["lsdeploy"]
+        if ext["trainer"].pending:
+            logger.info("finishing %d queued training job(s) before exit", ext["trainer"].pending)
+        if not ext["trainer"].drain(max(graceful - 1, 1)):
+            logger.error("exiting with %d training job(s) unfinished", ext["trainer"].pending)
+
+    bind = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    options = {
+        "bind": bind,
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        "timeout": 0,  # predictions may take long; Cloud Run enforces its request timeout
+        "graceful_timeout": graceful,
+        "keepalive": 5,
+        "accesslog": None,  # the app logs one line per request itself
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
+        "proc_name": "lsdeploy",
+        # gunicorn >= 24 opens a control socket at a fixed path in $HOME: two servers on one
+        # machine would fight over it, and nothing here uses it.
+        "control_socket_disable": True,
+    }
+
+    class Application(BaseApplication):
+        def load_config(self):
+            for key, value in options.items():
+                if key in self.cfg.settings:  # settings differ across gunicorn versions
+                    self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    logger.info("serving %s on %s (%d worker(s) x %d thread(s))",
+                app.extensions["lsdeploy"]["model_class"].__name__, bind, settings.workers, settings.threads)
+    Application().run()

@@ -1,0 +1,474 @@
+"""The HTTP server a Label Studio ML backend runs: `create_app(model_class)`.
+
+Speaks what Label Studio 1.23 sends (see README "HTTP API"):
+GET /health, GET /, POST /setup, POST /predict, POST /webhook, GET /versions, POST /train,
+GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
+
+- One model instance per (project, label config), reused across requests (`ModelPool`);
+  `setup()` runs once per instance.
+- Training runs on a background thread per worker process (`Trainer`): a webhook is answered
+  with the fit result when fit finishes within FIT_WAIT_SECONDS (default 0.5 s), otherwise with
+  202 and a job id while training goes on. Label Studio gives a webhook 1 s. On shutdown the
+  worker finishes queued training before it exits (within gunicorn's graceful timeout).
+- Fits of one project are serialized across the workers sharing a store (`StateStore.lock`).
+- Logs: one line per request (method, path, status, latency). Never a body, a query string
+  or a header.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Optional
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__, taskdata
+from .metrics import Metrics
+from .model import KNOWN_EVENTS, LabelStudioMLBase
+from .response import ModelResponse
+from .state import StateStore, default_store
+
+logger = logging.getLogger("lsdeploy.server")
+access_log = logging.getLogger("lsdeploy.access")
+
+HEALTH_PATH = "/health"  # the one path served without basic auth (container probes)
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DEPTH = 64
+
+
+class BadRequest(Exception):
+    """Client error with a message the caller can act on."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def project_id_of(value) -> str:
+    """Label Studio sends the project as "<id>.<created_at epoch>" (predict, setup) or as an
+    object with an id (webhooks)."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadRequest("'project' must be a string like \"3.1700000000\", a number, or an object with an id")
+    return str(value).split(".", 1)[0]
+
+
+class ModelPool:
+    """Model instances by (project, label config), least recently used evicted first."""
+
+    def __init__(self, model_class, store: Optional[StateStore], size: int = 32):
+        self.model_class = model_class
+        self._store = store
+        self.size = max(1, size)
+        self._models: "OrderedDict[tuple, LabelStudioMLBase]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+
+    @property
+    def store(self) -> StateStore:
+        return self._store or default_store()
+
+    def get(self, project_id: str, label_config: Optional[str]) -> LabelStudioMLBase:
+        if label_config is None:
+            label_config = self.store.get(project_id, "label_config")
+        key = (project_id, hashlib.sha256((label_config or "").encode()).hexdigest())
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one setup() per instance even when requests race
+            with self._lock:
+                model = self._models.get(key)
+            if model is None:
+                model = self._create(project_id, label_config)
+                with self._lock:
+                    self._models[key] = model
+                    while len(self._models) > self.size:
+                        old, _ = self._models.popitem(last=False)
+                        self._key_locks.pop(old, None)
+        return model
+
+    def latest(self, project_id: str) -> Optional[LabelStudioMLBase]:
+        with self._lock:
+            for (pid, _), model in reversed(self._models.items()):
+                if pid == project_id:
+                    return model
+        return None
+
+    def _create(self, project_id, label_config):
+        cls = self.model_class
+        # The instance must see its store during __init__ (which calls setup()).
+        model = cls.__new__(cls)
+        model._store = self._store
+        model.__init__(project_id=project_id, label_config=label_config)
+        return model
+
+
+class Job:
+    _ids = itertools.count(1)
+
+    def __init__(self, event: str, project_id: str, run):
+        self.id = f"{os.getpid()}-{next(self._ids)}"
+        self.event = event
+        self.project_id = project_id
+        self.run = run
+        self.done = threading.Event()
+        self.result = None
+        self.error: Optional[BaseException] = None
+
+
+class Trainer:
+    """Runs fit() jobs one after another on a background thread of this process."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._pid = None
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="lsdeploy-trainer", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            self._pending += 1
+            self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
+        self._queue.put(job)
+        return job
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _loop(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            started = time.monotonic()
+            try:
+                job.result = job.run()
+                status = "ok"
+            except BaseException as exc:  # noqa: BLE001 - reported, never kills the thread
+                job.error = exc
+                status = "error"
+                logger.error("fit failed for project %r on %s: %s: %s", job.project_id, job.event,
+                             type(exc).__name__, exc)
+                logger.debug("fit traceback:\n%s", traceback.format_exc())
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
+                self.metrics.inc("lsdeploy_fit_total", event=job.event, status=status)
+                self.metrics.observe("lsdeploy_fit_duration_seconds", time.monotonic() - started)
+                job.done.set()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait for queued training to finish (on shutdown). True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._pending == 0
+
+
+def _depth(obj, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Optional[tuple] = None,
+               debug: bool = False, max_content_length: Optional[int] = None) -> Flask:
+    """The Flask app serving `model_class`.
+
+    `store` defaults to the process-wide store from the environment (MODEL_STATE_URI or SQLite
+    under MODEL_DIR), created in each worker process on first use. `basic_auth` is
+    (user, password); BASIC_AUTH_USER/BASIC_AUTH_PASS are read when it is not given.
+    """
+    if not (isinstance(model_class, type) and issubclass(model_class, LabelStudioMLBase)):
+        raise TypeError(f"{model_class!r} is not a subclass of lsdeploy.LabelStudioMLBase")
+    if basic_auth is None:
+        user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+        basic_auth = (user, password) if user and password else None
+    if basic_auth is not None and not (basic_auth[0] and basic_auth[1]):
+        raise ValueError("basic auth needs both a user and a password")
+
+    app = Flask("lsdeploy")
+    app.config["MAX_CONTENT_LENGTH"] = max_content_length or int(os.environ.get("MAX_REQUEST_BYTES", DEFAULT_MAX_BYTES))
+    app.json.sort_keys = False
+    metrics = Metrics()
+    metrics.describe("lsdeploy_requests_total", "counter", "HTTP requests by endpoint and status")
+    metrics.describe("lsdeploy_request_errors_total", "counter", "HTTP requests answered 5xx")
+    metrics.describe("lsdeploy_request_duration_seconds", "histogram", "HTTP request latency")
+    metrics.describe("lsdeploy_predictions_total", "counter", "Predictions returned")
+    metrics.describe("lsdeploy_fit_total", "counter", "fit() runs by event and outcome")
+    metrics.describe("lsdeploy_fit_duration_seconds", "histogram", "fit() duration")
+    metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training jobs queued or running in this process")
+    metrics.describe("lsdeploy_info", "gauge", "Server version and model class")
+    metrics.set("lsdeploy_info", 1, version=__version__, model_class=model_class.__name__)
+    pool = ModelPool(model_class, store, int(os.environ.get("MODEL_CACHE_SIZE", 32)))
+    trainer = Trainer(metrics)
+    fit_wait = _env_float("FIT_WAIT_SECONDS", 0.5)
+    max_depth = int(os.environ.get("MAX_JSON_DEPTH", DEFAULT_MAX_DEPTH))
+    app.extensions["lsdeploy"] = {"pool": pool, "trainer": trainer, "metrics": metrics, "model_class": model_class}
+
+    # -- plumbing ------------------------------------------------------------------------
+    def error(message: str, status: int):
+        body = {"status": status, "error": message}
+        return jsonify(body), status
+
+    def body_json() -> dict:
+        ctype = (request.mimetype or "").lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json") and ctype != "text/plain":
+            raise BadRequest(f"Content-Type {ctype} is not supported: send application/json", 415)
+        raw = request.get_data(cache=False)
+        if not raw:
+            raise BadRequest("request body is empty: send a JSON object")
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}"[:300]) from None
+        if not isinstance(data, dict):
+            raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+        if _depth(data, max_depth) > max_depth:
+            raise BadRequest(f"request body is nested deeper than {max_depth} levels")
+        return data
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        if basic_auth is None or request.path == HEALTH_PATH:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and hmac.compare_digest((auth.username or "").encode(), basic_auth[0].encode())
+            and hmac.compare_digest((auth.password or "").encode(), basic_auth[1].encode())
+        )
+        if not ok:
+            resp, status = error("authentication required: this backend uses basic auth "
+                                 "(set the same user and password in Label Studio's model settings)", 401)
+            resp.headers["WWW-Authenticate"] = 'Basic realm="lsdeploy"'
+            return resp, status
+        return None
+
+    @app.after_request
+    def _log(resp: Response):
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.inc("lsdeploy_requests_total", method=request.method, endpoint=endpoint, status=resp.status_code)
+        if resp.status_code >= 500:
+            metrics.inc("lsdeploy_request_errors_total", endpoint=endpoint)
+        metrics.observe("lsdeploy_request_duration_seconds", elapsed, endpoint=endpoint)
+        access_log.info("%s %s %s %.1fms", request.method, request.path, resp.status_code, elapsed * 1000)
+        return resp
+
+    @app.errorhandler(BadRequest)
+    def _bad(exc: BadRequest):
+        return error(str(exc), exc.status)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        messages = {
+            404: f"no such endpoint: {request.method} {request.path}; see GET /health",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes (MAX_REQUEST_BYTES)",
+        }
+        return error(messages.get(exc.code, exc.description or exc.name), exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _crash(exc: Exception):
+        logger.error("%s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc)
+        body = {"status": 500, "error": f"{type(exc).__name__}: {exc}"}
+        if debug:
+            body["traceback"] = traceback.format_exc()
+            logger.error("traceback:\n%s", body["traceback"])
+        return jsonify(body), 500
+
+    # -- endpoints -------------------------------------------------------------------------
+    @app.get("/")
+    @app.get(HEALTH_PATH)
+    def health():
+        body = {"status": "UP", "model_class": model_class.__name__, "version": __version__}
+        try:
+            state = pool.store.health()
+        except Exception as exc:  # noqa: BLE001 - health must answer
+            state = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        body["store"] = state
+        if state.get("status") not in (None, "ok"):
+            body["status"] = "DEGRADED" if state.get("status") == "degraded" else "UP"
+        # Label Studio only checks for 200; a degraded store still serves predictions.
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup():
+        data = body_json()
+        project_id = project_id_of(data.get("project"))
+        schema = data.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequest("'schema' must be the label config XML string")
+        hostname, token = data.get("hostname"), data.get("access_token")
+        if isinstance(hostname, str) or isinstance(token, str):
+            taskdata.remember(project_id, hostname if isinstance(hostname, str) else None,
+                              token if isinstance(token, str) else None)
+        model = pool.get(project_id, schema)
+        extra = data.get("extra_params")
+        if extra not in (None, "", {}):
+            if isinstance(extra, str):
+                try:
+                    extra = json.loads(extra)
+                except ValueError:
+                    raise BadRequest("'extra_params' must be a JSON object (or a string holding one)") from None
+            if not isinstance(extra, dict):
+                raise BadRequest("'extra_params' must be a JSON object")
+            model.set_extra_params(extra)
+        return jsonify({"model_version": model.model_version})
+
+    @app.post("/predict")
+    def predict():
+        data = body_json()
+        tasks = data.get("tasks")
+        if tasks is None:
+            raise BadRequest("'tasks' is missing: send {\"tasks\": [{\"id\": 1, \"data\": {...}}], ...}")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise BadRequest("'tasks' must be a list of task objects")
+        for i, task in enumerate(tasks):
+            if "data" in task and not isinstance(task["data"], dict):
+                raise BadRequest(f"tasks[{i}].data must be an object")
+        label_config = data.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the label config XML string")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'params' must be an object")
+        params = dict(params)
+        context = params.pop("context", None)
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest("'params.context' must be an object or null")
+        model = pool.get(project_id_of(data.get("project")), label_config)
+        response = model.predict(tasks, context=context, **params)
+        results = _serialize(response, model)
+        metrics.inc("lsdeploy_predictions_total", len(results))
+        return jsonify({"results": results})
+
+    @app.post("/webhook")
+    def webhook():
+        data = body_json()
+        event = data.get("action")
+        if not isinstance(event, str) or not event:
+            raise BadRequest("not a Label Studio event: the body needs an 'action' string such as ANNOTATION_CREATED")
+        if event not in KNOWN_EVENTS:
+            raise BadRequest(f"unknown event {event!r}; Label Studio sends one of {', '.join(KNOWN_EVENTS)}")
+        project = data.get("project")
+        project_id = project_id_of(project)
+        if event not in model_class.TRAIN_EVENTS:
+            return jsonify({"status": "skipped", "event": event,
+                            "reason": f"{model_class.__name__}.TRAIN_EVENTS does not include {event}"}), 200
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        payload = {k: v for k, v in data.items() if k != "action"}
+        return _run_fit(event, project_id, label_config, payload)
+
+    @app.post("/train")
+    def train():
+        """Legacy training call: {annotations, project, label_config, params}."""
+        data = body_json()
+        project_id = project_id_of(data.get("project"))
+        label_config = data.get("label_config")
+        payload = {"annotations": data.get("annotations") or [],
+                   "project": {"id": project_id, "label_config": label_config},
+                   "params": data.get("params") or {}}
+        return _run_fit("START_TRAINING", project_id, label_config, payload)
+
+    def _run_fit(event, project_id, label_config, payload):
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'project.label_config' must be the label config XML string")
+        model = pool.latest(project_id) if label_config is None else None
+        model = model or pool.get(project_id, label_config)
+        store = pool.store
+
+        def run():
+            with store.lock(project_id):
+                return model.process_event(event, payload, None, {})
+
+        job = trainer.submit(Job(event, project_id, run))
+        if job.done.wait(fit_wait):
+            if job.error is not None:
+                return error(f"fit failed: {type(job.error).__name__}: {job.error}", 500)
+            try:
+                json.dumps(job.result)
+                result = job.result
+            except (TypeError, ValueError):
+                result = repr(job.result)
+            return jsonify({"status": "ok", "result": result, "job": job.id,
+                            "model_version": model.model_version}), 201
+        return jsonify({"status": "training", "job": job.id,
+                        "detail": f"fit is running in the background ({trainer.pending} job(s) queued in this worker)"}), 202
+
+    @app.get("/versions")
+    def versions():
+        project_id = project_id_of(request.args.get("project"))
+        model = pool.latest(project_id)
+        current = model.model_version if model else (pool.store.get(project_id, "model_version")
+                                                     or model_class.INITIAL_MODEL_VERSION)
+        return jsonify({"versions": [current], "model_version": current})
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _serialize(response, model) -> list:
+    """Apply the reference SDK's rules for model_version and return the `results` list."""
+    if response is None:
+        response = []
+    if isinstance(response, dict):
+        if "predictions" not in response:
+            raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
+        response = ModelResponse(**response)
+    if isinstance(response, (list, tuple)):
+        response = ModelResponse(predictions=list(response))
+    if not isinstance(response, ModelResponse):
+        raise TypeError(f"predict() must return a list of predictions or a ModelResponse, not {type(response).__name__}")
+    if response.has_model_version():
+        response.update_predictions_version()
+    else:
+        response.set_version(model.model_version)
+    return response.serialize()["predictions"]

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Tests never use a developer's Label Studio or Google settings by accident.
+for _name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY", "MODEL_STATE_URI",
+              "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "PORT", "HOST", "WORKERS", "THREADS", "LSDEPLOY_MODEL"):
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """A fresh MODEL_DIR and process-wide store for in-process tests."""
+    from lsdeploy.state import set_default_store
+
+    directory = tmp_path / "state"
+    monkeypatch.setenv("MODEL_DIR", str(directory))
+    set_default_store(None)
+    yield directory
+    set_default_store(None)
+
+
+@pytest.fixture
+def created(tmp_path):
+    """create(blueprint) -> path of a freshly rendered backend directory."""
+    from lsdeploy.blueprints import create
+
+    def make(blueprint="default", name=None, **kwargs):
+        directory = tmp_path / (name or blueprint)
+        create(directory, blueprint=blueprint, **kwargs)
+        return directory
+
+    return make

@@ -1,0 +1,164 @@
+"""Helpers shared by the test suite: free ports, and a real `label-studio-ml start` process."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "lsdeploy.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last error: {last!r})")
+
+
+def run_cli(*args, env=None, cwd=None, timeout=120, input=None) -> subprocess.CompletedProcess:
+    """Run `label-studio-ml ARGS` in a child process; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout, input=input)
+
+
+class Server:
+    """`label-studio-ml start DIR` as a real process on 127.0.0.1 (gunicorn underneath)."""
+
+    def __init__(self, directory, *args, env=None, port=None, auth=None):
+        self.directory = str(directory)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = list(args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.auth = auth
+        self.proc: subprocess.Popen | None = None
+        self.log_path = None
+
+    def start(self, wait: bool = True, timeout: float = 60.0):
+        import tempfile
+
+        fd, self.log_path = tempfile.mkstemp(prefix="lsdeploy-server-", suffix=".log")
+        self._log = os.fdopen(fd, "w")
+        self.proc = subprocess.Popen(
+            [*CLI, "start", self.directory, "--port", str(self.port), "--host", "127.0.0.1", *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0):
+        def healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            return requests.get(self.url + "/health", timeout=2).status_code == 200
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if healthy():
+                    return
+            except RuntimeError:
+                raise
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server on {self.url} not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        if self.log_path is None:
+            return ""
+        self._log.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def request(self, method, path, **kwargs):
+        kwargs.setdefault("timeout", 30)
+        if self.auth and "auth" not in kwargs:
+            kwargs["auth"] = self.auth
+        return requests.request(method, self.url + path, **kwargs)
+
+    def post(self, path, json=None, **kwargs):
+        return self.request("POST", path, json=json, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+TEXT_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="sentiment" toName="text" choice="single">
+    <Choice value="Positive"/>
+    <Choice value="Negative"/>
+    <Choice value="Neutral"/>
+  </Choices>
+</View>"""
+
+
+def predict_body(tasks, project="1.1700000000", label_config=TEXT_CONFIG, context=None):
+    """A /predict body exactly as Label Studio 1.23 sends it."""
+    return {
+        "tasks": tasks,
+        "project": project,
+        "label_config": label_config,
+        "params": {"login": None, "password": None, "context": context},
+    }
+
+
+def text_task(task_id, text, project=1):
+    return {"id": task_id, "data": {"text": text}, "meta": {}, "annotations": [], "predictions": [],
+            "project": project, "created_at": "2026-11-27T00:00:00Z", "updated_at": "2026-11-27T00:00:00Z"}
+
+
+def annotation_event(task_id, annotation_id, text, label, project=1, label_config=TEXT_CONFIG,
+                     action="ANNOTATION_CREATED"):
+    """A webhook body shaped like Label Studio's ANNOTATION_CREATED payload."""
+    return {
+        "action": action,
+        "annotation": {
+            "id": annotation_id, "task": task_id, "was_cancelled": False, "ground_truth": False,
+            "result": [{"id": f"r{annotation_id}", "from_name": "sentiment", "to_name": "text", "type": "choices",
+                        "value": {"choices": [label]}, "origin": "manual"}],
+        },
+        "task": text_task(task_id, text, project),
+        "project": {"id": project, "title": "test", "label_config": label_config},
+    }

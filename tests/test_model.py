@@ -1,0 +1,113 @@
+import pytest
+
+from lsdeploy import LabelStudioMLBase, ModelResponse, PredictionValue
+from lsdeploy.model import next_version
+from support import TEXT_CONFIG
+
+
+class Model(LabelStudioMLBase):
+    setups = 0
+
+    def setup(self):
+        type(self).setups += 1
+
+
+def test_state_is_per_project(model_dir):
+    a, b = Model(project_id="1"), Model(project_id="2")
+    a.set("k", {"x": [1, 2]})
+    assert a.get("k") == {"x": [1, 2]} and a.has("k")
+    assert b.get("k") is None and not b.has("k")
+    assert Model(project_id="1").get("k") == {"x": [1, 2]}
+
+
+def test_initial_model_version_and_bump(model_dir):
+    model = Model(project_id="1", label_config=TEXT_CONFIG)
+    assert model.model_version == "0.0.1"
+    assert model.bump_model_version() == "0.1.0"
+    assert model.model_version == "0.1.0"
+    assert Model(project_id="1").model_version == "0.1.0"  # persisted, not reset
+
+
+@pytest.mark.parametrize("old,new", [("0.0.1", "0.1.0"), ("2.9.3", "2.10.0"), ("model-v7", "model-v8"),
+                                     ("v009", "v010"), ("abc", "abc.1"), (None, "1")])
+def test_next_version(old, new):
+    assert next_version(old) == new
+
+
+def test_label_config_and_parsed(model_dir):
+    model = Model(project_id="7", label_config=TEXT_CONFIG)
+    assert model.label_config == TEXT_CONFIG and model.get("label_config") == TEXT_CONFIG
+    assert model.parsed_label_config["sentiment"]["labels"] == ["Positive", "Negative", "Neutral"]
+    assert Model(project_id="7").label_config == TEXT_CONFIG  # read back from the store
+    assert model.get_first_tag_occurence("Choices", "Text") == ("sentiment", "text", "text")
+
+
+def test_extra_params_accept_dict_and_json(model_dir):
+    model = Model(project_id="1")
+    assert model.extra_params == {}
+    model.set_extra_params({"threshold": 0.5})
+    assert model.extra_params == {"threshold": 0.5}
+    model.set_extra_params('{"a": 1}')
+    assert model.extra_params == {"a": 1}
+
+
+def test_update_is_atomic_read_modify_write(model_dir):
+    model = Model(project_id="1")
+    assert model.update("n", lambda v: (v or 0) + 1) == 1
+    assert model.update("n", lambda v: v + 1) == 2
+
+
+def test_artifacts_round_trip(model_dir, tmp_path):
+    model = Model(project_id="1")
+    assert model.load_artifact("weights.bin") is None
+    src = tmp_path / "w"
+    src.write_bytes(b"\x00\x01weights")
+    model.save_artifact("weights.bin", str(src))
+    assert open(model.load_artifact("weights.bin"), "rb").read() == b"\x00\x01weights"
+    with pytest.raises(ValueError, match="not allowed"):
+        model.save_artifact("../escape", str(src))
+
+
+def test_non_json_values_are_refused_with_advice(model_dir):
+    with pytest.raises(TypeError, match="save_artifact"):
+        Model(project_id="1").set("obj", object())
+
+
+def test_label_interface_says_how_to_get_it(model_dir):
+    try:
+        import label_studio_sdk  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"lsdeploy\[sdk\]"):
+            Model(project_id="1", label_config=TEXT_CONFIG).label_interface
+    else:  # pragma: no cover - only where the sdk extra is installed
+        assert Model(project_id="1", label_config=TEXT_CONFIG).label_interface is not None
+
+
+def test_build_label_map(model_dir):
+    config = """<View><Image name="image" value="$image"/>
+      <RectangleLabels name="label" toName="image">
+        <Label value="Airplane"/><Label value="Car" predicted_values="car, truck"/>
+      </RectangleLabels></View>"""
+    model = Model(project_id="1", label_config=config)
+    assert model.build_label_map("label", ["car", "truck", "airplane"]) == {
+        "car": "Car", "truck": "Car", "airplane": "Airplane"}
+
+
+def test_model_response_fills_model_versions():
+    response = ModelResponse(predictions=[PredictionValue(result=[], score=0.5),
+                                          {"result": [], "model_version": "mine"},
+                                          [PredictionValue(result=[]), PredictionValue(result=[], model_version="x")]])
+    assert not response.has_model_version()
+    response.set_version("2.0.0")
+    out = response.serialize()["predictions"]
+    assert out[0]["model_version"] == "2.0.0"
+    assert out[1]["model_version"] == "mine"
+    assert [p["model_version"] for p in out[2]] == ["2.0.0", "x"]
+
+
+def test_prediction_value_keeps_extra_fields():
+    value = PredictionValue(result=[{"a": 1}], score=0.3, cluster=4, mislabeling=0.1)
+    assert value.serialize() == {"result": [{"a": 1}], "score": 0.3, "cluster": 4, "mislabeling": 0.1}
+    assert value.cluster == 4
+    with pytest.raises(TypeError, match="one item per task"):
+        ModelResponse(predictions="nope")

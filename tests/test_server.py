@@ -1,0 +1,284 @@
+"""The HTTP API through Flask's test client (the same app runs under gunicorn in test_gunicorn)."""
+import base64
+import threading
+import time
+
+import pytest
+
+from lsdeploy import LabelStudioMLBase, ModelResponse, PredictionValue, create_app
+from lsdeploy.state import SQLiteStore
+from support import TEXT_CONFIG, annotation_event, predict_body, text_task
+
+
+class Echo(LabelStudioMLBase):
+    """Predicts 'Positive' when the text says good; counts fits; records what it saw."""
+
+    setups = []
+    fits = []
+
+    def setup(self):
+        Echo.setups.append((self.project_id, self.label_config))
+
+    def predict(self, tasks, context=None, **kwargs):
+        if any(t["data"].get("text") == "boom" for t in tasks):
+            raise ValueError("cannot predict boom")
+        label = "Positive" if context else None
+        return [
+            {"result": [{"from_name": "sentiment", "to_name": "text", "type": "choices",
+                         "value": {"choices": [label or ("Positive" if "good" in t["data"]["text"] else "Negative")]}}],
+             "score": 0.9, "cluster": 3}
+            for t in tasks
+        ]
+
+    def fit(self, event, data, **kwargs):
+        Echo.fits.append((event, data))
+        if data.get("slow"):
+            time.sleep(data["slow"])
+        if data.get("fail"):
+            raise RuntimeError("training exploded")
+        return {"n": self.update("n", lambda v: (v or 0) + 1)}
+
+
+@pytest.fixture
+def app(model_dir):
+    Echo.setups, Echo.fits = [], []
+    return create_app(Echo, store=SQLiteStore(str(model_dir)))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def test_health_and_root(client):
+    for path in ("/health", "/"):
+        resp = client.get(path)
+        assert resp.status_code == 200
+        assert resp.json["status"] == "UP" and resp.json["model_class"] == "Echo"
+        assert resp.json["store"]["store"] == "sqlite"
+
+
+def test_setup_returns_model_version_and_keeps_extra_params(client):
+    resp = client.post("/setup", json={"project": "4.1700000000", "schema": TEXT_CONFIG,
+                                       "hostname": "http://ls:8080", "access_token": "tok",
+                                       "extra_params": {"threshold": 0.7}})
+    assert resp.status_code == 200 and resp.json == {"model_version": "0.0.1"}
+    model = client.application.extensions["lsdeploy"]["pool"].get("4", TEXT_CONFIG)
+    assert model.extra_params == {"threshold": 0.7}
+    assert model.label_studio_url == "http://ls:8080"
+
+
+def test_predict_fills_model_version_and_keeps_extra_fields(client):
+    resp = client.post("/predict", json=predict_body([text_task(1, "good"), text_task(2, "bad")]))
+    assert resp.status_code == 200
+    results = resp.json["results"]
+    assert [r["result"][0]["value"]["choices"] for r in results] == [["Positive"], ["Negative"]]
+    assert all(r["model_version"] == "0.0.1" and r["cluster"] == 3 for r in results)
+
+
+def test_predict_passes_context(client):
+    body = predict_body([text_task(1, "bad")], context={"result": [{"type": "keypointlabels"}]})
+    assert client.post("/predict", json=body).json["results"][0]["result"][0]["value"]["choices"] == ["Positive"]
+
+
+def test_model_instance_is_reused_per_project_and_config(client):
+    for _ in range(3):
+        client.post("/predict", json=predict_body([text_task(1, "good")]))
+        client.post("/setup", json={"project": "1.1700000000", "schema": TEXT_CONFIG})
+    assert Echo.setups == [("1", TEXT_CONFIG)]
+    client.post("/predict", json=predict_body([text_task(1, "good")], project="2.1"))
+    client.post("/predict", json=predict_body([text_task(1, "good")], label_config=TEXT_CONFIG + " "))
+    assert len(Echo.setups) == 3
+
+
+def test_model_response_with_own_version(model_dir):
+    class Versioned(LabelStudioMLBase):
+        def predict(self, tasks, context=None, **kwargs):
+            return ModelResponse(model_version="mv-9", predictions=[PredictionValue(result=[]) for _ in tasks])
+
+    client = create_app(Versioned, store=SQLiteStore(str(model_dir))).test_client()
+    results = client.post("/predict", json=predict_body([text_task(1, "x")])).json["results"]
+    assert results == [{"result": [], "score": 0.0, "model_version": "mv-9"}]
+
+
+@pytest.mark.parametrize("body,kwargs,status,message", [
+    (None, {"data": "not json", "content_type": "application/json"}, 400, "not valid JSON"),
+    (None, {"data": "", "content_type": "application/json"}, 400, "empty"),
+    ([1, 2], {}, 400, "must be a JSON object"),
+    ({"project": "1.1"}, {}, 400, "'tasks' is missing"),
+    ({"tasks": {"id": 1}}, {}, 400, "'tasks' must be a list"),
+    ({"tasks": [1, 2]}, {}, 400, "'tasks' must be a list"),
+    ({"tasks": [{"id": 1, "data": "x"}]}, {}, 400, "tasks[0].data must be an object"),
+    ({"tasks": [], "params": "x"}, {}, 400, "'params' must be an object"),
+    ({"tasks": [], "label_config": 5}, {}, 400, "'label_config' must be"),
+    ({"tasks": [], "project": [1]}, {}, 400, "'project' must be"),
+    (None, {"data": "a=b", "content_type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+])
+def test_predict_bad_input_is_json_4xx(client, body, kwargs, status, message):
+    resp = client.post("/predict", json=body, **kwargs) if body is not None else client.post("/predict", **kwargs)
+    assert resp.status_code == status
+    assert resp.is_json and message in resp.json["error"]
+
+
+def test_deeply_nested_json_is_refused(client):
+    body = '{"tasks": [], "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    resp = client.post("/predict", data=body, content_type="application/json")
+    assert resp.status_code == 400 and resp.is_json
+
+
+def test_oversize_body_is_413_json(model_dir):
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), max_content_length=1000).test_client()
+    resp = client.post("/predict", json={"tasks": [text_task(1, "x" * 2000)]})
+    assert resp.status_code == 413 and "larger than 1000 bytes" in resp.json["error"]
+
+
+def test_user_exception_is_json_500_without_traceback(client):
+    resp = client.post("/predict", json=predict_body([text_task(1, "boom")]))
+    assert resp.status_code == 500 and resp.is_json
+    assert resp.json["error"] == "ValueError: cannot predict boom"
+    assert "traceback" not in resp.json and "Traceback" not in resp.get_data(as_text=True)
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_debug_mode_adds_traceback(model_dir):
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), debug=True).test_client()
+    resp = client.post("/predict", json=predict_body([text_task(1, "boom")]))
+    assert resp.status_code == 500 and "Traceback" in resp.json["traceback"]
+
+
+def test_unknown_routes_and_methods_are_json(client):
+    assert client.get("/nope").status_code == 404 and client.get("/nope").is_json
+    resp = client.get("/predict")
+    assert resp.status_code == 405 and resp.is_json and "GET is not allowed" in resp.json["error"]
+
+
+@pytest.mark.parametrize("event", ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING",
+                                   "TASKS_CREATED", "PROJECT_UPDATED", "ANNOTATIONS_CREATED", "TASKS_DELETED"])
+def test_every_data_event_reaches_fit_exactly_once(client, event):
+    body = {"action": event, "project": {"id": 5, "label_config": TEXT_CONFIG}, "payload": event}
+    resp = client.post("/webhook", json=body)
+    assert resp.status_code == 201, resp.json
+    assert resp.json["status"] == "ok" and resp.json["result"] == {"n": 1}
+    assert [(e, d["payload"]) for e, d in Echo.fits] == [(event, event)]
+    assert "action" not in Echo.fits[0][1]
+
+
+def test_annotation_webhook_payload_reaches_fit(client):
+    resp = client.post("/webhook", json=annotation_event(3, 11, "good stuff", "Positive"))
+    assert resp.status_code == 201
+    (event, data), = Echo.fits
+    assert event == "ANNOTATION_CREATED" and data["annotation"]["id"] == 11 and data["task"]["id"] == 3
+
+
+def test_events_outside_train_events_are_skipped(model_dir):
+    class Picky(Echo):
+        TRAIN_EVENTS = ("START_TRAINING",)
+
+    Echo.fits = []
+    client = create_app(Picky, store=SQLiteStore(str(model_dir))).test_client()
+    resp = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}})
+    assert resp.status_code == 200 and resp.json["status"] == "skipped"
+    assert Echo.fits == []
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"project": {"id": 1}}, "needs an 'action'"),
+    ({"action": 5}, "needs an 'action'"),
+    ({"action": "MAKE_COFFEE"}, "unknown event 'MAKE_COFFEE'"),
+    ({"action": "START_TRAINING", "project": {"id": 1, "label_config": 7}}, "label_config"),
+])
+def test_webhook_rejects_what_is_not_an_event(client, body, message):
+    resp = client.post("/webhook", json=body)
+    assert resp.status_code == 400 and message in resp.json["error"]
+
+
+def test_slow_fit_answers_202_and_finishes_in_background(client):
+    started = time.monotonic()
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9}, "slow": 1.5})
+    assert time.monotonic() - started < 1.2
+    assert resp.status_code == 202 and resp.json["status"] == "training"
+    trainer = client.application.extensions["lsdeploy"]["trainer"]
+    assert trainer.drain(10)
+    assert len(Echo.fits) == 1
+    pool = client.application.extensions["lsdeploy"]["pool"]
+    assert pool.store.get("9", "n") == 1
+
+
+def test_failing_fit_is_json_500(client):
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}, "fail": True})
+    assert resp.status_code == 500 and resp.json["error"] == "fit failed: RuntimeError: training exploded"
+    assert client.get("/health").status_code == 200
+
+
+def test_legacy_train_endpoint(client):
+    resp = client.post("/train", json={"annotations": [{"id": 1}], "project": "3.1", "label_config": TEXT_CONFIG})
+    assert resp.status_code == 201
+    (event, data), = Echo.fits
+    assert event == "START_TRAINING" and data["annotations"] == [{"id": 1}] and data["project"]["id"] == "3"
+
+
+def test_versions(client):
+    client.post("/setup", json={"project": "3.1", "schema": TEXT_CONFIG})
+    assert client.get("/versions?project=3").json == {"versions": ["0.0.1"], "model_version": "0.0.1"}
+
+
+def test_metrics_are_prometheus_text(client):
+    client.post("/predict", json=predict_body([text_task(1, "good"), text_task(2, "bad")]))
+    client.post("/predict", json=predict_body([text_task(1, "boom")]))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'lsdeploy_requests_total{endpoint="/predict",method="POST",status="200"} 1' in text
+    assert 'lsdeploy_request_errors_total{endpoint="/predict"} 1' in text
+    assert "lsdeploy_predictions_total 2" in text
+    assert 'lsdeploy_request_duration_seconds_count{endpoint="/predict"} 2' in text
+    assert "# TYPE lsdeploy_request_duration_seconds histogram" in text
+
+
+def _basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth_protects_all_but_health(model_dir):
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), basic_auth=("ls", "s3cret-pass")).test_client()
+    assert client.get("/health").status_code == 200
+    for method, path in (("GET", "/"), ("POST", "/predict"), ("POST", "/setup"), ("POST", "/webhook"),
+                         ("GET", "/metrics"), ("GET", "/versions")):
+        resp = client.open(path, method=method, json={})
+        assert resp.status_code == 401 and resp.is_json, path
+        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert client.post("/predict", json=predict_body([]), headers=_basic("ls", "wrong")).status_code == 401
+    ok = client.post("/predict", json=predict_body([text_task(1, "good")]), headers=_basic("ls", "s3cret-pass"))
+    assert ok.status_code == 200
+
+
+def test_basic_auth_from_environment(model_dir, monkeypatch):
+    monkeypatch.setenv("BASIC_AUTH_USER", "u")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "p")
+    client = create_app(Echo, store=SQLiteStore(str(model_dir))).test_client()
+    assert client.post("/setup", json={"project": "1.1"}).status_code == 401
+    assert client.post("/setup", json={"project": "1.1"}, headers=_basic("u", "p")).status_code == 200
+
+
+def test_logs_one_line_per_request_and_no_bodies_or_tokens(client, caplog):
+    caplog.set_level("DEBUG")
+    client.post("/setup", json={"project": "1.1", "schema": TEXT_CONFIG, "access_token": "TOKEN-abc123-secret"})
+    client.post("/predict", json=predict_body([text_task(1, "PRIVATE-TEXT")]), headers={"Authorization": "Token TOKEN-abc123-secret"})
+    access = [r.getMessage() for r in caplog.records if r.name == "lsdeploy.access"]
+    assert len(access) == 2 and access[1].startswith("POST /predict 200 ")
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "TOKEN-abc123-secret" not in everything and "PRIVATE-TEXT" not in everything
+
+
+def test_setup_runs_once_under_concurrent_first_requests(client):
+    errors = []
+
+    def hit():
+        try:
+            assert client.post("/predict", json=predict_body([text_task(1, "good")], project="77.1")).status_code == 200
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hit) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    assert [s for s in Echo.setups if s[0] == "77"] == [("77", TEXT_CONFIG)]
