@@ -1,0 +1,350 @@
+"""Model state in Cloud Storage (issue 4), against a real fake-gcs-server.
+
+Unit tests drive `GCSStore` directly (several stores on one bucket stand for several
+instances); process tests run two real `label-studio-ml start` servers on one bucket.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+
+import pytest
+import requests
+
+from lsdeploy.errors import StateError
+from lsdeploy.state import store_from_env
+from lsdeploy.state_gcs import GCSStore, parse_uri
+
+pytestmark = pytest.mark.gcs
+
+
+def wait_for(predicate, timeout=30.0, interval=0.02, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# -- configuration ------------------------------------------------------------------------
+
+def test_parse_uri():
+    assert parse_uri("gs://my-bucket/a/b/") == ("my-bucket", "a/b/")
+    assert parse_uri("gs://my-bucket") == ("my-bucket", "")
+    for bad in ("s3://x/y", "gs://UPPER/x", "gs:///x", "gs://a/x"):
+        with pytest.raises(StateError):
+            parse_uri(bad)
+
+
+def test_store_from_env_selects_gcs(gcs_emulator, bucket, tmp_path):
+    store = store_from_env({"MODEL_STATE_URI": f"gs://{bucket}/env", "STORAGE_EMULATOR_HOST": gcs_emulator.url,
+                            "MODEL_STATE_REFRESH_SECONDS": "0.7", "MODEL_DIR": str(tmp_path)})
+    try:
+        assert isinstance(store, GCSStore)
+        assert store.refresh_seconds == 0.7
+        assert store.health()["status"] == "ok"
+    finally:
+        store.close()
+    with pytest.raises(StateError, match="MODEL_STATE_REFRESH_SECONDS"):
+        store_from_env({"MODEL_STATE_URI": f"gs://{bucket}/env", "STORAGE_EMULATOR_HOST": gcs_emulator.url,
+                        "MODEL_STATE_REFRESH_SECONDS": "0"})
+
+
+# -- start-up errors -----------------------------------------------------------------------
+
+def test_missing_bucket_is_one_clear_line(gcs_emulator, make_store):
+    with pytest.raises(StateError) as info:
+        make_store(gcs_emulator, "gs://no-such-bucket-here/models")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'no-such-bucket-here' does not exist" in message
+    assert "gcloud storage buckets create gs://no-such-bucket-here" in message
+
+
+def test_unwritable_prefix_names_permission_and_role(gcs_emulator, bucket, make_store, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "readonly/"
+    with pytest.raises(StateError) as info:
+        make_store(proxy, f"gs://{bucket}/readonly")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"cannot write to gs://{bucket}/readonly/" in message
+    assert "storage.objects.create" in message and "roles/storage.objectAdmin" in message
+    assert any(status == 403 for _, _, status in proxy.requests)
+    # Another prefix of the same bucket is writable through the same proxy.
+    store = make_store(proxy, f"gs://{bucket}/writable")
+    store.set("1", "k", "v")
+    assert store.get("1", "k") == "v"
+
+
+# -- basic behaviour ---------------------------------------------------------------------------
+
+def test_get_set_has_delete_read_your_writes(gcs_emulator, bucket, make_store):
+    store = make_store(gcs_emulator, f"gs://{bucket}/basic")
+    assert store.get("1", "missing") is None and store.get("1", "missing", 5) == 5
+    assert not store.has("1", "model_version")
+    for key, value in [("model_version", "0.0.1"), ("n", 3), ("none", None), ("cfg", {"a": [1, 2]}),
+                       ("weird/key with spaces?", True), ("", "empty key")]:
+        store.set("1", key, value)
+        assert store.get("1", key) == value  # read-your-writes, no refresh needed
+        assert store.has("1", key)
+    store.set("", "k", "empty project")
+    store.set("2.17", "k", "dotted project")
+    assert store.get("", "k") == "empty project" and store.get("2.17", "k") == "dotted project"
+    # A returned dict is the caller's copy: changing it does not change the state.
+    store.get("1", "cfg")["a"].append(3)
+    assert store.get("1", "cfg") == {"a": [1, 2]}
+    store.delete("1", "n")
+    assert not store.has("1", "n") and store.get("1", "n", "gone") == "gone"
+    store.delete("1", "never-set")  # deleting a missing key is not an error
+    with pytest.raises(TypeError):
+        store.set("1", "bad", object())
+    # One object per key, small JSON: what another instance (or a person) reads.
+    names = gcs_emulator.list_objects(bucket, "basic/state/p-1/")
+    assert "basic/state/p-1/k-model_version.json" in names
+    assert json.loads(gcs_emulator.read_object(bucket, "basic/state/p-1/k-model_version.json")) == {"v": "0.0.1"}
+
+
+def test_write_on_one_instance_seen_by_another_within_bound(gcs_emulator, bucket, make_store):
+    a = make_store(gcs_emulator, f"gs://{bucket}/vis", refresh_seconds=1.0)
+    b = make_store(gcs_emulator, f"gs://{bucket}/vis", refresh_seconds=1.0)
+    assert b.get("7", "model_version") is None
+    delays = []
+    for i in range(3):
+        a.set("7", "model_version", f"v{i}")
+        written = time.monotonic()
+        wait_for(lambda: b.get("7", "model_version") == f"v{i}", timeout=20, message="the other instance")
+        delays.append(time.monotonic() - written)
+    a.delete("7", "model_version")
+    deleted = time.monotonic()
+    wait_for(lambda: not b.has("7", "model_version"), timeout=20, message="the deletion")
+    delays.append(time.monotonic() - deleted)
+    # The guarantee is refresh_seconds while storage answers; allow for a loaded machine.
+    assert max(delays) <= 1.0 + 1.5, delays
+
+
+def test_reads_are_served_from_memory(gcs_emulator, bucket, make_store, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    store = make_store(proxy, f"gs://{bucket}/hot", refresh_seconds=2.0)
+    store.set("1", "model_version", "1.0.0")
+    before = len(proxy.requests)
+    started = time.monotonic()
+    for _ in range(20000):
+        assert store.get("1", "model_version") == "1.0.0"
+    elapsed = time.monotonic() - started
+    requests_made = len(proxy.requests) - before
+    # At most one listing per refresh_seconds / 2 (plus one), whatever the number of reads.
+    assert requests_made <= elapsed / 1.0 + 2, (requests_made, elapsed)
+
+
+def test_concurrent_sets_of_different_keys_do_not_clobber(gcs_emulator, bucket, make_store):
+    stores = [make_store(gcs_emulator, f"gs://{bucket}/keys", refresh_seconds=0.5) for _ in range(2)]
+    barrier = threading.Barrier(8)
+
+    def writer(i):
+        barrier.wait()
+        stores[i % 2].set("1", f"key-{i}", i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in stores:
+        wait_for(lambda: all(store.get("1", f"key-{i}") == i for i in range(8)), timeout=20)
+
+
+def test_concurrent_updates_from_two_instances_lose_nothing(gcs_emulator, bucket, make_store):
+    stores = [make_store(gcs_emulator, f"gs://{bucket}/inc", refresh_seconds=0.5) for _ in range(2)]
+    per_thread, threads_per_store = 6, 3
+    barrier = threading.Barrier(2 * threads_per_store)
+    results, errors = [], []
+
+    def worker(store):
+        barrier.wait()
+        try:
+            for _ in range(per_thread):
+                results.append(store.update("1", "n", lambda v: (v or 0) + 1))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(store,)) for store in stores for _ in range(threads_per_store)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    total = 2 * threads_per_store * per_thread
+    assert not errors, errors
+    assert sorted(results) == list(range(1, total + 1))  # every increment saw a distinct value
+    for store in stores:
+        wait_for(lambda: store.get("1", "n") == total, timeout=20)
+
+
+def test_update_whose_answer_was_lost_is_applied_once(gcs_emulator, bucket, make_store, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    store = make_store(proxy, f"gs://{bucket}/lost")
+    store.set("1", "n", 10)
+    proxy.lose_next_answers(1)  # the write lands, the client hears 503 and retries: 412
+    assert store.update("1", "n", lambda v: v + 1) == 11
+    assert json.loads(gcs_emulator.read_object(bucket, "lost/state/p-1/k-n.json"))["v"] == 11
+    assert store.update("1", "n", lambda v: v + 1) == 12
+
+
+def test_transient_errors_are_retried(gcs_emulator, bucket, make_store, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    store = make_store(proxy, f"gs://{bucket}/transient")
+    proxy.fail_next(2, 503)
+    proxy.fail_next(1, 429)
+    store.set("1", "k", "after three failures")
+    assert [s for _, _, s in proxy.requests[-4:]] == [503, 503, 429, 200]
+    proxy.fail_next(2, 500)
+    assert store.update("1", "n", lambda v: (v or 0) + 1) == 1
+    assert json.loads(gcs_emulator.read_object(bucket, "transient/state/p-1/k-k.json"))["v"] == "after three failures"
+
+
+def test_a_write_that_finally_fails_raises(own_emulator, make_store):
+    own_emulator.create_bucket("bkt")
+    store = make_store(own_emulator, "gs://bkt/fail", write_timeout=1.5, refresh_seconds=0.5)
+    store.set("1", "k", "kept")
+    own_emulator.stop()
+    started = time.monotonic()
+    with pytest.raises(StateError, match="cannot write state key 'k' to gs://bkt/fail/"):
+        store.set("1", "k", "lost?")
+    assert time.monotonic() - started < 30
+    with pytest.raises(StateError):
+        store.update("1", "n", lambda v: (v or 0) + 1)
+    assert store.get("1", "k") == "kept"  # the failed write did not pretend to succeed
+
+
+# -- artifacts -------------------------------------------------------------------------------
+
+def _write(path, data: bytes):
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return str(path)
+
+
+def test_artifact_written_on_one_instance_loads_identical_on_another(gcs_emulator, bucket, make_store, tmp_path):
+    a = make_store(gcs_emulator, f"gs://{bucket}/art", refresh_seconds=0.5)
+    b = make_store(gcs_emulator, f"gs://{bucket}/art", refresh_seconds=0.5)
+    assert b.load_artifact("1", "weights.bin") is None
+    first = os.urandom(300_000)
+    a.save_artifact("1", "weights.bin", _write(tmp_path / "w1", first))
+    path = wait_for(lambda: b.load_artifact("1", "weights.bin"), timeout=20)
+    assert open(path, "rb").read() == first
+    assert b.load_artifact("1", "weights.bin") == path  # cached: same version, same local file
+    second = os.urandom(200_000)
+    a.save_artifact("1", "weights.bin", _write(tmp_path / "w2", second))
+    assert open(a.load_artifact("1", "weights.bin"), "rb").read() == second  # read-your-writes
+    wait_for(lambda: open(b.load_artifact("1", "weights.bin"), "rb").read() == second, timeout=20)
+    third = os.urandom(1000)
+    a.save_artifact("1", "weights.bin", _write(tmp_path / "w3", third))
+    # Current and previous contents are kept, older ones deleted.
+    kept = gcs_emulator.list_objects(bucket, "art/artifacts/p-1/weights.bin/")
+    assert sorted(n.rsplit("/", 1)[1] for n in kept) == sorted(hashlib.sha256(d).hexdigest() for d in (second, third))
+    with pytest.raises(ValueError):
+        a.save_artifact("1", "../escape", str(tmp_path / "w3"))
+
+
+def test_artifact_reader_during_writes_sees_old_or_new_never_a_mix(gcs_emulator, bucket, make_store, tmp_path):
+    writer = make_store(gcs_emulator, f"gs://{bucket}/mix", refresh_seconds=0.3)
+    reader = make_store(gcs_emulator, f"gs://{bucket}/mix", refresh_seconds=0.3)
+    # One version above the client's 8 MiB switch to resumable uploads, others small.
+    versions = [os.urandom(9 << 20), os.urandom(1 << 20), bytes(range(256)) * 4096]
+    paths = [_write(tmp_path / f"v{i}", data) for i, data in enumerate(versions)]
+    digests = {hashlib.sha256(d).hexdigest() for d in versions}
+    writer.save_artifact("1", "model.bin", paths[0])
+    stop = threading.Event()
+    seen, errors = [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                path = reader.load_artifact("1", "model.bin")
+                if path:
+                    with open(path, "rb") as handle:
+                        seen.append(hashlib.sha256(handle.read()).hexdigest())
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for i in range(1, 7):
+            writer.save_artifact("1", "model.bin", paths[i % 3])
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    assert seen and set(seen) <= digests
+    assert len(set(seen)) >= 2  # the reader did follow the writes
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+def test_storage_outage_serves_last_state_and_retries_writes(own_emulator, make_store):
+    own_emulator.create_bucket("bkt")
+    store = make_store(own_emulator, "gs://bkt/outage", refresh_seconds=0.5, write_timeout=60)
+    other = make_store(own_emulator, "gs://bkt/outage", refresh_seconds=0.5, write_timeout=60)
+    store.set("1", "model_version", "2.0.0")
+    store.set("1", "n", 1)
+    own_emulator.stop()
+    wait_for(lambda: store.health()["status"] == "degraded", timeout=20, message="degraded health")
+    health = store.health()
+    assert health["store"] == "gcs" and health["error"]
+    started = time.monotonic()
+    for _ in range(1000):
+        assert store.get("1", "model_version") == "2.0.0"
+    assert time.monotonic() - started < 5  # reads do not wait for storage
+    results = {}
+
+    def write():
+        try:
+            results["update"] = other.update("1", "n", lambda v: (v or 0) + 1)
+            other.set("1", "model_version", "2.1.0")
+        except Exception as exc:  # noqa: BLE001
+            results["error"] = exc
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    time.sleep(3)  # storage away for a few seconds while the write is being retried
+    assert thread.is_alive() and not results
+    own_emulator.start()
+    thread.join(60)
+    assert results == {"update": 2}
+    wait_for(lambda: store.get("1", "model_version") == "2.1.0" and store.get("1", "n") == 2, timeout=20)
+    wait_for(lambda: store.health()["status"] == "ok", timeout=20)
+
+
+# -- training lease --------------------------------------------------------------------------------
+
+def test_lock_serializes_across_instances(gcs_emulator, bucket, make_store):
+    stores = [make_store(gcs_emulator, f"gs://{bucket}/lock", lease_seconds=30) for _ in range(2)]
+    inside, overlaps, order = [], [], []
+    guard = threading.Lock()
+
+    def train(store, name):
+        with store.lock("1"):
+            with guard:
+                inside.append(name)
+                if len(inside) > 1:
+                    overlaps.append(tuple(inside))
+            time.sleep(0.3)
+            order.append(name)
+            with guard:
+                inside.remove(name)
+
+    threads = [threading.Thread(target=train, args=(stores[i % 2], f"fit-{i}")) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(order) == 4 and not overlaps
+    assert not gcs_emulator.list_objects(bucket, "lock/locks/")  # released
