@@ -696,7 +696,7 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
     seconds: dict = {}
     session = requests.Session()
     session.headers["Content-Type"] = "application/json"
-    succeeded = False
+    keep_logs = False  # kept only when an error message points at the server log
     try:
         started = time.monotonic()
         runner.start(progress)
@@ -720,7 +720,6 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
             seconds["fit"] = time.monotonic() - started
             response_after, report_after = _predict(session, runner, tasks, project, settings, tasks_count=len(tasks))
             progress(f"POST /predict after fit: {len(report_after.errors)} error(s)")
-        succeeded = True
         return PreviewResult(
             directory=settings.directory, runner=kind, runner_reason=reason, commands=runner.commands,
             label_config_source=settings.label_config_source, tasks_source=settings.tasks_source, tasks=tasks,
@@ -728,6 +727,9 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
             response_after_fit=response_after, report_after_fit=report_after, seconds=seconds,
             files_served=sum(1 for _, status in files.requests if status == 200),
         )
+    except LsdeployError:
+        keep_logs = True
+        raise
     finally:
         progress("stopping the backend")
         session.close()  # no idle keep-alive connection for the server to wait on
@@ -735,7 +737,7 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
             runner.stop()
         finally:
             files.stop()
-            if succeeded:
+            if not keep_logs:
                 shutil.rmtree(workdir, ignore_errors=True)
 
 

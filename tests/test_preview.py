@@ -7,6 +7,7 @@ image's CMD as a local process."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,9 @@ def test_backend_that_cannot_start_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == EXIT_USAGE
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert "exited" in line and "not_a_module_anywhere" in line
+    log = Path(line.rsplit("full log: ", 1)[1])  # kept for the user, since the message points at it
+    assert "not_a_module_anywhere" in log.read_text()
+    shutil.rmtree(log.parent)
 
 
 def test_ctrl_c_stops_the_backend(tmp_path):
@@ -457,3 +461,47 @@ def test_engine_path_runs_exactly_those_commands(created, tmp_path):
     assert recorded[-1][:3] == ["stop", "--time", "10"] and recorded[-1][-1] == run[run.index("--name") + 1]
     port = int(next(a for a in run if a.startswith("PORT=")).split("=")[1])
     assert_no_server(f"http://127.0.0.1:{port}")
+
+
+IMAGE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="box" toName="image"><Label value="Thing"/></RectangleLabels>
+</View>"""
+
+
+def test_image_backend_reads_sample_files_through_the_stand_in_label_studio(tmp_path):
+    """Sample images are served like Label Studio uploads: only with the /setup token."""
+    predict = '''
+        import struct
+        out = []
+        for task in tasks:
+            path = self.get_local_path(task["data"]["image"], task_id=task["id"])
+            with open(path, "rb") as handle:
+                width, height = struct.unpack(">II", handle.read(24)[16:24])
+            out.append({"result": [{"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+                                    "original_width": width, "original_height": height,
+                                    "value": {"x": 10, "y": 10, "width": 50, "height": 50,
+                                              "rectanglelabels": ["Thing"]}}]})
+        return out'''
+    directory = write_backend(tmp_path / "img", predict, IMAGE_CONFIG)
+    result = run_preview(settings_for(directory, sample_count=3))
+    assert result.ok, [str(p) for p in result.report.problems]
+    assert result.files_served == 3
+    urls = [t["data"]["image"] for t in result.tasks]
+    assert all(re.match(r"http://127\.0\.0\.1:\d+/data/upload/preview/sample-\d\.png$", u) for u in urls)
+    sizes = {(r["result"][0]["original_width"], r["result"][0]["original_height"])
+             for r in result.response["results"]}
+    assert sizes == {(64, 48)}
+
+    # the same files without the token are refused, as Label Studio refuses them
+    anonymous = '''
+        import urllib.request, urllib.error
+        try:
+            urllib.request.urlopen(tasks[0]["data"]["image"], timeout=10)
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"download refused: {exc.code}")
+        return []'''
+    directory = write_backend(tmp_path / "anon", anonymous, IMAGE_CONFIG)
+    result = run_preview(settings_for(directory))
+    (problem,) = result.report.errors
+    assert problem.rule == "response" and "download refused: 401" in problem.message

@@ -133,7 +133,7 @@ def render(result) -> str:
     out += [f"  label config: {result.label_config_source}",
             f"  tasks:        {len(result.tasks)} ({result.tasks_source})",
             f"  model:        version {result.model_version}"]
-    out += _render_report("predictions", result.report, result.tasks)
+    out += _render_report("predictions", result.report, result.response)
     if result.fit is not None:
         fit = result.fit
         out.append("")
@@ -147,7 +147,7 @@ def render(result) -> str:
         for error in fit.errors:
             out.append(f"  problem: {error}")
         if result.report_after_fit is not None:
-            out += _render_report("predictions after fit", result.report_after_fit, result.tasks)
+            out += _render_report("predictions after fit", result.report_after_fit, result.response_after_fit)
     verdict = "OK: Label Studio can show every prediction" if result.ok else "INVALID" if result.exit_code == 7 else "FAILED"
     errors = len(result.report.errors) + (len(result.report_after_fit.errors) if result.report_after_fit else 0)
     warnings = len(result.report.warnings) + (len(result.report_after_fit.warnings) if result.report_after_fit else 0)
@@ -156,7 +156,21 @@ def render(result) -> str:
     return "\n".join(out)
 
 
-def _render_report(title, report, tasks) -> list:
+def _prediction_info(response, index) -> str:
+    results = response.get("results") if isinstance(response, dict) else None
+    if not isinstance(results, list) or index >= len(results):
+        return ""
+    items = results[index] if isinstance(results[index], list) else [results[index]]
+    parts = []
+    for item in items:
+        if isinstance(item, dict):
+            score = item.get("score")
+            score = f"{score:.4g}" if isinstance(score, (int, float)) and not isinstance(score, bool) else score
+            parts.append(f"score {score}, model_version {item.get('model_version')}")
+    return "; ".join(parts)
+
+
+def _render_report(title, report, response) -> list:
     out = ["", f"{title}:"]
     for problem in report.general:
         out.append(f"  {'WARNING' if problem.severity == 'warning' else 'PROBLEM'} {problem}")
@@ -164,8 +178,10 @@ def _render_report(title, report, tasks) -> list:
         task_id = task_report.task_id
         status = "OK" if task_report.ok else "problem"
         out.append("")
+        info = _prediction_info(response, task_report.index)
         out.append(f"task {task_report.index + 1} (id {task_id}) {task_report.path}: "
-                   f"{task_report.predictions} prediction(s), {len(task_report.rows)} region(s): {status}")
+                   f"{task_report.predictions} prediction(s), {len(task_report.rows)} region(s)"
+                   f"{' (' + info + ')' if info else ''}: {status}")
         for problem in task_report.problems:
             out.append(f"    {problem}")
         if not task_report.rows:
