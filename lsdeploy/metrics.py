@@ -4,6 +4,7 @@ Counters are per process: with several gunicorn workers each scrape sees the wor
 answered it, which is how Prometheus' own client behaves without its multiprocess mode."""
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import defaultdict
 
@@ -37,12 +38,19 @@ class Metrics:
             self._gauges[name][tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, value: float, **labels) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        self.record(None, (name, tuple(sorted(labels.items()))), value)
+
+    def record(self, counters, hist_key, value: float) -> None:
+        """The hot path: several counter increments and one histogram observation under one
+        lock acquisition. `counters` is a list of (name, sorted label tuple)."""
+        index = bisect.bisect_left(_BUCKETS, value)  # stored per bucket, summed when rendered
         with self._lock:
-            hist = self._hist.setdefault(key, [[0] * len(_BUCKETS), 0, 0.0])
-            for i, bound in enumerate(_BUCKETS):
-                if value <= bound:
-                    hist[0][i] += 1
+            for name, labels in counters or ():
+                self._counters[name][labels] += 1
+            hist = self._hist.get(hist_key)
+            if hist is None:
+                hist = self._hist[hist_key] = [[0] * (len(_BUCKETS) + 1), 0, 0.0]
+            hist[0][index] += 1
             hist[1] += 1
             hist[2] += value
 
@@ -61,8 +69,10 @@ class Metrics:
                 for (hname, labels), (buckets, count, total) in sorted(self._hist.items()):
                     if hname != name:
                         continue
+                    cumulative = 0
                     for bound, n in zip(_BUCKETS, buckets):
-                        lines.append(f"{name}_bucket{_labels(labels + (('le', f'{bound:g}'),))} {n}")
+                        cumulative += n
+                        lines.append(f"{name}_bucket{_labels(labels + (('le', f'{bound:g}'),))} {cumulative}")
                     lines.append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {count}")
                     lines.append(f"{name}_count{_labels(labels)} {count}")
                     lines.append(f"{name}_sum{_labels(labels)} {total:.6f}")

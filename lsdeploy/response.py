@@ -20,8 +20,8 @@ class PredictionValue:
         self.extra = extra
 
     def serialize(self) -> dict:
-        out = dict(self.extra)
-        out["result"] = [r.serialize() if hasattr(r, "serialize") else r for r in self.result]
+        out = dict(self.extra) if self.extra else {}
+        out["result"] = [r.serialize() if hasattr(r, "serialize") else r for r in self.result] if self.result else []
         if self.score is not None:
             out["score"] = self.score
         if self.model_version:
@@ -98,7 +98,7 @@ class ModelResponse:
             return p.serialize() if isinstance(p, PredictionValue) else p
 
         out = dict(self.extra)
-        out["predictions"] = [one(p) for p in self.predictions]
+        out["predictions"] = [p if type(p) is dict else one(p) for p in self.predictions]
         if self.model_version:
             out["model_version"] = str(self.model_version)
         return out

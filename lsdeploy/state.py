@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -99,6 +100,15 @@ def _encode(value: Any) -> str:
 
 
 class SQLiteStore(StateStore):
+    """SQLite under MODEL_DIR, shared by every worker process on the machine.
+
+    Reads are served from an in-process cache that is dropped whenever any process writes:
+    each write commits, then increments a generation counter in a small memory-mapped file
+    (under a file lock); a read compares that counter with the one its cache was filled at.
+    So a read that starts after another worker's write returned always sees it, and the hot
+    path (model_version on every /predict) costs a memory read instead of a query.
+    """
+
     kind = "sqlite"
 
     def __init__(self, model_dir: str):
@@ -117,6 +127,31 @@ class SQLiteStore(StateStore):
                 "CREATE TABLE IF NOT EXISTS state (project TEXT NOT NULL, key TEXT NOT NULL, "
                 "value TEXT NOT NULL, PRIMARY KEY (project, key))"
             )
+        self._gen_file = open(os.path.join(self.model_dir, "state.generation"), "a+b")
+        if os.fstat(self._gen_file.fileno()).st_size < 8:
+            with self._gen_locked():
+                if os.fstat(self._gen_file.fileno()).st_size < 8:
+                    self._gen_file.truncate(8)
+        self._gen = mmap.mmap(self._gen_file.fileno(), 8)
+        self._cache: dict = {}
+        self._cache_gen = -1
+        self._cache_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _gen_locked(self):
+        fcntl.flock(self._gen_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._gen_file, fcntl.LOCK_UN)
+
+    def _generation(self) -> int:
+        return int.from_bytes(self._gen[:8], "little")
+
+    def _written(self) -> None:
+        """Called after every committed write: invalidates every process's read cache."""
+        with self._gen_locked():
+            self._gen[:8] = ((self._generation() + 1) % (1 << 63)).to_bytes(8, "little")
 
     def _connect(self) -> sqlite3.Connection:
         # One connection per thread and process: a forked worker opens its own.
@@ -133,10 +168,21 @@ class SQLiteStore(StateStore):
         return conn
 
     def get(self, project, key, default=None):
+        project = str(project)
+        gen = self._generation()
+        with self._cache_lock:
+            if self._cache_gen == gen and (project, key) in self._cache:
+                text = self._cache[(project, key)]
+                return default if text is None else json.loads(text)
         row = self._connect().execute(
-            "SELECT value FROM state WHERE project=? AND key=?", (str(project), key)
+            "SELECT value FROM state WHERE project=? AND key=?", (project, key)
         ).fetchone()
-        return default if row is None else json.loads(row[0])
+        text = None if row is None else row[0]
+        with self._cache_lock:
+            if self._cache_gen != gen:
+                self._cache, self._cache_gen = {}, gen
+            self._cache[(project, key)] = text  # tagged with the generation read before the query
+        return default if text is None else json.loads(text)
 
     def set(self, project, key, value):
         self._connect().execute(
@@ -144,9 +190,11 @@ class SQLiteStore(StateStore):
             "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
             (str(project), key, _encode(value)),
         )
+        self._written()
 
     def delete(self, project, key):
         self._connect().execute("DELETE FROM state WHERE project=? AND key=?", (str(project), key))
+        self._written()
 
     def update(self, project, key, fn, default=None):
         conn = self._connect()
@@ -165,6 +213,7 @@ class SQLiteStore(StateStore):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._written()
         return new
 
     def _artifact_path(self, project, name):
@@ -205,6 +254,8 @@ class SQLiteStore(StateStore):
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._cache_lock:
+            self._cache, self._cache_gen = {}, -1
 
 
 def store_from_env(environ=None, model_dir: str | None = None) -> StateStore:

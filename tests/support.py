@@ -89,7 +89,8 @@ class Server:
     def log(self) -> str:
         if self.log_path is None:
             return ""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return Path(self.log_path).read_text(errors="replace")
 
     def request(self, method, path, **kwargs):

@@ -1,0 +1,113 @@
+"""create -> start -> /predict for each blueprint; the rendered Dockerfile; lsdeploy's wheel."""
+import hashlib
+import re
+import zipfile
+
+import pytest
+
+from lsdeploy.blueprints import available
+from support import Server, annotation_event, predict_body, text_task, wait_for
+
+TEXTS = {
+    "Positive": ["I love this, wonderful and great", "great product, love it", "wonderful, excellent, great job",
+                 "so happy, love love love"],
+    "Negative": ["terrible, awful, hate it", "awful experience, terrible support", "hate this, worst ever",
+                 "horrible and terrible"],
+}
+
+
+def test_blueprints_are_listed():
+    assert available() == ["default", "text-classifier"]
+
+
+def test_default_blueprint_serves_one_prediction_per_task(created):
+    directory = created("default")
+    with Server(directory) as server:
+        tasks = [text_task(i, f"text {i}") for i in range(1, 4)]
+        results = server.post("/predict", json=predict_body(tasks)).json()["results"]
+        assert results == [{"result": [], "score": 0.0, "model_version": "0.0.1"}] * 3
+        fit = server.post("/webhook", json=annotation_event(1, 1, "x", "Positive"))
+        assert fit.status_code == 201 and fit.json()["result"]["annotations_seen"] == 1
+
+
+def _choices(server, texts, project="1.1"):
+    tasks = [text_task(i, t) for i, t in enumerate(texts, 1)]
+    results = server.post("/predict", json=predict_body(tasks, project=project)).json()["results"]
+    return [(r["result"][0]["value"]["choices"][0], r["score"], r["model_version"]) for r in results]
+
+
+def test_text_classifier_learns_from_annotations_and_survives_restart(created):
+    directory = created("text-classifier")
+    probe = ["love it, great and wonderful", "terrible, hate it, awful"]
+    with Server(directory, "--workers", "2") as server:
+        before = _choices(server, probe)
+        assert [c for c, _, _ in before] == ["Positive", "Positive"]  # untrained: first label
+        assert all(score == pytest.approx(1 / 3, abs=1e-3) for _, score, _ in before)
+        assert {v for _, _, v in before} == {"0.0.1"}
+
+        annotation_id = 0
+        for label, texts in TEXTS.items():
+            for text in texts:
+                annotation_id += 1
+                resp = server.post("/webhook", json=annotation_event(annotation_id, annotation_id, text, label))
+                assert resp.status_code in (201, 202)
+
+        def trained():
+            after = _choices(server, probe)
+            return after if after[0][2] != "0.0.1" and [c for c, _, _ in after] == ["Positive", "Negative"] else None
+
+        after = wait_for(trained, timeout=60, message="predictions from the retrained model")
+        assert all(score > 0.5 for _, score, _ in after)
+        version = after[0][2]
+        # START_TRAINING retrains from the kept dataset and bumps the version again.
+        resp = server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": predict_body([])["label_config"]}})
+        assert resp.status_code in (201, 202)
+        wait_for(lambda: _choices(server, probe)[0][2] != version, timeout=60, message="START_TRAINING retrain")
+        version = _choices(server, probe)[0][2]
+    with Server(directory) as server:  # a restart keeps the trained model
+        restarted = _choices(server, probe)
+        assert [c for c, _, _ in restarted] == ["Positive", "Negative"] and restarted[0][2] == version
+
+
+def test_text_classifier_forgets_deleted_annotations(created):
+    directory = created("text-classifier")
+    with Server(directory) as server:
+        server.post("/webhook", json=annotation_event(1, 1, "great", "Positive"))
+        server.post("/webhook", json=annotation_event(2, 2, "awful", "Negative"))
+        resp = server.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 2}],
+                                             "project": {"id": 1, "label_config": predict_body([])["label_config"]}})
+        assert resp.status_code in (201, 202)
+    # stopping the server finished any queued training
+    from lsdeploy.state import SQLiteStore
+
+    assert set(SQLiteStore(str(directory / ".lsdeploy")).get("1", "dataset")) == {"1"}
+
+
+def test_dockerfile_layers_user_port_and_command(created):
+    text = (created("text-classifier") / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim$", text, re.M)
+    deps, code = text.index("COPY requirements.txt"), text.index("COPY --chown=app . /app")
+    assert deps < text.index("pip install") < code  # the dependency layer comes before the code
+    assert "USER app" in text and "useradd" in text
+    assert 'CMD ["label-studio-ml", "start", "/app"]' in text  # exec form: SIGTERM reaches gunicorn
+    assert "PORT=9090" in text
+    ignore = (created("default", name="d2") / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "__pycache__", ".lsdeploy"} <= set(ignore)
+    requirements = (created("text-classifier", name="tc2") / "requirements.txt").read_text()
+    assert "scikit-learn" in requirements
+
+
+def test_wheel_is_deterministic_and_complete(tmp_path):
+    from lsdeploy.wheel import build_wheel
+
+    first = build_wheel(str(tmp_path / "a"))
+    second = build_wheel(str(tmp_path / "b"))
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    assert digest(first) == digest(second)
+    names = zipfile.ZipFile(first).namelist()
+    assert "lsdeploy/server.py" in names and "lsdeploy/blueprints/_common/Dockerfile.j2" in names
+    assert "lsdeploy/blueprints/text-classifier/model.py.j2" in names
+    meta = zipfile.ZipFile(first).read("lsdeploy-0.1.0.dist-info/METADATA").decode()
+    assert re.search(r"^Requires-Dist: flask", meta, re.M | re.I)
+    assert "Provides-Extra: gcs" in meta
+    assert not any("__pycache__" in n for n in names)

@@ -1,0 +1,134 @@
+"""The same API through a real `label-studio-ml start` process (gunicorn, several workers)."""
+import concurrent.futures
+import signal
+import textwrap
+import threading
+import time
+
+import pytest
+import requests
+
+from support import Server, TEXT_CONFIG, predict_body, text_task, wait_for
+
+COUNTER_MODEL = textwrap.dedent('''
+    import time
+    from lsdeploy.model import LabelStudioMLBase
+
+    class Counter(LabelStudioMLBase):
+        """Reads and writes state the way user code does: get, then set."""
+
+        def predict(self, tasks, context=None, **kwargs):
+            if tasks and tasks[0]["data"].get("sleep"):
+                time.sleep(tasks[0]["data"]["sleep"])
+            return [{"result": [], "score": 0.0, "n": self.get("n") or 0, "value": self.get("value")} for _ in tasks]
+
+        def fit(self, event, data, **kwargs):
+            if event == "PROJECT_UPDATED":
+                self.set("value", data["value"])  # a plain write
+                return {"value": data["value"]}
+            n = self.get("n") or 0                  # read-modify-write with plain get/set
+            time.sleep(0.01)
+            self.set("n", n + 1)
+            return {"n": n + 1}
+''')
+
+
+@pytest.fixture
+def counter_dir(tmp_path):
+    (tmp_path / "model.py").write_text(COUNTER_MODEL)
+    return tmp_path
+
+
+def test_every_endpoint_through_gunicorn(counter_dir):
+    with Server(counter_dir, "--workers", "2", "--threads", "4") as server:
+        health = server.get("/health").json()
+        assert health["status"] == "UP" and health["model_class"] == "Counter"
+        assert server.get("/").status_code == 200
+        assert server.post("/setup", json={"project": "1.1", "schema": TEXT_CONFIG}).json() == {"model_version": "0.0.1"}
+        results = server.post("/predict", json=predict_body([text_task(1, "a"), text_task(2, "b")])).json()["results"]
+        assert len(results) == 2 and results[0]["model_version"] == "0.0.1"
+        assert server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code == 201
+        assert server.post("/train", json={"annotations": [], "project": "1.1"}).status_code == 201
+        assert server.get("/versions?project=1").json()["versions"] == ["0.0.1"]
+        assert "lsdeploy_requests_total" in server.get("/metrics").text
+        bad = server.post("/predict", data="{", headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"].startswith("request body is not valid JSON")
+        assert server.get("/missing").headers["Content-Type"].startswith("application/json")
+    log = server.log()
+    assert "POST /predict 200" in log and "GET /health 200" in log
+
+
+def test_state_is_consistent_across_four_workers(counter_dir):
+    """No stale read after another worker's write, no lost update under concurrent writes."""
+    with Server(counter_dir, "--workers", "4", "--threads", "4") as server:
+        session = requests.Session()
+        for i in range(20):  # each write is visible to whichever worker answers next
+            body = {"action": "PROJECT_UPDATED", "project": {"id": 1}, "value": i}
+            assert server.post("/webhook", json=body).status_code == 201
+            for _ in range(4):
+                got = session.post(server.url + "/predict", json=predict_body([text_task(1, "x")], project="1.1")).json()
+                assert got["results"][0]["value"] == i
+
+        def fire(_):
+            return server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 2}}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(fire, range(10)))
+        assert all(s in (201, 202) for s in statuses)
+
+        def count():
+            return server.post("/predict", json=predict_body([text_task(1, "x")], project="2.1")).json()["results"][0]["n"]
+
+        wait_for(lambda: count() == 10, timeout=30, message="10 increments")
+        time.sleep(0.5)
+        assert count() == 10
+
+
+def test_sigterm_finishes_in_flight_requests(counter_dir):
+    server = Server(counter_dir, "--workers", "1", "--threads", "4").start()
+    try:
+        result = {}
+
+        def slow():
+            body = predict_body([{"id": 1, "data": {"sleep": 2}}], project="1.1")
+            result["resp"] = requests.post(server.url + "/predict", json=body, timeout=30)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(0.7)
+        server.proc.send_signal(signal.SIGTERM)
+        thread.join(30)
+        assert result["resp"].status_code == 200
+        assert server.proc.wait(15) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
+
+
+def test_sigterm_finishes_queued_training(tmp_path):
+    (tmp_path / "model.py").write_text(textwrap.dedent('''
+        import time
+        from lsdeploy.model import LabelStudioMLBase
+
+        class Slow(LabelStudioMLBase):
+            def fit(self, event, data, **kwargs):
+                time.sleep(1.5)
+                self.update("done", lambda v: (v or 0) + 1)
+    '''))
+    with Server(tmp_path) as server:
+        assert server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code == 202
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+    from lsdeploy.state import SQLiteStore
+
+    assert SQLiteStore(str(tmp_path / ".lsdeploy")).get("1", "done") == 1
+
+
+def test_basic_auth_through_gunicorn(counter_dir):
+    env = {"BASIC_AUTH_USER": "labelstudio", "BASIC_AUTH_PASS": "pa55-word"}
+    with Server(counter_dir, env=env) as server:
+        assert server.get("/health").status_code == 200
+        assert server.post("/predict", json=predict_body([])).status_code == 401
+        assert server.post("/predict", json=predict_body([]), auth=("labelstudio", "pa55-word")).status_code == 200
+    assert "pa55-word" not in server.log()
