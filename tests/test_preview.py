@@ -505,3 +505,78 @@ def test_image_backend_reads_sample_files_through_the_stand_in_label_studio(tmp_
     result = run_preview(settings_for(directory))
     (problem,) = result.report.errors
     assert problem.rule == "response" and "download refused: 401" in problem.message
+
+
+# -- the label config of a real Label Studio project ---------------------------------------------------------
+LS_TOKEN = "previewtoken0123456789"
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A real Label Studio (LABEL_STUDIO_BIN = its `label-studio` executable) with a known legacy token."""
+    exe = os.environ.get("LABEL_STUDIO_BIN") or shutil.which("label-studio")
+    if not exe:
+        pytest.skip("Label Studio is not installed: set LABEL_STUDIO_BIN to its label-studio executable")
+    from support import free_port
+
+    data = tmp_path_factory.mktemp("ls-data")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("USERNAME", "PASSWORD", "HOST", "PORT")}
+    env.update(ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LABEL_STUDIO_HOST=url,
+               COLLECT_ANALYTICS="false", LATEST_VERSION_CHECK="false")
+    log = open(data / "label-studio.log", "w")
+    proc = subprocess.Popen([exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data), "--username", "admin@example.com", "--password", "admin12345",
+                             "--user-token", LS_TOKEN, "--enable-legacy-api-token"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def up():
+            assert proc.poll() is None, (data / "label-studio.log").read_text()[-2000:]
+            return requests.get(url + "/api/projects", headers={"Authorization": f"Token {LS_TOKEN}"},
+                                timeout=5).status_code == 200
+        wait_for(up, timeout=600, interval=1, message="Label Studio")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.e2e
+def test_label_config_from_a_label_studio_project(label_studio, tmp_path):
+    headers = {"Authorization": f"Token {LS_TOKEN}"}
+    project = requests.post(label_studio + "/api/projects", headers=headers, timeout=30,
+                            json={"title": "preview e2e", "label_config": NER_CONFIG}).json()
+    # a backend written for the text config: its choices regions do not exist in this project's config
+    config, body, _, _ = BROKEN["label-not-in-config"]
+    directory = write_backend(tmp_path / "b", body.replace('"positive"', '"Positive"'), config)
+    env = {"LABEL_STUDIO_API_KEY": LS_TOKEN}  # the key travels by environment, never on argv
+    done = run_cli("preview", directory, "--json", "--runner", "process", "--project", project["id"],
+                   "--label-studio-host", label_studio, env=env, timeout=180)
+    assert done.returncode == EXIT_INVALID, done.stderr
+    report = json.loads(done.stdout)
+    assert report["label_config_source"] == f"Label Studio project {project['id']} at {label_studio}"
+    problems = {(p["rule"], p["path"]) for p in report["validation"]["problems"]}
+    assert ("from-name", "results[0].result[0].from_name") in problems
+    assert LS_TOKEN not in done.stdout + done.stderr
+
+    # a personal access token (a JWT) is exchanged for an access token first
+    pat = requests.post(label_studio + "/api/token/", headers=headers, timeout=30)
+    assert pat.status_code in (200, 201), pat.text
+    token = pat.json()["token"]
+    assert token.count(".") == 2
+    done = run_cli("preview", directory, "--json", "--runner", "process", "--project", project["id"],
+                   "--label-studio-host", label_studio, env={"LABEL_STUDIO_API_KEY": token}, timeout=180)
+    assert done.returncode == EXIT_INVALID and json.loads(done.stdout)["label_config_source"].startswith("Label Studio")
+
+    done = run_cli("preview", directory, "--project", project["id"], "--label-studio-host", label_studio,
+                   env={"LABEL_STUDIO_API_KEY": "wrong-token-123"}, timeout=60)
+    assert done.returncode == 3 and "refused the API key" in done.stderr and "wrong-token-123" not in done.stderr
+    done = run_cli("preview", directory, "--project", "99999", "--label-studio-host", label_studio,
+                   env={"LABEL_STUDIO_API_KEY": LS_TOKEN}, timeout=60)
+    assert done.returncode == EXIT_USAGE and "no project 99999" in done.stderr
