@@ -364,7 +364,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         label_config = data.get("label_config")
         if label_config is not None and not isinstance(label_config, str):
             raise BadRequest("'label_config' must be the label config XML string")
-        params = data.get("params") or {}
+        params = data.get("params")
+        if params is None:
+            params = {}
         if not isinstance(params, dict):
             raise BadRequest("'params' must be an object")
         params = dict(params)
@@ -400,6 +402,10 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         data = body_json()
         project_id = project_id_of(data.get("project"))
         label_config = data.get("label_config")
+        if data.get("annotations") is not None and not isinstance(data["annotations"], list):
+            raise BadRequest("'annotations' must be a list")
+        if data.get("params") is not None and not isinstance(data["params"], dict):
+            raise BadRequest("'params' must be an object")
         payload = {"annotations": data.get("annotations") or [],
                    "project": {"id": project_id, "label_config": label_config},
                    "params": data.get("params") or {}}
@@ -442,7 +448,23 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     def prometheus():
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
+    @app.get("/openapi.json")
+    def openapi():
+        return Response(openapi_document(), mimetype="application/json")
+
     return app
+
+
+_OPENAPI: Optional[str] = None
+
+
+def openapi_document() -> str:
+    """The OpenAPI document of this API (lsdeploy/openapi.json, shipped in the package)."""
+    global _OPENAPI
+    if _OPENAPI is None:
+        with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as handle:
+            _OPENAPI = handle.read()
+    return _OPENAPI
 
 
 def _serialize(response, model) -> list:

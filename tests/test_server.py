@@ -40,8 +40,9 @@ class Echo(LabelStudioMLBase):
 
 
 @pytest.fixture
-def app(model_dir):
+def app(model_dir, monkeypatch):
     Echo.setups, Echo.fits = [], []
+    monkeypatch.setenv("FIT_WAIT_SECONDS", "20")  # quick fits answer 201 even on a loaded machine
     return create_app(Echo, store=SQLiteStore(str(model_dir)))
 
 
@@ -192,13 +193,16 @@ def test_webhook_rejects_what_is_not_an_event(client, body, message):
     assert resp.status_code == 400 and message in resp.json["error"]
 
 
-def test_slow_fit_answers_202_and_finishes_in_background(client):
+def test_slow_fit_answers_202_and_finishes_in_background(model_dir, monkeypatch):
+    monkeypatch.setenv("FIT_WAIT_SECONDS", "0.3")
+    Echo.fits = []
+    client = create_app(Echo, store=SQLiteStore(str(model_dir))).test_client()
     started = time.monotonic()
-    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9}, "slow": 1.5})
-    assert time.monotonic() - started < 1.2
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9}, "slow": 3})
+    assert time.monotonic() - started < 2.5
     assert resp.status_code == 202 and resp.json["status"] == "training"
     trainer = client.application.extensions["lsdeploy"]["trainer"]
-    assert trainer.drain(10)
+    assert trainer.drain(20)
     assert len(Echo.fits) == 1
     pool = client.application.extensions["lsdeploy"]["pool"]
     assert pool.store.get("9", "n") == 1
