@@ -418,10 +418,21 @@ class ProcessRunner:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self._started = time.monotonic()
         progress(f"started `{' '.join(self.display)}` (pid {self.proc.pid})")
 
     def exited(self) -> Optional[int]:
         return None if self.proc is None else self.proc.poll()
+
+    def owns_port(self) -> bool:
+        """True once our server is the one listening: gunicorn logged its bind, or (if its log says
+        nothing) it has stayed up for 2 s, long past its own port check. Guards against another
+        program that took the free port first answering /health in our place."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        if f"Listening at: http://127.0.0.1:{self.port}" in self.log_tail(200):
+            return True
+        return time.monotonic() - self._started >= 2.0
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -501,6 +512,9 @@ class DockerRunner:
         if done.returncode != 0:
             raise LsdeployError(f"docker run failed: {_last_line(done.stderr)}", EXIT_ERROR)
         self.started = True
+
+    def owns_port(self) -> bool:
+        return self.started  # `docker run` fails when the port is taken
 
     def exited(self) -> Optional[int]:
         if not self.started:
@@ -679,28 +693,38 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
 
     kind, reason = choose_runner(settings, probe)
     progress(f"runner: {kind} ({reason})")
-    workdir = tempfile.mkdtemp(prefix="lsdeploy-preview-")
-    port = free_port()
-    runner = DockerRunner(settings, port, workdir) if kind == "docker" else ProcessRunner(settings, port, workdir)
     token = secrets.token_hex(20)
-    files = FileServer(sample_files(settings.label_config, settings.sample_count), token).start()
-    files_host = getattr(runner, "files_host", "127.0.0.1")
-    hostname = files.url(files_host)
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
     project = f"{settings.project_id}.{int(time.time())}"
-    if settings.tasks is None:
-        raw_tasks = sample_tasks(settings.label_config, settings.sample_count, hostname + UPLOAD_PREFIX)
-    else:
-        raw_tasks = settings.tasks
-    tasks = [ls_task(t, i, settings.project_id, now) for i, t in enumerate(raw_tasks)]
-    seconds: dict = {}
-    session = requests.Session()
-    session.headers["Content-Type"] = "application/json"
-    keep_logs = False  # kept only when an error message points at the server log
+    workdir = tempfile.mkdtemp(prefix="lsdeploy-preview-")
+    runner = files = session = None
+    keep_logs = False  # the work directory stays only when an error message points at a log in it
     try:
+        runner = _make_runner(kind, settings, workdir)
+        files = FileServer(sample_files(settings.label_config, settings.sample_count), token).start()
+        hostname = files.url(getattr(runner, "files_host", "127.0.0.1"))
+        if settings.tasks is None:
+            raw_tasks = sample_tasks(settings.label_config, settings.sample_count, hostname + UPLOAD_PREFIX)
+        else:
+            raw_tasks = settings.tasks
+        tasks = [ls_task(t, i, settings.project_id, now) for i, t in enumerate(raw_tasks)]
+        seconds: dict = {}
+        session = requests.Session()
+        session.headers["Content-Type"] = "application/json"
+
         started = time.monotonic()
-        runner.start(progress)
-        _wait_healthy(runner, session, settings.startup_timeout, workdir)
+        for attempt in range(3):
+            runner.start(progress)
+            try:
+                _wait_healthy(runner, session, settings.startup_timeout)
+                break
+            except LsdeployError:
+                # Another program took the free port between our check and the server's bind.
+                if attempt == 2 or runner.exited() is None or "is in use" not in runner.log_tail():
+                    raise
+                runner.stop()
+                runner = _make_runner(kind, settings, workdir)
+                progress("the port was taken meanwhile; retrying on another one")
         seconds["startup"] = time.monotonic() - started
         progress(f"healthy at {runner.url} after {seconds['startup']:.1f}s")
 
@@ -708,7 +732,7 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
         progress(f"POST /setup: model_version {version!r}")
 
         started = time.monotonic()
-        response, report = _predict(session, runner, tasks, project, settings, tasks_count=len(tasks))
+        response, report = _predict(session, runner, tasks, project, settings)
         seconds["predict"] = time.monotonic() - started
         progress(f"POST /predict: {len(tasks)} task(s) in {seconds['predict']:.2f}s, "
                  f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
@@ -718,7 +742,7 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
             started = time.monotonic()
             fit = _fit(session, runner, settings, project, hostname, token, version, now, progress)
             seconds["fit"] = time.monotonic() - started
-            response_after, report_after = _predict(session, runner, tasks, project, settings, tasks_count=len(tasks))
+            response_after, report_after = _predict(session, runner, tasks, project, settings)
             progress(f"POST /predict after fit: {len(report_after.errors)} error(s)")
         return PreviewResult(
             directory=settings.directory, runner=kind, runner_reason=reason, commands=runner.commands,
@@ -727,21 +751,29 @@ def run_preview(settings: PreviewSettings, progress: Callable[[str], None] = lam
             response_after_fit=response_after, report_after_fit=report_after, seconds=seconds,
             files_served=sum(1 for _, status in files.requests if status == 200),
         )
-    except LsdeployError:
-        keep_logs = True
+    except LsdeployError as exc:
+        keep_logs = workdir in str(exc)
         raise
     finally:
-        progress("stopping the backend")
-        session.close()  # no idle keep-alive connection for the server to wait on
+        if session is not None:
+            session.close()  # no idle keep-alive connection for the server to wait on
         try:
-            runner.stop()
+            if runner is not None:
+                progress("stopping the backend")
+                runner.stop()
         finally:
-            files.stop()
+            if files is not None:
+                files.stop()
             if not keep_logs:
                 shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait_healthy(runner, session, timeout: float, workdir: str) -> None:
+def _make_runner(kind: str, settings: PreviewSettings, workdir: str):
+    port = free_port()
+    return DockerRunner(settings, port, workdir) if kind == "docker" else ProcessRunner(settings, port, workdir)
+
+
+def _wait_healthy(runner, session, timeout: float) -> None:
     import requests
 
     deadline = time.monotonic() + timeout
@@ -753,14 +785,14 @@ def _wait_healthy(runner, session, timeout: float, workdir: str) -> None:
                                 f"{_last_line(runner.log_tail())}; full log: {runner.log_path}", EXIT_USAGE)
         try:
             resp = session.get(runner.url + "/health", timeout=5)
-            if resp.status_code == 200:
+            if resp.status_code == 200 and runner.owns_port():
                 return
             last = f"HTTP {resp.status_code}"
         except requests.RequestException as exc:
             last = type(exc).__name__
         time.sleep(0.2)
     raise LsdeployError(f"the backend did not answer GET /health within {timeout:.0f}s (last: {last}); "
-                        f"Label Studio would show it as disconnected; log: {runner.log_path}", EXIT_REGISTER)
+                        f"Label Studio would show it as disconnected; full log: {runner.log_path}", EXIT_REGISTER)
 
 
 def _error_text(resp) -> str:
@@ -783,7 +815,8 @@ def _setup(session, runner, label_config, project, hostname, token) -> str:
         raise LsdeployError(f"POST /setup failed: {type(exc).__name__}", EXIT_REGISTER) from None
     if resp.status_code != 200:
         raise LsdeployError(f"POST /setup answered {resp.status_code}: {_error_text(resp)}; Label Studio would "
-                            f"mark the backend as Error: {_last_line(runner.log_tail())}", EXIT_REGISTER)
+                            f"mark the backend as Error: {_last_line(runner.log_tail())}; full log: {runner.log_path}",
+                            EXIT_REGISTER)
     try:
         version = resp.json().get("model_version")
     except (ValueError, AttributeError):
@@ -794,7 +827,7 @@ def _setup(session, runner, label_config, project, hostname, token) -> str:
     return str(version)
 
 
-def _predict(session, runner, tasks, project, settings, tasks_count) -> tuple:
+def _predict(session, runner, tasks, project, settings) -> tuple:
     import requests
 
     body = predict_body(tasks, project, settings.label_config)
@@ -805,8 +838,8 @@ def _predict(session, runner, tasks, project, settings, tasks_count) -> tuple:
                                            "Label Studio gives up then (ML_TIMEOUT_PREDICT) and stores nothing")
         return None, ValidationReport([problem], [], [problem])
     except requests.RequestException as exc:
-        raise LsdeployError(f"POST /predict failed: {type(exc).__name__}: {_last_line(runner.log_tail())}",
-                            EXIT_ERROR) from None
+        raise LsdeployError(f"POST /predict failed: {type(exc).__name__}: {_last_line(runner.log_tail())}; "
+                            f"full log: {runner.log_path}", EXIT_ERROR) from None
     try:
         data = resp.json()
     except ValueError:

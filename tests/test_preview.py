@@ -193,6 +193,18 @@ def test_fit_failure_is_reported_and_fails(tmp_path):
     assert any("1 background fit(s) failed" in e for e in result.fit.errors), result.fit.errors
 
 
+def test_failing_setup_is_a_backend_label_studio_cannot_connect(tmp_path):
+    extra = '    def setup(self):\n        raise RuntimeError("weights file not found")\n\n'
+    directory = write_backend(tmp_path / "nosetup", "return []", extra=extra)
+    with pytest.raises(LsdeployError) as info:
+        run_preview(settings_for(directory))
+    assert info.value.exit_code == EXIT_REGISTER
+    assert "POST /setup answered 500" in str(info.value) and "weights file not found" in str(info.value)
+    log = Path(str(info.value).rsplit("full log: ", 1)[1])
+    assert "weights file not found" in log.read_text()
+    shutil.rmtree(log.parent)
+
+
 def test_backend_that_cannot_start_is_one_line_and_exit_2(tmp_path):
     directory = tmp_path / "nomodel"
     directory.mkdir()
@@ -580,3 +592,46 @@ def test_label_config_from_a_label_studio_project(label_studio, tmp_path):
     done = run_cli("preview", directory, "--project", "99999", "--label-studio-host", label_studio,
                    env={"LABEL_STUDIO_API_KEY": LS_TOKEN}, timeout=60)
     assert done.returncode == EXIT_USAGE and "no project 99999" in done.stderr
+
+
+def test_a_server_that_took_the_port_first_is_not_mistaken_for_the_backend(created, monkeypatch):
+    """free port -> someone else binds it -> our server exits "port in use": preview retries on
+    another port and never validates the intruder's answers."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import lsdeploy.preview as preview_module
+
+    class Intruder(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    intruders = []
+    real_free_port = preview_module.free_port
+
+    def free_port_then_taken(host="127.0.0.1"):
+        port = real_free_port(host)
+        if not intruders:
+            server = HTTPServer(("127.0.0.1", port), Intruder)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            intruders.append(server)
+        return port
+
+    monkeypatch.setattr(preview_module, "free_port", free_port_then_taken)
+    messages = []
+    try:
+        result = run_preview(settings_for(created("default")), progress=messages.append)
+    finally:
+        for server in intruders:
+            server.shutdown()
+            server.server_close()
+    assert result.ok and result.model_version == "0.0.1"
+    assert "the port was taken meanwhile; retrying on another one" in messages
+    (command,) = result.commands
+    assert int(command[command.index("--port") + 1]) != intruders[0].server_address[1]

@@ -52,7 +52,7 @@ def preview(directory, label_config_file, tasks_file, fit_file, as_json, label_s
     Exit codes: 0 all valid, 7 predictions invalid, 1 training (--fit) failed, 2 bad input or a
     backend that does not start, 6 a backend Label Studio could not connect (/health, /setup).
     """
-    from ..errors import EXIT_USAGE, LsdeployError
+    from ..errors import LsdeployError
     from ..preview import (PreviewSettings, fetch_label_config, label_config_from_directory, load_annotations,
                            load_tasks, run_preview)
 
