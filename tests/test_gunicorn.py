@@ -135,3 +135,46 @@ def test_basic_auth_through_gunicorn(counter_dir):
         assert server.post("/predict", json=predict_body([])).status_code == 401
         assert server.post("/predict", json=predict_body([]), auth=("labelstudio", "pa55-word")).status_code == 200
     assert "pa55-word" not in server.log()
+
+
+def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir):
+    """SIGTERM while /predict and webhooks are in flight: the server exits within Cloud Run's
+    10 s, every request it accepted is answered, and every acknowledged fit is in the store."""
+    server = Server(counter_dir, "--workers", "2", "--threads", "4").start()
+    acknowledged, answered, stop = [], [], threading.Event()
+
+    def webhooks():
+        while not stop.is_set():
+            try:
+                resp = requests.post(server.url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 3}},
+                                     timeout=30)
+            except requests.ConnectionError:
+                return  # the server stopped accepting: fine
+            answered.append(resp.status_code)
+            if resp.status_code in (201, 202):
+                acknowledged.append(1)
+
+    def predicts():
+        while not stop.is_set():
+            try:
+                resp = requests.post(server.url + "/predict", json=predict_body([text_task(1, "x")], project="3.1"),
+                                     timeout=30)
+            except requests.ConnectionError:
+                return
+            answered.append(resp.status_code)
+
+    threads = [threading.Thread(target=webhooks) for _ in range(3)] + [threading.Thread(target=predicts) for _ in range(3)]
+    [t.start() for t in threads]
+    wait_for(lambda: len(acknowledged) >= 10, timeout=60, message="some acknowledged webhooks")
+    began = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    took = time.monotonic() - began
+    stop.set()
+    [t.join(30) for t in threads]
+    server.stop()
+    assert took < 10, f"shutdown took {took:.1f}s"
+    assert set(answered) <= {200, 201, 202}, set(answered)
+    from lsdeploy.state import SQLiteStore
+
+    assert SQLiteStore(str(counter_dir / ".lsdeploy")).get("3", "n") == len(acknowledged)
