@@ -296,10 +296,9 @@ class _Validator:
         elif not isinstance(version, (str, int, float)) or isinstance(version, bool):
             self.add("model-version", _join(path, "model_version"),
                      f"model_version must be a string, not {type(version).__name__}")
-        if "score" in pred and pred["score"] is not None and not _is_number(pred["score"]):
-            self.add("score", _join(path, "score"),
-                     f"score must be a number, not {_fmt(pred['score'])}: Label Studio rejects the "
-                     "whole batch of predictions")
+        if "score" in pred:
+            self._score(pred["score"], _join(path, "score"), "score",
+                        "Label Studio rejects the whole batch of predictions")
         result = pred.get("result")
         if "result" not in pred:
             self.add("prediction", _join(path, "result"),
@@ -317,6 +316,19 @@ class _Validator:
             self._region(region, row, task, ids)
             self._sink = report.problems
 
+    def _score(self, score, path: str, what: str, consequence: str) -> None:
+        if score is None or _is_number(score):
+            return
+        if isinstance(score, str):
+            try:
+                if math.isfinite(float(score)):
+                    self.add("score", path, f"{what} is the string {score!r}: Label Studio converts it, but "
+                                            "return a number", WARNING)
+                    return
+            except ValueError:
+                pass
+        self.add("score", path, f"{what} must be a number, not {_fmt(score)}: {consequence}")
+
     # -- one result item -------------------------------------------------------------------------
     def _region(self, region, row: Row, task, ids: set) -> None:
         path = row.path
@@ -328,8 +340,8 @@ class _Validator:
         row.type = rtype if isinstance(rtype, str) else "?"
         value = region.get("value")
         row.summary = _summary(row.type, value) if isinstance(value, dict) else ""
-        if "score" in region and region["score"] is not None and not _is_number(region["score"]):
-            self.add("score", _join(path, "score"), f"region score must be a number, not {_fmt(region['score'])}")
+        if "score" in region:
+            self._score(region["score"], _join(path, "score"), "region score", "Label Studio cannot show it")
         for key in ("original_width", "original_height"):  # image size in pixels, beside `value`
             if key in region and region[key] is not None and not (_is_number(region[key]) and region[key] > 0):
                 self.add("region-field", _join(path, key), f"{key} must be a positive number of pixels, "

@@ -278,6 +278,13 @@ def test_misspelled_from_name_suggests_the_control():
     assert "did you mean 'sentiment'" in problem.message
 
 
+def test_numeric_string_score_is_a_warning():
+    report = mutate("classify", lambda r, t: r["results"][0].update(score="0.5"))
+    assert report.valid
+    (warning,) = report.warnings
+    assert warning.rule == "score" and warning.path == "results[0].score"
+
+
 def test_choice_alias_is_the_stored_value():
     report = mutate("classify", setv(0, "choices", ["Meh"]))
     assert report.valid
