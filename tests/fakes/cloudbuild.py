@@ -1,0 +1,554 @@
+"""Cloud Build v1 fake: builds (create global and regional, get, list, cancel) and their operations.
+
+No container engine runs here, so a build is simulated step by step with the same inputs and
+outcomes a real one has:
+
+- FETCHSOURCE: the `source.storageSource` object is read from Cloud Storage (the fake-gcs-server
+  emulator, or the in-memory store) and must be a tar.gz (or zip) archive. A missing object is
+  rejected by CreateBuild itself ("could not resolve source"), like the real API does.
+- `docker build` steps check the context has the Dockerfile and "build" an image whose digest is
+  derived only from the context's files (same files -> same digest); `docker tag`, `docker push`,
+  `docker pull` (for `--cache-from`) and the build's `images` behave like a Docker daemon would;
+  a push goes to the Artifact Registry fake (the repository must exist). Any other step is
+  recorded and succeeds.
+- The build is QUEUED in CreateBuild's answer, WORKING after the first poll (GetBuild, ListBuilds
+  or GetOperation all count) and finished after `operation_polls` polls.
+- Logs: the full log text is written to `gs://<logsBucket>/log-<buildId>.txt` and grows as the
+  build advances (ranged reads from the last offset stream it, as gcloud does). When the request
+  sets no logs bucket, the fake fills in the default `gs://<project number>.cloudbuild-logs.
+  googleusercontent.com` like the real API, and then only keeps the log in memory
+  (`CloudBuildFake.log_text(build_id)`), as that bucket is Google's.
+- Faults: `fail_next(step=..., message=..., log_lines=[...])` makes the next build fail at a step.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import uuid
+from dataclasses import dataclass, field
+
+from google.cloud.devtools import cloudbuild_v1 as cb
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
+
+from .artifactregistry import PushError, parse_image
+from .runner import bundle_files, dockerfile_instructions
+from .server import (ApiError, Route, compile_template, invalid_argument, not_found, now_pb, paginate,
+                     project_number, routes_from_transport)
+
+Build = cb.Build.pb()
+BuildStep = cb.BuildStep.pb()
+BuildOperationMetadata = cb.BuildOperationMetadata.pb()
+Status = Build.Status
+FailureType = Build.FailureInfo.FailureType
+LoggingMode = cb.BuildOptions.pb().LoggingMode
+DOCKER_BUILDERS = ("gcr.io/cloud-builders/docker", "docker", "gcr.io/cloud-builders/docker:latest")
+
+
+@dataclass
+class PlannedFailure:
+    step: int
+    message: str
+    log_lines: list[str]
+    exit_code: int = 1
+
+
+@dataclass
+class BuildRecord:
+    build: object  # the Build message (live)
+    location: str
+    bundle: bytes | None
+    lines: list[str] = field(default_factory=list)  # the complete log, computed at creation
+    final: object = None  # the finished Build (status, steps, results...) revealed at the end
+    polls: int = 0
+    revealed: int = 0  # log lines revealed so far
+    pushed: list = field(default_factory=list)  # artifactregistry Images pushed
+    cache_from: list = field(default_factory=list)  # (ref, found?) for every --cache-from
+    operation: str = ""
+
+
+class CloudBuildFake:
+    api = "cloudbuild"
+
+    def __init__(self, cloud):
+        self.cloud = cloud
+        self.builds: dict[str, BuildRecord] = {}
+        self.failures: list[PlannedFailure] = []
+        server = cloud.server
+        server.add_routes(routes_from_transport(
+            self.api, "google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.rest",
+            "CloudBuildRestTransport"))
+        # The operations client is configured in the transport, not in rest_base: add its two paths.
+        routes = []
+        for template in ("/v1/{name=operations/**}", "/v1/{name=projects/*/locations/*/operations/*}"):
+            regex, variables, has_verb = compile_template(template)
+            routes.append(Route(self.api, "GetOperation", "GET", template, regex, variables, None,
+                                operations_pb2.GetOperationRequest, operations_pb2.Operation, has_verb))
+        server.add_routes(routes)
+        for method in ("CreateBuild", "GetBuild", "ListBuilds", "CancelBuild"):
+            server.handle(self.api, method)(getattr(self, method))
+
+    # ---- faults and inspection ---------------------------------------------------------------
+    def fail_next(self, step: int = 0, message: str = "step exited with non-zero status: 1",
+                  log_lines: list[str] | None = None, exit_code: int = 1) -> None:
+        """The next build fails at step `step` with `log_lines` in its log (then builds run normally)."""
+        self.failures.append(PlannedFailure(step, message, list(log_lines or [
+            "ERROR: Could not find a version that satisfies the requirement not-a-package==0.0",
+            "ERROR: No matching distribution found for not-a-package==0.0"]), exit_code))
+
+    def log_text(self, build_id: str) -> str:
+        record = self.builds[build_id]
+        return "".join(line + "\n" for line in record.lines[:record.revealed])
+
+    def record(self, build_id: str) -> BuildRecord:
+        return self.builds[build_id]
+
+    # ---- names -------------------------------------------------------------------------------
+    def _find(self, name: str = "", project_id: str = "", build_id: str = "") -> BuildRecord:
+        if name:
+            m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)/builds/([^/]+)", name)
+            if not m:
+                raise invalid_argument(f"Invalid build name: {name}", "name")
+            project_id, location, build_id = m.groups()
+        else:
+            location = "global"
+        record = self.builds.get(build_id)
+        if record is None or project_number(record.build.project_id) != project_number(project_id) \
+                or record.location != location:
+            raise not_found("Requested entity was not found.")
+        return record
+
+    # ---- create ------------------------------------------------------------------------------
+    def CreateBuild(self, request, ctx):
+        if request.parent:
+            m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)", request.parent)
+            project, location = m.groups()
+            if request.project_id and request.project_id != project:
+                raise invalid_argument("project_id does not match the parent.", "project_id")
+        else:
+            project, location = request.project_id, "global"
+        build = Build()
+        build.CopyFrom(request.build)
+        self._validate(build)
+        build_id = str(uuid.uuid4())
+        substitutions = self._substitutions(build, project, location, build_id)
+        self._substitute(build, substitutions)
+
+        bundle = None
+        if build.source.HasField("storage_source"):
+            src = build.source.storage_source
+            bundle = self.cloud.storage.get(src.bucket, src.object_, src.generation or None)
+            if bundle is None and self.cloud.storage.enabled:
+                raise invalid_argument(
+                    f"could not resolve source: googleapi: Error 404: No such object: {src.bucket}/{src.object_}, "
+                    f"notFound")
+        elif build.source.ListFields():
+            raise invalid_argument("The lsdeploy fake only builds storage_source sources.", "build.source")
+
+        build.id = build_id
+        build.name = f"projects/{project_number(project)}/locations/{location}/builds/{build_id}"
+        build.project_id = project
+        build.status = Status.QUEUED
+        now_pb(build.create_time)
+        if not build.HasField("timeout"):
+            build.timeout.CopyFrom(duration_pb2.Duration(seconds=600))
+        if not build.HasField("queue_ttl"):
+            build.queue_ttl.CopyFrom(duration_pb2.Duration(seconds=3600))
+        if not build.logs_bucket and build.options.logging not in (LoggingMode.CLOUD_LOGGING_ONLY, LoggingMode.NONE):
+            build.logs_bucket = f"gs://{project_number(project)}.cloudbuild-logs.googleusercontent.com"
+        region = "" if location == "global" else f";region={location}"
+        build.log_url = (f"https://console.cloud.google.com/cloud-build/builds{region}/{build_id}"
+                         f"?project={project_number(project)}")
+        for step in build.steps:
+            step.status = Status.QUEUED
+        record = BuildRecord(build, location, bundle)
+        record.final = self._execute(record, substitutions)
+        self.builds[build_id] = record
+
+        if location == "global":
+            op_name = f"operations/build/{project}/{build_id}"
+        else:
+            op_name = f"projects/{project}/locations/{location}/operations/{build_id}"
+        record.operation = op_name
+
+        def check():
+            if record.build.status == Status.SUCCESS:
+                return record.build
+            if record.build.status in (Status.FAILURE, Status.INTERNAL_ERROR, Status.TIMEOUT, Status.EXPIRED):
+                return ApiError("UNKNOWN", "Build failed; check build logs for details")
+            if record.build.status == Status.CANCELLED:
+                return ApiError("CANCELLED", "Build was cancelled")
+            return None
+
+        operation = self.cloud.server.new_operation(
+            op_name, self.api, lambda: BuildOperationMetadata(build=record.build), check, polls_needed=0,
+            on_poll=lambda: self._tick(record))
+        return operation.to_pb()
+
+    def _validate(self, build) -> None:
+        if not build.steps:
+            raise invalid_argument("invalid build: build must have at least one step", "build.steps")
+        ids = set()
+        for index, step in enumerate(build.steps):
+            if not step.name:
+                raise invalid_argument(f"invalid build: invalid .steps field: build step {index} must specify name",
+                                       f"build.steps[{index}].name")
+            if step.id:
+                if step.id in ids:
+                    raise invalid_argument(f"invalid build: duplicate build step id {step.id!r}")
+                ids.add(step.id)
+            for dependency in step.wait_for:
+                if dependency != "-" and dependency not in ids:
+                    raise invalid_argument(f"invalid build: build step {index} depends on an unknown or later step "
+                                           f"{dependency!r}")
+        if build.service_account and not build.logs_bucket and \
+                build.options.logging not in (LoggingMode.CLOUD_LOGGING_ONLY, LoggingMode.NONE) and \
+                build.options.default_logs_bucket_behavior != \
+                cb.BuildOptions.pb().DefaultLogsBucketBehavior.REGIONAL_USER_OWNED_BUCKET:
+            raise invalid_argument(
+                "generic::invalid_argument: if 'build.service_account' is specified, the build must either (a) "
+                "specify 'build.logs_bucket', (b) use the REGIONAL_USER_OWNED_BUCKET "
+                "build.options.default_logs_bucket_behavior option, or (c) use either CLOUD_LOGGING_ONLY / NONE "
+                "logging options")
+        for image in build.images:
+            if not image:
+                raise invalid_argument("invalid build: empty image name in images")
+
+    @staticmethod
+    def _substitutions(build, project: str, location: str, build_id: str) -> dict:
+        values = {"PROJECT_ID": project, "BUILD_ID": build_id, "PROJECT_NUMBER": project_number(project),
+                  "LOCATION": location}
+        for key, value in build.substitutions.items():
+            if not re.fullmatch(r"_[A-Z0-9_]+", key):
+                raise invalid_argument(f"invalid build: invalid substitution key {key!r}: user-defined substitutions "
+                                       f"must begin with an underscore and use only uppercase letters, numbers and "
+                                       f"underscores")
+            values[key] = value
+        return values
+
+    def _substitute(self, build, values: dict) -> None:
+        loose = build.options.substitution_option == cb.BuildOptions.pb().SubstitutionOption.ALLOW_LOOSE
+
+        def expand(text: str) -> str:
+            def replace(m):
+                if m.group(0) == "$$":
+                    return "$"
+                key = m.group(1) or m.group(2)
+                if key in values:
+                    return values[key]
+                if key.startswith("_") and not loose:
+                    raise invalid_argument(f'generic::invalid_argument: key in the template "{key}" is not matched '
+                                           f"in the substitution data; substitutions = {dict(sorted(values.items()))}")
+                return m.group(0)
+            return re.sub(r"\$\$|\$\{([A-Z0-9_]+)\}|\$([A-Z_][A-Z0-9_]*)", replace, text)
+
+        for step in build.steps:
+            step.args[:] = [expand(a) for a in step.args]
+            step.env[:] = [expand(e) for e in step.env]
+            step.name = expand(step.name)
+        build.images[:] = [expand(i) for i in build.images]
+
+    # ---- simulated execution -----------------------------------------------------------------
+    def _execute(self, record: BuildRecord, substitutions: dict):
+        """Run the build to completion on paper: the finished Build and every log line."""
+        final = Build()
+        final.CopyFrom(record.build)
+        lines = record.lines
+        lines.append(f'starting build "{final.id}"')
+        lines.append("")
+        daemon: dict[str, tuple] = {}  # local tags -> (digest, bundle, dockerfile)
+        failure = self.failures.pop(0) if self.failures else None
+        files = None
+        if final.source.HasField("storage_source"):
+            src = final.source.storage_source
+            generation = f"#{src.generation}" if src.generation else ""
+            lines.append("FETCHSOURCE")
+            lines.append(f"Fetching storage object: gs://{src.bucket}/{src.object_}{generation}")
+            if record.bundle is not None:
+                try:
+                    files = bundle_files(record.bundle)
+                    lines.append(f"Copying gs://{src.bucket}/{src.object_}{generation}...")
+                    lines.append(f"/ [1 files][{len(record.bundle)} B/{len(record.bundle)} B]")
+                    lines.append(f"Operation completed over 1 objects/{len(record.bundle)} B.")
+                except ValueError as exc:
+                    lines.append(f"gzip: stdin: not in gzip format ({exc})")
+                    return self._fail(final, lines, None, FailureType.FETCH_SOURCE_FAILED,
+                                      f"failed to fetch source: unpacking gs://{src.bucket}/{src.object_}: {exc}")
+        lines.append("BUILD")
+        for index, step in enumerate(final.steps):
+            prefix = f"Step #{index}" + (f' - "{step.id}"' if step.id else "")
+            lines.append(f"Starting {prefix}")
+            now_pb(step.timing.start_time)
+            if failure is not None and failure.step == index:
+                lines.extend(f"{prefix}: {line}" for line in failure.log_lines)
+                step.exit_code = failure.exit_code
+                return self._fail(final, lines, index, FailureType.USER_BUILD_STEP,
+                                  f'Build step failure: build step {index} "{step.name}" failed: {failure.message}')
+            ok, step_lines = self._run_step(record, step, files, daemon)
+            lines.extend(f"{prefix}: {line}" for line in step_lines)
+            now_pb(step.timing.end_time)
+            if not ok and not (step.allow_failure or 1 in step.allow_exit_codes):
+                step.exit_code = 1
+                return self._fail(final, lines, index, FailureType.USER_BUILD_STEP,
+                                  f'Build step failure: build step {index} "{step.name}" failed: step exited with '
+                                  f"non-zero status: 1")
+            step.status = Status.SUCCESS if ok else Status.FAILURE
+            final.results.build_step_images.append(
+                "sha256:" + hashlib.sha256(f"builder:{step.name}".encode()).hexdigest())
+            lines.append(f"Finished {prefix}")
+        if final.images:
+            lines.append("PUSH")
+        for image_ref in final.images:
+            local = daemon.get(image_ref) or daemon.get(image_ref + ":latest")
+            if local is None:
+                lines.append(f"ERROR: failed to find one or more images after execution of build steps: "
+                             f"[\"{image_ref}\"]")
+                return self._fail(final, lines, None, FailureType.PUSH_IMAGE_NOT_FOUND,
+                                  f"failed to find one or more images after execution of build steps: "
+                                  f"[\"{image_ref}\"]")
+            lines.append(f"Pushing {image_ref}")
+            try:
+                pushed = self._push(record, image_ref, local)
+            except PushError as exc:
+                lines.append(f"{exc}")
+                return self._fail(final, lines, None, FailureType.PUSH_FAILED, f"failed to push {image_ref}: {exc}")
+            lines.append(f"latest: digest: {pushed.digest} size: 1234")
+            built = final.results.images.add(name=image_ref, digest=pushed.digest)
+            now_pb(built.push_timing.start_time)
+            now_pb(built.push_timing.end_time)
+        lines.append("DONE")
+        final.status = Status.SUCCESS
+        return final
+
+    def _fail(self, final, lines, step_index, failure_type, detail):
+        if step_index is not None:
+            final.steps[step_index].status = Status.FAILURE
+            now_pb(final.steps[step_index].timing.end_time)
+        lines.append("ERROR")
+        lines.append(f"ERROR: {detail.split(': ', 1)[1] if detail.startswith('Build step failure') else detail}")
+        final.status = Status.FAILURE
+        final.status_detail = detail
+        final.failure_info.type_ = failure_type
+        final.failure_info.detail = detail
+        return final
+
+    def _push(self, record, image_ref, local):
+        digest, bundle, dockerfile = local
+        image = self.cloud.artifactregistry.push(image_ref, digest, bundle or b"", dockerfile, record.build.id)
+        record.pushed.append(image)
+        return image
+
+    def _run_step(self, record, step, files, daemon) -> tuple[bool, list[str]]:
+        args = list(step.args)
+        name = step.name
+        if step.entrypoint in ("bash", "sh", "/bin/bash", "/bin/sh") and len(args) >= 2 and args[0] == "-c":
+            return self._run_shell(record, args[1], files, daemon)
+        if name not in DOCKER_BUILDERS and not name.endswith("/docker"):
+            return True, [f"(lsdeploy fake: step {name} {' '.join(args)} recorded, not executed)"]
+        return self._docker(record, args, step.dir_, files, daemon)
+
+    def _run_shell(self, record, script, files, daemon):
+        """Only `docker ...` commands (joined with && / || exit 0 / ;) are understood in a shell step."""
+        lines, ok = [], True
+        for command in re.split(r"\s*(?:&&|;)\s*", script.strip()):
+            tolerant = False
+            if re.search(r"\|\|\s*(exit 0|true)\s*$", command):
+                command, tolerant = re.sub(r"\|\|\s*(exit 0|true)\s*$", "", command).strip(), True
+            words = shlex.split(command)
+            if words and words[0] == "docker":
+                step_ok, step_lines = self._docker(record, words[1:], "", files, daemon)
+            else:
+                step_ok, step_lines = True, [f"(lsdeploy fake: {command!r} recorded, not executed)"]
+            lines.extend(step_lines)
+            if not step_ok and not tolerant:
+                return False, lines
+        return ok, lines
+
+    def _docker(self, record, args, step_dir, files, daemon) -> tuple[bool, list[str]]:
+        if not args:
+            return False, ["docker: no command"]
+        command, rest = args[0], args[1:]
+        if command == "build":
+            return self._docker_build(record, rest, step_dir, files, daemon)
+        if command == "tag" and len(rest) == 2:
+            if rest[0] not in daemon:
+                return False, [f"Error response from daemon: No such image: {rest[0]}"]
+            daemon[rest[1]] = daemon[rest[0]]
+            return True, []
+        if command == "push" and rest:
+            ref = [a for a in rest if not a.startswith("-")][-1]
+            local = daemon.get(ref)
+            if local is None:
+                return False, [f"An image does not exist locally with the tag: {ref}"]
+            try:
+                image = self._push(record, ref, local)
+            except PushError as exc:
+                return False, [f"The push refers to repository [{ref}]", str(exc)]
+            return True, [f"The push refers to repository [{ref.split('@')[0].rsplit(':', 1)[0]}]",
+                          f"{ref.rsplit(':', 1)[-1] if ':' in ref.split('/')[-1] else 'latest'}: digest: "
+                          f"{image.digest} size: 1234"]
+        if command == "pull" and rest:
+            ref = rest[-1]
+            image = self.cloud.artifactregistry.resolve(ref)
+            if image is None:
+                return False, [f"Error response from daemon: manifest for {ref} not found: manifest unknown"]
+            daemon[ref] = (image.digest, image.bundle, image.dockerfile)
+            return True, [f"Digest: {image.digest}", f"Status: Downloaded newer image for {ref}"]
+        return True, [f"(lsdeploy fake: docker {command} recorded, not executed)"]
+
+    def _docker_build(self, record, args, step_dir, files, daemon):
+        tags, dockerfile, cache_from, context = [], None, [], None
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            value = None
+            if arg in ("-t", "--tag", "-f", "--file", "--cache-from", "--build-arg", "--network", "--target",
+                       "--platform", "--label"):
+                value = args[i + 1] if i + 1 < len(args) else ""
+                i += 2
+            elif arg.startswith("--") and "=" in arg:
+                arg, value = arg.split("=", 1)
+                i += 1
+            elif arg.startswith("-"):
+                i += 1
+                continue
+            else:
+                context = arg
+                i += 1
+                continue
+            if arg in ("-t", "--tag"):
+                tags.append(value)
+            elif arg in ("-f", "--file"):
+                dockerfile = value
+            elif arg == "--cache-from":
+                cache_from.append(value)
+        if context is None:
+            return False, ['"docker build" requires exactly 1 argument.']
+        base = "/".join(p for p in (step_dir, context) if p and p != ".").strip("/")
+        if files is None:
+            context_files = {}
+        else:
+            context_files = {n[len(base) + 1:] if base else n: c for n, c in files.items()
+                             if not base or n.startswith(base + "/")}
+        dockerfile = dockerfile or "Dockerfile"
+        lines = []
+        for ref in cache_from:
+            found = ref in daemon or self.cloud.artifactregistry.resolve(ref) is not None
+            record.cache_from.append((ref, found))
+        if files is not None and dockerfile not in context_files:
+            return False, [f"unable to evaluate symlinks in Dockerfile path: lstat /workspace/{base + '/' if base else ''}"
+                           f"{dockerfile}: no such file or directory"]
+        tree = hashlib.sha256()
+        for path in sorted(context_files):
+            tree.update(path.encode() + b"\0" + hashlib.sha256(context_files[path]).digest())
+        if files is None:  # no storage backend: derive the digest from the source reference
+            src = record.build.source.storage_source
+            tree.update(f"gs://{src.bucket}/{src.object_}#{src.generation}".encode())
+        digest = "sha256:" + hashlib.sha256(b"lsdeploy-fake-image\0" + dockerfile.encode() + b"\0"
+                                            + tree.digest()).hexdigest()
+        lines.append(f"Sending build context to Docker daemon  {sum(map(len, context_files.values()))}B")
+        instructions = dockerfile_instructions(context_files.get(dockerfile, b"").decode("utf-8", "replace"))
+        cached = {ref for ref, found in record.cache_from if found}
+        for n, (keyword, arguments) in enumerate(instructions, 1):
+            lines.append(f"Step {n}/{len(instructions)} : {keyword} {arguments}")
+            if cached and keyword not in ("COPY", "ADD"):
+                lines.append(" ---> Using cache")
+        lines.append(f"Successfully built {digest[7:19]}")
+        bundle = record.bundle
+        if base and files is not None:  # the image's source is the context, not the whole bundle
+            import io
+            import tarfile
+
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+                for path in sorted(context_files):
+                    info = tarfile.TarInfo(path)
+                    info.size = len(context_files[path])
+                    archive.addfile(info, io.BytesIO(context_files[path]))
+            bundle = buffer.getvalue()
+        for tag in tags:
+            daemon[tag] = (digest, bundle, dockerfile)
+            lines.append(f"Successfully tagged {tag}")
+        return True, lines
+
+    # ---- progress ----------------------------------------------------------------------------
+    def _tick(self, record: BuildRecord) -> None:
+        """One poll: QUEUED -> WORKING -> finished over `operation_polls` polls; the log grows."""
+        build = record.build
+        if build.status not in (Status.QUEUED, Status.WORKING, Status.PENDING):
+            return
+        record.polls += 1
+        phases = max(self.cloud.server.operation_polls, 1)
+        if record.polls >= phases:
+            started = None
+            if build.HasField("start_time"):
+                started = type(build.start_time)()
+                started.CopyFrom(build.start_time)
+            build.CopyFrom(record.final)
+            if started is not None:
+                build.start_time.CopyFrom(started)
+            else:
+                now_pb(build.start_time)
+            now_pb(build.finish_time)
+            record.revealed = len(record.lines)
+        else:
+            build.status = Status.WORKING
+            if not build.HasField("start_time"):
+                now_pb(build.start_time)
+            record.revealed = max(record.revealed, len(record.lines) * record.polls // phases)
+            for index, step in enumerate(record.final.steps):
+                if step.status == Status.SUCCESS and f"Finished Step #{index}" in \
+                        "\n".join(record.lines[:record.revealed]):
+                    build.steps[index].status = Status.SUCCESS
+        self._write_log(record)
+
+    def _write_log(self, record: BuildRecord) -> None:
+        bucket = record.build.logs_bucket
+        if not bucket.startswith("gs://") or bucket.endswith(".cloudbuild-logs.googleusercontent.com"):
+            return
+        bucket_name, _, prefix = bucket[5:].partition("/")
+        name = f"{prefix.rstrip('/') + '/' if prefix else ''}log-{record.build.id}.txt"
+        self.cloud.storage.put(bucket_name, name, self.log_text(record.build.id).encode(), content_type="text/plain")
+
+    # ---- read --------------------------------------------------------------------------------
+    def GetBuild(self, request, ctx):
+        record = self._find(request.name, request.project_id, request.id)
+        self._tick(record)
+        return record.build
+
+    def ListBuilds(self, request, ctx):
+        if request.parent:
+            project, location = request.parent.split("/")[1], request.parent.split("/")[3]
+        else:
+            project, location = request.project_id, "global"
+        records = [r for r in self.builds.values()
+                   if project_number(r.build.project_id) == project_number(project) and r.location == location]
+        for record in records:
+            self._tick(record)
+        builds = [r.build for r in records]
+        for clause in filter(None, re.split(r"\s+AND\s+", request.filter.strip())) if request.filter else []:
+            m = re.fullmatch(r'(status|tags|images|id|build_trigger_id)\s*=\s*"?([^"]*)"?', clause.strip())
+            if not m:
+                raise invalid_argument(f"Invalid filter: {request.filter}", "filter")
+            key, value = m.groups()
+            if key == "status":
+                builds = [b for b in builds if Status.Name(b.status) == value]
+            elif key in ("tags", "images"):
+                builds = [b for b in builds if value in getattr(b, key)]
+            else:
+                builds = [b for b in builds if getattr(b, key) == value]
+        builds.sort(key=lambda b: b.create_time.ToNanoseconds(), reverse=True)
+        page, token = paginate(builds, request.page_size, request.page_token)
+        return cb.ListBuildsResponse.pb()(builds=page, next_page_token=token)
+
+    def CancelBuild(self, request, ctx):
+        record = self._find(request.name, request.project_id, request.id)
+        build = record.build
+        if build.status in (Status.QUEUED, Status.WORKING, Status.PENDING):
+            build.status = Status.CANCELLED
+            now_pb(build.finish_time)
+            record.lines.append("CANCELLED")
+            record.revealed = len(record.lines)
+            self._write_log(record)
+        return build
