@@ -536,7 +536,11 @@ def label_studio(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("USERNAME", "PASSWORD", "HOST", "PORT")}
     env.update(ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LABEL_STUDIO_HOST=url,
-               COLLECT_ANALYTICS="false", LATEST_VERSION_CHECK="false")
+               COLLECT_ANALYTICS="false", LATEST_VERSION_CHECK="false",
+               # Label Studio's own prediction validation (off by default in 1.23): with it on, it
+               # refuses a whole batch that does not fit the label config, so its verdict can be
+               # compared with preview's
+               fflag_feat_utc_210_prediction_validation_15082025="true")
     log = open(data / "label-studio.log", "w")
     proc = subprocess.Popen([exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
                              "--data-dir", str(data), "--username", "admin@example.com", "--password", "admin12345",
@@ -635,3 +639,58 @@ def test_a_server_that_took_the_port_first_is_not_mistaken_for_the_backend(creat
     assert "the port was taken meanwhile; retrying on another one" in messages
     (command,) = result.commands
     assert int(command[command.index("--port") + 1]) != intruders[0].server_address[1]
+
+
+# case -> (Label Studio stores the predictions, preview says valid). Label Studio does not check
+# span offsets against the text: it stores such a span, which its editor then cannot show.
+AGREEMENT = {
+    "valid": (True, True),
+    "misspelled-from-name": (False, False),
+    "label-not-in-config": (False, False),
+    "type-mismatch": (False, False),
+    "span-out-of-range": (True, False),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(AGREEMENT))
+def test_preview_agrees_with_label_studio(label_studio, tmp_path, name):
+    """Register the same backend with a real Label Studio (its prediction validation on) and retrieve
+    predictions for the same tasks: it refuses every batch preview calls invalid for a rule it
+    checks too."""
+    from support import Server
+
+    if name == "valid":
+        config, body = NER_CONFIG, BROKEN["span-out-of-range"][1].replace("len(text) + 10", "len(text.split()[0])")
+    else:
+        config, body, _, _ = BROKEN[name]
+    directory = write_backend(tmp_path / name, body, config)
+    api = requests.Session()
+    api.headers["Authorization"] = f"Token {LS_TOKEN}"
+    project = api.post(label_studio + "/api/projects", json={"title": name, "label_config": config}, timeout=30).json()
+    texts = ["Alice flew to Paris.", "Bob stayed in Berlin."]
+    imported = api.post(f"{label_studio}/api/projects/{project['id']}/import", timeout=60,
+                        json=[{"data": {"text": t}} for t in texts])
+    assert imported.status_code == 201, imported.text
+    with Server(directory) as server:
+        registered = api.post(label_studio + "/api/ml", timeout=60,
+                              json={"url": server.url, "project": project["id"], "title": name})
+        assert registered.status_code == 201, registered.text
+        retrieved = api.post(f"{label_studio}/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
+                             json={"selectedItems": {"all": True, "excluded": []}}, timeout=120)
+        assert "POST /predict 200" in server.log()
+    stored = api.get(f"{label_studio}/api/predictions?project={project['id']}", timeout=30).json()
+    ls_stores, preview_valid = AGREEMENT[name]
+    assert len(stored) == (len(texts) if ls_stores else 0), retrieved.text
+    if not ls_stores:
+        assert retrieved.status_code == 400 and "Error validating prediction" in retrieved.text
+
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps([{"data": {"text": t}} for t in texts]))
+    result = run_cli("preview", directory, "--json", "--runner", "process", "--project", project["id"],
+                     "--label-studio-host", label_studio, "--tasks", tasks_file,
+                     env={"LABEL_STUDIO_API_KEY": LS_TOKEN}, timeout=180)
+    report = json.loads(result.stdout)
+    assert report["ok"] is preview_valid and result.returncode == (0 if preview_valid else EXIT_INVALID)
+    if not preview_valid:
+        assert {p["rule"] for p in report["validation"]["problems"]} == {BROKEN[name][2]}
