@@ -398,6 +398,8 @@ def test_build_pushes_an_image_found_by_tag_and_digest(gcp_fakes, gcp_clients):
         .result(polling=FAST_POLLING)
     assert [i.uri for i in clients.registry.list_docker_images(parent=REPO)] == [f"{IMAGE}@{new_digest}"]
 
+    polled = [e.path for e in gcp_fakes.log.filter(api="cloudbuild", method="GetOperation")]
+    assert polled and all(path == f"/v1/operations/build/{P}/{build_id}" for path in polled[:1])
     listed = list(clients.builds.list_builds(project_id=P))
     assert len(listed) == 3 and listed[0].id == changed.id  # newest first
 
@@ -546,3 +548,179 @@ def test_request_log_records_what_was_sent(gcp_fakes, gcp_clients):
     assert entry.request.service.template.containers[0].env[0].value == "gs://state/svc"
     assert gcp_fakes.log.count(api="run", method="GetOperation") >= 2  # polled, not done at once
     assert gcp_fakes.log.methods()[0] == "run.CreateService"
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner: a deployed service runs as a local process
+
+
+ECHO_DOCKERFILE = """FROM python:3.12-slim
+ENV GREETING=hello \\
+    DATA_DIR=/data/out
+WORKDIR /srv
+COPY . /srv
+CMD ["python", "/srv/app.py"]
+"""
+ECHO_APP = """import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        names = ["HOST", "PORT", "K_SERVICE", "K_REVISION", "GREETING", "DATA_DIR", "LS_KEY", "VERSION"]
+        body = json.dumps({"cwd": os.getcwd(), "env": {n: os.environ.get(n) for n in names},
+                           "data_dir_exists": os.path.isdir(os.environ["DATA_DIR"])}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+def build_image(cloud, clients, files, tag):
+    """Upload a bundle and build it: the pinned image reference."""
+    cloud.storage.put("src", f"{tag}.tgz", tarball(files))
+    build = clients.builds.create_build(project_id=P, build=docker_build("src", f"{tag}.tgz", [f"{IMAGE}:{tag}"])) \
+        .result(polling=FAST_POLLING)
+    return f"{IMAGE}@{build.results.images[0].digest}"
+
+
+def runner_service(image, version, probe_path=None):
+    secret = run_v2.EnvVar(name="LS_KEY", value_source=run_v2.EnvVarSource(
+        secret_key_ref=run_v2.SecretKeySelector(secret="ls-key", version="latest")))
+    container = run_v2.Container(image=image, env=[run_v2.EnvVar(name="VERSION", value=version), secret])
+    if probe_path:
+        container.startup_probe = run_v2.Probe(http_get=run_v2.HTTPGetAction(path=probe_path), period_seconds=1,
+                                               timeout_seconds=0, failure_threshold=60)
+    return run_v2.Service(template=run_v2.RevisionTemplate(containers=[container]))
+
+
+def test_runner_runs_the_image_source_and_follows_traffic(make_gcp_fakes):
+    cloud = make_gcp_fakes(runner=True)
+    clients = make_clients(cloud.url)
+    make_repo(clients)
+    clients.secrets.create_secret(parent=f"projects/{P}", secret_id="ls-key", secret=secretmanager_v1.Secret(
+        replication=secretmanager_v1.Replication(automatic=secretmanager_v1.Replication.Automatic())))
+    clients.secrets.add_secret_version(parent=f"projects/{P}/secrets/ls-key",
+                                       payload=secretmanager_v1.SecretPayload(data=b"token-123"))
+    image = build_image(cloud, clients, {"Dockerfile": ECHO_DOCKERFILE, "app.py": ECHO_APP}, "v1")
+
+    first = clients.services.create_service(parent=PARENT, service=runner_service(image, "1"), service_id="echo") \
+        .result(polling=FAST_POLLING)
+    assert first.uri.startswith("http://127.0.0.1:")
+    seen = requests.get(first.uri, timeout=10).json()
+    revision1 = first.latest_ready_revision.rsplit("/", 1)[-1]
+    assert seen["env"]["HOST"] == "127.0.0.1" and seen["env"]["PORT"] != "8080"
+    assert seen["env"]["K_SERVICE"] == "echo" and seen["env"]["K_REVISION"] == revision1
+    assert seen["env"]["GREETING"] == "hello" and seen["env"]["VERSION"] == "1"
+    assert seen["env"]["LS_KEY"] == "token-123"  # a secret reference, resolved like Cloud Run does
+    assert seen["cwd"].endswith("/srv") and seen["cwd"] != "/srv"  # container paths live in a private root
+    assert seen["env"]["DATA_DIR"].endswith("/data/out") and seen["data_dir_exists"]
+    # the secret is in no request body as a plain value
+    assert "token-123" not in json.dumps([e.body for e in cloud.log.filter(api="run")])
+
+    # a new revision takes the traffic at the same URL; the old process is stopped
+    second = clients.services.update_service(service=run_v2.Service(
+        name=f"{PARENT}/services/echo", template=runner_service(image, "2").template)).result(polling=FAST_POLLING)
+    assert second.uri == first.uri
+    assert requests.get(second.uri, timeout=10).json()["env"]["VERSION"] == "2"
+    old = cloud.run.process(revision1)
+    assert old.proc.wait(30) is not None
+
+    # a revision whose container exits never gets traffic: the URL keeps answering from revision 2
+    broken = build_image(cloud, clients, {"Dockerfile": ECHO_DOCKERFILE, "app.py": "raise SystemExit(3)\n"}, "v3")
+    with pytest.raises(exceptions.GoogleAPICallError, match="container exited with code 3"):
+        clients.services.update_service(service=run_v2.Service(
+            name=f"{PARENT}/services/echo", template=runner_service(broken, "3").template)).result(
+            polling=FAST_POLLING)
+    assert requests.get(second.uri, timeout=10).json()["env"]["VERSION"] == "2"
+    live = clients.services.get_service(name=f"{PARENT}/services/echo")
+    assert live.latest_ready_revision == second.latest_ready_revision
+
+    serving = cloud.run.process(second.latest_ready_revision.rsplit("/", 1)[-1])
+    cloud.stop()  # what the fixture does: every process is stopped
+    assert serving.proc.poll() is not None
+
+
+def test_runner_serves_a_blueprint_backend(make_gcp_fakes, tmp_path):
+    from lsdeploy.blueprints import create as create_backend
+
+    directory = tmp_path / "backend"
+    create_backend(directory)
+    files = {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    cloud = make_gcp_fakes(runner=True)
+    clients = make_clients(cloud.url)
+    make_repo(clients)
+    image = build_image(cloud, clients, files, "bp")
+    container = run_v2.Container(image=image, startup_probe=run_v2.Probe(
+        http_get=run_v2.HTTPGetAction(path="/health"), period_seconds=2, timeout_seconds=1, failure_threshold=60))
+    svc = run_v2.Service(template=run_v2.RevisionTemplate(containers=[container]))
+    live = clients.services.create_service(parent=PARENT, service=svc, service_id="backend") \
+        .result(polling=FAST_POLLING)
+    process = cloud.run.process(live.latest_ready_revision.rsplit("/", 1)[-1])
+    assert process.argv[0].endswith("label-studio-ml") and process.argv[1:] == ["start", f"{process.root}/app"]
+    health = requests.get(live.uri + "/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+
+
+@pytest.mark.gcs
+def test_build_reads_the_source_from_the_storage_emulator(make_gcp_fakes, tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from gcs_emulator import GCSEmulator
+
+    with GCSEmulator(tmp_path / "gcs") as emulator:
+        cloud = make_gcp_fakes(storage_url=emulator.url)
+        assert cloud.env["STORAGE_EMULATOR_HOST"] == emulator.url
+        clients = make_clients(cloud.url)
+        make_repo(clients)
+        for bucket in ("run-sources", "build-logs"):
+            emulator.create_bucket(bucket)
+        gcs = storage.Client(project=P, credentials=AnonymousCredentials(),
+                             client_options={"api_endpoint": emulator.url})
+        blob = gcs.bucket("run-sources").blob("svc/bundle.tgz")
+        blob.upload_from_string(tarball({"Dockerfile": DOCKERFILE, "model.py": "x = 1\n"}), if_generation_match=0)
+        blob.reload()
+        build_message = docker_build("run-sources", "svc/bundle.tgz", [f"{IMAGE}:e1"], logs_bucket="gs://build-logs")
+        build_message.source.storage_source.generation = blob.generation
+        operation = clients.builds.create_build(project_id=P, build=build_message)
+        build = operation.result(polling=FAST_POLLING)
+        assert build.status == cloudbuild_v1.Build.Status.SUCCESS
+        log = emulator.read_object("build-logs", f"log-{build.id}.txt").decode()
+        assert f"Fetching storage object: gs://run-sources/svc/bundle.tgz#{blob.generation}" in log
+        assert log.rstrip().endswith("DONE")
+        # the same files give the same digest as with the in-memory store
+        memory = make_gcp_fakes()
+        memory_clients = make_clients(memory.url)
+        make_repo(memory_clients)
+        assert build_image(memory, memory_clients, {"Dockerfile": DOCKERFILE, "model.py": "x = 1\n"}, "m") \
+            == f"{IMAGE}@{build.results.images[0].digest}"
+        with pytest.raises(exceptions.BadRequest, match="No such object: run-sources/missing.tgz"):
+            clients.builds.create_build(project_id=P, build=docker_build("run-sources", "missing.tgz", [f"{IMAGE}:x"]))
+
+
+def test_traffic_back_to_a_revision_and_to_a_missing_one(gcp_fakes, gcp_clients):
+    first = create(gcp_clients, "svc", service(env={"V": "1"}))
+    gcp_clients.services.update_service(service=run_v2.Service(
+        name=f"{PARENT}/services/svc", template=service(env={"V": "2"}).template)).result(polling=FAST_POLLING)
+    revision1 = first.latest_ready_revision.rsplit("/", 1)[-1]
+    count = len(gcp_fakes.run.revisions)
+    pinned = run_v2.TrafficTarget(type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+                                  revision=revision1, percent=100)
+    rolled = gcp_clients.services.update_service(request=run_v2.UpdateServiceRequest(
+        service=run_v2.Service(name=f"{PARENT}/services/svc", traffic=[pinned]),
+        update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))).result(polling=FAST_POLLING)
+    assert [(s.revision, s.percent) for s in rolled.traffic_statuses] == [(revision1, 100)]
+    assert len(gcp_fakes.run.revisions) == count  # traffic only: no new revision
+    pinned.revision = "svc-00042-zzz"
+    operation = gcp_clients.services.update_service(request=run_v2.UpdateServiceRequest(
+        service=run_v2.Service(name=f"{PARENT}/services/svc", traffic=[pinned]),
+        update_mask=field_mask_pb2.FieldMask(paths=["traffic"])))
+    with pytest.raises(exceptions.InternalServerError, match="'svc-00042-zzz' does not exist or is deleted"):
+        operation.result(polling=FAST_POLLING)

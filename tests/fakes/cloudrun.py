@@ -90,6 +90,7 @@ class ServiceState:
     revision_count: int = 0
     outcomes: dict = field(default_factory=dict)  # generation -> None | "ready" | failure message
     generation_revision: dict = field(default_factory=dict)  # generation -> revision name (or None)
+    failure_status: dict = field(default_factory=dict)  # generation -> status of its operation's error
     proxy: ServiceProxy | None = None
 
 
@@ -119,7 +120,8 @@ class CloudRunFake:
     def never_ready(self, service_id: str, message: str = "The user-provided container failed to start and listen "
                     "on the port defined provided by the PORT=8080 environment variable within the allocated "
                     "timeout. This can happen when the container port is misconfigured or if the timeout is too "
-                    "short.", times: int | None = None) -> None:
+                    "short. The health check timeout can be extended. Logs for this revision might contain more "
+                    "information.", times: int | None = None) -> None:
         """The next revisions of `service_id` (all, or `times` of them) never become ready."""
         self.never_ready_faults[service_id] = [message, times]
 
@@ -351,12 +353,16 @@ class CloudRunFake:
                     f"run it.")
         revision_id = revision.name.rsplit("/", 1)[-1]
         env.update({"K_SERVICE": service_id, "K_REVISION": revision_id, "K_CONFIGURATION": service_id})
-        path = container.startup_probe.http_get.path if container.startup_probe.HasField("http_get") else None
+        probe = container.startup_probe
+        path = (probe.http_get.path or "/") if probe.HasField("http_get") else None
+        # Cloud Run gives up after initial delay + period x failure threshold (240 s by default).
+        deadline = (probe.initial_delay_seconds + (probe.period_seconds or 10) * (probe.failure_threshold or 3)
+                    if container.HasField("startup_probe") else 240)
         rstate.process = RevisionProcess(
             revision_id, image.bundle,
             {"command": list(container.command), "args": list(container.args), "working_dir": container.working_dir,
              "dockerfile": image.dockerfile},
-            env, {"path": path or None, "deadline": self.startup_deadline}, self.cloud.workdir,
+            env, {"path": path, "deadline": min(deadline + 5, self.startup_deadline)}, self.cloud.workdir,
             extra_env=self.extra_env)
         return None
 
@@ -401,7 +407,12 @@ class CloudRunFake:
             outcome = self._revision_outcome(self.revisions[revision_name])
             if outcome is None:
                 return
-        state.outcomes[generation] = outcome
+        routes_error = None
+        if outcome == "ready":
+            if revision_name is not None:
+                service.latest_ready_revision = revision_name
+            routes_error = self._missing_traffic_revision(service)
+        state.outcomes[generation] = outcome if routes_error is None else routes_error
         del service.conditions[:]
         service.reconciling = False
         service.observed_generation = generation
@@ -409,17 +420,28 @@ class CloudRunFake:
         terminal.Clear()
         terminal.type_ = "Ready"
         now_pb(terminal.last_transition_time)
-        if outcome == "ready":
-            if revision_name is not None:
-                service.latest_ready_revision = revision_name
+        if outcome == "ready" and routes_error is None:
             terminal.state = SUCCEEDED
             for kind in ("RoutesReady", "ConfigurationsReady"):
                 c = service.conditions.add(type_=kind, state=SUCCEEDED)
                 now_pb(c.last_transition_time)
+        elif routes_error is not None:  # the revisions are fine, the traffic names a missing one
+            state.failure_status[generation] = "INTERNAL"
+            terminal.state = FAILED
+            terminal.message = routes_error
+            c = service.conditions.add(type_="RoutesReady", state=FAILED, message=routes_error)
+            now_pb(c.last_transition_time)
+            c = service.conditions.add(type_="ConfigurationsReady", state=SUCCEEDED)
+            now_pb(c.last_transition_time)
         else:
+            state.failure_status[generation] = "FAILED_PRECONDITION"
+            revision = self.revisions[revision_name].message
             revision_id = revision_name.rsplit("/", 1)[-1]
             terminal.state = FAILED
             terminal.message = f"Revision '{revision_id}' is not ready and cannot serve traffic. {outcome}"
+            if "container" in outcome:
+                terminal.message += (f"\n\nLogs URL: {revision.log_uri}\nFor more troubleshooting guidance, see "
+                                     f"https://cloud.google.com/run/docs/troubleshooting#container-failed-to-start")
             c = service.conditions.add(type_="ConfigurationsReady", state=FAILED, message=terminal.message)
             now_pb(c.last_transition_time)
             c = service.conditions.add(type_="RoutesReady", state=SUCCEEDED)
@@ -440,7 +462,7 @@ class CloudRunFake:
                 status.revision = target.revision
             if target.tag:
                 status.uri = service.uri
-            if revision:
+            if revision and revision in self.revisions:
                 serving[revision] = serving.get(revision, 0) + target.percent
         if state.proxy is not None:
             targets = []
@@ -472,7 +494,8 @@ class CloudRunFake:
             if outcome is None:
                 return None
             if outcome != "ready":
-                return ApiError("FAILED_PRECONDITION", state.message.terminal_condition.message)
+                return ApiError(state.failure_status.get(generation, "FAILED_PRECONDITION"),
+                                state.message.terminal_condition.message)
             return snapshot()
 
         return self.cloud.server.new_operation(name, self.api, snapshot, check).to_pb()
@@ -516,7 +539,6 @@ class CloudRunFake:
         else:
             service.uri = f"https://{service_id}-{project_number(project)}.{region}.run.app"
         service.urls.append(service.uri)
-        self._check_traffic_revisions(service)
         state.generation_revision[1] = self._new_revision(state, project)
         service.latest_created_revision = state.generation_revision[1]
         service.terminal_condition.type_ = "Ready"
@@ -530,11 +552,13 @@ class CloudRunFake:
         operation.advance()
         return operation.to_pb()
 
-    def _check_traffic_revisions(self, service) -> None:
+    def _missing_traffic_revision(self, service) -> str | None:
+        """Cloud Run accepts traffic naming a missing revision, then fails the operation (code 13)."""
         for target in service.traffic:
             if target.type_ == REVISION and f"{service.name}/revisions/{target.revision}" not in self.revisions:
-                raise invalid_argument(f"Revision named '{target.revision}' referenced in traffic not found.",
-                                       "service.traffic")
+                return (f"Revision '{target.revision}' does not exist or is deleted. Update all traffic to route to "
+                        f"currently available revisions.")
+        return None
 
     def CreateService(self, request, ctx):
         return self._create(request.parent, request.service_id, request.service, request.validate_only,
@@ -582,7 +606,6 @@ class CloudRunFake:
         if spec(updated) == spec(current):  # nothing changed: no new generation, no new revision
             return self._operation(state)
         template_changed = updated.template != current.template
-        self._check_traffic_revisions(updated)
         for f in OUTPUT_ONLY:  # the server's fields carry over; the new generation updates some below
             descriptor = current.DESCRIPTOR.fields_by_name[f]
             if descriptor.is_repeated:

@@ -396,7 +396,8 @@ class ServiceProxy:
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._httpd.serve_forever, name=f"proxy-{self.port}", daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         name=f"proxy-{self.port}", daemon=True).start()
 
     def stop(self) -> None:
         self._httpd.shutdown()
