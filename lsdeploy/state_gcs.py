@@ -145,11 +145,25 @@ def _status_of(exc: BaseException) -> Optional[int]:
 
 
 def _describe(exc: BaseException) -> str:
+    """A short one-line account of a storage error (no URLs, no response bodies)."""
     cause = getattr(exc, "cause", None) or exc.__cause__
     if cause is not None and type(exc).__name__ == "RetryError":
         exc = cause
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+    code = _status_of(exc)
+    if code is not None:
+        detail = ""
+        for err in getattr(exc, "errors", None) or []:
+            if isinstance(err, dict) and err.get("message"):
+                detail = str(err["message"])
+                break
+        return f"HTTP {code} {type(exc).__name__}" + (f": {detail}" if detail else "")
+    text = str(exc)
+    errno_text = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if errno_text:
+        text = errno_text.group(0)
+    text = re.sub(r"https?://[^\s:/]+(:\d+)?\S*", lambda m: m.group(0).split("/")[2], text)
+    text = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {text}"[:200]
 
 
 class GCSStore(StateStore):
@@ -350,7 +364,8 @@ class GCSStore(StateStore):
                     fetched[key] = self._download_state(key, retry=self._retry_for(10.0) if startup else None,
                                                         timeout=self._list_timeout)
             except Exception as exc:
-                self._note_error(exc)
+                if not startup:
+                    self._note_error(exc)
                 raise
             with self._lock:
                 for key, entry in list(self._snapshot.items()):

@@ -255,7 +255,7 @@ def test_artifact_reader_during_writes_sees_old_or_new_never_a_mix(gcs_emulator,
     writer = make_store(gcs_emulator, f"gs://{bucket}/mix", refresh_seconds=0.3)
     reader = make_store(gcs_emulator, f"gs://{bucket}/mix", refresh_seconds=0.3)
     # One version above the client's 8 MiB switch to resumable uploads, others small.
-    versions = [os.urandom(9 << 20), os.urandom(1 << 20), bytes(range(256)) * 4096]
+    versions = [os.urandom(9 << 20), os.urandom(1 << 20), bytes(range(256)) * 4096, b"final"]
     paths = [_write(tmp_path / f"v{i}", data) for i, data in enumerate(versions)]
     digests = {hashlib.sha256(d).hexdigest() for d in versions}
     writer.save_artifact("1", "model.bin", paths[0])
@@ -276,15 +276,16 @@ def test_artifact_reader_during_writes_sees_old_or_new_never_a_mix(gcs_emulator,
     thread = threading.Thread(target=read)
     thread.start()
     try:
-        for i in range(1, 7):
-            writer.save_artifact("1", "model.bin", paths[i % 3])
+        for i in (1, 2, 0, 1, 3):
+            writer.save_artifact("1", "model.bin", paths[i])
             time.sleep(0.3)
+        final = hashlib.sha256(versions[3]).hexdigest()
+        wait_for(lambda: seen and seen[-1] == final, timeout=60, message="the last version")
     finally:
         stop.set()
         thread.join(60)
     assert not errors, errors
-    assert seen and set(seen) <= digests
-    assert len(set(seen)) >= 2  # the reader did follow the writes
+    assert set(seen) <= digests
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -348,3 +349,227 @@ def test_lock_serializes_across_instances(gcs_emulator, bucket, make_store):
         t.join(120)
     assert len(order) == 4 and not overlaps
     assert not gcs_emulator.list_objects(bucket, "lock/locks/")  # released
+
+
+# -- two real server processes on one bucket ----------------------------------------------------
+
+from support import TEXT_CONFIG, Server, free_port, predict_body, run_cli, text_task  # noqa: E402
+
+BACKEND = '''
+import hashlib
+import os
+import random
+import tempfile
+
+from lsdeploy import LabelStudioMLBase
+
+
+def artifact_bytes(seed, size):
+    return random.Random(seed).randbytes(size)
+
+
+class SharedState(LabelStudioMLBase):
+    """START_TRAINING bumps the model version; ANNOTATION_CREATED counts; PROJECT_UPDATED with
+    {"seed", "size"} saves the artifact weights.bin."""
+
+    def predict(self, tasks, context=None, **kwargs):
+        path = self.load_artifact("weights.bin")
+        digest = None
+        if path:
+            with open(path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+        return [{"result": [], "score": 0.5, "n": self.get("n"), "weights_sha256": digest} for _ in tasks]
+
+    def fit(self, event, data, **kwargs):
+        if event == "START_TRAINING":
+            return self.bump_model_version()
+        if event == "ANNOTATION_CREATED":
+            return self.update("n", lambda v: (v or 0) + 1)
+        if event == "PROJECT_UPDATED" and "seed" in data:
+            fd, path = tempfile.mkstemp()
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(artifact_bytes(data["seed"], data["size"]))
+            try:
+                self.save_artifact("weights.bin", path)
+            finally:
+                os.unlink(path)
+            return data["seed"]
+'''
+
+REFRESH = 1.0
+PROJECT = {"id": 1, "title": "t", "label_config": TEXT_CONFIG}
+
+
+@pytest.fixture
+def backend(tmp_path):
+    directory = tmp_path / "backend"
+    directory.mkdir()
+    (directory / "model.py").write_text(BACKEND)
+    return directory
+
+
+@pytest.fixture
+def servers(backend, tmp_path):
+    """servers(endpoint, uri, count=2) -> started Server processes sharing one bucket."""
+    started = []
+
+    def start(endpoint, uri, count=2):
+        for i in range(count):
+            env = {"MODEL_STATE_URI": uri, "MODEL_STATE_REFRESH_SECONDS": str(REFRESH),
+                   "MODEL_DIR": str(tmp_path / f"instance-{len(started)}"), "FIT_WAIT_SECONDS": "0",
+                   **endpoint.env}
+            server = Server(backend, env=env)
+            started.append(server)
+            server.start(timeout=90)
+        return started[-count:]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def setup_version(server):
+    answer = server.post("/setup", {"project": "1.1700000000", "schema": TEXT_CONFIG, "hostname": "", "extra_params": {}})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["model_version"]
+
+
+def predict(server):
+    answer = server.post("/predict", predict_body([text_task(1, "hello")]))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["results"][0]
+
+
+def webhook(server, action, **extra):
+    answer = server.post("/webhook", {"action": action, "project": PROJECT, **extra})
+    assert answer.status_code in (200, 201, 202), answer.text
+    return answer
+
+
+def test_fit_on_one_process_changes_the_version_the_other_reports(gcs_emulator, bucket, servers):
+    a, b = servers(gcs_emulator, f"gs://{bucket}/procs")
+    assert setup_version(a) == setup_version(b) == "0.0.1"
+    webhook(a, "START_TRAINING")
+    wait_for(lambda: setup_version(a) == "0.1.0", timeout=60, message="the fit on the first process")
+    seen_by_a = time.monotonic()
+    wait_for(lambda: setup_version(b) == "0.1.0", timeout=30, message="the other process")
+    delay = time.monotonic() - seen_by_a
+    assert delay <= REFRESH + 1.5, delay
+    assert predict(b)["model_version"] == "0.1.0"
+
+
+def test_twenty_concurrent_increments_across_two_processes(gcs_emulator, bucket, servers):
+    a, b = servers(gcs_emulator, f"gs://{bucket}/count")
+    barrier = threading.Barrier(20)
+    errors = []
+
+    def send(server):
+        barrier.wait()
+        try:
+            webhook(server, "ANNOTATION_CREATED", annotation={"id": 1, "result": []}, task=text_task(1, "x"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=((a, b)[i % 2],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    wait_for(lambda: predict(a)["n"] == 20 and predict(b)["n"] == 20, timeout=120, message="n == 20 on both")
+    time.sleep(REFRESH * 2)
+    assert predict(a)["n"] == predict(b)["n"] == 20
+    stored = json.loads(gcs_emulator.read_object(bucket, "count/state/p-1/k-n.json"))
+    assert stored["v"] == 20
+
+
+def _artifact_digest(seed, size):
+    import random
+
+    return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
+
+
+def test_artifact_from_one_process_loads_identical_in_the_other(gcs_emulator, bucket, servers):
+    a, b = servers(gcs_emulator, f"gs://{bucket}/weights")
+    assert predict(b)["weights_sha256"] is None
+    webhook(a, "PROJECT_UPDATED", seed=1, size=2_000_000)
+    first = _artifact_digest(1, 2_000_000)
+    wait_for(lambda: predict(b)["weights_sha256"] == first, timeout=60, message="the artifact on the other process")
+    # Rewrite it several times (one version above 8 MiB: a resumable upload) while the other
+    # process keeps loading it: every load is one whole version.
+    versions = {1: 2_000_000, 2: 9 << 20, 3: 100_000, 4: 500_000}
+    expected = {_artifact_digest(seed, size) for seed, size in versions.items()}
+    last = _artifact_digest(4, versions[4])
+    stop = threading.Event()
+    seen, errors = [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.append(predict(b)["weights_sha256"])
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for seed in (2, 3, 2, 4):
+            webhook(a, "PROJECT_UPDATED", seed=seed, size=versions[seed])
+        try:
+            wait_for(lambda: seen and seen[-1] == last, timeout=120, message="the last version on the other process")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen {seen[-3:]}, errors {errors[:3]}, writer log:\n"
+                                 f"{a.log()[-3000:]}\nreader log:\n{b.log()[-3000:]}") from None
+    finally:
+        stop.set()
+        reader.join(60)
+    assert not errors, errors
+    assert set(seen) <= expected, set(seen) - expected
+
+
+def test_storage_outage_keeps_predict_answering(own_emulator, servers):
+    own_emulator.create_bucket("outage")
+    a, b = servers(own_emulator, "gs://outage/svc")
+    webhook(a, "ANNOTATION_CREATED", annotation={"id": 1, "result": []}, task=text_task(1, "x"))
+    wait_for(lambda: predict(b)["n"] == 1, timeout=60)
+    version = setup_version(b)
+    own_emulator.stop()
+    wait_for(lambda: b.get("/health").json()["store"]["status"] == "degraded", timeout=30, message="degraded")
+    health = b.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "DEGRADED"
+    # Writes sent during the outage are retried until storage is back.
+    webhook(a, "START_TRAINING")
+    webhook(a, "ANNOTATION_CREATED", annotation={"id": 2, "result": []}, task=text_task(1, "x"))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for server in (a, b):
+            result = predict(server)
+            assert result["n"] == 1 and result["model_version"] == version
+        time.sleep(0.1)
+    own_emulator.start()
+    wait_for(lambda: predict(b)["n"] == 2 and predict(b)["model_version"] == "0.1.0", timeout=90,
+             message="the writes made during the outage")
+    wait_for(lambda: b.get("/health").json()["store"]["status"] == "ok", timeout=30)
+    assert predict(a)["n"] == 2
+
+
+def _start_fails(backend, env):
+    result = run_cli("start", backend, "--port", free_port(), "--host", "127.0.0.1", env=env, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert result.returncode != 0, result.stderr
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def test_server_with_missing_bucket_exits_with_one_line(gcs_emulator, backend):
+    line = _start_fails(backend, {"MODEL_STATE_URI": "gs://missing-bucket-xyz/models", **gcs_emulator.env})
+    assert "bucket 'missing-bucket-xyz' does not exist" in line
+
+
+def test_server_with_unwritable_prefix_exits_with_one_line(gcs_emulator, bucket, backend, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "locked/"
+    line = _start_fails(backend, {"MODEL_STATE_URI": f"gs://{bucket}/locked", **proxy.env})
+    assert f"cannot write to gs://{bucket}/locked/" in line
+    assert "storage.objects.create" in line and "roles/storage.objectAdmin" in line
