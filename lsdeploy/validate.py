@@ -64,7 +64,7 @@ LABEL_KEYS = {
     "ellipselabels": "ellipselabels",
     "keypointlabels": "keypointlabels",
     "brushlabels": "brushlabels",
-    "hypertextlabels": "htmllabels",
+    "hypertextlabels": "hypertextlabels",  # older editors wrote "htmllabels"
     "paragraphlabels": "paragraphlabels",
     "timeserieslabels": "timeserieslabels",
     "timelinelabels": "timelinelabels",
@@ -384,6 +384,13 @@ class _Validator:
                 self.add("type", _join(path, "type"),
                          f"type is missing: control {control.name!r} is <{control.type}>, so type is "
                          f"{_one_of(expected)}")
+            elif rtype.lower() in expected and rtype not in expected:
+                # Label Studio compares types case-insensitively; its own results are lower case.
+                self.add("type", _join(path, "type"),
+                         f"type {rtype!r} should be {rtype.lower()!r} (lower case, as Label Studio writes it)",
+                         WARNING)
+                rtype = rtype.lower()
+                type_ok = True
             elif rtype not in expected:
                 self.add("type", _join(path, "type"),
                          f"type {rtype!r} does not match control {control.name!r} (<{control.type}>): "
@@ -476,7 +483,7 @@ class _Validator:
                                        f"not {type(choices).__name__}")
             return
         if not choices:
-            self.add("choices", cpath, "value.choices is empty: Label Studio shows no choice")
+            self.add("choices", cpath, "value.choices is empty: Label Studio shows no choice", WARNING)
             return
         mode = control.attrs.get("choice", "single")
         if mode in ("single", "single-radio") and len(choices) > 1:
@@ -517,14 +524,15 @@ class _Validator:
         labels = value.get(key)
         lpath = _join(path, key)
         if labels is None:
+            legacy = " (\"htmllabels\" is the old name of this key)" if "htmllabels" in value else ""
             self.add("labels", lpath, f"value.{key} is missing: the region's label(s), for example "
-                                      f"[{_first(control.labels)!r}]")
+                                      f"[{_first(control.labels)!r}]{legacy}")
             return
         if not isinstance(labels, list):
             self.add("labels", lpath, f"value.{key} must be a list of label names, not {type(labels).__name__}")
             return
         if not labels:
-            self.add("labels", lpath, f"value.{key} is empty: the region has no label")
+            self.add("labels", lpath, f"value.{key} is empty: the region has no label", WARNING)
             return
         if control.attrs.get("choice") in ("single", "single-radio") and len(labels) > 1:
             self.add("labels", lpath, f"{len(labels)} labels for <{control.type} name={control.name!r}> "
@@ -653,7 +661,7 @@ class _Validator:
             self.add("region-field", ppath, "a polygon needs points: a list of [x, y] pairs in percent")
             return
         if len(points) < 3:
-            self.add("region-field", ppath, f"a polygon needs at least 3 points, not {len(points)}")
+            self.add("region-field", ppath, f"a polygon with {len(points)} point(s) encloses nothing", WARNING)
         for i, point in enumerate(points):
             if not (isinstance(point, list) and len(point) == 2 and all(_is_number(c) for c in point)):
                 self.add("region-field", _join(ppath, i), f"each point is [x, y] with numbers, not {_fmt(point)}")

@@ -137,7 +137,7 @@ def media_task():
 def valid_media():
     return body([
         region("html_ner", "page", "hypertextlabels", {"start": "/p[1]/text()[1]", "end": "/p[1]/text()[1]",
-                                                       "startOffset": 0, "endOffset": 5, "htmllabels": ["Title"]}),
+                                                       "startOffset": 0, "endOffset": 5, "hypertextlabels": ["Title"]}),
         region("speaker", "dialog", "paragraphlabels", {"start": "0", "end": 1, "startOffset": 0, "endOffset": 4,
                                                         "paragraphlabels": ["Question"]}),
         region("sound", "audio", "labels", {"start": 0.5, "end": 1.25, "labels": ["Speech"]}),
@@ -198,15 +198,12 @@ BROKEN = [
     ("classify", lambda r, t: r0(r, 0).update(from_name="sentimnet"), "from-name", "results[0].result[0].from_name"),
     ("classify", lambda r, t: r0(r, 0).pop("from_name"), "from-name", "results[0].result[0].from_name"),
     ("classify", lambda r, t: r0(r, 0).update(to_name="txt"), "to-name", "results[0].result[0].to_name"),
-    ("classify", lambda r, t: r0(r, 0).update(type="Choices"), "type", "results[0].result[0].type"),
     ("classify", lambda r, t: r0(r, 0).update(type="labels"), "type", "results[0].result[0].type"),
     ("classify", setv(0, "choices", ["Positive", "Negative"]), "choices", "results[0].result[0].value.choices"),
     ("classify", setv(1, "choices", ["Travel", "Cooking"]), "choices", "results[0].result[1].value.choices[1]"),
     ("classify", setv(0, "choices", "Positive"), "choices", "results[0].result[0].value.choices"),
-    ("classify", setv(0, "choices", []), "choices", "results[0].result[0].value.choices"),
     ("classify", setv(0, "choices", ["Neutral"]), "choices", "results[0].result[0].value.choices[0]"),
     ("ner", setv(0, "labels", ["PERSON"]), "labels", "results[0].result[0].value.labels[0]"),
-    ("ner", setv(0, "labels", []), "labels", "results[0].result[0].value.labels"),
     ("ner", lambda r, t: r0(r, 0)["value"].pop("labels"), "labels", "results[0].result[0].value.labels"),
     ("ner", setv(0, "end", 500), "region-range", "results[0].result[0].value.end"),
     ("ner", setv(0, "start", -1), "region-range", "results[0].result[0].value.start"),
@@ -226,7 +223,6 @@ BROKEN = [
     ("image", setv(0, "rectanglelabels", ["Bus"]), "labels", "results[0].result[0].value.rectanglelabels[0]"),
     ("image", lambda r, t: r0(r, 0).update(type="polygonlabels"), "type", "results[0].result[0].type"),
     ("image", setv(2, "points", [[0, 0], [101, 0], [50, 100]]), "region-range", "results[0].result[2].value.points[1]"),
-    ("image", setv(2, "points", [[0, 0], [10, 0]]), "region-field", "results[0].result[2].value.points"),
     ("image", setv(3, "y", 100.5), "region-range", "results[0].result[3].value.y"),
     ("image", setv(4, "radiusX", 150), "region-range", "results[0].result[4].value.radiusX"),
     ("image", setv(5, "rle", []), "region-field", "results[0].result[5].value.rle"),
@@ -242,10 +238,12 @@ BROKEN = [
     ("form", setv(4, "datetime", 20240301), "datetime", "results[0].result[4].value.datetime"),
     ("form", setv(5, "taxonomy", [["Animal", "Horse"]]), "taxonomy", "results[0].result[5].value.taxonomy[0][1]"),
     ("form", setv(5, "taxonomy", ["Animal"]), "taxonomy", "results[0].result[5].value.taxonomy[0]"),
-    ("form", lambda r, t: r0(r, 6).update(type="Magic"), "type", "results[0].result[6].type"),
     ("form", lambda r, t: r0(r, 6).update(from_name="custm"), "from-name", "results[0].result[6].from_name"),
     ("media", setv(0, "startOffset", -1), "region-field", "results[0].result[0].value.startOffset"),
-    ("media", setv(0, "htmllabels", ["Body"]), "labels", "results[0].result[0].value.htmllabels[0]"),
+    ("media", setv(0, "hypertextlabels", ["Body"]), "labels", "results[0].result[0].value.hypertextlabels[0]"),
+    ("media", lambda r, t: r0(r, 0)["value"].update(htmllabels=r0(r, 0)["value"].pop("hypertextlabels")),
+     "labels", "results[0].result[0].value.hypertextlabels"),
+    ("classify", lambda r, t: r0(r, 0).update(type="choice"), "type", "results[0].result[0].type"),
     ("media", setv(1, "end", 2), "region-range", "results[0].result[1].value.end"),
     ("media", setv(2, "end", 0.1), "region-range", "results[0].result[2].value.end"),
     ("media", setv(2, "start", "0:01"), "region-field", "results[0].result[2].value.start"),
@@ -276,6 +274,27 @@ def test_misspelled_from_name_suggests_the_control():
     report = mutate("classify", lambda r, t: r0(r, 0).update(from_name="sentimnet"))
     (problem,) = report.errors
     assert "did you mean 'sentiment'" in problem.message
+
+
+WARNED = [
+    # displayable, but probably not what the backend meant: (case, mutation, rule, path)
+    ("classify", lambda r, t: r0(r, 0).update(type="Choices"), "type", "results[0].result[0].type"),
+    ("form", lambda r, t: r0(r, 6).update(type="Magic"), "type", "results[0].result[6].type"),
+    ("classify", setv(0, "choices", []), "choices", "results[0].result[0].value.choices"),
+    ("ner", setv(0, "labels", []), "labels", "results[0].result[0].value.labels"),
+    ("ner", lambda r, t: r0(r, 0)["value"].update(end=0, text=""), "region-range", "results[0].result[0].value.end"),
+    ("image", setv(2, "points", [[0, 0], [10, 0]]), "region-field", "results[0].result[2].value.points"),
+    ("classify", lambda r, t: r["results"][0].update(score="0.5"), "score", "results[0].score"),
+]
+
+
+@pytest.mark.parametrize("case,fn,rule,path", WARNED, ids=[f"{c}-{rule}-{path}" for c, _, rule, path in WARNED])
+def test_warnings_keep_the_report_valid(case, fn, rule, path):
+    report = mutate(case, fn)
+    assert report.valid
+    (warning,) = report.warnings
+    assert (warning.rule, warning.path) == (rule, path)
+    assert str(warning).startswith(f"warning: {path}: ") and str(warning).endswith(f"[{rule}]")
 
 
 def test_numeric_string_score_is_a_warning():
@@ -409,3 +428,65 @@ def test_sample_tasks_for_text_configs_let_spans_validate():
     resp = body([region("ner", "text", "labels", {"start": 0, "end": end, "text": text[:end], "labels": ["PER"]})],
                 [])
     assert validate_predictions(NER, tasks, resp).valid
+
+
+# -- against Label Studio's own prediction validator ----------------------------------------------------
+LS_CHECK = r"""
+import json, sys
+from label_studio_sdk.label_interface import LabelInterface
+out = []
+for config, prediction in json.load(sys.stdin):
+    try:
+        out.append(LabelInterface(config).validate_prediction(prediction, return_errors=True))
+    except Exception as exc:  # noqa: BLE001
+        out.append([f"{type(exc).__name__}: {exc}"])
+json.dump(out, sys.stdout)
+"""
+
+
+def label_studio_python():
+    import os
+    import shutil
+    from pathlib import Path
+
+    exe = os.environ.get("LABEL_STUDIO_BIN") or shutil.which("label-studio")
+    if not exe:
+        pytest.skip("Label Studio is not installed: set LABEL_STUDIO_BIN to its label-studio executable")
+    return str(Path(exe).resolve().parent / "python")
+
+
+def ls_verdicts(pairs) -> list:
+    import subprocess
+
+    done = subprocess.run([label_studio_python(), "-c", LS_CHECK], input=json.dumps(pairs), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def predictions_of(case, fn=None):
+    config, tasks, response = CASES[case]
+    resp = copy.deepcopy(response())
+    if fn is not None:
+        fn(resp, tasks())
+    items = [p for item in resp["results"] for p in (item if isinstance(item, list) else [item])]
+    return [(config, p) for p in items if isinstance(p, dict) and isinstance(p.get("result"), list)]
+
+
+@pytest.mark.e2e
+def test_label_studio_accepts_what_preview_accepts_and_refuses_a_subset_of_what_it_rejects():
+    """Label Studio 1.23's own validator (label_studio_sdk.LabelInterface.validate_prediction, used
+    when its prediction validation is on) accepts every prediction preview calls valid, including
+    those preview only warns about; whatever it refuses, preview rejects too."""
+    valid = [pair for case in CASES for pair in predictions_of(case)]
+    warned = [pair for case, fn, _, _ in WARNED for pair in predictions_of(case, fn)]
+    verdicts = ls_verdicts(valid + warned)
+    assert verdicts == [[]] * len(verdicts), [v for v in verdicts if v]
+
+    broken = [(i, pair) for i, (case, fn, _, _) in enumerate(BROKEN) for pair in predictions_of(case, fn)]
+    verdicts = ls_verdicts([pair for _, pair in broken])
+    refused = {i for (i, _), errors in zip(broken, verdicts) if errors}
+    for i in refused:
+        case, fn, _, _ = BROKEN[i]
+        assert not mutate(case, fn).valid  # preview rejects it as well, with its rule and path
+    assert len(refused) >= len(BROKEN) // 2  # most broken cases are ones Label Studio itself refuses
