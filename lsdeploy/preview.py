@@ -353,11 +353,13 @@ def engine_answers(docker: str = "docker", timeout: float = 5.0) -> bool:
     if not exe:
         return False
     try:
-        done = subprocess.run([exe, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        # Plain `info` (no --format: Podman's template fields differ): exit 0 only when the
+        # client reached an engine.
+        done = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return done.returncode == 0 and bool(done.stdout.strip())
+    return done.returncode == 0
 
 
 def choose_runner(settings: PreviewSettings, probe: Callable[[str], bool] = engine_answers) -> tuple:
