@@ -128,7 +128,9 @@ class TaskReport:
 
     @property
     def ok(self) -> bool:
-        return not any(p.severity == ERROR for p in self.problems) and all(r.ok for r in self.rows)
+        """The task got at least one prediction, and nothing in it is an error."""
+        return (self.predictions > 0 and not any(p.severity == ERROR for p in self.problems)
+                and all(r.ok for r in self.rows))
 
     def to_dict(self) -> dict:
         return {"index": self.index, "task_id": self.task_id, "path": self.path, "ok": self.ok,

@@ -328,6 +328,7 @@ def test_empty_predictions_are_a_warning_not_an_error():
     assert warning.rule == "empty" and warning.path == "results"
     assert "stores nothing" in warning.message
     assert [t.predictions for t in report.tasks] == [0, 0]
+    assert [t.ok for t in report.tasks] == [False, False]  # valid answer, but these tasks got nothing
 
 
 def test_empty_result_list_is_valid():

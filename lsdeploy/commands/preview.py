@@ -176,7 +176,7 @@ def _render_report(title, report, response) -> list:
         out.append(f"  {'WARNING' if problem.severity == 'warning' else 'PROBLEM'} {problem}")
     for task_report in report.tasks:
         task_id = task_report.task_id
-        status = "OK" if task_report.ok else "problem"
+        status = "no prediction" if not task_report.predictions else "OK" if task_report.ok else "problem"
         out.append("")
         info = _prediction_info(response, task_report.index)
         out.append(f"task {task_report.index + 1} (id {task_id}) {task_report.path}: "
