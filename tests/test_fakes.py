@@ -642,7 +642,15 @@ def test_runner_runs_the_image_source_and_follows_traffic(make_gcp_fakes):
     live = clients.services.get_service(name=f"{PARENT}/services/echo")
     assert live.latest_ready_revision == second.latest_ready_revision
 
-    serving = cloud.run.process(second.latest_ready_revision.rsplit("/", 1)[-1])
+    # traffic back to revision 1, whose process was scaled to zero: the next request cold-starts it
+    pinned = run_v2.TrafficTarget(type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+                                  revision=revision1, percent=100)
+    clients.services.update_service(request=run_v2.UpdateServiceRequest(
+        service=run_v2.Service(name=f"{PARENT}/services/echo", traffic=[pinned]),
+        update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))).result(polling=FAST_POLLING)
+    assert requests.get(first.uri, timeout=60).json()["env"]["VERSION"] == "1"
+    serving = cloud.run.process(revision1)
+    assert serving.proc.poll() is None
     cloud.stop()  # what the fixture does: every process is stopped
     assert serving.proc.poll() is not None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from google.cloud import artifactregistry_v1 as ar
 from google.protobuf import empty_pb2
 
-from .server import (ApiError, already_exists, failed_precondition, invalid_argument, not_found, now_pb, paginate,
+from .server import (already_exists, failed_precondition, invalid_argument, not_found, now_pb, paginate,
                      routes_from_transport)
 
 Repository = ar.Repository.pb()
@@ -379,4 +379,4 @@ class ArtifactRegistryFake:
         raise not_found("Requested entity was not found.")
 
 
-__all__ = ["ArtifactRegistryFake", "Image", "PushError", "parse_image", "ApiError"]
+__all__ = ["ArtifactRegistryFake", "Image", "PushError", "parse_image"]

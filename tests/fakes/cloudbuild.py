@@ -32,7 +32,7 @@ from google.cloud.devtools import cloudbuild_v1 as cb
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
-from .artifactregistry import PushError, parse_image
+from .artifactregistry import PushError
 from .runner import bundle_files, dockerfile_instructions
 from .server import (ApiError, Route, compile_template, invalid_argument, not_found, now_pb, paginate,
                      project_number, routes_from_transport)
@@ -437,8 +437,8 @@ class CloudBuildFake:
             found = ref in daemon or self.cloud.artifactregistry.resolve(ref) is not None
             record.cache_from.append((ref, found))
         if files is not None and dockerfile not in context_files:
-            return False, [f"unable to evaluate symlinks in Dockerfile path: lstat /workspace/{base + '/' if base else ''}"
-                           f"{dockerfile}: no such file or directory"]
+            where = f"/workspace/{base + '/' if base else ''}{dockerfile}"
+            return False, [f"unable to evaluate symlinks in Dockerfile path: lstat {where}: no such file or directory"]
         tree = hashlib.sha256()
         for path in sorted(context_files):
             tree.update(path.encode() + b"\0" + hashlib.sha256(context_files[path]).digest())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import string
 import time
 import uuid
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 from google.cloud import run_v2
 from google.iam.v1 import policy_pb2
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import duration_pb2
 
 from .artifactregistry import parse_image
 from .runner import RevisionProcess, ServiceProxy
@@ -92,6 +93,7 @@ class ServiceState:
     generation_revision: dict = field(default_factory=dict)  # generation -> revision name (or None)
     failure_status: dict = field(default_factory=dict)  # generation -> status of its operation's error
     proxy: ServiceProxy | None = None
+    serving: dict = field(default_factory=dict)  # revision name -> percent of traffic
 
 
 class CloudRunFake:
@@ -193,7 +195,8 @@ class CloudRunFake:
             cpu = parse_cpu(limits["cpu"]) if "cpu" in limits else 1.0
             memory = parse_memory(limits["memory"]) if "memory" in limits else 512 * 2**20
             if cpu is None:
-                violations.append((f"{where}.resources.limits.cpu", f"Invalid value specified for cpu: '{limits['cpu']}'."))
+                violations.append((f"{where}.resources.limits.cpu",
+                                   f"Invalid value specified for cpu: '{limits['cpu']}'."))
             if memory is None:
                 violations.append((f"{where}.resources.limits.memory",
                                    f"Invalid value specified for memory: '{limits['memory']}'."))
@@ -337,7 +340,8 @@ class CloudRunFake:
         for index, var in enumerate(container.env):
             if var.HasField("value_source"):
                 ref = var.value_source.secret_key_ref
-                secret = ref.secret if ref.secret.startswith("projects/") else f"projects/{project}/secrets/{ref.secret}"
+                secret = ref.secret if ref.secret.startswith("projects/") else \
+                    f"projects/{project}/secrets/{ref.secret}"
                 try:
                     env[var.name] = self.cloud.secretmanager.value(secret, ref.version or "latest").decode()
                 except ApiError:
@@ -464,17 +468,20 @@ class CloudRunFake:
                 status.uri = service.uri
             if revision and revision in self.revisions:
                 serving[revision] = serving.get(revision, 0) + target.percent
-        if state.proxy is not None:
-            targets = []
-            for name, percent in serving.items():
-                rstate = self.revisions.get(name)
-                if rstate is not None and rstate.process is not None and rstate.process.state == "ready":
-                    targets.append((rstate.process.port, percent))
-            state.proxy.targets = targets
+        state.serving = serving
         for name, rstate in self.revisions.items():
             if (rstate.message.service == service.name and name not in serving and rstate.process is not None
                     and rstate.outcome is not None and rstate.process.state == "ready"):
-                rstate.process.stop(grace=10)  # no traffic: scaled to zero
+                # no traffic: scaled to zero (off the server's lock; SIGTERM then SIGKILL after 10 s)
+                threading.Thread(target=rstate.process.stop, daemon=True).start()
+
+    def _targets(self, state: ServiceState):
+        """What the service's proxy routes to: [(RevisionProcess, percent)]."""
+        with self.cloud.server.lock:
+            self._reconcile(state)
+            return [(self.revisions[name].process, percent) for name, percent in state.serving.items()
+                    if name in self.revisions and self.revisions[name].process is not None
+                    and self.revisions[name].outcome == "ready"]
 
     def _operation(self, state: ServiceState, kind: str = "update"):
         service = state.message
@@ -534,7 +541,7 @@ class CloudRunFake:
         state = ServiceState(service)
         self.services[name] = state
         if self.runner:
-            state.proxy = ServiceProxy()
+            state.proxy = ServiceProxy(lambda: self._targets(state))
             service.uri = state.proxy.url
         else:
             service.uri = f"https://{service_id}-{project_number(project)}.{region}.run.app"
@@ -749,5 +756,3 @@ class CloudRunFake:
             operation.advance()
         return operation.to_pb()
 
-
-__all__ = ["CloudRunFake", "field_mask_pb2"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from google.api_core import retry as retries
 from google.api_core.future import polling
 
 from .cloud import FakeGoogleCloud
@@ -68,4 +67,4 @@ def gcp_clients(gcp_fakes) -> SimpleNamespace:
     return make_clients(gcp_fakes.url)
 
 
-__all__ = ["FAST_POLLING", "make_clients", "make_gcp_fakes", "gcp_fakes", "gcp_clients", "retries"]
+__all__ = ["FAST_POLLING", "make_clients", "make_gcp_fakes", "gcp_fakes", "gcp_clients"]

@@ -184,6 +184,7 @@ class RevisionProcess:
         self.message = ""
         self.log_path = self.root / "container.log"
         self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     # container paths -> host paths under self.root
     def host_path(self, value: str) -> str:
@@ -251,15 +252,20 @@ class RevisionProcess:
 
     def start(self) -> "RevisionProcess":
         try:
-            argv, env, cwd = self.argv_and_env()
+            self.argv, self._env, self._cwd = self.argv_and_env()
         except (RuntimeError, ValueError) as exc:
             self._fail(f"The container could not be started: {exc}")
             return self
-        self.argv = argv
-        log = open(self.log_path, "wb")
+        return self._launch()
+
+    def _launch(self) -> "RevisionProcess":
+        self._stop = threading.Event()
+        self.state = "starting"
+        log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, cwd=self._cwd, env={**self._env, "PORT": str(self.port)},
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         except OSError as exc:
             self._fail(f"The container could not be started: {exc}")
             return self
@@ -267,6 +273,18 @@ class RevisionProcess:
             log.close()
         threading.Thread(target=self._probe, name=f"probe-{self.revision}", daemon=True).start()
         return self
+
+    def cold_start(self, timeout: float = 60.0) -> bool:
+        """Start a stopped (scaled to zero) revision again for a request, like Cloud Run does;
+        True once it is ready."""
+        with self._lock:
+            if self.state == "stopped":
+                self.port = free_port()
+                self._launch()
+        deadline = time.monotonic() + timeout
+        while self.state == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.state == "ready"
 
     def _fail(self, message: str) -> None:
         self.state = "failed"
@@ -344,11 +362,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 
 
 class ServiceProxy:
-    """http://127.0.0.1:<port> for one service; forwards to the revisions in `targets`:
-    [(port, percent)], chosen by weight like Cloud Run splits traffic."""
+    """http://127.0.0.1:<port> for one service. `targets()` returns [(RevisionProcess, percent)] for
+    the revisions receiving traffic; each request goes to one of them, chosen by weight like Cloud
+    Run splits traffic, cold-starting it if it was scaled to zero. 503 when none can serve."""
 
-    def __init__(self):
-        self.targets: list[tuple[int, int]] = []
+    def __init__(self, targets):
+        self.targets = targets
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -360,10 +379,13 @@ class ServiceProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                targets = [t for t in proxy.targets if t[1] > 0]
+                targets = [t for t in proxy.targets() if t[1] > 0]
                 if not targets:
                     return self._answer(503, b"Service Unavailable", "text/html; charset=UTF-8")
-                port = random.choices([t[0] for t in targets], weights=[t[1] for t in targets])[0]
+                process = random.choices([t[0] for t in targets], weights=[t[1] for t in targets])[0]
+                if process.state != "ready" and not process.cold_start():
+                    return self._answer(503, b"Service Unavailable", "text/html; charset=UTF-8")
+                port = process.port
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Host"] = f"127.0.0.1:{port}"
                 headers["X-Forwarded-Proto"] = "http"

@@ -404,7 +404,8 @@ def parse_body(text: str, message, where: str) -> None:
     except json_format.ParseError as exc:
         m = _UNKNOWN_NAME.search(str(exc))
         if m:
-            description = f'Invalid JSON payload received. Unknown name "{m.group(1)}" at \'{where}\': Cannot find field.'
+            description = (f'Invalid JSON payload received. Unknown name "{m.group(1)}" at \'{where}\': '
+                           f"Cannot find field.")
         else:
             description = f"Invalid JSON payload received. {exc}"
         raise invalid_argument(description, where) from None
