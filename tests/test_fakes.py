@@ -280,6 +280,26 @@ def test_missing_secret_reference_fails_the_revision(gcp_clients):
         create(gcp_clients, "svc", svc)
 
 
+def test_secret_reference_needs_the_accessor_role(gcp_fakes, gcp_clients):
+    gcp_clients.secrets.create_secret(parent=f"projects/{P}", secret_id="ls-key", secret=secretmanager_v1.Secret(
+        replication=secretmanager_v1.Replication(automatic=secretmanager_v1.Replication.Automatic())))
+    gcp_clients.secrets.add_secret_version(parent=f"projects/{P}/secrets/ls-key",
+                                           payload=secretmanager_v1.SecretPayload(data=b"k"))
+
+    def with_secret(value):
+        env = [run_v2.EnvVar(name="KEY", value_source=run_v2.EnvVarSource(
+            secret_key_ref=run_v2.SecretKeySelector(secret="ls-key", version="latest"))),
+            run_v2.EnvVar(name="V", value=value)]
+        return run_v2.Service(template=run_v2.RevisionTemplate(containers=[_container(env=env)]))
+
+    with pytest.raises(exceptions.FailedPrecondition, match="Permission denied on secret: .*roles/secretmanager"):
+        create(gcp_clients, "svc", with_secret("1"))
+    grant_accessor(gcp_clients, gcp_fakes)
+    fixed = gcp_clients.services.update_service(service=run_v2.Service(
+        name=f"{PARENT}/services/svc", template=with_secret("2").template)).result(polling=FAST_POLLING)
+    assert fixed.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+
+
 def test_revisions_and_iam(gcp_fakes, gcp_clients):
     create(gcp_clients, "svc", service(env={"V": "1"}))
     gcp_clients.services.update_service(service=run_v2.Service(
@@ -582,6 +602,15 @@ HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever
 """
 
 
+def grant_accessor(clients, cloud, secret="ls-key"):
+    """roles/secretmanager.secretAccessor on the secret for the default runtime service account."""
+    name = f"projects/{P}/secrets/{secret}"
+    policy = clients.secrets.get_iam_policy(request={"resource": name})
+    policy.bindings.add(role="roles/secretmanager.secretAccessor",
+                        members=[f"serviceAccount:{cloud.project_number(P)}-compute@developer.gserviceaccount.com"])
+    clients.secrets.set_iam_policy(request={"resource": name, "policy": policy})
+
+
 def build_image(cloud, clients, files, tag):
     """Upload a bundle and build it: the pinned image reference."""
     cloud.storage.put("src", f"{tag}.tgz", tarball(files))
@@ -608,11 +637,17 @@ def test_runner_runs_the_image_source_and_follows_traffic(make_gcp_fakes):
         replication=secretmanager_v1.Replication(automatic=secretmanager_v1.Replication.Automatic())))
     clients.secrets.add_secret_version(parent=f"projects/{P}/secrets/ls-key",
                                        payload=secretmanager_v1.SecretPayload(data=b"token-123"))
+    grant_accessor(clients, cloud)
     image = build_image(cloud, clients, {"Dockerfile": ECHO_DOCKERFILE, "app.py": ECHO_APP}, "v1")
 
     first = clients.services.create_service(parent=PARENT, service=runner_service(image, "1"), service_id="echo") \
         .result(polling=FAST_POLLING)
     assert first.uri.startswith("http://127.0.0.1:")
+    refused = requests.get(first.uri, timeout=10)  # private until an allUsers invoker binding exists
+    assert refused.status_code == 403 and "Error: Forbidden" in refused.text
+    policy = clients.services.get_iam_policy(request={"resource": first.name})
+    policy.bindings.add(role="roles/run.invoker", members=["allUsers"])
+    clients.services.set_iam_policy(request={"resource": first.name, "policy": policy})
     seen = requests.get(first.uri, timeout=10).json()
     revision1 = first.latest_ready_revision.rsplit("/", 1)[-1]
     assert seen["env"]["HOST"] == "127.0.0.1" and seen["env"]["PORT"] != "8080"
@@ -667,7 +702,7 @@ def test_runner_serves_a_blueprint_backend(make_gcp_fakes, tmp_path):
     image = build_image(cloud, clients, files, "bp")
     container = run_v2.Container(image=image, startup_probe=run_v2.Probe(
         http_get=run_v2.HTTPGetAction(path="/health"), period_seconds=2, timeout_seconds=1, failure_threshold=60))
-    svc = run_v2.Service(template=run_v2.RevisionTemplate(containers=[container]))
+    svc = run_v2.Service(template=run_v2.RevisionTemplate(containers=[container]), invoker_iam_disabled=True)
     live = clients.services.create_service(parent=PARENT, service=svc, service_id="backend") \
         .result(polling=FAST_POLLING)
     process = cloud.run.process(live.latest_ready_revision.rsplit("/", 1)[-1])

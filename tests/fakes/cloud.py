@@ -160,7 +160,8 @@ class FakeGoogleCloud:
 
     def __init__(self, runner: bool = False, storage_url: str | None = None, operation_polls: int = 2,
                  ready_delay: float = 0.2, startup_deadline: float = 120.0, run_env: dict | None = None,
-                 workdir: str | Path | None = None):
+                 workdir: str | Path | None = None, require_secret_access: bool = True,
+                 enforce_invoker: bool = True):
         self.server = FakeServer(operation_polls=operation_polls)
         self.storage_url = storage_url
         self.storage = EmulatorStorage(storage_url) if storage_url else MemoryStorage()
@@ -170,7 +171,8 @@ class FakeGoogleCloud:
         self.artifactregistry = ArtifactRegistryFake(self)
         self.secretmanager = SecretManagerFake(self)
         self.cloudbuild = CloudBuildFake(self)
-        self.run = CloudRunFake(self, runner=runner, ready_delay=ready_delay, startup_deadline=startup_deadline)
+        self.run = CloudRunFake(self, runner=runner, ready_delay=ready_delay, startup_deadline=startup_deadline,
+                                require_secret_access=require_secret_access, enforce_invoker=enforce_invoker)
         self.run.extra_env = dict(run_env or ({"STORAGE_EMULATOR_HOST": storage_url} if storage_url else {}))
 
     # ---- lifecycle -------------------------------------------------------------------------

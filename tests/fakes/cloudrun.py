@@ -36,7 +36,7 @@ from google.protobuf import duration_pb2
 from .artifactregistry import parse_image
 from .runner import RevisionProcess, ServiceProxy
 from .server import (ApiError, already_exists, etag_of, failed_precondition, invalid_argument, not_found, now_pb,
-                     paginate, project_number, routes_from_transport, BAD_REQUEST)
+                     has_role, paginate, project_number, read_policy, routes_from_transport, write_policy, BAD_REQUEST)
 
 Service = run_v2.Service.pb()
 Revision = run_v2.Revision.pb()
@@ -75,6 +75,17 @@ def parse_memory(value: str) -> int | None:
     return int(float(m.group(1)) * MEMORY_UNITS[m.group(2)])
 
 
+def error_page(code: int, title: str, text: str) -> str:
+    """The HTML Google's front end answers with."""
+    return (f'<html><head>\n<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
+            f"<title>{code} {title}</title>\n</head>\n<body text=#000000 bgcolor=#ffffff>\n"
+            f"<h1>Error: {title}</h1>\n<h2>{text}</h2>\n<h2></h2>\n</body></html>\n")
+
+
+def secret_exists(secrets, name: str) -> bool:
+    return secrets.canonical(name) in secrets.secrets
+
+
 @dataclass
 class RevisionState:
     message: object  # Revision
@@ -99,8 +110,14 @@ class ServiceState:
 class CloudRunFake:
     api = "run"
 
-    def __init__(self, cloud, runner: bool = False, ready_delay: float = 0.2, startup_deadline: float = 120.0):
+    def __init__(self, cloud, runner: bool = False, ready_delay: float = 0.2, startup_deadline: float = 120.0,
+                 require_secret_access: bool = True, enforce_invoker: bool = True):
         self.cloud = cloud
+        # Like Cloud Run: a secret reference needs roles/secretmanager.secretAccessor for the revision's
+        # service account, and (runner on) a request needs an allUsers invoker binding or
+        # invoker_iam_disabled, since Label Studio sends no Google identity token.
+        self.require_secret_access = require_secret_access
+        self.enforce_invoker = enforce_invoker
         self.runner = runner
         self.ready_delay = ready_delay
         self.startup_deadline = startup_deadline
@@ -342,8 +359,18 @@ class CloudRunFake:
                 ref = var.value_source.secret_key_ref
                 secret = ref.secret if ref.secret.startswith("projects/") else \
                     f"projects/{project}/secrets/{ref.secret}"
+                version = ref.version or "latest"
+                canonical = f"{self.cloud.secretmanager.canonical(secret)}/versions/{version}"
+                runtime = f"serviceAccount:{revision.service_account}"
+                if (self.require_secret_access and secret_exists(self.cloud.secretmanager, secret)
+                        and not self.cloud.secretmanager.can_access(secret, runtime)):
+                    return (f"spec.template.spec.containers[0].env[{index}].value_from.secret_key_ref.name: "
+                            f"Permission denied on secret: {canonical} for Revision service account "
+                            f"{revision.service_account}. The service account used must be granted the 'Secret "
+                            f"Manager Secret Accessor' role (roles/secretmanager.secretAccessor) at the secret, "
+                            f"project or higher level.")
                 try:
-                    env[var.name] = self.cloud.secretmanager.value(secret, ref.version or "latest").decode()
+                    env[var.name] = self.cloud.secretmanager.value(secret, version).decode()
                 except ApiError:
                     return (f"spec.template.spec.containers[0].env[{index}].value_from.secret_key_ref.name: Secret "
                             f"{self.cloud.secretmanager.canonical(secret)}/versions/{ref.version or 'latest'} was "
@@ -475,6 +502,23 @@ class CloudRunFake:
                 # no traffic: scaled to zero (off the server's lock; SIGTERM then SIGKILL after 10 s)
                 threading.Thread(target=rstate.process.stop, daemon=True).start()
 
+    def _access(self, state: ServiceState, method: str, path: str, headers):
+        """Cloud Run's front end: ingress, then the invoker check (None = let the request through)."""
+        with self.cloud.server.lock:
+            service = state.message
+            internal = service.ingress in (run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_ONLY,
+                                           run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER)
+            public = service.invoker_iam_disabled or has_role(state.policy, "allUsers", ("roles/run.invoker",))
+        if internal:
+            return 404, error_page(404, "Not Found", f"The requested URL <code>{path}</code> was not found on "
+                                                     f"this server.")
+        if public or not self.enforce_invoker:
+            return None
+        if (headers.get("Authorization") or "").startswith("Bearer "):
+            return None  # an identity token: the fake cannot verify it and trusts it
+        return 403, error_page(403, "Forbidden", f"Your client does not have permission to get URL "
+                                                 f"<code>{path}</code> from this server.")
+
     def _targets(self, state: ServiceState):
         """What the service's proxy routes to: [(RevisionProcess, percent)]."""
         with self.cloud.server.lock:
@@ -541,7 +585,7 @@ class CloudRunFake:
         state = ServiceState(service)
         self.services[name] = state
         if self.runner:
-            state.proxy = ServiceProxy(lambda: self._targets(state))
+            state.proxy = ServiceProxy(lambda: self._targets(state), lambda *a: self._access(state, *a))
             service.uri = state.proxy.url
         else:
             service.uri = f"https://{service_id}-{project_number(project)}.{region}.run.app"
@@ -669,36 +713,12 @@ class CloudRunFake:
 
     # ---- IAM -----------------------------------------------------------------------------------
     def GetIamPolicy(self, request, ctx):
-        state = self._state(request.resource)
-        policy = policy_pb2.Policy()
-        policy.CopyFrom(state.policy)
-        if not policy.etag:
-            policy.etag = b"ACAB"
-        return policy
+        return read_policy(self._state(request.resource).policy)
 
     def SetIamPolicy(self, request, ctx):
         state = self._state(request.resource)
-        policy = request.policy
-        if policy.etag and state.policy.etag and policy.etag != state.policy.etag:
-            raise ApiError("ABORTED", "There were concurrent policy changes. Please retry the whole "
-                                      "read-modify-write with exponential backoff.")
-        for binding in policy.bindings:
-            if not binding.role.startswith("roles/"):
-                raise invalid_argument(f"Role {binding.role} is not supported for this resource.", "policy.bindings")
-            for member in binding.members:
-                if not (member in ("allUsers", "allAuthenticatedUsers") or re.fullmatch(
-                        r"(user|serviceAccount|group|domain|principal|principalSet):.+", member)):
-                    raise invalid_argument(f"Invalid member: {member}", "policy.bindings.members")
-        stored = policy_pb2.Policy()
-        if request.update_mask.paths:
-            stored.CopyFrom(state.policy)
-            request.update_mask.MergeMessage(policy, stored, replace_repeated_field=True)
-        else:
-            stored.CopyFrom(policy)
-        stored.version = stored.version or 1
-        stored.etag = etag_of(stored).strip('"').encode()[:8]
-        state.policy = stored
-        return stored
+        state.policy = write_policy(state.policy, request)
+        return state.policy
 
     def TestIamPermissions(self, request, ctx):
         self._state(request.resource)

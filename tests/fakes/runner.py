@@ -366,8 +366,9 @@ class ServiceProxy:
     the revisions receiving traffic; each request goes to one of them, chosen by weight like Cloud
     Run splits traffic, cold-starting it if it was scaled to zero. 503 when none can serve."""
 
-    def __init__(self, targets):
+    def __init__(self, targets, access=None):
         self.targets = targets
+        self.access = access  # access(method, path, headers) -> None, or (status, html) to refuse
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -379,6 +380,9 @@ class ServiceProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                refusal = proxy.access(self.command, self.path, self.headers) if proxy.access else None
+                if refusal is not None:
+                    return self._answer(refusal[0], refusal[1].encode(), "text/html; charset=UTF-8")
                 targets = [t for t in proxy.targets() if t[1] > 0]
                 if not targets:
                     return self._answer(503, b"Service Unavailable", "text/html; charset=UTF-8")

@@ -12,8 +12,8 @@ import google_crc32c
 from google.cloud import secretmanager_v1 as sm
 from google.protobuf import empty_pb2
 
-from .server import (already_exists, etag_of, failed_precondition, invalid_argument, not_found, now_pb, paginate,
-                     project_number, routes_from_transport, ApiError)
+from .server import (already_exists, etag_of, failed_precondition, has_role, invalid_argument, not_found, now_pb,
+                     paginate, project_number, read_policy, routes_from_transport, write_policy, ApiError)
 
 Secret = sm.Secret.pb()
 SecretVersion = sm.SecretVersion.pb()
@@ -28,13 +28,16 @@ class SecretManagerFake:
         self.cloud = cloud
         self.secrets: dict[str, object] = {}  # canonical name -> Secret
         self.versions: dict[str, list] = {}  # canonical secret name -> [(SecretVersion, bytes)]
+        self.policies: dict[str, object] = {}  # canonical secret name -> google.iam.v1.Policy
+        self.project_accessors: set[str] = set()  # members granted secretAccessor on the whole project
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.secretmanager_v1.services.secret_manager_service.transports.rest",
             "SecretManagerServiceRestTransport"))
         for method in ("CreateSecret", "GetSecret", "ListSecrets", "DeleteSecret", "UpdateSecret", "AddSecretVersion",
                        "GetSecretVersion", "ListSecretVersions", "AccessSecretVersion", "EnableSecretVersion",
-                       "DisableSecretVersion", "DestroySecretVersion"):
+                       "DisableSecretVersion", "DestroySecretVersion", "GetIamPolicy", "SetIamPolicy",
+                       "TestIamPermissions"):
             server.handle(self.api, method)(getattr(self, method))
 
     # ---- names -----------------------------------------------------------------------------
@@ -76,6 +79,16 @@ class SecretManagerFake:
             raise failed_precondition(f"Secret Version [{message.name}] is in "
                                       f"{SecretVersion.State.Name(message.state)} state.")
         return data
+
+    def grant_project_access(self, member: str) -> None:
+        """Grant roles/secretmanager.secretAccessor on the project (test set-up: no API for it here)."""
+        self.project_accessors.add(member)
+
+    def can_access(self, secret: str, member: str) -> bool:
+        """Whether `member` may read `secret`'s payloads (granted on the secret or on the project)."""
+        policy = self.policies.get(self.canonical(secret))
+        return member in self.project_accessors or (policy is not None and has_role(
+            policy, member, ("roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner")))
 
     def all_values(self) -> list[bytes]:
         """Every payload ever stored (tests check none of them leaks into plain env values)."""
@@ -128,6 +141,7 @@ class SecretManagerFake:
         name = self.canonical(request.name)
         del self.secrets[name]
         del self.versions[name]
+        self.policies.pop(name, None)
         return empty_pb2.Empty()
 
     def UpdateSecret(self, request, ctx):
@@ -198,3 +212,23 @@ class SecretManagerFake:
 
     def DestroySecretVersion(self, request, ctx):
         return self._set_state(request.name, SecretVersion.State.DESTROYED)
+
+    # ---- IAM -------------------------------------------------------------------------------
+    def GetIamPolicy(self, request, ctx):
+        secret = self._secret(request.resource)
+        from google.iam.v1 import policy_pb2
+
+        return read_policy(self.policies.get(secret.name, policy_pb2.Policy()))
+
+    def SetIamPolicy(self, request, ctx):
+        secret = self._secret(request.resource)
+        from google.iam.v1 import policy_pb2
+
+        self.policies[secret.name] = write_policy(self.policies.get(secret.name, policy_pb2.Policy()), request)
+        return self.policies[secret.name]
+
+    def TestIamPermissions(self, request, ctx):
+        self._secret(request.resource)
+        from google.iam.v1 import iam_policy_pb2
+
+        return iam_policy_pb2.TestIamPermissionsResponse(permissions=list(request.permissions))

@@ -691,3 +691,47 @@ def now_pb(message=None):
 
 def etag_of(message) -> str:
     return '"' + hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()[:16] + '"'
+
+
+# --------------------------------------------------------------------------------------------
+# IAM policies (Cloud Run services, Secret Manager secrets)
+
+
+def read_policy(stored):
+    from google.iam.v1 import policy_pb2
+
+    policy = policy_pb2.Policy()
+    policy.CopyFrom(stored)
+    if not policy.etag:
+        policy.etag = b"ACAB"  # what an empty policy's etag looks like
+    return policy
+
+
+def write_policy(stored, request):
+    """SetIamPolicy: etag check (read-modify-write), role and member syntax, update_mask."""
+    from google.iam.v1 import policy_pb2
+
+    policy = request.policy
+    if policy.etag and stored.etag and policy.etag != stored.etag:
+        raise ApiError("ABORTED", "There were concurrent policy changes. Please retry the whole read-modify-write "
+                                  "with exponential backoff.")
+    for binding in policy.bindings:
+        if not binding.role.startswith(("roles/", "projects/", "organizations/")):
+            raise invalid_argument(f"Role {binding.role} is not supported for this resource.", "policy.bindings")
+        for member in binding.members:
+            if not (member in ("allUsers", "allAuthenticatedUsers") or re.fullmatch(
+                    r"(user|serviceAccount|group|domain|principal|principalSet):.+", member)):
+                raise invalid_argument(f"Invalid member: {member}", "policy.bindings.members")
+    updated = policy_pb2.Policy()
+    if request.update_mask.paths:
+        updated.CopyFrom(stored)
+        request.update_mask.MergeMessage(policy, updated, replace_repeated_field=True)
+    else:
+        updated.CopyFrom(policy)
+    updated.version = updated.version or 1
+    updated.etag = etag_of(updated).strip('"').encode()[:8]
+    return updated
+
+
+def has_role(policy, member: str, roles: tuple[str, ...]) -> bool:
+    return any(b.role in roles and member in b.members for b in policy.bindings)
