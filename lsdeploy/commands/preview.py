@@ -10,7 +10,7 @@ from . import emit_json, label_studio_options, progress
 
 
 @click.command()
-@click.argument("directory", type=click.Path(file_okay=False), default=".", metavar="DIR")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False), default=".", metavar="DIR")
 @click.option("--label-config", "label_config_file", type=click.Path(dir_okay=False), default=None,
               envvar="LSDEPLOY_LABEL_CONFIG", show_envvar=True, metavar="FILE",
               help="Label config XML (default: DIR/label_config.xml, or the first <View> in DIR/README.md).")
