@@ -353,7 +353,7 @@ def test_lock_serializes_across_instances(gcs_emulator, bucket, make_store):
 
 # -- two real server processes on one bucket ----------------------------------------------------
 
-from support import TEXT_CONFIG, Server, free_port, predict_body, run_cli, text_task  # noqa: E402
+from support import TEXT_CONFIG, Server, annotation_event, free_port, predict_body, run_cli, text_task  # noqa: E402
 
 BACKEND = '''
 import hashlib
@@ -413,12 +413,12 @@ def servers(backend, tmp_path):
     """servers(endpoint, uri, count=2) -> started Server processes sharing one bucket."""
     started = []
 
-    def start(endpoint, uri, count=2):
+    def start(endpoint, uri, count=2, directory=backend):
         for i in range(count):
             env = {"MODEL_STATE_URI": uri, "MODEL_STATE_REFRESH_SECONDS": str(REFRESH),
                    "MODEL_DIR": str(tmp_path / f"instance-{len(started)}"), "FIT_WAIT_SECONDS": "0",
                    **endpoint.env}
-            server = Server(backend, env=env)
+            server = Server(directory, env=env)
             started.append(server)
             server.start(timeout=90)
         return started[-count:]
@@ -426,6 +426,26 @@ def servers(backend, tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+def test_text_classifier_trained_on_one_instance_predicts_on_the_other(gcs_emulator, bucket, servers, created):
+    """The text-classifier blueprint keeps its model in the bucket: what one instance trains,
+    the other serves (pickled pipeline as an artifact, version as state)."""
+    directory = created("text-classifier")
+    a, b = servers(gcs_emulator, f"gs://{bucket}/tc", directory=directory)
+    examples = [("great wonderful love it", "Positive"), ("awful terrible hate it", "Negative"),
+                ("excellent great product", "Positive"), ("worst awful experience", "Negative")]
+    for i, (text, label) in enumerate(examples, 1):
+        answer = a.post("/webhook", annotation_event(i, i, text, label))
+        assert answer.status_code in (201, 202), answer.text
+    wait_for(lambda: setup_version(a) == "0.4.0", timeout=120, message="four trainings on the first instance")
+
+    def served_by_b():
+        result = b.post("/predict", predict_body([text_task(9, "great love wonderful")])).json()["results"][0]
+        return result if result["model_version"] == "0.4.0" and result["result"] else None
+
+    result = wait_for(served_by_b, timeout=30, message="the trained model on the other instance")
+    assert result["result"][0]["value"]["choices"] == ["Positive"]
 
 
 def setup_version(server):
