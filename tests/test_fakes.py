@@ -499,6 +499,27 @@ def test_build_log_is_written_to_the_logs_bucket_as_it_runs(gcp_fakes, gcp_clien
     assert final.startswith(partial) and len(final) > len(partial) and final.rstrip().endswith("DONE")
 
 
+def test_build_log_streams_in_chunks(gcp_fakes, gcp_clients):
+    """What the deploy code does: poll the build and read the log object from the last offset."""
+    make_repo(gcp_clients)
+    gcp_fakes.cloudbuild.polls_to_finish = 5
+    gcp_fakes.storage.put("src", "b.tgz", tarball({"Dockerfile": DOCKERFILE}))
+    operation = gcp_clients.builds.create_build(project_id=P, build=docker_build(
+        "src", "b.tgz", [f"{IMAGE}:x"], logs_bucket="gs://my-logs"))
+    build_id, offset, chunks = operation.metadata.build.id, 0, []
+    while True:
+        build = gcp_clients.builds.get_build(project_id=P, id=build_id)
+        text = gcp_fakes.storage.get("my-logs", f"log-{build_id}.txt") or b""
+        if len(text) > offset:
+            chunks.append(text[offset:].decode())
+            offset = len(text)
+        if build.status not in (cloudbuild_v1.Build.Status.QUEUED, cloudbuild_v1.Build.Status.WORKING):
+            break
+    assert build.status == cloudbuild_v1.Build.Status.SUCCESS
+    assert len(chunks) >= 3 and "".join(chunks) == gcp_fakes.cloudbuild.log_text(build_id)
+    assert gcp_fakes.log.summary()["by_method"]["cloudbuild.GetBuild"] == 5
+
+
 def test_cancel_and_build_validation(gcp_fakes, gcp_clients):
     gcp_fakes.storage.put("src", "b.tgz", tarball({"Dockerfile": DOCKERFILE}))
     operation = gcp_clients.builds.create_build(project_id=P, build=docker_build("src", "b.tgz", [f"{IMAGE}:x"]))

@@ -12,7 +12,8 @@ outcomes a real one has:
   a push goes to the Artifact Registry fake (the repository must exist). Any other step is
   recorded and succeeds.
 - The build is QUEUED in CreateBuild's answer, WORKING after the first poll (GetBuild, ListBuilds
-  or GetOperation all count) and finished after `operation_polls` polls.
+  or GetOperation all count) and finished after `operation_polls` polls (`polls_to_finish` to change
+  it for builds only: more polls, more log chunks).
 - Logs: the full log text is written to `gs://<logsBucket>/log-<buildId>.txt` and grows as the
   build advances (ranged reads from the last offset stream it, as gcloud does). When the request
   sets no logs bucket, the fake fills in the default `gs://<project number>.cloudbuild-logs.
@@ -75,6 +76,7 @@ class CloudBuildFake:
         self.cloud = cloud
         self.builds: dict[str, BuildRecord] = {}
         self.failures: list[PlannedFailure] = []
+        self.polls_to_finish: int | None = None  # polls a build needs (default: the server's operation_polls)
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.rest",
@@ -479,7 +481,7 @@ class CloudBuildFake:
         if build.status not in (Status.QUEUED, Status.WORKING, Status.PENDING):
             return
         record.polls += 1
-        phases = max(self.cloud.server.operation_polls, 1)
+        phases = max(self.polls_to_finish or self.cloud.server.operation_polls, 1)
         if record.polls >= phases:
             started = None
             if build.HasField("start_time"):

@@ -211,6 +211,15 @@ class RequestLog:
     def mutating(self, api: str | None = None) -> list[LoggedRequest]:
         return self.filter(api=api, mutating=True)
 
+    def summary(self) -> dict:
+        """Counts for benchmarks and assertion messages: requests, writes, per "api.Method"."""
+        entries = self.entries
+        by_method: dict[str, int] = {}
+        for e in entries:
+            by_method[f"{e.api}.{e.method}"] = by_method.get(f"{e.api}.{e.method}", 0) + 1
+        return {"requests": len(entries), "mutating": sum(e.mutating for e in entries),
+                "errors": sum(e.status >= 400 for e in entries), "by_method": by_method}
+
     def methods(self, api: str | None = None) -> list[str]:
         """["run.GetService", "cloudbuild.CreateBuild", ...] in order: handy in assertion messages."""
         return [f"{e.api}.{e.method}" for e in self.entries if api is None or e.api == api]
