@@ -783,13 +783,8 @@ def _wait_healthy(runner, session, timeout: float) -> None:
     while time.monotonic() < deadline:
         code = runner.exited()
         if code is not None:
-            tail = runner.log_tail()
-            hint = ""
-            if runner.kind == "process" and re.search(r"ModuleNotFoundError|No module named", tail):
-                hint = (f"; install the backend's requirements here (pip install -r "
-                        f"{os.path.join(runner.settings.directory, 'requirements.txt')}) or preview with a Docker engine")
             raise LsdeployError(f"the backend exited (code {code}) before answering /health: "
-                                f"{_last_line(tail)}{hint}; full log: {runner.log_path}", EXIT_USAGE)
+                                f"{_last_line(runner.log_tail())}; full log: {runner.log_path}", EXIT_USAGE)
         try:
             resp = session.get(runner.url + "/health", timeout=5)
             if resp.status_code == 200 and runner.owns_port():

@@ -214,7 +214,6 @@ def test_backend_that_cannot_start_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == EXIT_USAGE
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert "exited" in line and "not_a_module_anywhere" in line
-    assert f"pip install -r {directory / 'requirements.txt'}" in line
     log = Path(line.rsplit("full log: ", 1)[1])  # kept for the user, since the message points at it
     assert "not_a_module_anywhere" in log.read_text()
     shutil.rmtree(log.parent)
