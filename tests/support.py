@@ -1,6 +1,7 @@
 """Helpers shared by the test suite: free ports, and a real `label-studio-ml start` process."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -42,6 +43,18 @@ def run_cli(*args, env=None, cwd=None, timeout=120, input=None) -> subprocess.Co
                           cwd=cwd, timeout=timeout, input=input)
 
 
+_LOGS: list[str] = []
+
+
+@atexit.register
+def _remove_logs():
+    for path in _LOGS:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class Server:
     """`label-studio-ml start DIR` as a real process on 127.0.0.1 (gunicorn underneath)."""
 
@@ -59,6 +72,7 @@ class Server:
         import tempfile
 
         fd, self.log_path = tempfile.mkstemp(prefix="lsdeploy-server-", suffix=".log")
+        _LOGS.append(self.log_path)
         self._log = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(
             [*CLI, "start", self.directory, "--port", str(self.port), "--host", "127.0.0.1", *self.args],
