@@ -788,3 +788,14 @@ def test_traffic_back_to_a_revision_and_to_a_missing_one(gcp_fakes, gcp_clients)
         update_mask=field_mask_pb2.FieldMask(paths=["traffic"])))
     with pytest.raises(exceptions.InternalServerError, match="'svc-00042-zzz' does not exist or is deleted"):
         operation.result(polling=FAST_POLLING)
+
+
+def test_create_through_update_validates_the_name(gcp_fakes, gcp_clients):
+    with pytest.raises(exceptions.BadRequest, match="service_id 'Bad_Name' is invalid") as caught:
+        gcp_clients.services.update_service(request=run_v2.UpdateServiceRequest(
+            service=run_v2.Service(name=f"{PARENT}/services/Bad_Name", template=service().template),
+            allow_missing=True))
+    assert caught.value.details[0]["fieldViolations"][0]["field"] == "service.name"
+    with pytest.raises(exceptions.BadRequest, match="prefixed by the name of the enclosing Service"):
+        gcp_clients.services.create_service(parent=PARENT, service_id="svc", service=service(revision="other-1"))
+    assert gcp_fakes.run.services == {}

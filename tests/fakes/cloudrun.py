@@ -169,11 +169,12 @@ class CloudRunFake:
                 state.proxy = None
 
     # ---- validation ------------------------------------------------------------------------------
-    def _validate(self, service, request_name: str, service_id: str | None = None) -> None:
+    def _validate(self, service, request_name: str, service_id: str, new: bool = True) -> None:
         violations: list[tuple[str, str]] = []
-        if service_id is not None:
+        if new:
             if not SERVICE_ID.fullmatch(service_id) or len(service_id) > 49:
-                violations.append(("service_id",
+                id_field = "service_id" if request_name == "CreateServiceRequest" else "service.name"
+                violations.append((id_field,
                                    f"service_id '{service_id}' is invalid: it must start with a lowercase letter, "
                                    f"contain only lowercase letters, digits and hyphens, not end with a hyphen, and "
                                    f"be at most 49 characters long."))
@@ -243,6 +244,10 @@ class CloudRunFake:
         if ports > 1:
             violations.append((prefix + "template.containers",
                                "Only one container may expose a port (the ingress container)."))
+        if template.revision and not template.revision.startswith(service_id + "-"):
+            violations.append((prefix + "template.revision",
+                               f"Revision name must be prefixed by the name of the enclosing Service with a trailing "
+                               f"-: '{service_id}-'."))
         if template.max_instance_request_concurrency > 1000:
             violations.append((prefix + "template.max_instance_request_concurrency",
                                "max_instance_request_concurrency must be at most 1000."))
@@ -641,7 +646,7 @@ class CloudRunFake:
         for f in OUTPUT_ONLY:
             updated.ClearField(f)
         updated.name = name
-        self._validate(updated, "UpdateServiceRequest")
+        self._validate(updated, "UpdateServiceRequest", m.group(2), new=False)
         project = m.group(1).split("/")[1]
         self._defaults(updated, project)
         if request.validate_only:
@@ -657,6 +662,9 @@ class CloudRunFake:
         if spec(updated) == spec(current):  # nothing changed: no new generation, no new revision
             return self._operation(state)
         template_changed = updated.template != current.template
+        if template_changed and updated.template.revision and \
+                f"{name}/revisions/{updated.template.revision}" in self.revisions:
+            raise already_exists(f"Revision named '{updated.template.revision}' already exists.")
         for f in OUTPUT_ONLY:  # the server's fields carry over; the new generation updates some below
             descriptor = current.DESCRIPTOR.fields_by_name[f]
             if descriptor.is_repeated:
