@@ -799,3 +799,21 @@ def test_create_through_update_validates_the_name(gcp_fakes, gcp_clients):
     with pytest.raises(exceptions.BadRequest, match="prefixed by the name of the enclosing Service"):
         gcp_clients.services.create_service(parent=PARENT, service_id="svc", service=service(revision="other-1"))
     assert gcp_fakes.run.services == {}
+
+
+def test_runner_runs_a_shell_form_cmd_of_a_users_own_dockerfile(make_gcp_fakes):
+    """A backend that brings its own Dockerfile (the reference SDK's style: gunicorn --bind :$PORT)."""
+    dockerfile = ("FROM python:3.12-slim\nENV WORKERS=1 THREADS=2\nWORKDIR /app\nCOPY . ./\n"
+                  "CMD exec gunicorn --preload --bind :$PORT --workers $WORKERS --threads $THREADS app:app\n")
+    app = ("import os\n\ndef app(environ, start_response):\n"
+           "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+           "    return [os.environ['K_REVISION'].encode()]\n")
+    cloud = make_gcp_fakes(runner=True, enforce_invoker=False)
+    clients = make_clients(cloud.url)
+    make_repo(clients)
+    image = build_image(cloud, clients, {"Dockerfile": dockerfile, "app.py": app}, "own")
+    live = create(clients, "own", service(image=image))
+    revision = live.latest_ready_revision.rsplit("/", 1)[-1]
+    process = cloud.run.process(revision)
+    assert process.argv[:2] == ["/bin/sh", "-c"] and "--bind 127.0.0.1:$PORT" in process.argv[2]
+    assert requests.get(live.uri + "/", timeout=30).text == revision
