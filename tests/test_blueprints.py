@@ -1,6 +1,7 @@
 """create -> start -> /predict for each blueprint; the rendered Dockerfile; lsdeploy's wheel."""
 import hashlib
 import re
+import time
 import zipfile
 
 import pytest
@@ -63,7 +64,13 @@ def test_text_classifier_learns_from_annotations_and_survives_restart(created):
         resp = server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": predict_body([])["label_config"]}})
         assert resp.status_code in (201, 202)
         wait_for(lambda: _choices(server, probe)[0][2] != version, timeout=60, message="START_TRAINING retrain")
-        version = _choices(server, probe)[0][2]
+
+        def settled():  # no fit left on either worker: the version holds still for a second
+            first = _choices(server, probe)[0][2]
+            time.sleep(1)
+            return first if _choices(server, probe)[0][2] == first else None
+
+        version = wait_for(settled, timeout=60, message="training to settle")
     with Server(directory) as server:  # a restart keeps the trained model
         restarted = _choices(server, probe)
         assert [c for c, _, _ in restarted] == ["Positive", "Negative"] and restarted[0][2] == version
