@@ -730,7 +730,11 @@ class GCSStore(StateStore):
                     generation = holder.generation
                 blob.upload_from_string(body, content_type="application/json", if_generation_match=generation,
                                         retry=self._retry_for(10.0), timeout=self._timeout)
-            except (gexc.PreconditionFailed, gexc.NotFound):
+            except (gexc.PreconditionFailed, gexc.NotFound):  # another instance moved first
+                if time.monotonic() > deadline:
+                    logger.warning("training lease of project %r still contended after %.0f s: training without it",
+                                   project, self.lock_wait)
+                    return None
                 time.sleep(random.uniform(0.05, 0.2))
                 continue
             except Exception as exc:  # noqa: BLE001 - best effort

@@ -12,11 +12,11 @@ import threading
 import time
 
 import pytest
-import requests
 
 from lsdeploy.errors import StateError
 from lsdeploy.state import store_from_env
 from lsdeploy.state_gcs import GCSStore, parse_uri
+from support import TEXT_CONFIG, Server, annotation_event, free_port, predict_body, run_cli, text_task
 
 pytestmark = pytest.mark.gcs
 
@@ -351,9 +351,22 @@ def test_lock_serializes_across_instances(gcs_emulator, bucket, make_store):
     assert not gcs_emulator.list_objects(bucket, "lock/locks/")  # released
 
 
+
+def test_lease_of_a_crashed_instance_is_taken_over_when_it_expires(gcs_emulator, bucket, make_store):
+    store = make_store(gcs_emulator, f"gs://{bucket}/crashed")
+    # An instance died while training: its lease stays until it expires (1.5 s from now).
+    store._bucket.blob("crashed/locks/p-1.json").upload_from_string(
+        json.dumps({"owner": "dead-instance", "expires": time.time() + 1.5}), content_type="application/json")
+    started = time.monotonic()
+    with store.lock("1"):
+        waited = time.monotonic() - started
+        held = json.loads(gcs_emulator.read_object(bucket, "crashed/locks/p-1.json"))
+        assert held["owner"] != "dead-instance"
+    assert 1.0 <= waited < 30, waited
+    assert not gcs_emulator.list_objects(bucket, "crashed/locks/")
+
 # -- two real server processes on one bucket ----------------------------------------------------
 
-from support import TEXT_CONFIG, Server, annotation_event, free_port, predict_body, run_cli, text_task  # noqa: E402
 
 BACKEND = '''
 import hashlib
@@ -474,7 +487,7 @@ def test_fit_on_one_process_changes_the_version_the_other_reports(gcs_emulator, 
     seen_by_a = time.monotonic()
     wait_for(lambda: setup_version(b) == "0.1.0", timeout=30, message="the other process")
     delay = time.monotonic() - seen_by_a
-    assert delay <= REFRESH + 1.5, delay
+    assert delay <= REFRESH + 2.0, delay  # the bound, plus slack for a loaded machine
     assert predict(b)["model_version"] == "0.1.0"
 
 
