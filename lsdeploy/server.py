@@ -16,7 +16,6 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
 import json
@@ -83,7 +82,7 @@ class ModelPool:
     def get(self, project_id: str, label_config: Optional[str]) -> LabelStudioMLBase:
         if label_config is None:
             label_config = self.store.get(project_id, "label_config")
-        key = (project_id, hashlib.sha256((label_config or "").encode()).hexdigest())
+        key = (project_id, label_config or "")
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -235,10 +234,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         return jsonify(body), status
 
     def body_json() -> dict:
-        ctype = (request.mimetype or "").lower()
+        req = request._get_current_object()
+        ctype = req.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         if ctype and ctype != "application/json" and not ctype.endswith("+json") and ctype != "text/plain":
             raise BadRequest(f"Content-Type {ctype} is not supported: send application/json", 415)
-        raw = request.get_data(cache=False)
+        raw = req.get_data(cache=False)
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
         try:
@@ -254,8 +254,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     @app.before_request
     def _start():
-        request.environ["lsdeploy.started"] = time.perf_counter()
-        if basic_auth is None or request.path == HEALTH_PATH:
+        environ = request.environ
+        environ["lsdeploy.started"] = time.perf_counter()
+        if basic_auth is None or environ.get("PATH_INFO") == HEALTH_PATH:
             return None
         auth = request.authorization
         ok = (
@@ -471,6 +472,13 @@ def _serialize(response, model) -> list:
     """Apply the reference SDK's rules for model_version and return the `results` list."""
     if response is None:
         response = []
+    if type(response) is list and all(type(p) is dict for p in response):
+        version = None
+        for prediction in response:  # the common case: plain dicts, no wrapping
+            if not prediction.get("model_version"):
+                version = version or str(model.model_version)
+                prediction["model_version"] = version
+        return response
     if isinstance(response, dict):
         if "predictions" not in response:
             raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
