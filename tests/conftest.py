@@ -35,3 +35,7 @@ def created(tmp_path):
         return directory
 
     return make
+
+
+# Shared fixtures of the Google API fakes (tests/fakes/) and the Cloud Storage emulator.
+from fakes.fixtures import gcp_clients, gcp_fakes, make_gcp_fakes  # noqa: E402,F401
