@@ -5,6 +5,7 @@ import json
 import struct
 import wave
 import io
+from pathlib import Path
 
 import pytest
 
@@ -446,14 +447,12 @@ json.dump(out, sys.stdout)
 
 
 def label_studio_python():
-    import os
-    import shutil
-    from pathlib import Path
+    from test_preview import label_studio_bin
 
-    exe = os.environ.get("LABEL_STUDIO_BIN") or shutil.which("label-studio")
+    exe = label_studio_bin()
     if not exe:
-        pytest.skip("Label Studio is not installed: set LABEL_STUDIO_BIN to its label-studio executable")
-    return str(Path(exe).resolve().parent / "python")
+        pytest.skip("Label Studio is not installed: run tests/labelstudio.sh install (or set LABEL_STUDIO_BIN)")
+    return str(Path(exe).parent / "python")
 
 
 def ls_verdicts(pairs) -> list:
