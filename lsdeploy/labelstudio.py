@@ -1,0 +1,546 @@
+"""Label Studio's REST API, as far as lsdeploy needs it: register, verify and remove ML backends.
+
+Functions other code calls (all raise `LabelStudioError`, an `LsdeployError`, with an exit code:
+EXIT_AUTH for a refused key, EXIT_USAGE for an unknown project, EXIT_REGISTER when Label Studio
+cannot register or reach the backend):
+
+    register(host, api_key, url, projects, *, title=None, basic_auth=None, interactive=False,
+             description=None, extra_params=None, verify=True, timeout=30.0) -> list[Registration]
+        Create or update (never duplicate) the backend URL in each project, give the project
+        webhook <url>/webhook the backend's basic-auth header, then check what Label Studio sees
+        (state CO, model version, a test prediction when the project has tasks).
+    unregister(host, api_key, projects, *, url=None, backend_id=None, timeout=30.0) -> list[Removal]
+        Delete the backend (matched by URL or id) and its webhook from each project.
+    verify(host, api_key, backend_id, *, timeout=30.0) -> Registration
+        What Label Studio sees of one backend now.
+
+`basic_auth` is a (user, password) tuple or None. `projects` is an iterable of project ids.
+The same operations are methods of `LabelStudio(host, api_key)`, which also has
+`annotated_tasks(project_id)` (every task with at least one annotation, via the export API)
+for a backend's own training code, and `get_project(project_id)`.
+
+Keys: a personal access token (a JWT whose payload says token_type "refresh") is exchanged at
+POST /api/token/refresh/ for a short-lived access token, renewed before it expires and on 401;
+a JWT access token is sent as Bearer as it is; anything else is a legacy key sent as
+`Authorization: Token ...`. The key never appears in repr(), messages or logs.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence
+
+from .errors import EXIT_AUTH, EXIT_ERROR, EXIT_REGISTER, EXIT_USAGE, LsdeployError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+STATE_NAMES = {"CO": "connected", "DI": "disconnected", "ER": "error", "TR": "training", "PR": "predicting"}
+SSRF_FIX = ("Label Studio refuses ML backends on local or private addresses: set ML_BLOCK_LOCAL_IP=false "
+            "(and SSRF_PROTECTION_ENABLED=false, or list allowed networks) in Label Studio's environment "
+            "and restart it, or use a public URL for the backend")
+
+
+class LabelStudioError(LsdeployError):
+    """Label Studio refused or failed a request; the message names the cause and the fix."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR, status: Optional[int] = None):
+        super().__init__(message, exit_code)
+        self.status = status
+
+
+@dataclass
+class Registration:
+    """One backend as Label Studio sees it in one project."""
+
+    backend_id: int
+    project: int
+    url: str
+    title: str = ""
+    state: str = ""                   # CO connected, DI disconnected, ER error
+    model_version: str = ""
+    created: bool = False             # False: an existing backend was updated
+    is_interactive: bool = False
+    basic_auth: bool = False
+    webhook_id: Optional[int] = None
+    error_message: str = ""
+    test_prediction: Optional[dict] = None   # {"ok": bool, "detail": str}
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "CO"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["state_name"] = STATE_NAMES.get(self.state, self.state)
+        return data
+
+
+@dataclass
+class Removal:
+    project: int
+    backend_ids: list
+    webhook_ids: list
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _jwt_payload(token: str) -> Optional[dict]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        raw = parts[1] + "=" * (-len(parts[1]) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def key_kind(api_key: str) -> str:
+    """'personal access token', 'access token' (a short-lived JWT) or 'legacy token'."""
+    payload = _jwt_payload(api_key or "")
+    if payload is None:
+        return "legacy token"
+    return "access token" if payload.get("token_type") == "access" else "personal access token"
+
+
+def _project_id(project) -> int:
+    """A project id from 5, "5", or the "5.1700000000" form Label Studio sends to backends."""
+    try:
+        return int(str(project).split(".")[0])
+    except ValueError:
+        raise LabelStudioError(f"{project!r} is not a Label Studio project id (a number)", EXIT_USAGE) from None
+
+
+def _normal_url(url: str) -> str:
+    return (url or "").strip().rstrip("/")
+
+
+def _basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _reason(resp) -> str:
+    """Label Studio's own words for an error answer, flattened to one line."""
+    try:
+        body = resp.json()
+    except ValueError:
+        text = (resp.text or "").strip().splitlines()
+        return text[0][:300] if text else f"HTTP {resp.status_code}"
+    parts = []
+    if isinstance(body, dict):
+        errors = body.get("validation_errors") or {}
+        for source in (errors, body):
+            if not isinstance(source, dict):
+                continue
+            for key, value in source.items():
+                if key in ("id", "status_code", "version", "exc_info", "validation_errors"):
+                    continue
+                if key == "detail" and errors:
+                    continue  # "Validation error": the details say more
+                values = value if isinstance(value, list) else [value]
+                text = "; ".join(str(v) for v in values)
+                parts.append(text if key in ("detail", "non_field_errors", "error", "errors") else f"{key}: {text}")
+    elif isinstance(body, list):
+        parts = [str(v) for v in body]
+    else:
+        parts = [str(body)]
+    line = " ".join(" ".join(parts).split())
+    # Label Studio's messages carry an HTML link; keep the words.
+    import re
+
+    line = re.sub(r"<a [^>]*>([^<]*)</a>", r"\1", line)
+    return line[:600] or f"HTTP {resp.status_code}"
+
+
+class LabelStudio:
+    """A Label Studio REST client bound to one host and key. Thread-safe for token refresh."""
+
+    def __init__(self, host: str, api_key: str, timeout: float = DEFAULT_TIMEOUT, session=None):
+        import requests
+
+        if not host:
+            raise LabelStudioError("no Label Studio address: pass --label-studio-host or set LABEL_STUDIO_URL",
+                                   EXIT_USAGE)
+        if not api_key:
+            raise LabelStudioError("no Label Studio API key: pass --label-studio-api-key or set "
+                                   "LABEL_STUDIO_API_KEY (Account & Settings > Personal Access Token)", EXIT_USAGE)
+        host = host.strip().rstrip("/")
+        if not host.startswith(("http://", "https://")):
+            host = "http://" + host
+        self.host = host
+        self.timeout = timeout
+        self.key_kind = key_kind(api_key)
+        self.__key = api_key
+        self.__access: Optional[str] = None
+        self.__access_expires = 0.0
+        self._lock = threading.Lock()
+        self._session = session or requests.Session()
+
+    def __repr__(self):
+        return f"LabelStudio(host={self.host!r}, key=<{self.key_kind}>)"
+
+    # -- auth ---------------------------------------------------------------------------------
+    def _authorization(self, renew: bool = False) -> str:
+        if self.key_kind == "legacy token":
+            return f"Token {self.__key}"
+        if self.key_kind == "access token":
+            return f"Bearer {self.__key}"
+        with self._lock:
+            if renew or self.__access is None or time.time() > self.__access_expires - 30:
+                self.__access, self.__access_expires = self._exchange()
+            return f"Bearer {self.__access}"
+
+    def _exchange(self):
+        import requests
+
+        try:
+            resp = self._session.post(f"{self.host}/api/token/refresh/", json={"refresh": self.__key},
+                                      timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise self._unreachable(exc) from None
+        if resp.status_code in (400, 401, 403):
+            raise LabelStudioError(
+                f"Label Studio at {self.host} refused the personal access token ({resp.status_code}: "
+                f"{_reason(resp)}): create a new one in Account & Settings > Personal Access Token and pass it "
+                "with --label-studio-api-key (LABEL_STUDIO_API_KEY)", EXIT_AUTH, resp.status_code)
+        if resp.status_code == 404:
+            raise LabelStudioError(
+                f"{self.host} has no /api/token/refresh/: it is not a Label Studio that accepts personal access "
+                "tokens (1.14 or newer); use its legacy API token instead", EXIT_AUTH, 404)
+        if resp.status_code >= 400:
+            raise LabelStudioError(f"exchanging the personal access token at {self.host} failed: "
+                                   f"{resp.status_code} {_reason(resp)}", EXIT_AUTH, resp.status_code)
+        access = resp.json().get("access")
+        if not access:
+            raise LabelStudioError(f"{self.host}/api/token/refresh/ answered without an access token", EXIT_AUTH)
+        payload = _jwt_payload(access) or {}
+        expires = float(payload.get("exp") or (time.time() + 240))
+        return access, expires
+
+    def _unreachable(self, exc) -> LabelStudioError:
+        return LabelStudioError(
+            f"cannot reach Label Studio at {self.host} ({type(exc).__name__}): check --label-studio-host "
+            "(LABEL_STUDIO_URL) and that Label Studio is running", EXIT_USAGE)
+
+    # -- requests -----------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, json=None, params=None, expect=(200, 201, 204),
+                timeout: Optional[float] = None):
+        """One API call; returns the response. 401 renews a PAT's access token once, then fails
+        with EXIT_AUTH. Other statuses outside `expect` are returned for the caller to judge."""
+        import requests
+
+        url = f"{self.host}{path}"
+        for attempt in (0, 1):
+            headers = {"Authorization": self._authorization(renew=attempt == 1)}
+            try:
+                resp = self._session.request(method, url, json=json, params=params, headers=headers,
+                                             timeout=timeout or self.timeout)
+            except requests.RequestException as exc:
+                raise self._unreachable(exc) from None
+            if resp.status_code == 401 and attempt == 0 and self.key_kind == "personal access token":
+                continue
+            break
+        if resp.status_code == 401:
+            hint = ("a legacy token works only when the organization allows legacy tokens (Organization > "
+                    "API Tokens Settings); a personal access token is the default in current Label Studio"
+                    if self.key_kind == "legacy token" else "create a new personal access token in Account & Settings")
+            raise LabelStudioError(
+                f"Label Studio at {self.host} refused the API key ({self.key_kind}, 401: {_reason(resp)}): "
+                f"check --label-studio-api-key (LABEL_STUDIO_API_KEY); {hint}", EXIT_AUTH, 401)
+        return resp
+
+    def call(self, method: str, path: str, what: str, **kwargs):
+        """request() that returns the JSON body, raising LabelStudioError (saying `what` failed) on 4xx/5xx."""
+        resp = self.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            raise LabelStudioError(f"{what} failed: Label Studio answered {resp.status_code}: {_reason(resp)}",
+                                   EXIT_ERROR, resp.status_code)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    # -- reads --------------------------------------------------------------------------------
+    def whoami(self) -> dict:
+        return self.call("GET", "/api/current-user/whoami", "checking the API key")
+
+    def get_project(self, project) -> dict:
+        pid = _project_id(project)
+        resp = self.request("GET", f"/api/projects/{pid}")
+        if resp.status_code == 404:
+            raise LabelStudioError(
+                f"Label Studio at {self.host} has no project {pid} (or this key cannot see it): check --project "
+                "(LABEL_STUDIO_PROJECT); the id is the number in the project's URL", EXIT_USAGE, 404)
+        if resp.status_code == 403:
+            raise LabelStudioError(f"the API key may not read project {pid} on {self.host} (403): use the key of "
+                                   "a member of the project's organization", EXIT_AUTH, 403)
+        if resp.status_code >= 400:
+            raise LabelStudioError(f"reading project {pid} failed: {resp.status_code} {_reason(resp)}",
+                                   EXIT_ERROR, resp.status_code)
+        return resp.json()
+
+    def backends(self, project) -> list:
+        """Every ML backend of a project (Label Studio re-checks each one's health on this read)."""
+        pid = _project_id(project)
+        return self.call("GET", "/api/ml/", f"listing the ML backends of project {pid}", params={"project": pid}) or []
+
+    def get_backend(self, backend_id: int) -> dict:
+        resp = self.request("GET", f"/api/ml/{int(backend_id)}")
+        if resp.status_code == 404:
+            raise LabelStudioError(f"Label Studio at {self.host} has no ML backend {backend_id}", EXIT_USAGE, 404)
+        if resp.status_code >= 400:
+            raise LabelStudioError(f"reading ML backend {backend_id} failed: {resp.status_code} {_reason(resp)}",
+                                   EXIT_ERROR, resp.status_code)
+        return resp.json()
+
+    def webhooks(self, project) -> list:
+        pid = _project_id(project)
+        return self.call("GET", "/api/webhooks/", f"listing the webhooks of project {pid}", params={"project": pid}) or []
+
+    def annotated_tasks(self, project) -> list:
+        """Every task of the project with at least one annotation, each with its `data` and
+        `annotations` (GET /api/projects/{id}/export?exportType=JSON). `project` may be an id or
+        the "<id>.<epoch>" string Label Studio sends to backends."""
+        pid = _project_id(project)
+        tasks = self.call("GET", f"/api/projects/{pid}/export", f"exporting the annotations of project {pid}",
+                           params={"exportType": "JSON", "download_all_tasks": "false"},
+                           timeout=max(self.timeout, 300.0))
+        return [t for t in tasks or [] if t.get("annotations")]
+
+    # -- register -----------------------------------------------------------------------------
+    def register(self, url: str, projects: Iterable, *, title: Optional[str] = None,
+                 basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
+                 description: Optional[str] = None, extra_params: Optional[dict] = None,
+                 verify: bool = True) -> list:
+        """Create or update the backend `url` in each project; see the module docstring."""
+        url = _normal_url(url)
+        if not url.startswith(("http://", "https://")):
+            raise LabelStudioError(f"backend URL {url!r} must start with http:// or https://", EXIT_USAGE)
+        pids = [_project_id(p) for p in projects]
+        if not pids:
+            raise LabelStudioError("no project: pass --project ID (LABEL_STUDIO_PROJECT)", EXIT_USAGE)
+        if basic_auth and not all(basic_auth):
+            raise LabelStudioError("basic auth needs both a user and a password (BASIC_AUTH_USER / BASIC_AUTH_PASS)",
+                                   EXIT_USAGE)
+        # Check every project first: nothing is registered when one of them is wrong.
+        for pid in pids:
+            self.get_project(pid)
+        return [self._register_one(url, pid, title=title, basic_auth=basic_auth, interactive=interactive,
+                                   description=description, extra_params=extra_params, verify=verify)
+                for pid in pids]
+
+    def _register_one(self, url, pid, *, title, basic_auth, interactive, description, extra_params, verify):
+        existing = self.backends(pid)
+        match = ([b for b in existing if _normal_url(b.get("url")) == url]
+                 or ([b for b in existing if title and b.get("title") == title]))
+        body = {"url": url, "project": pid, "is_interactive": bool(interactive),
+                "title": title or (match[0].get("title") if match else None) or f"lsdeploy {url}"}
+        if description is not None:
+            body["description"] = description
+        if extra_params is not None:
+            body["extra_params"] = extra_params
+        if basic_auth:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
+        else:
+            body.update(auth_method="NONE", basic_auth_user=None)
+        old_url = None
+        if match:
+            backend = match[0]
+            old_url = _normal_url(backend.get("url"))
+            # PATCH without url and project answers 500 in Label Studio 1.23: always send both.
+            resp = self.request("PATCH", f"/api/ml/{backend['id']}", json=body)
+            created = False
+        else:
+            resp = self.request("POST", "/api/ml/", json=body)
+            created = True
+        if resp.status_code >= 400:
+            raise self._register_error(resp, url, pid, bool(basic_auth))
+        data = resp.json()
+        backend_id = int(data["id"])
+        # Duplicates left by earlier tools (same URL twice): keep one.
+        for extra in match[1:]:
+            if _normal_url(extra.get("url")) == url:
+                self.request("DELETE", f"/api/ml/{extra['id']}")
+        webhook_id = self._ensure_webhook(pid, url, basic_auth)
+        if old_url and old_url != url and not any(_normal_url(b.get("url")) == old_url
+                                                  for b in existing if b.get("id") != backend_id):
+            self._delete_webhooks(pid, old_url)
+        logger.info("%s ML backend %s in project %s", "registered" if created else "updated", backend_id, pid)
+        registration = Registration(
+            backend_id=backend_id, project=pid, url=url, title=data.get("title") or "", state=data.get("state") or "",
+            model_version=data.get("model_version") or "", created=created,
+            is_interactive=bool(data.get("is_interactive")), basic_auth=bool(basic_auth), webhook_id=webhook_id,
+            error_message=data.get("error_message") or "",
+        )
+        if verify:
+            checked = self.verify(backend_id)
+            checked.created, checked.webhook_id, checked.basic_auth = created, webhook_id, bool(basic_auth)
+            registration = checked
+            problem = None
+            if not registration.connected:
+                problem = self._state_message(registration)
+            elif registration.test_prediction and not registration.test_prediction["ok"]:
+                problem = (f"Label Studio reached {url} in project {pid} but its test prediction failed: "
+                           f"{registration.test_prediction['detail']}; check the backend's log "
+                           "(label-studio-ml start prints each error)")
+            if problem:
+                if created:  # a failed connect leaves nothing behind
+                    self.request("DELETE", f"/api/ml/{backend_id}")
+                    self._delete_webhooks(pid, url)
+                    problem += "; nothing was registered"
+                else:
+                    problem += f"; backend {backend_id} stays registered with the new settings"
+                raise LabelStudioError(problem, EXIT_REGISTER)
+        return registration
+
+    def _register_error(self, resp, url, pid, sent_auth: bool) -> LabelStudioError:
+        import re
+
+        reason = _reason(resp)
+        low = reason.lower()
+        setup = re.search(r"Reason: (.*?)\.?\s*Check the ML backend", reason, re.S)
+        setup_reason = setup.group(1).strip() if setup else reason
+        auth_fix = ("Label Studio's credentials were refused: check --basic-auth-user/--basic-auth-pass "
+                    "(BASIC_AUTH_USER/BASIC_AUTH_PASS) against the backend's" if sent_auth else
+                    "the backend requires basic auth: pass its --basic-auth-user/--basic-auth-pass "
+                    "(BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+        if resp.status_code == 403 and ("reserved network" in low or "not allowed" in low or "ssrf" in low):
+            return LabelStudioError(f"Label Studio refused {url}: {reason} {SSRF_FIX}", EXIT_REGISTER, 403)
+        if "resolve hostname" in low:
+            return LabelStudioError(f"Label Studio cannot resolve the backend's host ({reason}): use an address "
+                                    "Label Studio's machine can resolve", EXIT_REGISTER, resp.status_code)
+        if "authentication parameters" in low or (setup and re.search(r"\b401\b|unauthorized", setup_reason, re.I)):
+            return LabelStudioError(f"Label Studio reached {url} but {auth_fix} (Label Studio said: {setup_reason})",
+                                    EXIT_REGISTER, resp.status_code)
+        if "health check failed" in low or "can't connect" in low:
+            return LabelStudioError(
+                f"Label Studio cannot reach the backend at {url} ({reason}): the URL must be reachable from Label "
+                f"Studio's machine (not only from yours); check it is running (GET {url}/health) and the firewall",
+                EXIT_REGISTER, resp.status_code)
+        if setup:
+            return LabelStudioError(
+                f"the backend at {url} failed Label Studio's /setup call for project {pid}: {setup_reason}; check the "
+                "backend's log (is the model compatible with the project's label config?)", EXIT_REGISTER,
+                resp.status_code)
+        return LabelStudioError(f"Label Studio refused to register {url} in project {pid} "
+                                f"({resp.status_code}): {reason}", EXIT_REGISTER, resp.status_code)
+
+    def _state_message(self, reg: Registration) -> str:
+        if reg.state == "ER":
+            return (f"Label Studio reports an error for the backend {reg.url} in project {reg.project}: "
+                    f"{reg.error_message or 'no details'}; check the backend's log")
+        return (f"Label Studio sees the backend {reg.url} in project {reg.project} as "
+                f"{STATE_NAMES.get(reg.state, reg.state or 'unknown')}: make sure it is reachable from Label Studio's "
+                "machine")
+
+    # -- webhooks -----------------------------------------------------------------------------
+    def _ensure_webhook(self, pid: int, url: str, basic_auth) -> Optional[int]:
+        """The project webhook <url>/webhook, carrying the backend's basic-auth header."""
+        hook_url = url + "/webhook"
+        headers = {"Authorization": _basic_header(*basic_auth)} if basic_auth else {}
+        hooks = [h for h in self.webhooks(pid) if _normal_url(h.get("url")) == hook_url]
+        if not hooks:
+            data = self.call("POST", "/api/webhooks/", f"creating the webhook {hook_url}",
+                              json={"project": pid, "url": hook_url, "send_payload": True,
+                                    "send_for_all_actions": True, "headers": headers, "is_active": True})
+            return int(data["id"]) if data else None
+        hook = hooks[0]
+        if (hook.get("headers") or {}) != headers or not hook.get("is_active", True):
+            self.call("PATCH", f"/api/webhooks/{hook['id']}/", f"setting the headers of webhook {hook_url}",
+                       json={"url": hook_url, "project": pid, "headers": headers, "is_active": True})
+        for extra in hooks[1:]:
+            self.request("DELETE", f"/api/webhooks/{extra['id']}/")
+        return int(hook["id"])
+
+    def _delete_webhooks(self, pid: int, url: str) -> list:
+        hook_url = _normal_url(url) + "/webhook"
+        removed = []
+        for hook in self.webhooks(pid):
+            if _normal_url(hook.get("url")) == hook_url:
+                resp = self.request("DELETE", f"/api/webhooks/{hook['id']}/")
+                if resp.status_code < 400 or resp.status_code == 404:
+                    removed.append(int(hook["id"]))
+        return removed
+
+    # -- verify -------------------------------------------------------------------------------
+    def verify(self, backend_id: int, test_prediction: bool = True) -> Registration:
+        """Read the backend back (Label Studio re-checks /health and /setup), then ask for a test
+        prediction on a random task of the project (skipped when the project has no tasks)."""
+        data = self.get_backend(backend_id)
+        pid = _project_id(data.get("project"))
+        reg = Registration(
+            backend_id=int(data["id"]), project=pid, url=_normal_url(data.get("url")), title=data.get("title") or "",
+            state=data.get("state") or "", model_version=data.get("model_version") or "",
+            is_interactive=bool(data.get("is_interactive")), basic_auth=data.get("auth_method") == "BASIC_AUTH",
+            error_message=data.get("error_message") or "",
+        )
+        if test_prediction and reg.connected:
+            reg.test_prediction = self.test_prediction(backend_id)
+        return reg
+
+    def test_prediction(self, backend_id: int) -> dict:
+        resp = self.request("POST", f"/api/ml/{int(backend_id)}/predict/test", params={"random": "true"},
+                            timeout=max(self.timeout, 120.0))
+        if resp.status_code < 400:
+            return {"ok": True, "detail": "ok"}
+        reason = _reason(resp)
+        if "no tasks" in reason.lower():
+            return {"ok": True, "detail": "skipped: the project has no tasks yet"}
+        return {"ok": False, "detail": f"{resp.status_code} {reason}"}
+
+    def train(self, backend_id: int) -> None:
+        """Ask Label Studio to send START_TRAINING to the backend."""
+        self.call("POST", f"/api/ml/{int(backend_id)}/train", f"starting training of backend {backend_id}",
+                   json={}, timeout=max(self.timeout, 120.0))
+
+    # -- unregister ---------------------------------------------------------------------------
+    def unregister(self, projects: Iterable, *, url: Optional[str] = None, backend_id: Optional[int] = None) -> list:
+        """Delete the backend matching `url` or `backend_id` and its webhook from each project."""
+        if not url and backend_id is None:
+            raise LabelStudioError("say which backend to remove: its URL or --backend-id", EXIT_USAGE)
+        url = _normal_url(url) if url else None
+        removals = []
+        for pid in [_project_id(p) for p in projects]:
+            self.get_project(pid)
+            gone, urls = [], set()
+            for backend in self.backends(pid):
+                if (url and _normal_url(backend.get("url")) == url) or (
+                        backend_id is not None and int(backend["id"]) == int(backend_id)):
+                    resp = self.request("DELETE", f"/api/ml/{backend['id']}")
+                    if resp.status_code >= 400 and resp.status_code != 404:
+                        raise LabelStudioError(f"removing ML backend {backend['id']} failed: {resp.status_code} "
+                                               f"{_reason(resp)}", EXIT_REGISTER, resp.status_code)
+                    gone.append(int(backend["id"]))
+                    urls.add(_normal_url(backend.get("url")))
+            if url:
+                urls.add(url)
+            hooks = []
+            for hook_url in sorted(urls):
+                hooks += self._delete_webhooks(pid, hook_url)
+            removals.append(Removal(project=pid, backend_ids=gone, webhook_ids=hooks))
+        return removals
+
+
+# -- plain functions (for `deploy` and other callers) -------------------------------------------
+def register(host: str, api_key: str, url: str, projects: Iterable, *, title: Optional[str] = None,
+             basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
+             description: Optional[str] = None, extra_params: Optional[dict] = None, verify: bool = True,
+             timeout: float = DEFAULT_TIMEOUT) -> list:
+    return LabelStudio(host, api_key, timeout=timeout).register(
+        url, projects, title=title, basic_auth=basic_auth, interactive=interactive, description=description,
+        extra_params=extra_params, verify=verify)
+
+
+def unregister(host: str, api_key: str, projects: Iterable, *, url: Optional[str] = None,
+               backend_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT) -> list:
+    return LabelStudio(host, api_key, timeout=timeout).unregister(projects, url=url, backend_id=backend_id)
+
+
+def verify(host: str, api_key: str, backend_id: int, *, timeout: float = DEFAULT_TIMEOUT) -> Registration:
+    return LabelStudio(host, api_key, timeout=timeout).verify(backend_id)

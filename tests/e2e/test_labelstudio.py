@@ -1,0 +1,273 @@
+"""The whole loop against a real Label Studio (tests/labelstudio.sh installs and starts it):
+connect, predictions, training from annotation webhooks and from START_TRAINING, basic auth,
+interactive pre-annotation, failures, disconnect."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from labelstudio_server import import_tasks, tasks_of, wait_model_version_change
+from lsdeploy.errors import EXIT_AUTH, EXIT_REGISTER, EXIT_USAGE
+from support import free_port, run_cli, wait_for
+
+pytestmark = pytest.mark.e2e
+
+LABELS = {"Positive", "Negative", "Neutral"}
+POSITIVE = ["good great wonderful", "great lovely happy day", "wonderful good film", "happy great joy"]
+NEGATIVE = ["bad awful terrible", "terrible sad horrible day", "awful bad film", "horrible sad misery"]
+
+
+def ls_env(label_studio, key=None, **extra):
+    return {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": key or label_studio.legacy_token,
+            **extra}
+
+
+def connect(label_studio, url, *projects, key=None, args=(), env=None):
+    done = run_cli("connect", url, *[a for p in projects for a in ("--project", p)], "--json", *args,
+                   env=ls_env(label_studio, key, **(env or {})))
+    return done
+
+
+def choices(prediction) -> list:
+    return [c for region in prediction["result"] for c in region["value"]["choices"]]
+
+
+def retrieve_predictions(ls_api, pid) -> dict:
+    """Ask Label Studio to fetch predictions for every task; returns {task id: [predictions]}."""
+    ls_api.call("POST", "/api/dm/actions", "retrieving predictions",
+                params={"id": "retrieve_tasks_predictions", "project": pid},
+                json={"selectedItems": {"all": True, "excluded": []}})
+    return {t["id"]: ls_api.call("GET", "/api/predictions", "listing predictions", params={"task": t["id"]})
+            for t in tasks_of(ls_api, pid)}
+
+
+def annotate(ls_api, task_id, label):
+    return ls_api.call("POST", f"/api/tasks/{task_id}/annotations/", "annotating", json={"result": [
+        {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]})
+
+
+def wait_trained(server, fits: int, event: str):
+    """Until the backend ran `fits` fit() calls for `event` and has no training queued."""
+    def done():
+        text = server.get("/metrics", timeout=10).text
+        count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("lsdeploy_fit_total{") and f'event="{event}"' in line)
+        depth = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("lsdeploy_fit_queue_depth")]
+        return count >= fits and depth == [0.0]
+
+    wait_for(done, timeout=120, interval=0.5, message=f"{fits} {event} fit() runs")
+
+
+def assert_clean(ls_api, pid):
+    assert ls_api.backends(pid) == []
+    assert ls_api.webhooks(pid) == []
+
+
+def test_connect_with_legacy_key_and_personal_access_token(label_studio, ls_api, project, backend):
+    server = backend()
+    pid = project(["good", "bad"])
+
+    done = connect(label_studio, server.url, pid)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    (reg,) = out["registrations"]
+    assert (reg["state"], reg["created"], reg["project"]) == ("CO", True, pid)
+    assert reg["model_version"] and reg["test_prediction"]["ok"]
+    assert "legacy token" in done.stderr
+    assert label_studio.legacy_token not in done.stdout + done.stderr
+
+    # Same URL again with a personal access token: updated, never duplicated.
+    done = connect(label_studio, server.url + "/", pid, key=label_studio.pat, args=["--title", "sentiment"])
+    assert done.returncode == 0, done.stderr
+    (again,) = json.loads(done.stdout)["registrations"]
+    assert again["backend_id"] == reg["backend_id"] and again["created"] is False
+    assert again["title"] == "sentiment" and again["state"] == "CO"
+    assert "personal access token" in done.stderr
+    assert label_studio.pat not in done.stdout + done.stderr
+    assert [b["id"] for b in ls_api.backends(pid)] == [reg["backend_id"]]
+    assert [h["url"] for h in ls_api.webhooks(pid)] == [server.url + "/webhook"]
+
+
+def test_connect_errors_name_cause_and_fix(label_studio, ls_api, project, backend):
+    server = backend()
+    pid = project()
+
+    bad = connect(label_studio, server.url, pid, key="not-a-valid-key-123")
+    assert bad.returncode == EXIT_AUTH
+    assert "refused the API key" in bad.stderr and "LABEL_STUDIO_API_KEY" in bad.stderr
+    assert "not-a-valid-key-123" not in bad.stderr
+
+    forged = label_studio.pat[:-4] + ("AAAA" if not label_studio.pat.endswith("AAAA") else "BBBB")
+    bad = connect(label_studio, server.url, pid, key=forged)
+    assert bad.returncode == EXIT_AUTH and "personal access token" in bad.stderr
+    assert forged not in bad.stderr
+
+    missing = connect(label_studio, server.url, 999999)
+    assert missing.returncode == EXIT_USAGE
+    assert "no project 999999" in missing.stderr and "--project" in missing.stderr
+
+    # An unreachable URL: a clear message, nothing registered.
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = connect(label_studio, dead, pid)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert "cannot reach the backend" in done.stderr and "health check failed" in done.stderr
+    assert_clean(ls_api, pid)
+
+
+def test_predictions_then_annotations_retrain(label_studio, ls_api, project, backend):
+    server = backend()
+    pid = project(POSITIVE + NEGATIVE)
+    (reg,) = ls_api.register(server.url, [pid])
+    first_version = reg.model_version
+
+    # (2) One prediction per task, with the backend's model version and valid choices.
+    predictions = retrieve_predictions(ls_api, pid)
+    assert len(predictions) == len(POSITIVE + NEGATIVE)
+    for task_id, preds in predictions.items():
+        assert len(preds) == 1, (task_id, preds)
+        assert preds[0]["model_version"] == first_version
+        assert choices(preds[0]) and set(choices(preds[0])) <= LABELS
+
+    # (3) Annotations reach the backend through the project webhook; fit retrains.
+    tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
+    for text in POSITIVE:
+        annotate(ls_api, tasks[text], "Positive")
+    for text in NEGATIVE:
+        annotate(ls_api, tasks[text], "Negative")
+    # Every annotation reached the backend (training runs after the webhook answered).
+    wait_trained(server, len(POSITIVE + NEGATIVE), "ANNOTATION_CREATED")
+    assert "POST /webhook 401" not in server.log()
+    latest = wait_model_version_change(ls_api, reg.backend_id, first_version)
+
+    # New tasks are predicted by the retrained model: its version, and the labels it learned.
+    new_ids = import_tasks(ls_api, pid, [POSITIVE[0], NEGATIVE[0]])
+    retrieved = retrieve_predictions(ls_api, pid)
+    pos, neg = (retrieved[tid] for tid in new_ids)
+    assert len(pos) == 1 and len(neg) == 1
+    assert pos[0]["model_version"] == neg[0]["model_version"] == latest != first_version
+    assert choices(pos[0]) == ["Positive"] and choices(neg[0]) == ["Negative"]
+
+
+def test_start_training_fetches_annotations_from_label_studio(label_studio, ls_api, project, backend):
+    """(4) POST /api/ml/{id}/train: START_TRAINING without annotations in the payload; the backend
+    reads the project's annotations back through Label Studio's API (hostname/access_token of /setup)."""
+    server = backend()
+    pid = project(POSITIVE[:2] + NEGATIVE[:2])
+    tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
+    for text in POSITIVE[:2]:
+        annotate(ls_api, tasks[text], "Positive")
+    for text in NEGATIVE[:2]:
+        annotate(ls_api, tasks[text], "Negative")  # before the backend exists: no webhook sees these
+    (reg,) = ls_api.register(server.url, [pid])
+    ls_api.train(reg.backend_id)
+    wait_trained(server, 1, "START_TRAINING")
+    version = wait_model_version_change(ls_api, reg.backend_id, reg.model_version)
+    assert version != reg.model_version
+    new_ids = import_tasks(ls_api, pid, [NEGATIVE[0]])
+    preds = retrieve_predictions(ls_api, pid)[new_ids[0]]
+    assert len(preds) == 1 and choices(preds[0]) == ["Negative"] and preds[0]["model_version"] == version
+
+
+def test_basic_auth_backend(label_studio, ls_api, project, backend):
+    """(5) Basic auth: Label Studio connects, predicts, and annotation webhooks carry the header."""
+    auth = ("lsuser", "s3cret-backend-pass")
+    server = backend(basic_auth=auth)
+    pid = project(POSITIVE[:2] + NEGATIVE[:2])
+    assert requests.post(server.url + "/webhook", json={"action": "PING"}, timeout=10).status_code == 401
+
+    without = connect(label_studio, server.url, pid)
+    assert without.returncode == EXIT_REGISTER
+    assert "requires basic auth" in without.stderr and "BASIC_AUTH_USER" in without.stderr
+    assert_clean(ls_api, pid)
+
+    done = connect(label_studio, server.url, pid,
+                   env={"BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]})
+    assert done.returncode == 0, done.stderr
+    assert auth[1] not in done.stdout + done.stderr
+    (reg,) = json.loads(done.stdout)["registrations"]
+    assert reg["state"] == "CO" and reg["basic_auth"] is True
+    (hook,) = ls_api.webhooks(pid)
+    assert hook["headers"]["Authorization"].startswith("Basic ")
+
+    predictions = retrieve_predictions(ls_api, pid)
+    assert all(len(p) == 1 and set(choices(p[0])) <= LABELS for p in predictions.values())
+
+    tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
+    annotate(ls_api, tasks[POSITIVE[0]], "Positive")
+    annotate(ls_api, tasks[NEGATIVE[0]], "Negative")
+    wait_trained(server, 2, "ANNOTATION_CREATED")
+    wait_model_version_change(ls_api, reg["backend_id"], reg["model_version"])
+    # The only 401 on /webhook is the unauthenticated probe above.
+    assert server.log().count("POST /webhook 401") == 1
+
+
+def test_interactive_preannotation(label_studio, ls_api, project, backend):
+    """(6) Interactive pre-annotation with a context returns results."""
+    server = backend()
+    pid = project(["good and great"])
+    (reg,) = ls_api.register(server.url, [pid], interactive=True)
+    assert reg.is_interactive
+    (task,) = tasks_of(ls_api, pid)
+    resp = ls_api.call("POST", f"/api/ml/{reg.backend_id}/interactive-annotating", "interactive annotating",
+                       json={"task": task["id"], "context": {"result": [
+                           {"from_name": "sentiment", "to_name": "text", "type": "choices",
+                            "value": {"choices": ["Positive"]}}]}})
+    assert "errors" not in resp, resp
+    assert resp["data"]["result"] and set(choices(resp["data"])) <= LABELS
+    assert resp["data"]["model_version"] == reg.model_version
+    assert "POST /predict 200" in server.log()
+
+
+BROKEN_MODEL = '''
+from lsdeploy.model import LabelStudioMLBase
+
+
+class Broken(LabelStudioMLBase):
+    def predict(self, tasks, context=None, **kwargs):
+        raise RuntimeError("the model exploded on purpose")
+'''
+
+
+def test_backend_whose_predict_raises(label_studio, ls_api, project, backend):
+    """(7) Label Studio reports the failure; the backend keeps serving; connect registers nothing."""
+    server = backend(blueprint="default", model_py=BROKEN_MODEL)
+    pid = project(["some text"])
+
+    done = connect(label_studio, server.url, pid)
+    assert done.returncode == EXIT_REGISTER
+    assert "test prediction failed" in done.stderr and "nothing was registered" in done.stderr
+    assert_clean(ls_api, pid)
+
+    (reg,) = ls_api.register(server.url, [pid], verify=False)
+    test = ls_api.test_prediction(reg.backend_id)
+    assert not test["ok"] and "did not return any predictions" in test["detail"]
+    assert requests.get(server.url + "/health", timeout=10).json()["status"] == "UP"
+    direct = requests.post(server.url + "/predict", json={"tasks": [{"id": 1, "data": {"text": "x"}}],
+                                                          "label_config": "<View/>"}, timeout=30)
+    assert direct.status_code >= 400 and "exploded" in direct.text and direct.headers["Content-Type"].startswith(
+        "application/json")
+    assert ls_api.verify(reg.backend_id, test_prediction=False).state == "CO"
+
+
+def test_disconnect_leaves_nothing_behind(label_studio, ls_api, project, backend):
+    """(8) disconnect by URL and by backend id, across projects."""
+    server = backend(basic_auth=("u", "p4ss"))
+    first, second = project(), project()
+    (a, b) = ls_api.register(server.url, [first, second], basic_auth=("u", "p4ss"))
+    assert a.backend_id != b.backend_id
+
+    done = run_cli("disconnect", server.url, "--project", first, "--json", env=ls_env(label_studio, label_studio.pat))
+    assert done.returncode == 0, done.stderr
+    (removed,) = json.loads(done.stdout)["removed"]
+    assert removed["backend_ids"] == [a.backend_id] and len(removed["webhook_ids"]) == 1
+    assert_clean(ls_api, first)
+
+    done = run_cli("disconnect", "--backend-id", b.backend_id, env=ls_env(label_studio, LABEL_STUDIO_PROJECT=str(second)))
+    assert done.returncode == 0, done.stderr
+    assert_clean(ls_api, second)
+
+    again = run_cli("disconnect", server.url, "--project", second, env=ls_env(label_studio))
+    assert again.returncode == 0 and "nothing to remove" in again.stdout

@@ -1,0 +1,105 @@
+"""A real Label Studio for the e2e tests: installed once into a cached venv by tests/labelstudio.sh,
+started on 127.0.0.1 with a fresh data dir, a known user and a legacy token."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "labelstudio.sh"
+USERNAME = "admin@example.com"
+PASSWORD = "admin12345"
+LEGACY_TOKEN = "lsdeploy-e2e-legacy-token-0123456789"
+
+
+def install(timeout: float = 1800.0) -> str:
+    """Create the cached venv when missing; returns its python."""
+    done = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"installing Label Studio failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class LabelStudioProcess:
+    url: str
+    port: int
+    data_dir: str
+    log_path: str
+    proc: subprocess.Popen
+    legacy_token: str = LEGACY_TOKEN
+    pat: str = ""
+    version: str = ""
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")[-5000:]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0) -> LabelStudioProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY")}
+    env.update(LS_USERNAME=USERNAME, LS_PASSWORD=PASSWORD, LS_TOKEN=LEGACY_TOKEN)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(["bash", str(SCRIPT), "start", str(port), data_dir], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    ls = LabelStudioProcess(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, log_path=log_path, proc=proc)
+    headers = {"Authorization": f"Token {LEGACY_TOKEN}"}
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Label Studio exited with {proc.returncode}:\n{ls.log()}")
+        try:
+            # Label Studio silently moves to another port when ours is busy: ask it on ours, with our token.
+            resp = requests.get(f"{ls.url}/api/version", headers=headers, timeout=5)
+            if resp.status_code == 200:
+                ls.version = resp.json().get("release", "")
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            ls.stop()
+            raise RuntimeError(f"Label Studio did not answer on {ls.url} within {timeout}s:\n{ls.log()}")
+        time.sleep(0.5)
+    # A personal access token can be read back only once, at creation.
+    resp = requests.post(f"{ls.url}/api/token/", headers=headers, timeout=30)
+    if resp.status_code != 201 and resp.status_code != 200:
+        ls.stop()
+        raise RuntimeError(f"creating a personal access token failed: {resp.status_code} {resp.text[:300]}")
+    ls.pat = resp.json()["token"]
+    return ls
+
+
+# -- helpers of the e2e tests ---------------------------------------------------------------
+def import_tasks(ls_api, pid, texts) -> list:
+    """Import text tasks; returns their ids in order."""
+    before = {t["id"] for t in tasks_of(ls_api, pid)}
+    ls_api.call("POST", f"/api/projects/{pid}/import", "importing tasks", json=[{"text": t} for t in texts])
+    return sorted(t["id"] for t in tasks_of(ls_api, pid) if t["id"] not in before)
+
+
+def tasks_of(ls_api, pid) -> list:
+    data = ls_api.call("GET", "/api/tasks/", "listing tasks", params={"project": pid, "page_size": 1000})
+    return data["tasks"] if isinstance(data, dict) else data
+
+
+def wait_model_version_change(ls_api, backend_id, old, timeout=120.0) -> str:
+    """Label Studio's view of the backend's model version (it re-reads /setup) once it differs."""
+    from support import wait_for
+
+    return wait_for(lambda: (lambda v: v if v and v != old else None)(ls_api.get_backend(backend_id)["model_version"]),
+                    timeout=timeout, interval=0.5, message=f"model version of backend {backend_id} to change from {old}")
