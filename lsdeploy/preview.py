@@ -188,53 +188,15 @@ def label_config_from_directory(directory: str) -> Optional[tuple]:
 
 
 def fetch_label_config(host: str, api_key: str, project: int, timeout: float = 30.0) -> str:
-    """The label config of a Label Studio project (GET /api/projects/{id})."""
-    try:
-        from .labelstudio import LabelStudio  # the full client, when present
-    except ImportError:
-        LabelStudio = None
-    if LabelStudio is not None and hasattr(LabelStudio, "get_project"):
-        project_data = LabelStudio(host, api_key).get_project(project)
-    else:
-        project_data = _get_project(host, api_key, project, timeout)
+    """The label config of a Label Studio project (GET /api/projects/{id}, either kind of key)."""
+    from .labelstudio import LabelStudio
+
+    project_data = LabelStudio(host, api_key, timeout=timeout).get_project(project)
     config = project_data.get("label_config") if isinstance(project_data, dict) else None
     if not config:
         raise LsdeployError(f"Label Studio project {project} has no label config yet: set one in its "
                             "settings, or pass --label-config FILE", EXIT_USAGE)
     return config
-
-
-def _get_project(host: str, api_key: str, project: int, timeout: float) -> dict:
-    import requests
-
-    from .errors import EXIT_AUTH
-
-    base = host.rstrip("/")
-    session = requests.Session()
-    try:
-        if api_key.count(".") == 2:  # a personal access token (JWT): exchange it for an access token
-            resp = session.post(f"{base}/api/token/refresh/", json={"refresh": api_key}, timeout=timeout)
-            if resp.status_code in (401, 403):
-                raise LsdeployError(f"Label Studio at {base} refused the personal access token "
-                                    f"({resp.status_code}): create a new one in Account & Settings", EXIT_AUTH)
-            resp.raise_for_status()
-            auth = f"Bearer {resp.json()['access']}"
-        else:
-            auth = f"Token {api_key}"
-        resp = session.get(f"{base}/api/projects/{project}", headers={"Authorization": auth}, timeout=timeout)
-    except requests.RequestException as exc:
-        raise LsdeployError(f"cannot reach Label Studio at {base}: {type(exc).__name__}; check "
-                            "--label-studio-host (LABEL_STUDIO_URL)", EXIT_USAGE) from None
-    if resp.status_code in (401, 403):
-        raise LsdeployError(f"Label Studio at {base} refused the API key ({resp.status_code}): check "
-                            "--label-studio-api-key (LABEL_STUDIO_API_KEY); a legacy token needs legacy "
-                            "tokens enabled in the organization", EXIT_AUTH)
-    if resp.status_code == 404:
-        raise LsdeployError(f"Label Studio at {base} has no project {project} (or the key cannot see it)",
-                            EXIT_USAGE)
-    if resp.status_code >= 400:
-        raise LsdeployError(f"GET /api/projects/{project} on {base} answered {resp.status_code}", EXIT_ERROR)
-    return resp.json()
 
 
 def _read_json(path: str, what: str):
