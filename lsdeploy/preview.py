@@ -296,6 +296,8 @@ def process_env(settings: PreviewSettings, model_dir: str) -> dict:
                 continue
             env[key] = value
     env["MODEL_DIR"] = model_dir
+    # Downloaded task files go with the throwaway state, as they would in a fresh container.
+    env["TASK_DATA_CACHE"] = os.path.join(os.path.dirname(model_dir), "task-data")
     env["PYTHONUNBUFFERED"] = "1"
     if settings.model:
         env["LSDEPLOY_MODEL"] = settings.model

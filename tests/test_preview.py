@@ -319,6 +319,7 @@ def test_process_env_is_the_dockerfiles_without_container_paths_or_secrets(creat
         "WORKERS": "4", "KEEP": "me"})
     child = process_env(settings, str(tmp_path / "state"))
     assert child["MODEL_DIR"] == str(tmp_path / "state") and child["WORKERS"] == "1"
+    assert child["TASK_DATA_CACHE"] == str(tmp_path / "task-data")
     assert child["KEEP"] == "me" and child["PATH"] == "/usr/bin"
     assert "MODEL_STATE_URI" not in child and "LABEL_STUDIO_API_KEY" not in child and "PORT" not in child
 
