@@ -63,7 +63,10 @@ def main(argv=None) -> None:
         result = cli.main(args=argv, prog_name="label-studio-ml", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         click.echo("aborted", err=True)
         sys.exit(EXIT_ERROR)
     except click.ClickException as exc:
