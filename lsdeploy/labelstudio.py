@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 STATE_NAMES = {"CO": "connected", "DI": "disconnected", "ER": "error", "TR": "training", "PR": "predicting"}
-SSRF_FIX = ("Label Studio refuses ML backends on local or private addresses: set ML_BLOCK_LOCAL_IP=false "
-            "(and SSRF_PROTECTION_ENABLED=false, or list allowed networks) in Label Studio's environment "
-            "and restart it, or use a public URL for the backend")
+SSRF_FIX = ("Label Studio refuses local and private addresses by default: set ML_BLOCK_LOCAL_IP=false "
+            "(ML backend calls) and SSRF_PROTECTION_ENABLED=false (the project webhook that delivers annotations) "
+            "in Label Studio's environment and restart it, or give the backend a public URL")
 
 
 class LabelStudioError(LsdeployError):
@@ -161,6 +161,9 @@ def _reason(resp) -> str:
 
 class LabelStudio:
     """A Label Studio REST client bound to one host and key. Thread-safe for token refresh."""
+
+    attempts = 3         # tries when Label Studio's 1 s health check of the backend misses
+    retry_pause = 1.0
 
     def __init__(self, host: str, api_key: str, timeout: float = DEFAULT_TIMEOUT, session=None):
         import requests
@@ -351,23 +354,44 @@ class LabelStudio:
             body.update(auth_method="NONE", basic_auth_user=None)
         old_url = None
         if match:
-            backend = match[0]
-            old_url = _normal_url(backend.get("url"))
-            # PATCH without url and project answers 500 in Label Studio 1.23: always send both.
-            resp = self.request("PATCH", f"/api/ml/{backend['id']}", json=body)
-            created = False
-        else:
-            resp = self.request("POST", "/api/ml/", json=body)
-            created = True
+            old_url = _normal_url(match[0].get("url"))
+        created = not match
+        for attempt in range(self.attempts):
+            if match:
+                # PATCH without url and project answers 500 in Label Studio 1.23: always send both.
+                resp = self.request("PATCH", f"/api/ml/{match[0]['id']}", json=body)
+            else:
+                resp = self.request("POST", "/api/ml/", json=body)
+            # Label Studio gives /health 1 s: a busy backend (or machine) can miss it; try again.
+            if not (resp.status_code == 400 and "health check failed" in _reason(resp)):
+                break
+            time.sleep(self.retry_pause)
         if resp.status_code >= 400:
-            raise self._register_error(resp, url, pid, bool(basic_auth))
+            error = self._register_error(resp, url, pid, bool(basic_auth))
+            if created and self._remove_leftovers(pid, url, {b.get("id") for b in existing}):
+                # Label Studio 1.23 saves the backend before its webhook; a refused webhook still
+                # answers an error: the backend was fine, the webhook address was not.
+                if error.status == 403:
+                    error = LabelStudioError(
+                        f"Label Studio accepted the backend {url} but refused its webhook {url}/webhook (the "
+                        "annotation events) as a local or private address: set SSRF_PROTECTION_ENABLED=false "
+                        "(webhooks; ML_BLOCK_LOCAL_IP=false covers backend calls) in Label Studio's environment "
+                        "and restart it, or give the backend a public URL", EXIT_REGISTER, 403)
+                error = LabelStudioError(f"{error}; nothing was registered", error.exit_code, error.status)
+            raise error
         data = resp.json()
         backend_id = int(data["id"])
         # Duplicates left by earlier tools (same URL twice): keep one.
         for extra in match[1:]:
             if _normal_url(extra.get("url")) == url:
                 self.request("DELETE", f"/api/ml/{extra['id']}")
-        webhook_id = self._ensure_webhook(pid, url, basic_auth)
+        try:
+            webhook_id = self._ensure_webhook(pid, url, basic_auth)
+        except LabelStudioError as exc:
+            if created:  # a failed connect leaves nothing behind
+                self.request("DELETE", f"/api/ml/{backend_id}")
+                raise LabelStudioError(f"{exc}; nothing was registered", exc.exit_code, exc.status) from None
+            raise
         if old_url and old_url != url and not any(_normal_url(b.get("url")) == old_url
                                                   for b in existing if b.get("id") != backend_id):
             self._delete_webhooks(pid, old_url)
@@ -380,6 +404,11 @@ class LabelStudio:
         )
         if verify:
             checked = self.verify(backend_id)
+            for _ in range(self.attempts - 1):
+                if checked.state != "DI":
+                    break
+                time.sleep(self.retry_pause)  # a missed 1 s health check: Label Studio re-checks on read
+                checked = self.verify(backend_id)
             checked.created, checked.webhook_id, checked.basic_auth = created, webhook_id, bool(basic_auth)
             registration = checked
             problem = None
@@ -431,6 +460,17 @@ class LabelStudio:
         return LabelStudioError(f"Label Studio refused to register {url} in project {pid} "
                                 f"({resp.status_code}): {reason}", EXIT_REGISTER, resp.status_code)
 
+    def _remove_leftovers(self, pid: int, url: str, known: set) -> bool:
+        """Delete backends with `url` that a failed create left behind (ids not in `known`)."""
+        removed = False
+        for backend in self.backends(pid):
+            if backend.get("id") not in known and _normal_url(backend.get("url")) == url:
+                self.request("DELETE", f"/api/ml/{backend['id']}")
+                removed = True
+        if removed:
+            self._delete_webhooks(pid, url)
+        return removed
+
     def _state_message(self, reg: Registration) -> str:
         if reg.state == "ER":
             return (f"Label Studio reports an error for the backend {reg.url} in project {reg.project}: "
@@ -446,10 +486,18 @@ class LabelStudio:
         headers = {"Authorization": _basic_header(*basic_auth)} if basic_auth else {}
         hooks = [h for h in self.webhooks(pid) if _normal_url(h.get("url")) == hook_url]
         if not hooks:
-            data = self.call("POST", "/api/webhooks/", f"creating the webhook {hook_url}",
-                              json={"project": pid, "url": hook_url, "send_payload": True,
-                                    "send_for_all_actions": True, "headers": headers, "is_active": True})
-            return int(data["id"]) if data else None
+            resp = self.request("POST", "/api/webhooks/", json={
+                "project": pid, "url": hook_url, "send_payload": True, "send_for_all_actions": True,
+                "headers": headers, "is_active": True})
+            if resp.status_code >= 400:
+                reason = _reason(resp)
+                if resp.status_code == 403 or "reserved network" in reason.lower():
+                    raise LabelStudioError(
+                        f"Label Studio accepted the backend but refused its webhook {hook_url}, so annotations "
+                        f"would never reach it ({reason}): {SSRF_FIX}", EXIT_REGISTER, resp.status_code)
+                raise LabelStudioError(f"creating the webhook {hook_url} failed: {resp.status_code} {reason}",
+                                       EXIT_REGISTER, resp.status_code)
+            return int(resp.json()["id"])
         hook = hooks[0]
         if (hook.get("headers") or {}) != headers or not hook.get("is_active", True):
             self.call("PATCH", f"/api/webhooks/{hook['id']}/", f"setting the headers of webhook {hook_url}",
@@ -485,13 +533,17 @@ class LabelStudio:
         return reg
 
     def test_prediction(self, backend_id: int) -> dict:
-        resp = self.request("POST", f"/api/ml/{int(backend_id)}/predict/test", params={"random": "true"},
-                            timeout=max(self.timeout, 120.0))
-        if resp.status_code < 400:
-            return {"ok": True, "detail": "ok"}
-        reason = _reason(resp)
-        if "no tasks" in reason.lower():
-            return {"ok": True, "detail": "skipped: the project has no tasks yet"}
+        """Label Studio's own test prediction on a random task: {"ok": bool, "detail": str}."""
+        for attempt in range(self.attempts):
+            resp = self.request("POST", f"/api/ml/{int(backend_id)}/predict/test", params={"random": "true"},
+                                timeout=max(self.timeout, 120.0))
+            if resp.status_code < 400:
+                return {"ok": True, "detail": "ok"}
+            reason = _reason(resp)
+            if "no tasks" in reason.lower():
+                return {"ok": True, "detail": "skipped: the project has no tasks yet"}
+            if attempt + 1 < self.attempts:
+                time.sleep(self.retry_pause)  # Label Studio checks /health (1 s) before predicting
         return {"ok": False, "detail": f"{resp.status_code} {reason}"}
 
     def train(self, backend_id: int) -> None:

@@ -50,7 +50,10 @@ start() {
     export LABEL_STUDIO_PASSWORD="${LS_PASSWORD:-admin12345}"
     export LABEL_STUDIO_USER_TOKEN="${LS_TOKEN:-lsdeploy-e2e-token-0123456789}"
     export LABEL_STUDIO_HOST="http://127.0.0.1:$port"
-    export ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false
+    # Label Studio refuses backends (ML_BLOCK_LOCAL_IP) and webhooks (SSRF_PROTECTION_ENABLED) on
+    # 127.0.0.1 unless told; LS_ML_BLOCK_LOCAL_IP / LS_SSRF_PROTECTION=true keep its defaults (the
+    # tests use that to check the error messages).
+    export ML_BLOCK_LOCAL_IP="${LS_ML_BLOCK_LOCAL_IP:-false}" SSRF_PROTECTION_ENABLED="${LS_SSRF_PROTECTION:-false}"
     export COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false
     export LABEL_STUDIO_BASE_DATA_DIR="$data"
     exec "$VENV/bin/label-studio" start --no-browser --internal-host 127.0.0.1 --port "$port" \

@@ -50,10 +50,12 @@ class LabelStudioProcess:
                 self.proc.wait()
 
 
-def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0) -> LabelStudioProcess:
+def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0, ml_block_local_ip: bool = False,
+          ssrf_protection: bool = False, create_pat: bool = True) -> LabelStudioProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY")}
-    env.update(LS_USERNAME=USERNAME, LS_PASSWORD=PASSWORD, LS_TOKEN=LEGACY_TOKEN)
+    env.update(LS_USERNAME=USERNAME, LS_PASSWORD=PASSWORD, LS_TOKEN=LEGACY_TOKEN,
+               LS_ML_BLOCK_LOCAL_IP=str(ml_block_local_ip).lower(), LS_SSRF_PROTECTION=str(ssrf_protection).lower())
     log = open(log_path, "w")
     proc = subprocess.Popen(["bash", str(SCRIPT), "start", str(port), data_dir], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -75,6 +77,8 @@ def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0) -> La
             ls.stop()
             raise RuntimeError(f"Label Studio did not answer on {ls.url} within {timeout}s:\n{ls.log()}")
         time.sleep(0.5)
+    if not create_pat:
+        return ls
     # A personal access token can be read back only once, at creation.
     resp = requests.post(f"{ls.url}/api/token/", headers=headers, timeout=30)
     if resp.status_code != 201 and resp.status_code != 200:
@@ -82,6 +86,21 @@ def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0) -> La
         raise RuntimeError(f"creating a personal access token failed: {resp.status_code} {resp.text[:300]}")
     ls.pat = resp.json()["token"]
     return ls
+
+
+def copy_data_dir(source: str, target: str) -> None:
+    """A copy of a (running) Label Studio's data dir: a second instance starts in seconds, without
+    migrations. The SQLite database is copied with the backup API (consistent while in use)."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.sqlite3", "*.sqlite3-*"))
+    for db in Path(source).glob("*.sqlite3"):
+        src, dst = sqlite3.connect(str(db)), sqlite3.connect(str(Path(target) / db.name))
+        with dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
 
 
 # -- helpers of the e2e tests ---------------------------------------------------------------

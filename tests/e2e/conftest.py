@@ -33,6 +33,28 @@ def label_studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def label_studio_with(label_studio, tmp_path_factory):
+    """label_studio_with(ml_block_local_ip=True, ssrf_protection=True): another Label Studio with
+    those settings (its defaults refuse backends and webhooks on 127.0.0.1), started from a copy of
+    the first one's data (same user and token, no migrations). One per combination per session."""
+    started = {}
+
+    def make(ml_block_local_ip=True, ssrf_protection=True):
+        key = (ml_block_local_ip, ssrf_protection)
+        if key not in started:
+            base = tmp_path_factory.mktemp("label-studio-ssrf")
+            labelstudio_server.copy_data_dir(label_studio.data_dir, str(base / "data"))
+            started[key] = labelstudio_server.start(
+                free_port(), str(base / "data"), str(base / "label-studio.log"),
+                ml_block_local_ip=ml_block_local_ip, ssrf_protection=ssrf_protection, create_pat=False)
+        return started[key]
+
+    yield make
+    for ls in started.values():
+        ls.stop()
+
+
+@pytest.fixture(scope="session")
 def ls_api(label_studio):
     """lsdeploy's client with the legacy token (the tests' own view of Label Studio)."""
     from lsdeploy.labelstudio import LabelStudio

@@ -34,13 +34,19 @@ def choices(prediction) -> list:
     return [c for region in prediction["result"] for c in region["value"]["choices"]]
 
 
-def retrieve_predictions(ls_api, pid) -> dict:
-    """Ask Label Studio to fetch predictions for every task; returns {task id: [predictions]}."""
-    ls_api.call("POST", "/api/dm/actions", "retrieving predictions",
-                params={"id": "retrieve_tasks_predictions", "project": pid},
-                json={"selectedItems": {"all": True, "excluded": []}})
-    return {t["id"]: ls_api.call("GET", "/api/predictions", "listing predictions", params={"task": t["id"]})
-            for t in tasks_of(ls_api, pid)}
+def retrieve_predictions(ls_api, pid, timeout=120.0) -> dict:
+    """Ask Label Studio to fetch predictions for every task; returns {task id: [predictions]}.
+    Label Studio stores none when its 1 s health check of the backend misses (a loaded machine),
+    and each retrieval sends only the tasks still without one: repeat until every task has one."""
+    def attempt():
+        ls_api.call("POST", "/api/dm/actions", "retrieving predictions",
+                    params={"id": "retrieve_tasks_predictions", "project": pid},
+                    json={"selectedItems": {"all": True, "excluded": []}})
+        found = {t["id"]: ls_api.call("GET", "/api/predictions", "listing predictions", params={"task": t["id"]})
+                 for t in tasks_of(ls_api, pid)}
+        return found if all(found.values()) else None
+
+    return wait_for(attempt, timeout=timeout, interval=1.0, message=f"predictions for every task of project {pid}")
 
 
 def annotate(ls_api, task_id, label):
@@ -271,3 +277,48 @@ def test_disconnect_leaves_nothing_behind(label_studio, ls_api, project, backend
 
     again = run_cli("disconnect", server.url, "--project", second, env=ls_env(label_studio))
     assert again.returncode == 0 and "nothing to remove" in again.stdout
+
+
+def test_personal_access_token_is_exchanged_and_renewed(label_studio):
+    from lsdeploy.labelstudio import LabelStudio
+
+    client = LabelStudio(label_studio.url, label_studio.pat)
+    assert client.key_kind == "personal access token"
+    assert label_studio.pat not in repr(client)
+    assert client.whoami()["email"]
+    first = client._LabelStudio__access
+    assert first and first != label_studio.pat
+
+    client._LabelStudio__access_expires = 0  # expired: exchanged again before the next call
+    client.whoami()
+    second = client._LabelStudio__access
+    assert second != first
+
+    client._LabelStudio__access = second[:-6] + "xxxxxx"  # refused (401): renewed once, then retried
+    assert client.whoami()["email"]
+    assert client._LabelStudio__access not in (second, second[:-6] + "xxxxxx")
+
+    # A short-lived access token given directly is used as it is.
+    direct = LabelStudio(label_studio.url, client._LabelStudio__access)
+    assert direct.key_kind == "access token" and direct.whoami()["email"]
+
+
+@pytest.mark.parametrize("ml_block_local_ip, ssrf_protection", [
+    (True, True),   # Label Studio's defaults: the backend is refused
+    (False, True),  # backend calls allowed, its auto-created webhook refused
+])
+def test_ssrf_settings_are_named(label_studio_with, backend, ml_block_local_ip, ssrf_protection):
+    """A Label Studio that refuses a backend (or its webhook) on 127.0.0.1: the message says which
+    Label Studio setting allows it, and nothing is registered."""
+    from lsdeploy.labelstudio import LabelStudio
+
+    ls = label_studio_with(ml_block_local_ip=ml_block_local_ip, ssrf_protection=ssrf_protection)
+    server = backend(blueprint="default")
+    api = LabelStudio(ls.url, ls.legacy_token)
+    pid = api.call("POST", "/api/projects/", "creating a project", json={"title": "ssrf check"})["id"]
+    done = connect(ls, server.url, pid)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert "ML_BLOCK_LOCAL_IP=false" in done.stderr and "SSRF_PROTECTION_ENABLED=false" in done.stderr
+    if not ml_block_local_ip:
+        assert "refused its webhook" in done.stderr and "nothing was registered" in done.stderr
+    assert api.backends(pid) == [] and api.webhooks(pid) == []
