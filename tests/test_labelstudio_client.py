@@ -1,0 +1,100 @@
+"""The Label Studio client's parts that need no Label Studio: key kinds, project ids, error
+wording, secrets kept out of output. Everything that talks to Label Studio is in tests/e2e/."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import requests
+
+from lsdeploy.errors import EXIT_USAGE, LsdeployError
+from lsdeploy.labelstudio import LabelStudio, Registration, _project_id, _reason, key_kind
+from support import free_port, run_cli
+
+
+def jwt(payload: dict) -> str:
+    def part(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJl"
+
+
+def response(status: int, body) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp._content = (json.dumps(body) if not isinstance(body, str) else body).encode()
+    return resp
+
+
+def test_key_kinds_are_told_apart_without_asking():
+    assert key_kind(jwt({"token_type": "refresh", "exp": 9999999999, "user_id": "1"})) == "personal access token"
+    assert key_kind(jwt({"token_type": "access", "exp": 9999999999})) == "access token"
+    assert key_kind("4f1c0e9a3b2d8e7f6a5b4c3d2e1f0a9b8c7d6e5f") == "legacy token"
+    assert key_kind("a.b.c") == "legacy token"  # three parts but no JSON payload: not a JWT
+
+
+def test_project_ids_accept_label_studio_forms():
+    assert _project_id(7) == 7 and _project_id("7") == 7 and _project_id("7.1700000000") == 7
+    with pytest.raises(LsdeployError) as err:
+        _project_id("seven")
+    assert err.value.exit_code == EXIT_USAGE
+
+
+def test_reason_quotes_label_studio_without_html_or_envelope():
+    body = {"id": "x", "status_code": 400, "version": "1.23.2", "detail": "Validation error", "exc_info": None,
+            "validation_errors": {"non_field_errors": [
+                "Can't connect to ML backend http://b, health check failed. "
+                '<a href="https://labelstud.io/guide/ml.html">Learn more</a> about it.']}}
+    text = _reason(response(400, body))
+    assert text.startswith("Can't connect to ML backend http://b, health check failed.")
+    assert "Learn more about it" in text and "<a" not in text and "1.23.2" not in text
+    assert _reason(response(403, {"detail": "URL resolves to a reserved network address"})) == \
+        "URL resolves to a reserved network address"
+    assert _reason(response(502, "<html>\nBad gateway</html>")) == "<html>"
+
+
+def test_key_never_in_repr():
+    secret = jwt({"token_type": "refresh", "exp": 9999999999})
+    client = LabelStudio("localhost:8080", secret)
+    assert client.host == "http://localhost:8080"
+    assert secret not in repr(client) and "personal access token" in repr(client)
+    reg = Registration(backend_id=1, project=2, url="http://b", basic_auth=True)
+    assert reg.to_dict()["basic_auth"] is True and "basic_auth_pass" not in reg.to_dict()
+
+
+def test_missing_host_or_key_is_a_usage_error():
+    for host, key in (("", "k"), ("http://ls", "")):
+        with pytest.raises(LsdeployError) as err:
+            LabelStudio(host, key)
+        assert err.value.exit_code == EXIT_USAGE and "LABEL_STUDIO_" in str(err.value)
+
+
+def test_connect_needs_a_project_and_both_basic_auth_parts():
+    env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}", "LABEL_STUDIO_API_KEY": "secret-key-123456"}
+    done = run_cli("connect", "http://127.0.0.1:9", env=env)
+    assert done.returncode == EXIT_USAGE and "--project" in done.stderr
+    done = run_cli("connect", "http://127.0.0.1:9", "--project", "1", env={**env, "BASIC_AUTH_USER": "u"})
+    assert done.returncode == EXIT_USAGE and "BASIC_AUTH_PASS" in done.stderr
+    done = run_cli("disconnect", "--project", "1", env=env)
+    assert done.returncode == EXIT_USAGE and "--backend-id" in done.stderr
+
+
+def test_unreachable_label_studio_is_one_line_without_the_key():
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {"LABEL_STUDIO_URL": url, "LABEL_STUDIO_API_KEY": "secret-key-123456", "LABEL_STUDIO_PROJECT": "1,2"}
+    done = run_cli("connect", "http://127.0.0.1:9", env=env)
+    assert done.returncode == EXIT_USAGE
+    assert f"cannot reach Label Studio at {url}" in done.stderr and "LABEL_STUDIO_URL" in done.stderr
+    assert "Traceback" not in done.stderr and "secret-key-123456" not in done.stdout + done.stderr
+
+
+def test_every_option_reads_an_environment_variable():
+    for command in ("connect", "disconnect"):
+        done = run_cli(command, "--help")
+        assert done.returncode == 0
+        for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_PROJECT", "LSDEPLOY_JSON"):
+            assert name in done.stdout, (command, name)
+    done = run_cli("connect", "--help")
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LSDEPLOY_TITLE", "LSDEPLOY_INTERACTIVE"):
+        assert name in done.stdout
