@@ -96,6 +96,13 @@ def test_connect_with_legacy_key_and_personal_access_token(label_studio, ls_api,
     assert [b["id"] for b in ls_api.backends(pid)] == [reg["backend_id"]]
     assert [h["url"] for h in ls_api.webhooks(pid)] == [server.url + "/webhook"]
 
+    # Plain text output, options from the environment only.
+    done = run_cli("connect", env=ls_env(label_studio, label_studio.pat, LSDEPLOY_BACKEND_URL=server.url,
+                                         LABEL_STUDIO_PROJECT=str(pid)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"project {pid}: backend {reg['backend_id']} updated, state CO, model version "
+                                   f"{reg['model_version']}, test prediction: ok")
+
 
 def test_connect_errors_name_cause_and_fix(label_studio, ls_api, project, backend):
     server = backend()
