@@ -3,7 +3,6 @@ venv on first use by tests/labelstudio.sh), a project per test, real `label-stud
 backends on 127.0.0.1."""
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -12,12 +11,6 @@ import pytest
 import labelstudio_server
 from labelstudio_server import import_tasks
 from support import TEXT_CONFIG, Server, free_port, run_cli
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "/e2e/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
