@@ -1,0 +1,150 @@
+"""The provider interface: what every deploy target implements.
+
+A provider is built with its API clients already made (tests pass clients pointed at local
+fakes; the CLI builds real ones from the environment) and a settings object of its own.
+Each method returns a result dataclass; the CLI renders `to_dict()` as JSON or `lines()` as text.
+Progress goes through the `progress(str)` callback (the CLI prints it on stderr).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+Progress = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class PlanResult:
+    """What a deploy would do, without changing anything."""
+
+    service: str
+    bundle_digest: str
+    bundle_size: int
+    bundle_files: list = field(default_factory=list)
+    dockerfile: str = ""                  # "own" or "blueprint:<name>"
+    image_exists: bool = False            # an image for this digest is already built
+    build_needed: bool = True
+    service_exists: bool = False
+    changes: list = field(default_factory=list)   # [{"field", "live", "desired"}]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list:
+        out = [f"service {self.service}: {'exists' if self.service_exists else 'new'}",
+               f"bundle {self.bundle_digest[:12]} ({self.bundle_size} bytes, {len(self.bundle_files)} files, "
+               f"Dockerfile: {self.dockerfile})",
+               "build: " + ("needed" if self.build_needed else "no (an image for this bundle exists)")]
+        out += [f"  {c['field']}: {c['live']!r} -> {c['desired']!r}" for c in self.changes]
+        return out
+
+
+@dataclass
+class DeployResult:
+    provider: str
+    project: str
+    region: str
+    service: str
+    url: str
+    revision: str
+    image: str                      # pinned by digest
+    bundle_digest: str
+    built: bool                     # False: an image for this bundle already existed
+    build_id: Optional[str] = None
+    new_revision: bool = False
+    state_uri: str = ""
+    basic_auth_user: Optional[str] = None
+    secrets: list = field(default_factory=list)        # secret resource names (never values)
+    registrations: list = field(default_factory=list)  # lsdeploy.labelstudio.Registration.to_dict()
+    seconds: float = 0.0
+
+    @property
+    def backend_ids(self) -> list:
+        return [r["backend_id"] for r in self.registrations]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["label_studio_backend_ids"] = self.backend_ids
+        return data
+
+    def lines(self) -> list:
+        out = [f"URL:       {self.url}",
+               f"revision:  {self.revision}" + ("" if self.new_revision else " (unchanged)"),
+               f"image:     {self.image}" + ("" if self.built else " (reused, no build)"),
+               f"state:     {self.state_uri}"]
+        if self.basic_auth_user:
+            out.append(f"basic auth user: {self.basic_auth_user} (password in Secret Manager)")
+        for reg in self.registrations:
+            out.append(f"Label Studio backend {reg['backend_id']} in project {reg['project']}: "
+                       f"{reg.get('state_name') or reg.get('state')}")
+        if not self.registrations:
+            out.append("Label Studio: not registered (pass --project to register)")
+        return out
+
+
+@dataclass
+class StatusResult:
+    service: str
+    exists: bool
+    url: str = ""
+    ready: bool = False
+    message: str = ""
+    latest_ready_revision: str = ""
+    latest_created_revision: str = ""
+    traffic: list = field(default_factory=list)      # [{"revision", "percent"}]
+    image: str = ""
+    updated: str = ""
+    labels: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list:
+        if not self.exists:
+            return [f"service {self.service}: not deployed"]
+        out = [f"service {self.service}: {'ready' if self.ready else 'NOT ready'}" +
+               (f" ({self.message})" if self.message else ""),
+               f"URL: {self.url}", f"image: {self.image}", f"last deploy: {self.updated}",
+               f"revisions: latest ready {self.latest_ready_revision}, latest created {self.latest_created_revision}"]
+        out += [f"  traffic {t['percent']}% -> {t['revision']}" for t in self.traffic]
+        return out
+
+
+@dataclass
+class DestroyResult:
+    service: str
+    deleted: list = field(default_factory=list)   # resource names removed
+    kept: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list:
+        return [f"deleted {name}" for name in self.deleted] + [f"kept {name}" for name in self.kept]
+
+
+class Provider(ABC):
+    """One deploy target. Subclasses take their API clients in __init__."""
+
+    name = "base"
+
+    @abstractmethod
+    def plan(self, settings, bundle) -> PlanResult:
+        """What deploy would change; sends no mutating request."""
+
+    @abstractmethod
+    def deploy(self, settings, bundle, progress: Progress = _quiet) -> DeployResult:
+        """Build (when needed), deploy, register; idempotent for an unchanged bundle and settings."""
+
+    @abstractmethod
+    def status(self, settings) -> StatusResult:
+        """What is running now."""
+
+    @abstractmethod
+    def destroy(self, settings, purge: bool = False, progress: Progress = _quiet) -> DestroyResult:
+        """Remove the service (and with purge its images, sources and state)."""

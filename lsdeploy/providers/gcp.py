@@ -1,0 +1,830 @@
+"""Cloud Run: build a backend's source bundle with Cloud Build and serve it on Cloud Run v2.
+
+`GcpProvider(clients).deploy(settings, bundle, progress)`:
+1. the image: one Artifact Registry GetTag for the bundle's digest; when the tag exists the
+   upload and the build are skipped. Otherwise the repository and source bucket are created when
+   missing, the bundle is uploaded create-only, and a Cloud Build build pulls the previous image
+   of the service (`:latest`) for `--cache-from`, builds, and pushes `:src-<digest>` and `:latest`;
+   its log is streamed from the logs bucket while it runs;
+2. secrets: the basic-auth password (generated once, then reused) and the Label Studio key go to
+   Secret Manager; the service references pinned versions, so an unchanged key makes no revision;
+3. the Cloud Run service: image pinned by digest, MODEL_STATE_URI in a state bucket, resources,
+   scaling, startup CPU boost, a startup probe on /health, cpu_idle=false, public invoker (Label
+   Studio cannot send Google identity tokens) behind the backend's own basic auth. A spec
+   fingerprint kept in a service annotation makes an unchanged redeploy send no update at all;
+4. a warm-up GET /health (so Label Studio's 1 s health check meets a started instance), then
+   registration with Label Studio through `lsdeploy.labelstudio`.
+
+Clients are passed in (`GcpClients`); `GcpClients.from_env(environ, project)` builds them from
+gcloud's endpoint overrides or Application Default Credentials. Google API errors become one
+line naming the API, the resource and the fix (`google_error`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets as pysecrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
+from .base import DeployResult, DestroyResult, PlanResult, Provider, StatusResult, _quiet
+
+SERVICE_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
+REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
+PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION", "MODEL_STATE_URI", "BASIC_AUTH_USER",
+                "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
+SPEC_ANNOTATION = "lsdeploy.dev/spec-sha256"
+MANAGED_LABEL = ("managed-by", "lsdeploy")
+GPU_TYPES = ("nvidia-l4", "nvidia-rtx-pro-6000")
+TERMINAL_BUILD = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
+
+API_TITLES = {
+    "run": ("Cloud Run Admin API", "run.googleapis.com"),
+    "cloudbuild": ("Cloud Build API", "cloudbuild.googleapis.com"),
+    "artifactregistry": ("Artifact Registry API", "artifactregistry.googleapis.com"),
+    "secretmanager": ("Secret Manager API", "secretmanager.googleapis.com"),
+    "storage": ("Cloud Storage JSON API", "storage.googleapis.com"),
+}
+# The role to grant for a refused permission, by permission prefix (most specific first).
+ROLES = [
+    ("run.services.setIamPolicy", "roles/run.admin"),
+    ("run.", "roles/run.developer"),
+    ("iam.serviceAccounts.actAs", "roles/iam.serviceAccountUser"),
+    ("cloudbuild.", "roles/cloudbuild.builds.editor"),
+    ("artifactregistry.repositories.create", "roles/artifactregistry.admin"),
+    ("artifactregistry.", "roles/artifactregistry.writer"),
+    ("secretmanager.versions.access", "roles/secretmanager.secretAccessor"),
+    ("secretmanager.", "roles/secretmanager.admin"),
+    ("storage.buckets.create", "roles/storage.admin"),
+    ("storage.", "roles/storage.objectAdmin"),
+]
+
+
+class GoogleApiError(LsdeployError):
+    """A Google API refused a call; the message names the API, the resource and the fix."""
+
+    def __init__(self, message, exit_code=EXIT_DEPLOY, reason=""):
+        super().__init__(message, exit_code)
+        self.reason = reason
+
+
+def role_for(permission: str) -> str:
+    return next((role for prefix, role in ROLES if permission.startswith(prefix)), "a role that grants it")
+
+
+def google_error(exc, api: str, action: str, resource: str, project: str = "") -> GoogleApiError:
+    """One line for a google.api_core error: what failed, on what, and the fix."""
+    from google.api_core import exceptions as gexc
+
+    title, service = API_TITLES.get(api, (api, f"{api}.googleapis.com"))
+    reason = getattr(exc, "reason", None) or ""
+    metadata = getattr(exc, "metadata", None) or {}
+    message = (getattr(exc, "message", None) or str(exc)).split("\n")[0]
+    project_flag = f" --project {project}" if project else ""
+    if reason == "SERVICE_DISABLED" or "has not been used in project" in message or "it is disabled" in message:
+        service = metadata.get("service") or service
+        return GoogleApiError(f"{title} is not enabled in project {project or '?'} ({action} {resource}): run "
+                              f"`gcloud services enable {service}{project_flag}` and retry in a minute",
+                              EXIT_DEPLOY, "SERVICE_DISABLED")
+    if isinstance(exc, gexc.Forbidden) or isinstance(exc, gexc.PermissionDenied):
+        permission = metadata.get("permission") or ""
+        if not permission:
+            found = re.search(r"Permission '?([a-zA-Z]+\.[a-zA-Z]+\.[a-zA-Z]+)'?", message)
+            permission = found.group(1) if found else ""
+        what = f"permission {permission}" if permission else "permission"
+        return GoogleApiError(f"{title}: {action} {resource} was refused ({what} denied): grant the deploying "
+                              f"identity {role_for(permission) if permission else 'the roles listed in docs/deploy-gcp.md'}"
+                              f" on project {project or '?'} (gcloud projects add-iam-policy-binding)",
+                              EXIT_AUTH, "PERMISSION_DENIED")
+    if isinstance(exc, (gexc.TooManyRequests, gexc.ResourceExhausted)):
+        return GoogleApiError(f"{title}: {action} {resource} hit a quota or rate limit ({message}): wait and retry, "
+                              f"or request more quota in the console (IAM & Admin > Quotas){project_flag and ''}",
+                              EXIT_DEPLOY, "QUOTA")
+    if isinstance(exc, gexc.Unauthorized):
+        return GoogleApiError(f"{title}: the Google credentials were refused ({message}): run `gcloud auth "
+                              "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a service account key",
+                              EXIT_AUTH, "UNAUTHENTICATED")
+    return GoogleApiError(f"{title}: {action} {resource} failed: {type(exc).__name__}: {message}", EXIT_DEPLOY)
+
+
+# ------------------------------------------------------------------------------------------------
+# clients
+
+
+@dataclass
+class GcpClients:
+    services: object
+    revisions: object
+    builds: object
+    registry: object
+    secrets: object
+    storage: object
+
+    @classmethod
+    def from_env(cls, environ: dict, project: str) -> "GcpClients":
+        """Clients for the environment: gcloud's CLOUDSDK_API_ENDPOINT_OVERRIDES_* (REST; anonymous
+        credentials for plain http) and STORAGE_EMULATOR_HOST, else Application Default Credentials."""
+        import google.auth
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import artifactregistry_v1, run_v2, secretmanager_v1, storage
+        from google.cloud.devtools import cloudbuild_v1
+
+        adc = []
+
+        def credentials():
+            if not adc:
+                try:
+                    adc.append(google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])[0])
+                except DefaultCredentialsError:
+                    raise LsdeployError(
+                        "no Google credentials: run `gcloud auth application-default login`, or set "
+                        "GOOGLE_APPLICATION_CREDENTIALS to a service account key file (or run where a service "
+                        "account is attached)", EXIT_AUTH) from None
+            return adc[0]
+
+        def options(variable):
+            endpoint = (environ.get(variable) or "").strip()
+            if not endpoint:
+                return {"credentials": credentials()}
+            endpoint = re.sub(r"^(https?://[^/]+).*$", r"\1", endpoint.rstrip("/"))
+            creds = AnonymousCredentials() if endpoint.startswith("http://") else credentials()
+            return {"credentials": creds, "transport": "rest", "client_options": ClientOptions(api_endpoint=endpoint)}
+
+        run_opts = options("CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN")
+        emulator = (environ.get("STORAGE_EMULATOR_HOST") or "").strip()
+        if emulator:
+            if not emulator.startswith("http"):
+                emulator = "http://" + emulator
+            storage_client = storage.Client(project=project, credentials=AnonymousCredentials(),
+                                            client_options={"api_endpoint": emulator.rstrip("/")})
+        else:
+            storage_client = storage.Client(project=project, credentials=credentials())
+        return cls(
+            services=run_v2.ServicesClient(**run_opts),
+            revisions=run_v2.RevisionsClient(**run_opts),
+            builds=cloudbuild_v1.CloudBuildClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDBUILD")),
+            registry=artifactregistry_v1.ArtifactRegistryClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_ARTIFACTREGISTRY")),
+            secrets=secretmanager_v1.SecretManagerServiceClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER")),
+            storage=storage_client,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class GcpSettings:
+    project: str
+    region: str
+    service: str
+    memory: str = "2Gi"
+    cpu: str = "1"
+    gpu: int = 0
+    gpu_type: str = "nvidia-l4"
+    min_instances: int = 1
+    max_instances: int = 3
+    concurrency: int = 8
+    timeout: int = 300
+    env: dict = field(default_factory=dict)
+    secret_env: dict = field(default_factory=dict)   # NAME -> "secret[:version]" (existing secrets)
+    service_account: Optional[str] = None
+    ingress: str = "all"                             # all | internal | internal-and-cloud-load-balancing
+    basic_auth: bool = True
+    basic_auth_user: str = "labelstudio"
+    labels: dict = field(default_factory=dict)
+    repository: str = "lsdeploy"
+    source_bucket: Optional[str] = None
+    state_bucket: Optional[str] = None
+    label_studio_url: Optional[str] = None
+    label_studio_api_key: Optional[str] = field(default=None, repr=False)
+    projects: list = field(default_factory=list)
+    title: Optional[str] = None
+    build_timeout: int = 1800
+    ready_timeout: float = 900.0
+    warmup_timeout: float = 120.0
+
+    @property
+    def sources_bucket_name(self) -> str:
+        return self.source_bucket or f"{self.project}-lsdeploy-sources"
+
+    @property
+    def state_bucket_name(self) -> str:
+        return self.state_bucket or f"{self.project}-lsdeploy-state"
+
+    @property
+    def state_uri(self) -> str:
+        return f"gs://{self.state_bucket_name}/{self.service}"
+
+    @property
+    def location(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    @property
+    def service_name(self) -> str:
+        return f"{self.location}/services/{self.service}"
+
+    @property
+    def repository_name(self) -> str:
+        return f"{self.location}/repositories/{self.repository}"
+
+    @property
+    def image(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/{self.service}"
+
+    def secret_id(self, what: str) -> str:
+        return f"{self.service}-{what}"
+
+    def validate(self) -> None:
+        """Everything checkable before any API call; LsdeployError(EXIT_USAGE) names the fix."""
+        def bad(message):
+            raise LsdeployError(message, EXIT_USAGE)
+
+        if not self.project:
+            bad("no Google Cloud project: pass --gcp-project-id or set GCP_PROJECT")
+        if not PROJECT_RE.match(self.project):
+            bad(f"{self.project!r} is not a Google Cloud project id (6-30 characters: lowercase letters, digits, "
+                "hyphens; starts with a letter): pass the id, not the name or number, with --gcp-project-id")
+        if not REGION_RE.match(self.region or ""):
+            bad(f"{self.region!r} is not a Cloud Run region (like us-central1 or europe-west4): pass --gcp-region")
+        if not SERVICE_RE.match(self.service or ""):
+            bad(f"{self.service!r} is not a valid Cloud Run service name: it must start with a lowercase letter, use "
+                "only lowercase letters, digits and hyphens, not end with a hyphen, and have at most 49 characters; "
+                "pass --service")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?(Mi|Gi)$", self.memory or ""):
+            bad(f"--memory {self.memory!r}: use a size like 512Mi or 4Gi")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?$|^[0-9]+m$", self.cpu or ""):
+            bad(f"--cpu {self.cpu!r}: use a number of CPUs like 1, 2, 4 or 8")
+        if not 0 <= self.min_instances <= self.max_instances:
+            bad(f"--min-instances {self.min_instances} must be between 0 and --max-instances {self.max_instances}")
+        if not 1 <= self.concurrency <= 1000:
+            bad("--concurrency must be between 1 and 1000")
+        if not 1 <= self.timeout <= 3600:
+            bad("--timeout must be between 1 and 3600 seconds")
+        if self.gpu:
+            if self.gpu_type not in GPU_TYPES:
+                bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
+            if _cpus(self.cpu) < 4 or _mebibytes(self.memory) < 16 * 1024:
+                bad("a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi")
+        if self.ingress not in INGRESS:
+            bad(f"--ingress {self.ingress!r}: choose one of {', '.join(INGRESS)}")
+        for name in list(self.env) + list(self.secret_env):
+            if not ENV_NAME_RE.match(name):
+                bad(f"{name!r} is not an environment variable name")
+            if name in RESERVED_ENV:
+                bad(f"{name} is set by lsdeploy or Cloud Run; do not pass it with --env/--secret")
+        for key, value in self.labels.items():
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                bad(f"label {key}={value}: keys and values use lowercase letters, digits, _ and - "
+                    "(keys start with a letter, at most 63 characters)")
+        if self.projects and not (self.label_studio_url and self.label_studio_api_key):
+            bad("registering with Label Studio needs --label-studio-host and --label-studio-api-key "
+                "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+
+
+INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_ONLY",
+           "internal-and-cloud-load-balancing": "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"}
+
+
+def _cpus(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _mebibytes(value: str) -> float:
+    number = float(value[:-2])
+    return number * 1024 if value.endswith("Gi") else number
+
+
+# ------------------------------------------------------------------------------------------------
+# provider
+
+
+class GcpProvider(Provider):
+    name = "gcp"
+
+    def __init__(self, clients: GcpClients, polling=None, poll_interval: float = 2.0, http_get=None,
+                 labelstudio_factory: Optional[Callable] = None):
+        self.clients = clients
+        self.polling = polling                # api_core polling for operations (tests: faster)
+        self.poll_interval = poll_interval    # build status / log polling
+        self._http_get = http_get
+        self._labelstudio_factory = labelstudio_factory
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _call(self, api, action, resource, settings, fn, *args, **kwargs):
+        from google.api_core import exceptions as gexc
+
+        try:
+            return fn(*args, **kwargs)
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, api, action, resource, settings.project) from None
+
+    def _result(self, operation, timeout):
+        kwargs = {"timeout": timeout}
+        if self.polling is not None:
+            kwargs["polling"] = self.polling
+        return operation.result(**kwargs)
+
+    # -- image --------------------------------------------------------------------------------
+    def tag_name(self, settings, bundle) -> str:
+        return f"src-{bundle.digest}"
+
+    def find_image(self, settings, bundle) -> Optional[str]:
+        """The image (pinned by digest) already built from this bundle, or None."""
+        from google.api_core import exceptions as gexc
+
+        name = f"{settings.repository_name}/packages/{settings.service}/tags/{self.tag_name(settings, bundle)}"
+        try:
+            tag = self.clients.registry.get_tag(name=name)
+        except gexc.NotFound:
+            return None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "reading tag", name, settings.project) from None
+        digest = tag.version.rsplit("/", 1)[-1]
+        return f"{settings.image}@{digest}"
+
+    def ensure_repository(self, settings, progress) -> None:
+        from google.api_core import exceptions as gexc
+        from google.cloud import artifactregistry_v1 as ar
+
+        try:
+            self.clients.registry.get_repository(name=settings.repository_name)
+            return
+        except gexc.NotFound:
+            pass
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "reading repository", settings.repository_name,
+                               settings.project) from None
+        progress(f"creating Artifact Registry repository {settings.repository} in {settings.region}")
+        repo = ar.Repository(format_=ar.Repository.Format.DOCKER,
+                             description="Label Studio ML backend images (lsdeploy)",
+                             labels={MANAGED_LABEL[0]: MANAGED_LABEL[1]})
+        try:
+            op = self.clients.registry.create_repository(parent=settings.location, repository_id=settings.repository,
+                                                         repository=repo)
+            self._result(op, 300)
+        except gexc.AlreadyExists:
+            pass  # created concurrently
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "creating repository", settings.repository_name,
+                               settings.project) from None
+
+    def ensure_bucket(self, settings, name: str, progress):
+        from google.api_core import exceptions as gexc
+
+        client = self.clients.storage
+        try:
+            bucket = client.lookup_bucket(name)
+            if bucket is None:
+                progress(f"creating Cloud Storage bucket gs://{name} in {settings.region}")
+                try:
+                    bucket = client.create_bucket(name, location=settings.region)
+                except gexc.Conflict:
+                    bucket = client.bucket(name)
+                    if client.lookup_bucket(name) is None:
+                        raise LsdeployError(f"the bucket name gs://{name} is taken by another project: choose "
+                                            "another with --source-bucket/--state-bucket", EXIT_USAGE) from None
+            return bucket
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "storage", "using bucket", f"gs://{name}", settings.project) from None
+
+    def upload(self, settings, bundle, progress) -> tuple:
+        """(bucket, object, generation) of the bundle in the sources bucket (create-only upload)."""
+        from google.api_core import exceptions as gexc
+
+        bucket = self.ensure_bucket(settings, settings.sources_bucket_name, progress)
+        name = f"sources/{settings.service}/{bundle.digest}.tar.gz"
+        blob = bucket.blob(name)
+        try:
+            blob.upload_from_string(bundle.data, content_type="application/gzip", if_generation_match=0)
+            progress(f"uploaded {bundle.size} bytes to gs://{bucket.name}/{name}")
+        except gexc.PreconditionFailed:
+            progress(f"gs://{bucket.name}/{name} already uploaded (same digest, same bytes)")
+            blob = bucket.get_blob(name)
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "storage", "uploading", f"gs://{bucket.name}/{name}", settings.project) from None
+        return bucket.name, name, int(blob.generation or 0)
+
+    def build_request(self, settings, bundle, source) -> object:
+        from google.cloud.devtools import cloudbuild_v1 as cb
+        from google.protobuf import duration_pb2
+
+        bucket, name, generation = source
+        tagged = f"{settings.image}:{self.tag_name(settings, bundle)}"
+        latest = f"{settings.image}:latest"
+        steps = [
+            # The previous image's layers are the cache; the first build has none (exit 0).
+            cb.BuildStep(id="pull-cache", name="gcr.io/cloud-builders/docker", entrypoint="bash",
+                         args=["-c", f"docker pull {latest} || exit 0"]),
+            cb.BuildStep(id="build", name="gcr.io/cloud-builders/docker",
+                         args=["build", "--cache-from", latest, "--build-arg", "BUILDKIT_INLINE_CACHE=1",
+                               "-t", tagged, "-t", latest, "."]),
+        ]
+        build = cb.Build(
+            steps=steps, images=[tagged, latest],
+            source=cb.Source(storage_source=cb.StorageSource(bucket=bucket, object_=name, generation=generation)),
+            logs_bucket=f"gs://{bucket}/build-logs",
+            timeout=duration_pb2.Duration(seconds=settings.build_timeout),
+            tags=["lsdeploy", settings.service],
+        )
+        return cb.CreateBuildRequest(parent=settings.location, project_id=settings.project, build=build)
+
+    def build(self, settings, bundle, progress) -> tuple:
+        """Upload and build; (image pinned by digest, build id). Raises EXIT_BUILD on failure."""
+        from google.api_core import exceptions as gexc
+        from google.cloud.devtools import cloudbuild_v1 as cb
+
+        self.ensure_repository(settings, progress)
+        source = self.upload(settings, bundle, progress)
+        request = self.build_request(settings, bundle, source)
+        try:
+            operation = self.clients.builds.create_build(request=request)
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "cloudbuild", "starting a build in", settings.location, settings.project) from None
+        meta = cb.BuildOperationMetadata.deserialize(operation.metadata.value) \
+            if hasattr(operation.metadata, "value") else operation.metadata
+        build = meta.build
+        build_id = build.id
+        progress(f"building image (Cloud Build {build_id}); logs: {build.log_url}")
+        build_name = f"{settings.location}/builds/{build_id}"
+        streamer = LogStreamer(self.clients.storage, build.logs_bucket, build_id, progress)
+        deadline = time.monotonic() + settings.build_timeout + 300
+        while True:
+            build = self._call("cloudbuild", "reading build", build_name, settings,
+                               self.clients.builds.get_build, name=build_name)
+            streamer.poll()
+            if cb.Build.Status(build.status).name in TERMINAL_BUILD:
+                break
+            if time.monotonic() > deadline:
+                raise LsdeployError(f"build {build_id} did not finish in {settings.build_timeout + 300} s: see "
+                                    f"{build.log_url}", EXIT_BUILD)
+            time.sleep(self.poll_interval)
+        streamer.poll()
+        status = cb.Build.Status(build.status).name
+        if status != "SUCCESS":
+            failing = [f"step {i} ({s.id or s.name})" for i, s in enumerate(build.steps)
+                       if cb.Build.Status(s.status).name in ("FAILURE", "TIMEOUT", "INTERNAL_ERROR")]
+            detail = build.failure_info.detail or build.status_detail or status
+            tail = " | ".join(streamer.tail(8))
+            raise LsdeployError(f"the image build failed ({status}) at {failing[0] if failing else 'the build'}: "
+                                f"{detail}; log tail: {tail or '(no log)'}; full log: {build.log_url}; "
+                                "nothing was deployed", EXIT_BUILD)
+        tagged = f"{settings.image}:{self.tag_name(settings, bundle)}"
+        digest = next((img.digest for img in build.results.images if img.name == tagged), None)
+        if not digest:
+            raise LsdeployError(f"build {build_id} succeeded but pushed no {tagged}; see {build.log_url}", EXIT_BUILD)
+        return f"{settings.image}@{digest}", build_id
+
+    # -- secrets ------------------------------------------------------------------------------
+    def ensure_secret(self, settings, secret_id: str, value: Optional[str], progress,
+                      generate: bool = False) -> tuple:
+        """(version resource name, project number, value). With `generate`, the latest value is
+        reused and a new one made only when the secret has none; otherwise `value` is stored
+        when it differs from the latest version."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import secretmanager_v1 as sm
+
+        client = self.clients.secrets
+        parent = f"projects/{settings.project}"
+        name = f"{parent}/secrets/{secret_id}"
+        try:
+            secret = client.get_secret(name=name)
+        except gexc.NotFound:
+            progress(f"creating secret {secret_id} in Secret Manager")
+            try:
+                secret = client.create_secret(parent=parent, secret_id=secret_id, secret=sm.Secret(
+                    replication=sm.Replication(automatic=sm.Replication.Automatic()),
+                    labels={MANAGED_LABEL[0]: MANAGED_LABEL[1], "service": settings.service}))
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "secretmanager", "creating secret", name, settings.project) from None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "reading secret", name, settings.project) from None
+        number = secret.name.split("/")[1]
+        current = None
+        try:
+            latest = client.access_secret_version(name=f"{secret.name}/versions/latest")
+            current = (latest.name, latest.payload.data.decode("utf-8"))
+        except (gexc.NotFound, gexc.FailedPrecondition):
+            pass
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "reading", f"{name}/versions/latest", settings.project) from None
+        if generate and current is not None:
+            return current[0], number, current[1]
+        if generate:
+            value = pysecrets.token_urlsafe(24)
+        if current is not None and current[1] == value:
+            return current[0], number, value
+        import google_crc32c
+
+        data = value.encode("utf-8")
+        crc = google_crc32c.Checksum(data).hexdigest()
+        try:
+            version = client.add_secret_version(parent=secret.name, payload=sm.SecretPayload(
+                data=data, data_crc32c=int(crc, 16)))
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "adding a version to", name, settings.project) from None
+        progress(f"stored a new version of secret {secret_id}")
+        return version.name, number, value
+
+    def grant_accessor(self, settings, secret_name: str, member: str) -> None:
+        """roles/secretmanager.secretAccessor for the service's identity on one secret."""
+        role = "roles/secretmanager.secretAccessor"
+        policy = self._call("secretmanager", "reading the IAM policy of", secret_name, settings,
+                            self.clients.secrets.get_iam_policy, request={"resource": secret_name})
+        for binding in policy.bindings:
+            if binding.role == role and member in binding.members:
+                return
+        policy.bindings.add(role=role, members=[member])
+        self._call("secretmanager", "granting the service access to", secret_name, settings,
+                   self.clients.secrets.set_iam_policy, request={"resource": secret_name, "policy": policy})
+
+    # -- service ------------------------------------------------------------------------------
+    def desired_service(self, settings, image: str, secret_refs: dict, spec_hash: str = ""):
+        from google.cloud import run_v2
+        from google.protobuf import duration_pb2
+
+        env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=settings.state_uri)]
+        if settings.label_studio_url:
+            env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=settings.label_studio_url))
+        if settings.basic_auth:
+            env.append(run_v2.EnvVar(name="BASIC_AUTH_USER", value=settings.basic_auth_user))
+        env += [run_v2.EnvVar(name=k, value=v) for k, v in sorted(settings.env.items())]
+        for env_name, (secret, version) in sorted(secret_refs.items()):
+            env.append(run_v2.EnvVar(name=env_name, value_source=run_v2.EnvVarSource(
+                secret_key_ref=run_v2.SecretKeySelector(secret=secret, version=version))))
+        limits = {"cpu": settings.cpu, "memory": settings.memory}
+        if settings.gpu:
+            limits["nvidia.com/gpu"] = str(settings.gpu)
+        container = run_v2.Container(
+            image=image, env=env,
+            resources=run_v2.ResourceRequirements(limits=limits, cpu_idle=False, startup_cpu_boost=True),
+            # Ready only once /health answers: the model imported, the state store opened. Up to
+            # 4 minutes for big models (the period x threshold), checked every 2 s.
+            startup_probe=run_v2.Probe(http_get=run_v2.HTTPGetAction(path="/health"), initial_delay_seconds=0,
+                                       timeout_seconds=1, period_seconds=2, failure_threshold=120),
+        )
+        template = run_v2.RevisionTemplate(
+            containers=[container],
+            scaling=run_v2.RevisionScaling(min_instance_count=settings.min_instances,
+                                           max_instance_count=settings.max_instances),
+            max_instance_request_concurrency=settings.concurrency,
+            timeout=duration_pb2.Duration(seconds=settings.timeout),
+            labels={MANAGED_LABEL[0]: MANAGED_LABEL[1]},
+        )
+        if settings.service_account:
+            template.service_account = settings.service_account
+        if settings.gpu:
+            template.node_selector = run_v2.NodeSelector(accelerator=settings.gpu_type)
+            template.gpu_zonal_redundancy_disabled = True
+        labels = {MANAGED_LABEL[0]: MANAGED_LABEL[1], **settings.labels}
+        return run_v2.Service(
+            template=template, labels=labels, ingress=run_v2.IngressTraffic[INGRESS[settings.ingress]],
+            # Label Studio cannot send Google identity tokens: the service is public and the
+            # backend's own basic auth protects it.
+            invoker_iam_disabled=True,
+            annotations={SPEC_ANNOTATION: spec_hash} if spec_hash else {},
+            description=f"Label Studio ML backend {settings.service} (lsdeploy)",
+        )
+
+    @staticmethod
+    def spec_hash(service) -> str:
+        from google.cloud import run_v2
+
+        data = run_v2.Service.to_json(service, sort_keys=True, indent=None)
+        return hashlib.sha256(data.encode()).hexdigest()
+
+    def get_service(self, settings):
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self.clients.services.get_service(name=settings.service_name)
+        except gexc.NotFound:
+            return None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "run", "reading service", settings.service_name, settings.project) from None
+
+    def apply_service(self, settings, desired, live, progress):
+        """Create or update; returns (service after the operation, True when it changed)."""
+        from google.api_core import exceptions as gexc
+
+        if live is not None and live.annotations.get(SPEC_ANNOTATION) == desired.annotations.get(SPEC_ANNOTATION) \
+                and live.latest_ready_revision and live.latest_ready_revision == live.latest_created_revision \
+                and _ready(live)[0]:
+            return live, False
+        try:
+            if live is None:
+                progress(f"creating Cloud Run service {settings.service} in {settings.region}")
+                op = self.clients.services.create_service(parent=settings.location, service=desired,
+                                                          service_id=settings.service)
+            else:
+                progress(f"updating Cloud Run service {settings.service}")
+                desired.name = settings.service_name
+                op = self.clients.services.update_service(service=desired)
+        except gexc.GoogleAPICallError as exc:
+            verb = "creating" if live is None else "updating"
+            raise google_error(exc, "run", f"{verb} service", settings.service_name, settings.project) from None
+        progress("waiting for the new revision to be ready")
+        try:
+            service = self._result(op, settings.ready_timeout)
+        except gexc.GoogleAPICallError as exc:
+            after = self.get_service(settings)
+            message = getattr(exc, "message", None) or str(exc)
+            if after is not None:
+                ready, condition = _ready(after)
+                message = condition or message
+                serving = after.latest_ready_revision.rsplit("/", 1)[-1] or "none"
+            else:
+                serving = "none"
+            if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests)):
+                raise google_error(exc, "run", "deploying", settings.service_name, settings.project) from None
+            raise LsdeployError(f"Cloud Run could not start the new revision of {settings.service}: {message} "
+                                f"(traffic stays on the previous revision: {serving}); Label Studio was not "
+                                "changed", EXIT_DEPLOY) from None
+        return service, True
+
+    def warm_up(self, url: str, settings, progress) -> None:
+        """GET /health until it answers, so Label Studio's 1 s health check meets a started instance."""
+        get = self._http_get
+        if get is None:
+            import requests
+
+            get = lambda u: requests.get(u, timeout=10)  # noqa: E731
+        deadline = time.monotonic() + settings.warmup_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                resp = get(url.rstrip("/") + "/health")
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}"
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                last = type(exc).__name__
+            time.sleep(min(self.poll_interval, 1.0))
+        raise LsdeployError(f"{url}/health did not answer 200 within {settings.warmup_timeout:.0f} s ({last}): check "
+                            "the service's logs in the Cloud Run console; Label Studio was not changed", EXIT_DEPLOY)
+
+    # -- the interface ------------------------------------------------------------------------
+    def deploy(self, settings: GcpSettings, bundle, progress=_quiet) -> DeployResult:
+        started = time.monotonic()
+        settings.validate()
+        progress(f"checking for an image of bundle {bundle.short_digest}")
+        image = self.find_image(settings, bundle)
+        build_id = None
+        if image:
+            progress(f"image for bundle {bundle.short_digest} exists: no upload, no build")
+        else:
+            image, build_id = self.build(settings, bundle, progress)
+            progress(f"built {image}")
+
+        secret_refs = {}
+        member = None
+        if settings.basic_auth or settings.label_studio_api_key or settings.secret_env:
+            progress("storing secrets in Secret Manager")
+        password = None
+        stored = []
+        if settings.basic_auth:
+            version, number, password = self.ensure_secret(settings, settings.secret_id("basic-auth-pass"), None,
+                                                           progress, generate=True)
+            secret_refs["BASIC_AUTH_PASS"] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
+            stored.append(version.split("/versions/")[0])
+            member = member or _member(settings, number)
+        if settings.label_studio_api_key:
+            version, number, _ = self.ensure_secret(settings, settings.secret_id("label-studio-api-key"),
+                                                    settings.label_studio_api_key, progress)
+            secret_refs["LABEL_STUDIO_API_KEY"] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
+            stored.append(version.split("/versions/")[0])
+            member = member or _member(settings, number)
+        for env_name, ref in settings.secret_env.items():
+            secret, _, version = ref.partition(":")
+            full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
+            secret_refs[env_name] = (full, version or "latest")
+        for secret_name in stored:
+            self.grant_accessor(settings, secret_name, member)
+
+        self.ensure_bucket(settings, settings.state_bucket_name, progress)
+        desired = self.desired_service(settings, image, secret_refs)
+        desired.annotations[SPEC_ANNOTATION] = self.spec_hash(desired)
+        live = self.get_service(settings)
+        service, changed = self.apply_service(settings, desired, live, progress)
+        if changed:
+            service = self.get_service(settings) or service
+        revision = service.latest_ready_revision.rsplit("/", 1)[-1]
+        url = service.uri
+        progress(f"serving at {url} (revision {revision}{'' if changed else ', unchanged'})")
+
+        registrations = []
+        if settings.projects:
+            self.warm_up(url, settings, progress)
+            progress(f"registering {url} with Label Studio project(s) {', '.join(map(str, settings.projects))}")
+            registrations = self.register(settings, url, password)
+        return DeployResult(
+            provider=self.name, project=settings.project, region=settings.region, service=settings.service, url=url,
+            revision=revision, image=image, bundle_digest=bundle.digest, built=build_id is not None,
+            build_id=build_id, new_revision=changed and (live is None or live.latest_ready_revision != service.latest_ready_revision),
+            state_uri=settings.state_uri, basic_auth_user=settings.basic_auth_user if settings.basic_auth else None,
+            secrets=sorted({ref[0] for ref in secret_refs.values()}),
+            registrations=[r.to_dict() for r in registrations], seconds=round(time.monotonic() - started, 3),
+        )
+
+    def register(self, settings, url, password) -> list:
+        from .. import labelstudio
+
+        factory = self._labelstudio_factory or labelstudio.LabelStudio
+        client = factory(settings.label_studio_url, settings.label_studio_api_key)
+        return client.register(url, settings.projects, title=settings.title or f"{settings.service} (Cloud Run)",
+                               basic_auth=(settings.basic_auth_user, password) if settings.basic_auth else None)
+
+    def plan(self, settings, bundle) -> PlanResult:
+        settings.validate()
+        image = self.find_image(settings, bundle)
+        live = self.get_service(settings)
+        return PlanResult(service=settings.service, bundle_digest=bundle.digest, bundle_size=bundle.size,
+                          bundle_files=[f.path for f in bundle.files], dockerfile=bundle.dockerfile,
+                          image_exists=image is not None, build_needed=image is None, service_exists=live is not None)
+
+    def status(self, settings) -> StatusResult:
+        live = self.get_service(settings)
+        if live is None:
+            return StatusResult(service=settings.service, exists=False)
+        ready, message = _ready(live)
+        return StatusResult(
+            service=settings.service, exists=True, url=live.uri, ready=ready, message=message,
+            latest_ready_revision=live.latest_ready_revision.rsplit("/", 1)[-1],
+            latest_created_revision=live.latest_created_revision.rsplit("/", 1)[-1],
+            traffic=[{"revision": t.revision or live.latest_ready_revision.rsplit("/", 1)[-1], "percent": t.percent}
+                     for t in live.traffic_statuses],
+            image=live.template.containers[0].image if live.template.containers else "",
+            updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels))
+
+    def destroy(self, settings, purge: bool = False, progress=_quiet) -> DestroyResult:
+        raise NotImplementedError("destroy is not implemented yet (issue 7)")
+
+
+def _member(settings, project_number: str) -> str:
+    account = settings.service_account or f"{project_number}-compute@developer.gserviceaccount.com"
+    return f"serviceAccount:{account}"
+
+
+def _ready(service) -> tuple:
+    """(ready, message) from the service's Ready condition."""
+    from google.cloud import run_v2
+
+    cond = service.terminal_condition
+    if cond and cond.type_ == "Ready":
+        ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+        return ok, "" if ok else cond.message
+    for cond in service.conditions:
+        if cond.type_ == "Ready":
+            ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+            return ok, "" if ok else cond.message
+    return bool(service.latest_ready_revision), ""
+
+
+class LogStreamer:
+    """Prints a build's log as Cloud Build writes it to gs://<logs bucket>/log-<id>.txt."""
+
+    def __init__(self, storage_client, logs_bucket: str, build_id: str, progress):
+        self.progress = progress
+        self.offset = 0
+        self.partial = b""
+        self.lines: list = []
+        self.where = None
+        self.client = storage_client
+        if logs_bucket.startswith("gs://") and not logs_bucket.endswith(".googleusercontent.com"):
+            bucket, _, prefix = logs_bucket[5:].partition("/")
+            self.where = (bucket, f"{prefix.rstrip('/') + '/' if prefix else ''}log-{build_id}.txt")
+
+    def poll(self) -> None:
+        if self.where is None:
+            return
+        try:
+            # A fresh Blob each time: a downloaded Blob remembers its generation, and the log
+            # object gets a new generation at every write.
+            blob = self.client.bucket(self.where[0]).blob(self.where[1])
+            chunk = blob.download_as_bytes(start=self.offset)
+        except Exception:  # noqa: BLE001 - 404 before the first write, 416 when nothing new
+            return
+        if not chunk:
+            return
+        self.offset += len(chunk)
+        data = self.partial + chunk
+        *complete, self.partial = data.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            self.progress(f"  build | {line}")
+
+    def tail(self, count: int) -> list:
+        lines = [line for line in self.lines if line.strip()]
+        if self.partial.strip():
+            lines.append(self.partial.decode("utf-8", "replace"))
+        return lines[-count:]

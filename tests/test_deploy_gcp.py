@@ -1,0 +1,251 @@
+"""`deploy gcp` against the Google API fakes (tests/fakes) and a real fake-gcs-server.
+
+The Cloud Run fake runs each revision as a local process from the bundle its image was built
+from, so a deployed backend is a real `label-studio-ml start` answering on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from fakes.fixtures import FAST_POLLING
+from gcs_emulator import GCSEmulator
+from support import TEXT_CONFIG, predict_body, run_cli, text_task
+
+from lsdeploy.blueprints import create
+from lsdeploy.bundle import SourceBundle
+from lsdeploy.errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
+from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
+
+PROJECT = "demo-project"
+REGION = "europe-west4"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    emulator = GCSEmulator(tmp_path_factory.mktemp("fake-gcs") / "data").start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def cloud(make_gcp_fakes, gcs):
+    return make_gcp_fakes(runner=True, storage_url=gcs.url)
+
+
+@pytest.fixture
+def api_cloud(make_gcp_fakes, gcs):
+    """Fakes without the runner (revisions count as ready after a short delay)."""
+    return make_gcp_fakes(storage_url=gcs.url)
+
+
+_count = iter(range(10_000))
+
+
+@pytest.fixture
+def backend(tmp_path):
+    directory = tmp_path / f"backend-{next(_count)}"
+    create(directory)
+    return directory
+
+
+def provider_for(cloud) -> GcpProvider:
+    return GcpProvider(GcpClients.from_env(cloud.env, PROJECT), polling=FAST_POLLING, poll_interval=0.1)
+
+
+def settings_for(service, **kwargs) -> GcpSettings:
+    # each test has its own buckets (the emulator is shared by the module)
+    kwargs.setdefault("source_bucket", f"src-{service}")
+    kwargs.setdefault("state_bucket", f"state-{service}")
+    return GcpSettings(project=PROJECT, region=REGION, service=service, min_instances=0, **kwargs)
+
+
+def deploy(cloud, directory, settings, lines=None):
+    return provider_for(cloud).deploy(settings, SourceBundle.from_directory(directory),
+                                      (lines.append if lines is not None else lambda m: None))
+
+
+def basic_auth_password(cloud, service):
+    clients = GcpClients.from_env(cloud.env, PROJECT)
+    version = clients.secrets.access_secret_version(name=f"projects/{PROJECT}/secrets/{service}-basic-auth-pass/versions/latest")
+    return version.payload.data.decode()
+
+
+def test_first_deploy_unchanged_redeploy_and_code_change(cloud, backend):
+    lines = []
+    first = deploy(cloud, backend, settings_for("first"), lines)
+    assert first.built and first.new_revision and first.revision.startswith("first-00001-")
+    assert first.image.startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/first@sha256:")
+    assert first.state_uri == "gs://state-first/first"
+    assert any(line.startswith("  build | ") for line in lines), "the build log is streamed"
+    assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 1
+
+    # the service runs the backend, public at the front end, protected by basic auth
+    assert requests.get(first.url + "/health", timeout=30).json()["status"] == "UP"
+    body = predict_body([text_task(1, "great")], label_config=TEXT_CONFIG)
+    assert requests.post(first.url + "/predict", json=body, timeout=30).status_code == 401
+    answer = requests.post(first.url + "/predict", json=body, auth=("labelstudio", basic_auth_password(cloud, "first")),
+                           timeout=30)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 1
+    service = GcpClients.from_env(cloud.env, PROJECT).services.get_service(
+        name=f"projects/{PROJECT}/locations/{REGION}/services/first")
+    container = service.template.containers[0]
+    assert container.image == first.image
+    assert container.resources.cpu_idle is False and container.resources.startup_cpu_boost is True
+    assert container.startup_probe.http_get.path == "/health"
+    assert service.invoker_iam_disabled is True
+    env = {e.name: e for e in container.env}
+    assert env["MODEL_STATE_URI"].value == "gs://state-first/first"
+    assert env["BASIC_AUTH_PASS"].value_source.secret_key_ref.secret.endswith("/secrets/first-basic-auth-pass")
+    assert env["BASIC_AUTH_PASS"].value == ""
+
+    # unchanged: no upload, no build, no new revision, same result
+    storage = GcpClients.from_env(cloud.env, PROJECT).storage
+    objects = lambda: sorted((b.name, b.generation) for b in storage.list_blobs("src-first", prefix="sources/"))  # noqa: E731
+    uploaded = objects()
+    assert len(uploaded) == 1
+    cloud.log.clear()
+    again = deploy(cloud, backend, settings_for("first"))
+    assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 0
+    assert cloud.log.count(api="run", method="CreateService") == cloud.log.count(api="run", method="UpdateService") == 0
+    assert cloud.log.mutating() == []
+    assert objects() == uploaded
+    assert not again.built and not again.new_revision
+    assert (again.url, again.revision, again.image) == (first.url, first.revision, first.image)
+    assert len(list(GcpClients.from_env(cloud.env, PROJECT).revisions.list_revisions(parent=service.name))) == 1
+
+    # code change: one build reusing the previous image as cache, one new revision
+    (backend / "model.py").write_text((backend / "model.py").read_text() + "\n# a change\n")
+    cloud.log.clear()
+    changed = deploy(cloud, backend, settings_for("first"))
+    builds = cloud.log.filter(api="cloudbuild", method="CreateBuild")
+    assert len(builds) == 1
+    record = cloud.cloudbuild.record(changed.build_id)
+    assert any(found for _, found in record.cache_from), record.cache_from
+    assert changed.built and changed.new_revision and changed.revision != first.revision
+    assert changed.image != first.image and changed.url == first.url
+    assert len(list(GcpClients.from_env(cloud.env, PROJECT).revisions.list_revisions(parent=service.name))) == 2
+    assert requests.get(changed.url + "/health", timeout=30).status_code == 200
+
+
+def test_secrets_never_plain_env_values(api_cloud, backend):
+    settings = settings_for("secretive", label_studio_url="http://label-studio.example",
+                            label_studio_api_key="legacy-key-0123456789", env={"MODE": "fast"})
+    result = deploy(api_cloud, backend, settings)
+    stored = {value.decode() for value in api_cloud.secretmanager.all_values()}
+    assert "legacy-key-0123456789" in stored and len(stored) == 2
+    writes = api_cloud.log.filter(api="run", mutating=True)
+    assert writes
+    for entry in writes:
+        if not entry.request.service.template.containers:
+            continue
+        for env in entry.request.service.template.containers[0].env:
+            assert env.value not in stored
+        names = {env.name for env in entry.request.service.template.containers[0].env
+                 if env.value_source.secret_key_ref.secret}
+        assert names == {"BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
+    # the key travels only in the Secret Manager payload, never in any other request
+    for entry in api_cloud.log.entries:
+        if entry.method != "AddSecretVersion":
+            assert "legacy-key-0123456789" not in json.dumps(entry.body or {}) + entry.path + json.dumps(entry.query)
+    assert len(result.secrets) == 2 and "legacy-key-0123456789" not in json.dumps(result.to_dict())
+
+
+def test_failed_build_deploys_nothing(api_cloud, backend):
+    api_cloud.cloudbuild.fail_next(step=1, log_lines=["ERROR: No matching distribution found for not-a-package"])
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("broken"))
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_BUILD
+    assert "step 1 (build)" in message and "No matching distribution found for not-a-package" in message
+    assert api_cloud.log.count(api="run", method="CreateService") == 0
+    assert api_cloud.log.count(api="secretmanager", method="CreateSecret") == 0
+
+
+def test_revision_never_ready_keeps_traffic(cloud, backend):
+    first = deploy(cloud, backend, settings_for("flaky"))
+    cloud.run.never_ready("flaky", message="The user-provided container failed to start and listen on the port.")
+    (backend / "model.py").write_text((backend / "model.py").read_text() + "\n# another change\n")
+    with pytest.raises(LsdeployError) as info:
+        deploy(cloud, backend, settings_for("flaky"))
+    assert info.value.exit_code == EXIT_DEPLOY
+    assert "failed to start and listen on the port" in str(info.value)
+    assert f"traffic stays on the previous revision: {first.revision}" in str(info.value)
+    service = GcpClients.from_env(cloud.env, PROJECT).services.get_service(
+        name=f"projects/{PROJECT}/locations/{REGION}/services/flaky")
+    assert service.latest_ready_revision.endswith(first.revision)
+    assert requests.get(first.url + "/health", timeout=30).status_code == 200
+
+
+def test_permission_denied_names_permission_and_role(api_cloud, backend):
+    api_cloud.deny("run", "CreateService")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("denied"))
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_AUTH
+    assert "run.services.create" in message and "roles/run.developer" in message and "\n" not in message
+
+
+def test_api_not_enabled_says_how_to_enable(api_cloud, backend):
+    api_cloud.disable_api("cloudbuild")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("disabled"))
+    assert "Cloud Build API is not enabled" in str(info.value)
+    assert f"gcloud services enable cloudbuild.googleapis.com --project {PROJECT}" in str(info.value)
+    assert api_cloud.log.count(api="run") == 0
+
+
+def test_quota_error(api_cloud, backend):
+    api_cloud.quota("artifactregistry", "GetTag", times=1)
+    with pytest.raises(LsdeployError, match="quota"):
+        deploy(api_cloud, backend, settings_for("quota"))
+
+
+def test_own_dockerfile_is_built_and_run(cloud, backend):
+    (backend / "Dockerfile").write_text(
+        "FROM python:3.12-slim\nWORKDIR /srv\nCOPY wheels/ /tmp/wheels/\nRUN pip install /tmp/wheels/*.whl\n"
+        "COPY . /srv\nENV MODEL_DIR=/srv/state\nCMD label-studio-ml start /srv --host 0.0.0.0 --port $PORT\n")
+    bundle = SourceBundle.from_directory(backend)
+    assert bundle.dockerfile == "own"
+    result = provider_for(cloud).deploy(settings_for("own-dockerfile"), bundle)
+    assert requests.get(result.url + "/health", timeout=30).status_code == 200
+    process = cloud.run.process(result.revision)
+    assert process.argv[:2] == ["/bin/sh", "-c"] and "label-studio-ml start " in process.argv[2]
+    assert "/srv --host 0.0.0.0 --port $PORT" in process.argv[2]  # the user's own shell-form CMD
+
+
+def test_cli_invalid_service_name_sends_nothing(api_cloud, backend):
+    done = run_cli("deploy", "gcp", backend, "--service", "My_Service", env={**api_cloud.env, "GCP_PROJECT": PROJECT})
+    assert done.returncode == EXIT_USAGE
+    assert "not a valid Cloud Run service name" in done.stderr and "Traceback" not in done.stderr
+    assert len(api_cloud.log) == 0
+
+
+def test_cli_json_from_script(api_cloud, tmp_path):
+    script = tmp_path / "my_model.py"
+    script.write_text("from lsdeploy.model import LabelStudioMLBase\n\n\nclass Echo(LabelStudioMLBase):\n"
+                      "    def predict(self, tasks, context=None, **kwargs):\n        return []\n")
+    directory = tmp_path / "echo-backend"
+    done = run_cli("deploy", "gcp", directory, "--from", str(script), "--json",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION,
+                        "LSDEPLOY_SOURCE_BUCKET": "src-cli", "LSDEPLOY_STATE_BUCKET": "state-cli"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["service"] == "echo-backend" and result["built"] is True
+    assert result["image"].split("@")[1].startswith("sha256:")
+    assert "bundle " in done.stderr and "building image" in done.stderr
+    assert (directory / "my_model.py").is_file()
+
+
+def test_settings_validation():
+    good = dict(project=PROJECT, region=REGION, service="ok")
+    for bad, match in [(dict(service="-x"), "service name"), (dict(service="a" * 50), "service name"),
+                       (dict(service="trailing-"), "service name"), (dict(region="europe_west4"), "region"),
+                       (dict(project="My Project"), "project id"), (dict(gpu=1), "at least 4 CPUs"),
+                       (dict(env={"PORT": "1"}), "set by lsdeploy or Cloud Run"),
+                       (dict(labels={"Team": "x"}), "label"), (dict(projects=[1]), "--label-studio-host")]:
+        with pytest.raises(LsdeployError, match=match):
+            GcpSettings(**{**good, **bad}).validate()
+    GcpSettings(**good, gpu=1, cpu="4", memory="16Gi").validate()
