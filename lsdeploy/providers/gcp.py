@@ -710,10 +710,11 @@ class GcpProvider(Provider):
         for secret_name in stored:
             self.grant_accessor(settings, secret_name, member)
 
-        self.ensure_bucket(settings, settings.state_bucket_name, progress)
         desired = self.desired_service(settings, image, secret_refs)
         desired.annotations[SPEC_ANNOTATION] = self.spec_hash(desired)
         live = self.get_service(settings)
+        if live is None or live.annotations.get(SPEC_ANNOTATION) != desired.annotations[SPEC_ANNOTATION]:
+            self.ensure_bucket(settings, settings.state_bucket_name, progress)  # MODEL_STATE_URI's bucket
         service, changed = self.apply_service(settings, desired, live, progress)
         if changed:
             service = self.get_service(settings) or service
