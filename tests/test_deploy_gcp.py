@@ -249,3 +249,25 @@ def test_settings_validation():
         with pytest.raises(LsdeployError, match=match):
             GcpSettings(**{**good, **bad}).validate()
     GcpSettings(**good, gpu=1, cpu="4", memory="16Gi").validate()
+
+
+def test_cli_without_google_credentials_says_how_to_log_in(backend, tmp_path):
+    env = {"GCP_PROJECT": PROJECT, "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+           "GOOGLE_APPLICATION_CREDENTIALS": "", "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
+           "GCE_METADATA_IP": "127.0.0.1:9"}
+    done = run_cli("deploy", "gcp", backend, env=env)
+    assert done.returncode == EXIT_AUTH, done.stderr
+    assert "gcloud auth application-default login" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_text_output(api_cloud, backend):
+    done = run_cli("deploy", "gcp", backend, "--service", "texty", "--env", "MODE=fast", "--label", "team=ml",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-texty",
+                        "LSDEPLOY_STATE_BUCKET": "state-texty"})
+    assert done.returncode == 0, done.stderr
+    assert "URL:" in done.stdout and "revision:  texty-00001-" in done.stdout and "@sha256:" in done.stdout
+    assert "not registered" in done.stdout
+    (create_call,) = api_cloud.log.filter(api="run", method="CreateService")
+    service = create_call.request.service
+    assert service.labels["team"] == "ml" and service.labels["managed-by"] == "lsdeploy"
+    assert {e.name: e.value for e in service.template.containers[0].env}["MODE"] == "fast"

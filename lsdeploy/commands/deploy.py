@@ -124,13 +124,15 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
     elif bool(label_studio_host) != bool(label_studio_api_key):
         raise LsdeployError("pass both --label-studio-host and --label-studio-api-key (LABEL_STUDIO_URL, "
                             "LABEL_STUDIO_API_KEY), or neither", EXIT_USAGE)
+    # Google credentials (or the endpoint overrides) before any work that needs them
+    clients = GcpClients.from_env(dict(os.environ), settings.project)
     if preview:
         _preview(directory, progress)
     # 2. bundle
     bundle = SourceBundle.from_directory(directory, blueprint=blueprint)
     progress(f"bundle {bundle.short_digest}: {len(bundle.files)} files, {bundle.size} bytes, "
              f"Dockerfile: {bundle.dockerfile}")
-    provider = GcpProvider(GcpClients.from_env(dict(os.environ), settings.project))
+    provider = GcpProvider(clients)
     result = provider.deploy(settings, bundle, progress)
     if as_json:
         emit_json(result.to_dict())
