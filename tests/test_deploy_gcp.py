@@ -271,3 +271,42 @@ def test_cli_text_output(api_cloud, backend):
     service = create_call.request.service
     assert service.labels["team"] == "ml" and service.labels["managed-by"] == "lsdeploy"
     assert {e.name: e.value for e in service.template.containers[0].env}["MODE"] == "fast"
+
+
+def test_cli_directory_without_model_fails_before_any_request(api_cloud, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("deploy", "gcp", empty, env={**api_cloud.env, "GCP_PROJECT": PROJECT})
+    assert done.returncode == EXIT_USAGE and "label-studio-ml create" in done.stderr
+    assert len(api_cloud.log) == 0
+
+
+def test_model_needing_packages_only_the_image_has(api_cloud, backend):
+    """torch & co. are often installed only in the image: the class is found in the source."""
+    (backend / "model.py").write_text("import not_installed_here_pkg\nfrom lsdeploy.model import LabelStudioMLBase\n\n\n"
+                                      "class Heavy(LabelStudioMLBase):\n    pass\n")
+    (backend / "requirements.txt").write_text("not-installed-here-pkg\n")
+    done = run_cli("deploy", "gcp", backend, "--service", "heavy", "--json",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-heavy",
+                        "LSDEPLOY_STATE_BUCKET": "state-heavy"})
+    assert done.returncode == 0, done.stderr
+    assert "model class Heavy" in done.stderr and "not_installed_here_pkg" in done.stderr
+
+
+def test_plan_and_status_are_read_only(api_cloud, backend):
+    provider = provider_for(api_cloud)
+    settings = settings_for("planned")
+    bundle = SourceBundle.from_directory(backend)
+    before = provider.plan(settings, bundle)
+    assert before.build_needed and not before.service_exists and before.bundle_digest == bundle.digest
+    assert provider.status(settings).exists is False
+    assert api_cloud.log.mutating() == []
+    result = provider.deploy(settings, bundle)
+    api_cloud.log.clear()
+    after = provider.plan(settings, bundle)
+    status = provider.status(settings)
+    assert not after.build_needed and after.service_exists
+    assert status.ready and status.url == result.url and status.image == result.image
+    assert status.latest_ready_revision == result.revision
+    assert api_cloud.log.mutating() == []
+    assert json.loads(json.dumps(status.to_dict()))["service"] == "planned"

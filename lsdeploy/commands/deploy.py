@@ -89,7 +89,6 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
     """
     from ..bundle import SourceBundle
     from ..errors import EXIT_USAGE, LsdeployError
-    from ..loader import load_model_class
     from ..providers.gcp import GcpClients, GcpProvider, GcpSettings
     from .connect import _projects
 
@@ -111,8 +110,8 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         written = render(directory, blueprint=blueprint, script=script, force=True)
         progress(f"created {directory} from {script}: {', '.join(written)}")
     settings.validate()
-    model_class = load_model_class(directory)
-    progress(f"model class {model_class.__name__}; service {settings.service} in {settings.project}/{settings.region}")
+    progress(f"model class {_model_class_name(directory, progress)}; service {settings.service} in "
+             f"{settings.project}/{settings.region}")
     if label_studio_host and label_studio_api_key:
         from ..labelstudio import LabelStudio
 
@@ -139,6 +138,33 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         return
     for line in result.lines():
         click.echo(line)
+
+
+def _model_class_name(directory: str, progress) -> str:
+    """The backend's model class, imported like the container will. A backend whose packages are
+    installed only in its image (torch, transformers...) cannot be imported here: then the class
+    is found by reading the source, and the image build installs requirements.txt."""
+    import ast
+    from pathlib import Path
+
+    from ..errors import ModelLoadError
+    from ..loader import _candidates, load_model_class
+
+    try:
+        return load_model_class(directory).__name__
+    except ModelLoadError as exc:
+        if "no module named" not in str(exc) or "label_studio_ml" in str(exc):
+            raise
+        found = []
+        for path in _candidates(Path(directory)):
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            found += [node.name for node in tree.body if isinstance(node, ast.ClassDef) and any(
+                (isinstance(b, ast.Name) and b.id == "LabelStudioMLBase")
+                or (isinstance(b, ast.Attribute) and b.attr == "LabelStudioMLBase") for b in node.bases)]
+        if len(found) != 1:
+            raise
+        progress(f"note: {exc}; deploying anyway: the image installs the backend's requirements")
+        return found[0]
 
 
 def _service_name(directory: str) -> str:
