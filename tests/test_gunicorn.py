@@ -178,3 +178,16 @@ def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir):
     from lsdeploy.state import SQLiteStore
 
     assert SQLiteStore(str(counter_dir / ".lsdeploy")).get("3", "n") == len(acknowledged)
+
+
+def test_huge_batch_is_served_and_oversize_refused(counter_dir):
+    """A batch of 20,000 tasks (Label Studio sends every task lacking a prediction in one call)
+    is answered in full; a body over MAX_REQUEST_BYTES is a JSON 413, and the worker lives on."""
+    with Server(counter_dir, env={"MAX_REQUEST_BYTES": str(8 * 1024 * 1024)}) as server:
+        tasks = [text_task(i, f"task number {i}") for i in range(20_000)]
+        resp = server.post("/predict", json=predict_body(tasks), timeout=120)
+        assert resp.status_code == 200 and len(resp.json()["results"]) == 20_000
+        huge = predict_body([text_task(i, "x" * 1000) for i in range(10_000)])  # about 11 MB
+        resp = server.post("/predict", json=huge, timeout=120)
+        assert resp.status_code == 413 and "MAX_REQUEST_BYTES" in resp.json()["error"]
+        assert server.get("/health").status_code == 200
