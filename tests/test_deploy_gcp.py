@@ -6,6 +6,7 @@ from, so a deployed backend is a real `label-studio-ml start` answering on 127.0
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -310,3 +311,34 @@ def test_plan_and_status_are_read_only(api_cloud, backend):
     assert status.latest_ready_revision == result.revision
     assert api_cloud.log.mutating() == []
     assert json.loads(json.dumps(status.to_dict()))["service"] == "planned"
+
+
+def test_cli_preview_runs_before_deploying(api_cloud, backend):
+    done = run_cli("deploy", "gcp", backend, "--service", "previewed", "--preview",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-previewed",
+                        "LSDEPLOY_STATE_BUCKET": "state-previewed"})
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert err.index("preview: predictions are valid") < err.index("checking for an image")
+    assert api_cloud.log.count(api="run", method="CreateService") == 1
+
+
+def test_registration_failure_says_the_service_is_deployed(api_cloud, backend):
+    """The real Label Studio path is in tests/e2e/test_deploy_gcp.py; here only the wording."""
+
+    class RefusingLabelStudio:
+        def __init__(self, host, key):
+            pass
+
+        def register(self, url, projects, **kwargs):
+            raise LsdeployError("Label Studio cannot reach the backend", 6)
+
+    provider = GcpProvider(GcpClients.from_env(api_cloud.env, PROJECT), polling=FAST_POLLING, poll_interval=0.1,
+                           http_get=lambda url: SimpleNamespace(status_code=200),  # the fake's URL is not local
+                           labelstudio_factory=RefusingLabelStudio)
+    settings = settings_for("unregistered", label_studio_url="http://ls.example", label_studio_api_key="k" * 20,
+                            projects=[1])
+    with pytest.raises(LsdeployError) as info:
+        provider.deploy(settings, SourceBundle.from_directory(backend))
+    assert info.value.exit_code == 6
+    assert str(info.value).startswith("deployed https://unregistered-") and "Label Studio cannot reach" in str(info.value)

@@ -726,7 +726,11 @@ class GcpProvider(Provider):
         if settings.projects:
             self.warm_up(url, settings, progress)
             progress(f"registering {url} with Label Studio project(s) {', '.join(map(str, settings.projects))}")
-            registrations = self.register(settings, url, password)
+            try:
+                registrations = self.register(settings, url, password)
+            except LsdeployError as exc:
+                raise LsdeployError(f"deployed {url} (revision {revision}) but registering it with Label Studio "
+                                    f"failed: {exc}", exc.exit_code) from None
         return DeployResult(
             provider=self.name, project=settings.project, region=settings.region, service=settings.service, url=url,
             revision=revision, image=image, bundle_digest=bundle.digest, built=build_id is not None,
