@@ -37,6 +37,7 @@ class ServeSettings:
     log_level: str = "INFO"
     debug: bool = False
     graceful_timeout: int = GRACEFUL_TIMEOUT
+    client_timeout: float = 30.0
 
 
 def server_command(directory: str, port: int, host: str = "0.0.0.0", model: Optional[str] = None) -> list[str]:
@@ -157,6 +158,28 @@ def build_app(settings: ServeSettings):
     return create_app(model_class, basic_auth=settings.basic_auth, debug=settings.debug)
 
 
+def bounded_worker_class(client_timeout: float):
+    """gunicorn's gthread worker with a socket timeout on every connection: a client that stops
+    sending its request (or stops reading the answer) for `client_timeout` seconds is
+    disconnected instead of holding one of the worker's threads for ever. gunicorn itself
+    already sets aside connections that send nothing at all."""
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class BoundedThreadWorker(ThreadWorker):
+        def handle(self, conn):
+            if "init" not in conn.__dict__:
+                init = conn.init
+
+                def bounded_init():  # runs for every request on the connection
+                    init()
+                    conn.sock.settimeout(client_timeout)
+
+                conn.init = bounded_init
+            return super().handle(conn)
+
+    return BoundedThreadWorker
+
+
 def run(settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
     check_port(settings.host, settings.port)
@@ -188,7 +211,7 @@ def run(settings: ServeSettings) -> None:
         "bind": bind,
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": "gthread",
+        "worker_class": bounded_worker_class(settings.client_timeout),
         "timeout": 0,  # predictions may take long; Cloud Run enforces its request timeout
         "graceful_timeout": graceful,
         "keepalive": 5,

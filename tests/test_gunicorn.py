@@ -191,3 +191,28 @@ def test_huge_batch_is_served_and_oversize_refused(counter_dir):
         resp = server.post("/predict", json=huge, timeout=120)
         assert resp.status_code == 413 and "MAX_REQUEST_BYTES" in resp.json()["error"]
         assert server.get("/health").status_code == 200
+
+
+def test_slow_client_is_cut_off_and_others_are_served(counter_dir):
+    """Clients that stall halfway through their body lose their connection after CLIENT_TIMEOUT,
+    even when they hold every thread of the worker; then other clients are answered."""
+    import socket
+
+    with Server(counter_dir, "--threads", "2", env={"CLIENT_TIMEOUT": "1.5"}) as server:
+        stalled = []
+        began = time.monotonic()
+        for _ in range(2):  # as many stalled clients as the worker has threads
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"tasks\": [")
+            stalled.append(sock)
+        time.sleep(0.3)
+        # a well-behaved client is answered once the stalled ones are cut off
+        resp = server.post("/predict", json=predict_body([text_task(1, "x")]), timeout=30)
+        assert resp.status_code == 200
+        for sock in stalled:
+            sock.settimeout(10)
+            data = sock.recv(1024)
+            assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:80]
+            sock.close()
+        assert 1.0 < time.monotonic() - began < 8

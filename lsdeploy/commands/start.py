@@ -20,10 +20,13 @@ import click
               help="Require basic auth with this user (everything but GET /health).")
 @click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
               help="Basic auth password (prefer the environment variable: argv is visible to other users).")
+@click.option("--client-timeout", type=click.FloatRange(0.1, 3600), default=30.0, envvar="CLIENT_TIMEOUT",
+              show_envvar=True, help="Seconds a client may stall while sending a request or reading an answer.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", envvar="LOG_LEVEL", show_envvar=True, help="Log level.")
 @click.option("--debug", is_flag=True, default=False, help="Flask's reloading development server, full tracebacks.")
-def start(directory, port, host, workers, threads, model, basic_auth_user, basic_auth_pass, log_level, debug):
+def start(directory, port, host, workers, threads, model, basic_auth_user, basic_auth_pass, client_timeout, log_level,
+          debug):
     """Serve the backend in DIR under gunicorn (the same command its container runs).
 
     State is kept in SQLite under MODEL_DIR (default DIR/.lsdeploy), or in Cloud Storage when
@@ -39,5 +42,5 @@ def start(directory, port, host, workers, threads, model, basic_auth_user, basic
     run(ServeSettings(
         directory=directory, port=port, host=host, workers=workers, threads=threads, model=model,
         basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
-        log_level=log_level.upper(), debug=debug,
+        log_level=log_level.upper(), debug=debug, client_timeout=client_timeout,
     ))
