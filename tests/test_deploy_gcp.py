@@ -342,3 +342,20 @@ def test_registration_failure_says_the_service_is_deployed(api_cloud, backend):
         provider.deploy(settings, SourceBundle.from_directory(backend))
     assert info.value.exit_code == 6
     assert str(info.value).startswith("deployed https://unregistered-") and "Label Studio cannot reach" in str(info.value)
+
+
+def test_storage_permission_denied_names_the_bucket_and_role(make_gcp_fakes, gcs, backend):
+    from gcs_emulator import FaultProxy
+
+    proxy = FaultProxy(gcs.port).start()
+    try:
+        cloud = make_gcp_fakes(storage_url=proxy.url)
+        proxy.deny_write_prefix = "sources/"
+        with pytest.raises(LsdeployError) as info:
+            deploy(cloud, backend, settings_for("nowrite"))
+    finally:
+        proxy.stop()
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_AUTH
+    assert "Cloud Storage" in message and "gs://src-nowrite/sources/nowrite/" in message and "roles/storage" in message
+    assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 0

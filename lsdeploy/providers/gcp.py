@@ -66,6 +66,10 @@ ROLES = [
     ("storage.", "roles/storage.objectAdmin"),
 ]
 
+DEFAULT_ROLES = {"run": "roles/run.developer", "cloudbuild": "roles/cloudbuild.builds.editor",
+                 "artifactregistry": "roles/artifactregistry.writer", "secretmanager": "roles/secretmanager.admin",
+                 "storage": "roles/storage.objectAdmin"}
+
 
 class GoogleApiError(LsdeployError):
     """A Google API refused a call; the message names the API, the resource and the fix."""
@@ -96,16 +100,16 @@ def google_error(exc, api: str, action: str, resource: str, project: str = "") -
     if isinstance(exc, gexc.Forbidden) or isinstance(exc, gexc.PermissionDenied):
         permission = metadata.get("permission") or ""
         if not permission:
-            found = re.search(r"Permission '?([a-zA-Z]+\.[a-zA-Z]+\.[a-zA-Z]+)'?", message)
+            found = re.search(r"(?:[Pp]ermission '?|does not have )([a-zA-Z]+\.[a-zA-Z]+\.[a-zA-Z]+)", message)
             permission = found.group(1) if found else ""
         what = f"permission {permission}" if permission else "permission"
+        role = role_for(permission) if permission else DEFAULT_ROLES.get(api, "the roles listed in docs/deploy-gcp.md")
         return GoogleApiError(f"{title}: {action} {resource} was refused ({what} denied): grant the deploying "
-                              f"identity {role_for(permission) if permission else 'the roles listed in docs/deploy-gcp.md'}"
-                              f" on project {project or '?'} (gcloud projects add-iam-policy-binding)",
+                              f"identity {role} on project {project or '?'} (gcloud projects add-iam-policy-binding)",
                               EXIT_AUTH, "PERMISSION_DENIED")
     if isinstance(exc, (gexc.TooManyRequests, gexc.ResourceExhausted)):
         return GoogleApiError(f"{title}: {action} {resource} hit a quota or rate limit ({message}): wait and retry, "
-                              f"or request more quota in the console (IAM & Admin > Quotas){project_flag and ''}",
+                              "or request more quota in the console (IAM & Admin > Quotas)",
                               EXIT_DEPLOY, "QUOTA")
     if isinstance(exc, gexc.Unauthorized):
         return GoogleApiError(f"{title}: the Google credentials were refused ({message}): run `gcloud auth "
@@ -394,6 +398,13 @@ class GcpProvider(Provider):
                         raise LsdeployError(f"the bucket name gs://{name} is taken by another project: choose "
                                             "another with --source-bucket/--state-bucket", EXIT_USAGE) from None
             return bucket
+        except gexc.Forbidden as exc:
+            error = google_error(exc, "storage", "using bucket", f"gs://{name}", settings.project)
+            if error.reason == "PERMISSION_DENIED":
+                error = GoogleApiError(f"{error}; bucket names are global: if gs://{name} belongs to another "
+                                       "project, choose another name with --source-bucket/--state-bucket",
+                                       error.exit_code, error.reason)
+            raise error from None
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, "storage", "using bucket", f"gs://{name}", settings.project) from None
 
