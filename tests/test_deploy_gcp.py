@@ -5,7 +5,9 @@ from, so a deployed backend is a real `label-studio-ml start` answering on 127.0
 """
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from types import SimpleNamespace
 
 import pytest
@@ -359,3 +361,30 @@ def test_storage_permission_denied_names_the_bucket_and_role(make_gcp_fakes, gcs
     assert info.value.exit_code == EXIT_AUTH
     assert "Cloud Storage" in message and "gs://src-nowrite/sources/nowrite/" in message and "roles/storage" in message
     assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 0
+
+
+def test_reference_sdk_backend_with_its_own_dockerfile_deploys_unchanged(api_cloud, tmp_path):
+    directory = tmp_path / "reference-backend"
+    directory.mkdir()
+    (directory / "model.py").write_text(
+        "from label_studio_ml.model import LabelStudioMLBase\n\n\nclass NewModel(LabelStudioMLBase):\n"
+        "    def predict(self, tasks, context=None, **kwargs):\n        return []\n")
+    (directory / "_wsgi.py").write_text("from label_studio_ml.api import init_app\nfrom model import NewModel\n"
+                                        "app = init_app(model_class=NewModel)\n")
+    (directory / "requirements.txt").write_text("label-studio-ml\ngunicorn\n")
+    dockerfile = ("FROM python:3.11-slim\nWORKDIR /app\nCOPY requirements.txt .\nRUN pip install -r requirements.txt\n"
+                  "COPY . ./\nCMD exec gunicorn --bind :${PORT:-9090} --workers 1 --threads 8 _wsgi:app\n")
+    (directory / "Dockerfile").write_text(dockerfile)
+    done = run_cli("deploy", "gcp", directory, "--json",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-reference",
+                        "LSDEPLOY_STATE_BUCKET": "state-reference"})
+    assert done.returncode == 0, done.stderr
+    assert "model class NewModel" in done.stderr
+    (build,) = api_cloud.log.filter(api="cloudbuild", method="CreateBuild")
+    digest = json.loads(done.stdout)["bundle_digest"]
+    assert build.request.build.source.storage_source.object_.endswith(f"{digest}.tar.gz")
+    # the user's Dockerfile went into the build unchanged
+    blob = GcpClients.from_env(api_cloud.env, PROJECT).storage.bucket("src-reference").blob(
+        build.request.build.source.storage_source.object_)
+    with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()), mode="r:gz") as tar:
+        assert tar.extractfile("Dockerfile").read().decode() == dockerfile

@@ -142,8 +142,9 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
 
 def _model_class_name(directory: str, progress) -> str:
     """The backend's model class, imported like the container will. A backend whose packages are
-    installed only in its image (torch, transformers...) cannot be imported here: then the class
-    is found by reading the source, and the image build installs requirements.txt."""
+    installed only in its image (torch, transformers...), or one written for the reference SDK
+    (label_studio_ml) that brings its own Dockerfile, cannot be imported here: then the class is
+    found by reading the source, and the image build installs what it needs."""
     import ast
     from pathlib import Path
 
@@ -153,7 +154,8 @@ def _model_class_name(directory: str, progress) -> str:
     try:
         return load_model_class(directory).__name__
     except ModelLoadError as exc:
-        if "no module named" not in str(exc) or "label_studio_ml" in str(exc):
+        own_dockerfile = (Path(directory) / "Dockerfile").is_file()
+        if not ("no module named" in str(exc) or ("label_studio_ml" in str(exc) and own_dockerfile)):
             raise
         found = []
         for path in _candidates(Path(directory)):
