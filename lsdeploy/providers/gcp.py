@@ -135,12 +135,16 @@ class GcpClients:
     def from_env(cls, environ: dict, project: str) -> "GcpClients":
         """Clients for the environment: gcloud's CLOUDSDK_API_ENDPOINT_OVERRIDES_* (REST; anonymous
         credentials for plain http) and STORAGE_EMULATOR_HOST, else Application Default Credentials."""
-        import google.auth
-        from google.api_core.client_options import ClientOptions
-        from google.auth.credentials import AnonymousCredentials
-        from google.auth.exceptions import DefaultCredentialsError
-        from google.cloud import artifactregistry_v1, run_v2, secretmanager_v1, storage
-        from google.cloud.devtools import cloudbuild_v1
+        try:
+            import google.auth
+            from google.api_core.client_options import ClientOptions
+            from google.auth.credentials import AnonymousCredentials
+            from google.auth.exceptions import DefaultCredentialsError
+            from google.cloud import artifactregistry_v1, run_v2, secretmanager_v1, storage
+            from google.cloud.devtools import cloudbuild_v1
+        except ImportError as exc:
+            raise LsdeployError(f"the Google Cloud clients are not installed ({exc.name}): pip install "
+                                "'lsdeploy[gcp]'", EXIT_USAGE) from None
 
         adc = []
 
