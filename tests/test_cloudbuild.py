@@ -189,6 +189,28 @@ def create_backend(directory: Path, blueprint: str) -> Path:
     return directory
 
 
+def store_secret(clients, secret_id: str, value: str):
+    """A secret as a team stores it for the build (Cloud Build resolves it before the steps)."""
+    from google.cloud import secretmanager_v1 as sm
+
+    secret = clients.secrets.create_secret(parent=f"projects/{PROJECT}", secret_id=secret_id, secret=sm.Secret(
+        replication=sm.Replication(automatic=sm.Replication.Automatic())))
+    clients.secrets.add_secret_version(parent=secret.name, payload=sm.SecretPayload(data=value.encode()))
+    return secret
+
+
+def venv_volume(volume: Path) -> Path:
+    """The `lsdeploy` volume with this test run's venv as its venv.
+
+    The install step is not run by the tests that use this: this venv already has lsdeploy and
+    the backends' requirements (scikit-learn), and installing them would need the package index.
+    test_install_step_* runs the install step itself, offline.
+    """
+    (volume / "lsdeploy").mkdir(parents=True)
+    (volume / "lsdeploy" / "venv").symlink_to(Path(sys.prefix))
+    return volume
+
+
 def base_env(home: Path) -> dict:
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
     return {**keep, "HOME": str(home), "PIP_NO_INPUT": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -206,13 +228,12 @@ def test_install_step_installs_the_backends_wheel_offline(tmp_path):
                        {"PROJECT_ID": PROJECT, "_PIP_ARGS": "--no-index --no-deps"})
     done = local.run("install", timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "Name: lsdeploy" in done.stdout
     venv_python = tmp_path / "volume" / "lsdeploy" / "venv" / "bin" / "python"
     installed = subprocess.run([str(venv_python), "-c", "import importlib.metadata as m; print(m.version('lsdeploy'))"],
                                capture_output=True, text=True, check=True).stdout.strip()
     import lsdeploy
 
-    assert installed == lsdeploy.__version__
+    assert installed == lsdeploy.__version__ and f"installed lsdeploy {installed}" in done.stdout
     assert (tmp_path / "volume" / "lsdeploy" / "venv" / "bin" / "label-studio-ml").exists()
 
     # an explicit spec that does not exist fails the step (and so the build)
@@ -240,21 +261,9 @@ def test_steps_test_preview_and_deploy_against_the_fakes(tmp_path, make_gcp_fake
         "    assert TextClassifier.__name__ == 'TextClassifier'\n")
     (workspace / "tests" / "conftest.py").write_text(
         "import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).parent.parent))\n")
-    # The Label Studio key, as a team stores it for the build (resolved by Cloud Build before the steps).
     clients = GcpClients.from_env(cloud.env, PROJECT)
-    from google.cloud import secretmanager_v1 as sm
-
-    secret = clients.secrets.create_secret(parent=f"projects/{PROJECT}", secret_id="label-studio-api-key",
-                                           secret=sm.Secret(replication=sm.Replication(automatic=sm.Replication.Automatic())))
-    clients.secrets.add_secret_version(parent=secret.name, payload=sm.SecretPayload(data=API_KEY.encode()))
-
-    # The install step is not run here: this test's venv already has lsdeploy and the backend's
-    # requirements (scikit-learn), and installing them would need the package index. The volume's
-    # venv is this venv; test_install_step_* runs the install step itself, offline.
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    (volume / "lsdeploy").mkdir()
-    (volume / "lsdeploy" / "venv").symlink_to(Path(sys.prefix))
+    secret = store_secret(clients, "label-studio-api-key", API_KEY)
+    volume = venv_volume(tmp_path / "volume")
     environ = {**base_env(tmp_path / "home"), **cloud.env}
     local = LocalBuild(to_build(load()), workspace, volume, environ, {
         "PROJECT_ID": PROJECT, "_REGION": REGION, "_SERVICE": "cb-backend", "_PIP_ARGS": "--no-index",
@@ -292,3 +301,15 @@ def test_steps_test_preview_and_deploy_against_the_fakes(tmp_path, make_gcp_fake
     assert health.status_code == 200 and health.json()["model_class"] == "TextClassifier"
     # nothing the steps wrote entered the deployed bundle (results live in the volume)
     assert not list(workspace.glob("*.json"))
+
+
+def test_a_failing_backend_test_fails_the_build(tmp_path):
+    workspace = create_backend(tmp_path / "workspace", "default")
+    (workspace / "test_broken.py").write_text("def test_broken():\n    assert 1 == 2\n")
+    local = LocalBuild(to_build(load()), workspace, venv_volume(tmp_path / "volume"), base_env(tmp_path / "home"),
+                       {"PROJECT_ID": PROJECT, "_PIP_ARGS": "--no-index"})
+    done = local.run("test")
+    assert done.returncode == 1 and "1 failed" in done.stdout
+    (workspace / "test_broken.py").unlink()
+    skipped = local.run("test")
+    assert skipped.returncode == 0 and "no tests in . " in skipped.stdout
