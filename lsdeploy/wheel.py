@@ -38,7 +38,7 @@ def _package_files() -> list[tuple[str, Path]]:
 
 def _metadata_text() -> str:
     meta = metadata.metadata("lsdeploy")
-    lines = [f"Metadata-Version: {meta.get('Metadata-Version', '2.1')}", f"Name: lsdeploy", f"Version: {lsdeploy.__version__}"]
+    lines = [f"Metadata-Version: {meta.get('Metadata-Version', '2.1')}", "Name: lsdeploy", f"Version: {lsdeploy.__version__}"]
     for key in ("Summary", "Requires-Python"):
         if meta.get(key):
             lines.append(f"{key}: {meta[key]}")

@@ -39,3 +39,23 @@ def created(tmp_path):
 
 # Shared fixtures of the Google API fakes (tests/fakes/) and the Cloud Storage emulator.
 from fakes.fixtures import gcp_clients, gcp_fakes, make_gcp_fakes  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """One fake-gcs-server for the tests that do not stop it (each test uses its own buckets)."""
+    from gcs_emulator import GCSEmulator
+
+    emulator = GCSEmulator(tmp_path_factory.mktemp("fake-gcs") / "data").start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def own_emulator(tmp_path):
+    """A fake-gcs-server of this test's own, free to be stopped and restarted."""
+    from gcs_emulator import GCSEmulator
+
+    emulator = GCSEmulator(tmp_path / "fake-gcs-data").start()
+    yield emulator
+    emulator.stop()

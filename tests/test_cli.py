@@ -3,8 +3,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 

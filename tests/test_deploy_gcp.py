@@ -14,7 +14,6 @@ import pytest
 import requests
 
 from fakes.fixtures import FAST_POLLING
-from gcs_emulator import GCSEmulator
 from support import TEXT_CONFIG, predict_body, run_cli, text_task
 
 from lsdeploy.blueprints import create
@@ -26,11 +25,9 @@ PROJECT = "demo-project"
 REGION = "europe-west4"
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    emulator = GCSEmulator(tmp_path_factory.mktemp("fake-gcs") / "data").start()
-    yield emulator
-    emulator.stop()
+@pytest.fixture
+def gcs(gcs_emulator):
+    return gcs_emulator
 
 
 @pytest.fixture

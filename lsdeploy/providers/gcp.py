@@ -22,7 +22,6 @@ line naming the API, the resource and the fix (`google_error`).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import secrets as pysecrets
 import time

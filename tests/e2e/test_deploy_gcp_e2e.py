@@ -10,16 +10,13 @@ from labelstudio_server import import_tasks, tasks_of, wait_model_version_change
 from support import run_cli
 from test_labelstudio import NEGATIVE, POSITIVE, annotate, choices, retrieve_predictions
 
-from gcs_emulator import GCSEmulator
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def gcs(tmp_path):
-    emulator = GCSEmulator(tmp_path / "fake-gcs").start()
-    yield emulator
-    emulator.stop()
+def gcs(own_emulator):
+    return own_emulator  # buckets named after the project: an emulator of its own
 
 
 def test_deploy_registers_and_label_studio_gets_predictions(label_studio, ls_api, project, make_gcp_fakes, gcs,

@@ -9,23 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gcs_emulator import FaultProxy, GCSEmulator  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-    """One emulator for the tests that do not stop it."""
-    emulator = GCSEmulator(tmp_path_factory.mktemp("fake-gcs") / "data").start()
-    yield emulator
-    emulator.stop()
-
-
-@pytest.fixture
-def own_emulator(tmp_path):
-    """An emulator of this test's own, free to be stopped and restarted."""
-    emulator = GCSEmulator(tmp_path / "fake-gcs-data").start()
-    yield emulator
-    emulator.stop()
+from gcs_emulator import FaultProxy  # noqa: E402
 
 
 @pytest.fixture
