@@ -313,3 +313,29 @@ def test_a_failing_backend_test_fails_the_build(tmp_path):
     (workspace / "test_broken.py").unlink()
     skipped = local.run("test")
     assert skipped.returncode == 0 and "no tests in . " in skipped.stdout
+
+
+def test_the_documented_github_workflow_is_valid_and_keyless():
+    """docs/ci.md's workflow: valid YAML, federated auth, the key only from a repository secret."""
+    text = (ROOT / "docs" / "ci.md").read_text()
+    block = re.search(r"```yaml\n(name: deploy\n.*?)```", text, re.S).group(1)
+    workflow = yaml.safe_load(block)
+    assert workflow["permissions"]["id-token"] == "write"
+    steps = workflow["jobs"]["deploy"]["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    auth = steps[uses.index("google-github-actions/auth@v2")]
+    assert set(auth["with"]) == {"workload_identity_provider", "service_account"}  # no credentials_json
+    names = [s.get("name") for s in steps]
+    assert names.index("Test") < names.index("Preview") < uses.index("google-github-actions/auth@v2") < names.index("Deploy")
+    deploy = steps[names.index("Deploy")]
+    assert deploy["env"] == {"LABEL_STUDIO_API_KEY": "${{ secrets.LABEL_STUDIO_API_KEY }}"}
+    assert "label-studio-ml deploy gcp . --json" in deploy["run"]
+    assert all("secrets." not in s.get("run", "") for s in steps)
+    # every variable the workflow sets is one `deploy gcp` reads
+    from click.testing import CliRunner
+
+    from lsdeploy.cli import cli
+
+    shown = CliRunner().invoke(cli, ["deploy", "gcp", "--help"], terminal_width=400).output
+    for name in workflow["env"]:
+        assert name in shown, name
