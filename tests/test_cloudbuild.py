@@ -339,3 +339,27 @@ def test_the_documented_github_workflow_is_valid_and_keyless():
     shown = CliRunner().invoke(cli, ["deploy", "gcp", "--help"], terminal_width=400).output
     for name in workflow["env"]:
         assert name in shown, name
+
+
+def test_the_deploy_steps_exit_code_is_the_commands(tmp_path):
+    """A bad service name is a usage error (exit 2) before any Google call; the step (and so the
+    build) fails with that code, its one-line error on stderr and nothing on stdout."""
+    from lsdeploy.errors import EXIT_USAGE
+
+    workspace = create_backend(tmp_path / "workspace", "default")
+
+    class SecretStore:  # what Cloud Build reads availableSecrets from
+        def access_secret_version(self, name):
+            from types import SimpleNamespace
+
+            assert name == f"projects/{PROJECT}/secrets/label-studio-api-key/versions/latest"
+            return SimpleNamespace(payload=SimpleNamespace(data=API_KEY.encode()))
+
+    local = LocalBuild(to_build(load()), workspace, venv_volume(tmp_path / "volume"), base_env(tmp_path / "home"),
+                       {"PROJECT_ID": PROJECT, "_SERVICE": "Not_A_Service"}, secrets=SecretStore())
+    done = local.run("deploy")
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Not_A_Service" in errors[0]
+    assert API_KEY not in done.stderr
