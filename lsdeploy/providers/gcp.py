@@ -62,6 +62,8 @@ ROLES = [
     ("secretmanager.versions.access", "roles/secretmanager.secretAccessor"),
     ("secretmanager.", "roles/secretmanager.admin"),
     ("storage.buckets.create", "roles/storage.admin"),
+    ("storage.buckets.getIamPolicy", "roles/storage.admin"),
+    ("storage.buckets.setIamPolicy", "roles/storage.admin"),
     ("storage.", "roles/storage.objectAdmin"),
 ]
 
@@ -129,6 +131,7 @@ class GcpClients:
     registry: object
     secrets: object
     storage: object
+    storage_emulated: bool = False  # fake-gcs-server: no bucket IAM endpoint
 
     @classmethod
     def from_env(cls, environ: dict, project: str) -> "GcpClients":
@@ -182,6 +185,7 @@ class GcpClients:
             registry=artifactregistry_v1.ArtifactRegistryClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_ARTIFACTREGISTRY")),
             secrets=secretmanager_v1.SecretManagerServiceClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER")),
             storage=storage_client,
+            storage_emulated=bool(emulator),
         )
 
 
@@ -561,6 +565,32 @@ class GcpProvider(Provider):
         self._call("secretmanager", "granting the service access to", secret_name, settings,
                    self.clients.secrets.set_iam_policy, request={"resource": secret_name, "policy": policy})
 
+    def grant_bucket_access(self, settings, bucket, member: str, progress=_quiet) -> None:
+        """roles/storage.objectUser for the service's identity on the state bucket: every instance
+        reads and writes model state there (MODEL_STATE_URI)."""
+        from google.api_core import exceptions as gexc
+
+        role = "roles/storage.objectUser"
+        where = f"gs://{bucket.name}"
+        try:
+            policy = bucket.get_iam_policy(requested_policy_version=3)
+        except gexc.NotFound:
+            if self.clients.storage_emulated:
+                progress(f"the storage emulator has no IAM: not granting {role} on {where}")
+                return
+            raise LsdeployError(f"reading the IAM policy of {where} failed: the bucket was not found", EXIT_DEPLOY) from None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "storage", "reading the IAM policy of", where, settings.project) from None
+        for binding in policy.bindings:
+            if binding.get("role") == role and member in binding.get("members", ()):
+                return
+        policy.bindings.append({"role": role, "members": {member}})
+        try:
+            bucket.set_iam_policy(policy)
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "storage", "granting the service access to", where, settings.project) from None
+        progress(f"granted {role} on {where} to {member.split(':', 1)[-1]}")
+
     # -- service ------------------------------------------------------------------------------
     def desired_service(self, settings, image: str, secret_refs: dict, spec_hash: str = ""):
         from google.cloud import run_v2
@@ -728,7 +758,13 @@ class GcpProvider(Provider):
         desired.annotations[SPEC_ANNOTATION] = self.spec_hash(desired)
         live = self.get_service(settings)
         if live is None or live.annotations.get(SPEC_ANNOTATION) != desired.annotations[SPEC_ANNOTATION]:
-            self.ensure_bucket(settings, settings.state_bucket_name, progress)  # MODEL_STATE_URI's bucket
+            bucket = self.ensure_bucket(settings, settings.state_bucket_name, progress)  # MODEL_STATE_URI's bucket
+            state_member = member or (f"serviceAccount:{settings.service_account}" if settings.service_account else None)
+            if state_member:
+                self.grant_bucket_access(settings, bucket, state_member, progress)
+            else:
+                progress(f"note: grant the service's identity roles/storage.objectUser on gs://{bucket.name} "
+                         "(its project number is unknown without a secret or --service-account)")
         service, changed = self.apply_service(settings, desired, live, progress)
         if changed:
             service = self.get_service(settings) or service
