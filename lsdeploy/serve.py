@@ -159,11 +159,18 @@ def build_app(settings: ServeSettings):
 
 
 def bounded_worker_class(client_timeout: float):
-    """gunicorn's gthread worker with a socket timeout on every connection: a client that stops
-    sending its request (or stops reading the answer) for `client_timeout` seconds is
-    disconnected instead of holding one of the worker's threads for ever. gunicorn itself
-    already sets aside connections that send nothing at all."""
+    """gunicorn's gthread worker with kernel send/receive timeouts on every connection: a client
+    that stops sending its request (or stops reading the answer) for `client_timeout` seconds
+    is disconnected instead of holding one of the worker's threads for ever. gunicorn itself
+    already sets aside connections that send nothing at all. SO_RCVTIMEO/SO_SNDTIMEO are set
+    once per connection and keep reads blocking (a Python-level socket timeout would poll
+    before every read and write)."""
+    import struct
+
     from gunicorn.workers.gthread import ThreadWorker
+
+    seconds = int(client_timeout)
+    timeval = struct.pack("ll", seconds, int((client_timeout - seconds) * 1_000_000))
 
     class BoundedThreadWorker(ThreadWorker):
         def handle(self, conn):
@@ -171,8 +178,11 @@ def bounded_worker_class(client_timeout: float):
                 init = conn.init
 
                 def bounded_init():  # runs for every request on the connection
+                    first = not conn.initialized
                     init()
-                    conn.sock.settimeout(client_timeout)
+                    if first:
+                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
                 conn.init = bounded_init
             return super().handle(conn)
