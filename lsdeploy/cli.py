@@ -20,6 +20,9 @@ COMMANDS = {
     "disconnect": ("lsdeploy.commands.connect", "disconnect", "Remove a backend (and its webhook) from Label Studio."),
     "preview": ("lsdeploy.commands.preview", "preview", "Run a backend once and validate its predictions."),
     "deploy": ("lsdeploy.commands.deploy", "deploy", "Deploy a backend to a cloud provider."),
+    "status": ("lsdeploy.commands.ops", "status", "Show what a deployed backend (Cloud Run) runs now."),
+    "rollback": ("lsdeploy.commands.ops", "rollback", "Send a deployed backend's traffic back to a previous revision."),
+    "destroy": ("lsdeploy.commands.ops", "destroy", "Delete a deployed backend (and with --purge its images and data)."),
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import DeployResult, DestroyResult, PlanResult, Provider, StatusResult  # noqa: F401
+from .base import DeployResult, DestroyResult, PlanResult, Provider, RollbackResult, StatusResult  # noqa: F401
 
 PROVIDERS = {"gcp": ("lsdeploy.providers.gcp", "GcpProvider")}
 

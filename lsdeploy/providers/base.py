@@ -96,10 +96,13 @@ class StatusResult:
     message: str = ""
     latest_ready_revision: str = ""
     latest_created_revision: str = ""
-    traffic: list = field(default_factory=list)      # [{"revision", "percent"}]
+    traffic: list = field(default_factory=list)      # [{"revision", "percent", "tag"}]
     image: str = ""
+    image_digest: str = ""
     updated: str = ""
     labels: dict = field(default_factory=dict)
+    revisions: list = field(default_factory=list)    # [{"revision", "ready", "message", "image", "created"}], newest first
+    label_studio: list = field(default_factory=list)  # [{"project", "backend_id", "state", "state_name"}]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,20 +115,48 @@ class StatusResult:
                f"URL: {self.url}", f"image: {self.image}", f"last deploy: {self.updated}",
                f"revisions: latest ready {self.latest_ready_revision}, latest created {self.latest_created_revision}"]
         out += [f"  traffic {t['percent']}% -> {t['revision']}" for t in self.traffic]
+        for rev in self.revisions:
+            if not rev["ready"]:
+                out.append(f"  revision {rev['revision']} not ready: {rev['message']}")
+        for reg in self.label_studio:
+            out.append(f"Label Studio project {reg['project']}: " + (
+                f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else "not registered"))
         return out
+
+
+@dataclass
+class RollbackResult:
+    service: str
+    from_revisions: list = field(default_factory=list)   # what served before
+    to_revision: str = ""
+    traffic: list = field(default_factory=list)           # as Cloud Run reports it afterwards
+    url: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list:
+        return [f"service {self.service}: traffic moved from {', '.join(self.from_revisions) or 'none'} "
+                f"to {self.to_revision}"] + [f"  traffic {t['percent']}% -> {t['revision']}" for t in self.traffic]
 
 
 @dataclass
 class DestroyResult:
     service: str
     deleted: list = field(default_factory=list)   # resource names removed
-    kept: list = field(default_factory=list)
+    kept: list = field(default_factory=list)      # related resources left in place, with why
+    unregistered: list = field(default_factory=list)  # lsdeploy.labelstudio.Removal.to_dict()
+    purge: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list:
-        return [f"deleted {name}" for name in self.deleted] + [f"kept {name}" for name in self.kept]
+        out = [f"deleted {name}" for name in self.deleted] + [f"kept {name}" for name in self.kept]
+        for removal in self.unregistered:
+            out.append(f"Label Studio project {removal['project']}: removed backend(s) "
+                       f"{', '.join(map(str, removal['backend_ids'])) or 'none'}")
+        return out or [f"service {self.service}: nothing to delete"]
 
 
 class Provider(ABC):
@@ -144,6 +175,14 @@ class Provider(ABC):
     @abstractmethod
     def status(self, settings) -> StatusResult:
         """What is running now."""
+
+    def rollback(self, settings, to_revision=None, progress: Progress = _quiet) -> RollbackResult:
+        """Send all traffic to the previous ready revision (or `to_revision`)."""
+        raise NotImplementedError(f"rollback is not available for {self.name}")
+
+    def destroy_plan(self, settings, purge: bool = False) -> DestroyResult:
+        """What destroy would delete (nothing is changed)."""
+        raise NotImplementedError(f"destroy is not available for {self.name}")
 
     @abstractmethod
     def destroy(self, settings, purge: bool = False, progress: Progress = _quiet) -> DestroyResult:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
-from .base import DeployResult, DestroyResult, PlanResult, Provider, StatusResult, _quiet
+from .base import DeployResult, DestroyResult, PlanResult, Provider, RollbackResult, StatusResult, _quiet
 
 SERVICE_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
 REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
@@ -662,7 +662,7 @@ class GcpProvider(Provider):
 
         if live is not None and live.annotations.get(SPEC_ANNOTATION) == desired.annotations.get(SPEC_ANNOTATION) \
                 and live.latest_ready_revision and live.latest_ready_revision == live.latest_created_revision \
-                and _ready(live)[0]:
+                and _ready(live)[0] and _serves_latest(live):
             return live, False
         try:
             if live is None:
@@ -806,22 +806,272 @@ class GcpProvider(Provider):
                           bundle_files=[f.path for f in bundle.files], dockerfile=bundle.dockerfile,
                           image_exists=image is not None, build_needed=image is None, service_exists=live is not None)
 
+    # -- operating a deployed service ----------------------------------------------------------
+    def _label_studio(self, settings):
+        """A Label Studio client when host, key and project(s) are known, else None."""
+        if not (settings.label_studio_url and settings.label_studio_api_key and settings.projects):
+            return None
+        from .. import labelstudio
+
+        factory = self._labelstudio_factory or labelstudio.LabelStudio
+        return factory(settings.label_studio_url, settings.label_studio_api_key)
+
+    def list_revisions(self, settings) -> list:
+        """The service's revisions, newest first."""
+        pager = self._call("run", "listing the revisions of", settings.service_name, settings,
+                           self.clients.revisions.list_revisions, parent=settings.service_name)
+        revisions = list(pager)
+        revisions.sort(key=lambda r: r.create_time.timestamp() if r.create_time else 0, reverse=True)
+        return revisions
+
+    def _serving(self, live) -> list:
+        """[{"revision", "percent", "tag"}] as Cloud Run reports the traffic (LATEST resolved)."""
+        latest = live.latest_ready_revision.rsplit("/", 1)[-1]
+        return [{"revision": t.revision or latest, "percent": t.percent, "tag": t.tag}
+                for t in live.traffic_statuses]
+
     def status(self, settings) -> StatusResult:
         live = self.get_service(settings)
         if live is None:
             return StatusResult(service=settings.service, exists=False)
         ready, message = _ready(live)
+        revisions = []
+        for rev in self.list_revisions(settings):
+            rev_ready, rev_message = _revision_ready(rev)
+            revisions.append({"revision": rev.name.rsplit("/", 1)[-1], "ready": rev_ready, "message": rev_message,
+                              "image": rev.containers[0].image if rev.containers else "",
+                              "created": rev.create_time.isoformat() if rev.create_time else ""})
+        image = live.template.containers[0].image if live.template.containers else ""
+        registrations = []
+        client = self._label_studio(settings)
+        if client is not None:
+            url = live.uri.rstrip("/")
+            for pid in settings.projects:
+                found = [b for b in client.backends(pid) if str(b.get("url") or "").rstrip("/") == url]
+                if not found:
+                    registrations.append({"project": int(pid), "backend_id": None, "state": "", "state_name":
+                                          "not registered"})
+                for backend in found:
+                    from ..labelstudio import STATE_NAMES
+
+                    state = backend.get("state") or ""
+                    registrations.append({"project": int(pid), "backend_id": int(backend["id"]), "state": state,
+                                          "state_name": STATE_NAMES.get(state, state),
+                                          "error_message": backend.get("error_message") or ""})
         return StatusResult(
             service=settings.service, exists=True, url=live.uri, ready=ready, message=message,
             latest_ready_revision=live.latest_ready_revision.rsplit("/", 1)[-1],
             latest_created_revision=live.latest_created_revision.rsplit("/", 1)[-1],
-            traffic=[{"revision": t.revision or live.latest_ready_revision.rsplit("/", 1)[-1], "percent": t.percent}
-                     for t in live.traffic_statuses],
-            image=live.template.containers[0].image if live.template.containers else "",
-            updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels))
+            traffic=self._serving(live), image=image,
+            image_digest=image.split("@", 1)[1] if "@" in image else "",
+            updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels),
+            revisions=revisions, label_studio=registrations)
+
+    def rollback(self, settings, to_revision: Optional[str] = None, progress=_quiet) -> RollbackResult:
+        """All traffic to `to_revision`, or to the newest ready revision older than the one serving now."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import run_v2
+        from google.protobuf import field_mask_pb2
+
+        live = self.get_service(settings)
+        if live is None:
+            raise LsdeployError(f"service {settings.service} is not deployed in {settings.project}/{settings.region}: "
+                                "check --gcp-project-id and --gcp-region", EXIT_USAGE)
+        serving = [t["revision"] for t in self._serving(live) if t["percent"]]
+        revisions = self.list_revisions(settings)
+        ready = [r.name.rsplit("/", 1)[-1] for r in revisions if _revision_ready(r)[0]]
+        if to_revision:
+            target = to_revision.rsplit("/", 1)[-1]
+            known = {r.name.rsplit("/", 1)[-1] for r in revisions}
+            if target not in known:
+                raise LsdeployError(f"service {settings.service} has no revision {target}: pass one of "
+                                    f"{', '.join(ready) or '(none ready)'} to --to-revision", EXIT_USAGE)
+            if target not in ready:
+                raise LsdeployError(f"revision {target} is not ready and cannot serve traffic: pass a ready one "
+                                    f"({', '.join(ready) or 'none'}) to --to-revision", EXIT_USAGE)
+        else:
+            names = [r.name.rsplit("/", 1)[-1] for r in revisions]
+            positions = [names.index(s) for s in serving if s in names]
+            newest_serving = min(positions) if positions else -1
+            older = [n for n in names[newest_serving + 1:] if n in ready and n not in serving]
+            if not older:
+                raise LsdeployError(f"service {settings.service} has no ready revision older than "
+                                    f"{', '.join(serving) or 'the serving one'} to roll back to; list them with "
+                                    f"`label-studio-ml status {settings.service}`", EXIT_USAGE)
+            target = older[0]
+        if serving == [target] and all(t["percent"] == 100 for t in self._serving(live) if t["revision"] == target):
+            progress(f"{target} already serves all traffic")
+            return RollbackResult(service=settings.service, from_revisions=serving, to_revision=target,
+                                  traffic=self._serving(live), url=live.uri)
+        progress(f"moving all traffic of {settings.service} from {', '.join(serving) or 'none'} to {target}")
+        update = run_v2.Service(name=settings.service_name, traffic=[run_v2.TrafficTarget(
+            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION, revision=target,
+            percent=100)])
+        request = run_v2.UpdateServiceRequest(service=update, update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))
+        try:
+            op = self.clients.services.update_service(request=request)
+            self._result(op, settings.ready_timeout)
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "run", "moving the traffic of", settings.service_name, settings.project) from None
+        after = self.get_service(settings)
+        traffic = self._serving(after) if after is not None else []
+        if [t["revision"] for t in traffic if t["percent"]] != [target]:
+            raise LsdeployError(f"Cloud Run did not move the traffic of {settings.service} to {target} (it reports "
+                                f"{traffic}): check the service in the Cloud Run console", EXIT_DEPLOY)
+        progress(f"{target} serves 100% of the traffic")
+        return RollbackResult(service=settings.service, from_revisions=serving, to_revision=target,
+                              traffic=traffic, url=after.uri)
+
+    def _own_secrets(self, settings) -> list:
+        """The Secret Manager secrets lsdeploy made for this service (never ones passed with --secret)."""
+        from google.api_core import exceptions as gexc
+
+        found = []
+        for what in ("basic-auth-pass", "label-studio-api-key"):
+            name = f"projects/{settings.project}/secrets/{settings.secret_id(what)}"
+            try:
+                secret = self.clients.secrets.get_secret(name=name)
+            except gexc.NotFound:
+                continue
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "secretmanager", "reading secret", name, settings.project) from None
+            if secret.labels.get(MANAGED_LABEL[0]) == MANAGED_LABEL[1] and secret.labels.get("service") == settings.service:
+                found.append(name)
+        return found
+
+    def _blobs(self, settings, bucket: str, prefix: str) -> list:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return list(self.clients.storage.list_blobs(bucket, prefix=prefix))
+        except gexc.NotFound:
+            return []
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "storage", "listing", f"gs://{bucket}/{prefix}", settings.project) from None
+
+    def _package(self, settings) -> Optional[str]:
+        from google.api_core import exceptions as gexc
+
+        name = f"{settings.repository_name}/packages/{settings.service}"
+        try:
+            self.clients.registry.get_package(name=name)
+            return name
+        except gexc.NotFound:
+            return None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "reading package", name, settings.project) from None
+
+    def destroy_plan(self, settings, purge: bool = False) -> DestroyResult:
+        """What destroy would delete; sends no mutating request."""
+        settings.validate()
+        result = DestroyResult(service=settings.service, purge=purge)
+        live = self.get_service(settings)
+        if live is not None:
+            result.deleted.append(settings.service_name)
+        result.deleted += self._own_secrets(settings)
+        sources = f"sources/{settings.service}/"
+        state = f"{settings.service}/"
+        if purge:
+            package = self._package(settings)
+            if package:
+                result.deleted.append(f"{package} (every image of {settings.image})")
+            if self._blobs(settings, settings.sources_bucket_name, sources):
+                result.deleted.append(f"gs://{settings.sources_bucket_name}/{sources}")
+            if self._blobs(settings, settings.state_bucket_name, state):
+                result.deleted.append(f"gs://{settings.state_bucket_name}/{state}")
+            result.kept += _shared_kept(settings)
+        else:
+            result.kept += [f"images of {settings.image} (pass --purge)",
+                            f"gs://{settings.sources_bucket_name}/{sources} (pass --purge)",
+                            f"model state gs://{settings.state_bucket_name}/{state} (pass --purge)"]
+        return result
 
     def destroy(self, settings, purge: bool = False, progress=_quiet) -> DestroyResult:
-        raise NotImplementedError("destroy is not implemented yet (issue 7)")
+        """Unregister from Label Studio, delete the service and its secrets; with purge also its
+        images, uploaded source bundles and model state. Safe to run again."""
+        from google.api_core import exceptions as gexc
+
+        settings.validate()
+        result = DestroyResult(service=settings.service, purge=purge)
+        live = self.get_service(settings)
+        client = self._label_studio(settings)
+        if client is not None and live is not None:
+            progress(f"removing {live.uri} from Label Studio project(s) {', '.join(map(str, settings.projects))}")
+            removals = client.unregister(settings.projects, url=live.uri)
+            result.unregistered = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in removals]
+        if live is not None:
+            progress(f"deleting Cloud Run service {settings.service}")
+            try:
+                self._result(self.clients.services.delete_service(name=settings.service_name), settings.ready_timeout)
+            except gexc.NotFound:
+                pass
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "run", "deleting service", settings.service_name, settings.project) from None
+            result.deleted.append(settings.service_name)
+        for name in self._own_secrets(settings):
+            progress(f"deleting secret {name.rsplit('/', 1)[-1]}")
+            try:
+                self.clients.secrets.delete_secret(name=name)
+            except gexc.NotFound:
+                pass
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "secretmanager", "deleting secret", name, settings.project) from None
+            result.deleted.append(name)
+        sources, state = f"sources/{settings.service}/", f"{settings.service}/"
+        if not purge:
+            result.kept += [f"images of {settings.image} (pass --purge)",
+                            f"gs://{settings.sources_bucket_name}/{sources} (pass --purge)",
+                            f"model state gs://{settings.state_bucket_name}/{state} (pass --purge)"]
+            return result
+        package = self._package(settings)
+        if package:
+            progress(f"deleting every image of {settings.image}")
+            try:
+                self._result(self.clients.registry.delete_package(name=package), 300)
+            except gexc.NotFound:
+                pass
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "artifactregistry", "deleting package", package, settings.project) from None
+            result.deleted.append(f"{package} (every image of {settings.image})")
+        for bucket, prefix in ((settings.sources_bucket_name, sources), (settings.state_bucket_name, state)):
+            blobs = self._blobs(settings, bucket, prefix)
+            if not blobs:
+                continue
+            progress(f"deleting {len(blobs)} object(s) under gs://{bucket}/{prefix}")
+            for blob in blobs:
+                try:
+                    blob.delete()
+                except gexc.NotFound:
+                    pass
+                except gexc.GoogleAPICallError as exc:
+                    raise google_error(exc, "storage", "deleting", f"gs://{bucket}/{blob.name}", settings.project) from None
+            result.deleted.append(f"gs://{bucket}/{prefix}")
+        result.kept += _shared_kept(settings)
+        return result
+
+
+def _serves_latest(service) -> bool:
+    """All traffic on the latest ready revision (not pinned elsewhere, as after a rollback)."""
+    from google.cloud import run_v2
+
+    latest = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
+    return [(t.type_, t.percent) for t in service.traffic] == [(latest, 100)]
+
+
+def _shared_kept(settings) -> list:
+    return [f"gs://{settings.sources_bucket_name} and gs://{settings.state_bucket_name} (buckets shared by every "
+            "service of the project)", f"{settings.repository_name} (repository shared by every service)",
+            f"build logs in gs://{settings.sources_bucket_name}/build-logs/ (shared)"]
+
+
+def _revision_ready(revision) -> tuple:
+    from google.cloud import run_v2
+
+    for cond in revision.conditions:
+        if cond.type_ == "Ready":
+            ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+            return ok, "" if ok else cond.message
+    return False, "not reported yet"
 
 
 def _member(settings, project_number: str) -> str:

@@ -1,0 +1,341 @@
+"""`status`, `rollback` and `destroy` of a gcp deployment against the Google API fakes
+(tests/fakes) and a real fake-gcs-server. Deploys use the fakes without the runner: revisions
+become ready (or, with `run.never_ready`, fail) like Cloud Run reports them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fakes.fixtures import FAST_POLLING
+from support import run_cli
+
+from lsdeploy.blueprints import create
+from lsdeploy.bundle import SourceBundle
+from lsdeploy.errors import EXIT_DEPLOY, EXIT_USAGE, LsdeployError
+from lsdeploy.labelstudio import Removal
+from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
+
+PROJECT = "demo-project"
+REGION = "europe-west4"
+
+
+@pytest.fixture
+def cloud(make_gcp_fakes, gcs_emulator):
+    return make_gcp_fakes(storage_url=gcs_emulator.url)
+
+
+_count = iter(range(10_000))
+
+
+@pytest.fixture
+def backend(tmp_path):
+    directory = tmp_path / f"backend-{next(_count)}"
+    create(directory)
+    return directory
+
+
+def provider_for(cloud, **kwargs) -> GcpProvider:
+    return GcpProvider(GcpClients.from_env(cloud.env, PROJECT), polling=FAST_POLLING, poll_interval=0.1, **kwargs)
+
+
+def settings_for(service, buckets=None, **kwargs) -> GcpSettings:
+    buckets = buckets or service
+    return GcpSettings(project=PROJECT, region=REGION, service=service, min_instances=0,
+                       source_bucket=f"src-{buckets}", state_bucket=f"state-{buckets}", **kwargs)
+
+
+def deploy(cloud, directory, settings):
+    return provider_for(cloud).deploy(settings, SourceBundle.from_directory(directory))
+
+
+def change(directory, note):
+    (directory / "model.py").write_text((directory / "model.py").read_text() + f"\n# {note}\n")
+
+
+def cli_env(cloud, buckets):
+    return {**cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_SOURCE_BUCKET": f"src-{buckets}",
+            "LSDEPLOY_STATE_BUCKET": f"state-{buckets}"}
+
+
+def live_traffic(cloud, service):
+    """{revision id: percent} as the fake Cloud Run routes it."""
+    message = cloud.run.service(service)
+    latest = message.latest_ready_revision.rsplit("/", 1)[-1]
+    out = {}
+    for status in message.traffic_statuses:
+        revision = status.revision or latest
+        out[revision] = out.get(revision, 0) + status.percent
+    return {k: v for k, v in out.items() if v}
+
+
+class FakeLabelStudio:
+    """Stands in for lsdeploy.labelstudio.LabelStudio (the real one is tested against a real
+    Label Studio in tests/test_labelstudio_client.py): records what the provider asks."""
+
+    backends_by_project: dict = {}
+    unregistered: list = []
+
+    def __init__(self, host, key):
+        self.host, self.key = host, key
+
+    def backends(self, project):
+        return self.backends_by_project.get(int(project), [])
+
+    def unregister(self, projects, *, url=None, backend_id=None):
+        FakeLabelStudio.unregistered.append((list(projects), url))
+        return [Removal(project=int(p), backend_ids=[b["id"] for b in self.backends(p) if b["url"] == url],
+                        webhook_ids=[]) for p in projects]
+
+
+# -- status ----------------------------------------------------------------------------------
+
+def test_status_of_a_healthy_service(cloud, backend):
+    result = deploy(cloud, backend, settings_for("healthy"))
+    cloud.log.clear()
+    FakeLabelStudio.backends_by_project = {3: [{"id": 17, "url": result.url, "state": "CO"}], 4: []}
+    status = provider_for(cloud, labelstudio_factory=FakeLabelStudio).status(
+        settings_for("healthy", label_studio_url="http://ls.example", label_studio_api_key="k" * 20, projects=[3, 4]))
+    assert status.exists and status.ready and status.message == ""
+    assert status.url == result.url and status.image == result.image
+    assert status.image_digest == result.image.split("@")[1] and status.image_digest.startswith("sha256:")
+    assert status.traffic == [{"revision": result.revision, "percent": 100, "tag": ""}]
+    assert [r["revision"] for r in status.revisions] == [result.revision] and status.revisions[0]["ready"]
+    assert status.updated.startswith("20")
+    assert status.label_studio == [
+        {"project": 3, "backend_id": 17, "state": "CO", "state_name": "connected", "error_message": ""},
+        {"project": 4, "backend_id": None, "state": "", "state_name": "not registered"}]
+    assert cloud.log.mutating() == []
+
+    done = run_cli("status", "healthy", "--json", env=cli_env(cloud, "healthy"))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"service", "exists", "url", "ready", "message", "latest_ready_revision",
+                         "latest_created_revision", "traffic", "image", "image_digest", "updated", "labels",
+                         "revisions", "label_studio"}
+    assert data["ready"] is True and data["latest_ready_revision"] == result.revision
+    text = run_cli("status", "healthy", env=cli_env(cloud, "healthy"))
+    assert text.returncode == 0 and "service healthy: ready" in text.stdout
+    assert f"traffic 100% -> {result.revision}" in text.stdout
+
+
+def test_status_of_a_failing_revision(cloud, backend):
+    first = deploy(cloud, backend, settings_for("failing"))
+    cloud.run.never_ready("failing", message="The user-provided container failed to start and listen on the port.")
+    change(backend, "broken")
+    with pytest.raises(LsdeployError):
+        deploy(cloud, backend, settings_for("failing"))
+    status = provider_for(cloud).status(settings_for("failing"))
+    assert status.exists and not status.ready
+    assert "failed to start and listen on the port" in status.message
+    assert status.latest_ready_revision == first.revision != status.latest_created_revision
+    assert status.traffic == [{"revision": first.revision, "percent": 100, "tag": ""}]
+    newest, oldest = status.revisions
+    assert newest["revision"] == status.latest_created_revision and not newest["ready"]
+    assert "failed to start" in newest["message"] and oldest == {**oldest, "revision": first.revision, "ready": True}
+
+    done = run_cli("status", "failing", env=cli_env(cloud, "failing"))
+    assert done.returncode == EXIT_DEPLOY
+    assert "service failing: NOT ready" in done.stdout and f"revision {newest['revision']} not ready" in done.stdout
+    data = json.loads(run_cli("status", "failing", "--json", env=cli_env(cloud, "failing")).stdout)
+    assert data["ready"] is False and data["latest_created_revision"] == newest["revision"]
+
+
+def test_status_of_a_missing_service(cloud):
+    done = run_cli("status", "nowhere", "--json", env=cli_env(cloud, "nowhere"))
+    assert done.returncode == EXIT_DEPLOY
+    assert json.loads(done.stdout) == {**json.loads(done.stdout), "service": "nowhere", "exists": False}
+    assert cloud.log.mutating() == []
+
+
+# -- rollback --------------------------------------------------------------------------------
+
+def test_rollback_skips_a_failed_revision_then_to_a_named_one(cloud, backend):
+    first = deploy(cloud, backend, settings_for("rolling"))
+    cloud.run.never_ready("rolling", times=1)
+    change(backend, "broken")
+    with pytest.raises(LsdeployError):
+        deploy(cloud, backend, settings_for("rolling"))
+    change(backend, "fixed")
+    third = deploy(cloud, backend, settings_for("rolling"))
+    assert live_traffic(cloud, "rolling") == {third.revision: 100}
+
+    cloud.log.clear()
+    lines = []
+    result = provider_for(cloud).rollback(settings_for("rolling"), progress=lines.append)
+    assert result.to_revision == first.revision and result.from_revisions == [third.revision]
+    assert live_traffic(cloud, "rolling") == {first.revision: 100}
+    assert result.traffic == [{"revision": first.revision, "percent": 100, "tag": ""}]
+    (update,) = cloud.log.mutating()
+    assert update.method == "UpdateService" and list(update.request.update_mask.paths) == ["traffic"]
+    assert any("serves 100% of the traffic" in line for line in lines)
+
+    # back to the newest by name, through the CLI
+    done = run_cli("rollback", "rolling", "--to-revision", third.revision, "--json", env=cli_env(cloud, "rolling"))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"service", "from_revisions", "to_revision", "traffic", "url"}
+    assert data["to_revision"] == third.revision and data["from_revisions"] == [first.revision]
+    assert live_traffic(cloud, "rolling") == {third.revision: 100}
+    assert "moving all traffic" in done.stderr
+
+    # a failed revision, or one that does not exist, is refused before any change
+    failed = next(r["revision"] for r in provider_for(cloud).status(settings_for("rolling")).revisions
+                  if not r["ready"])
+    cloud.log.clear()
+    for name, words in [(failed, "is not ready"), ("rolling-09999-zzz", "has no revision")]:
+        done = run_cli("rollback", "rolling", "--to-revision", name, env=cli_env(cloud, "rolling"))
+        assert done.returncode == EXIT_USAGE and words in done.stderr and first.revision in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert cloud.log.mutating() == []
+
+
+def test_redeploy_after_rollback_moves_traffic_back_to_the_latest(cloud, backend):
+    first = deploy(cloud, backend, settings_for("forward"))
+    change(backend, "second")
+    second = deploy(cloud, backend, settings_for("forward"))
+    provider_for(cloud).rollback(settings_for("forward"))
+    assert live_traffic(cloud, "forward") == {first.revision: 100}
+    cloud.log.clear()
+    again = deploy(cloud, backend, settings_for("forward"))
+    assert live_traffic(cloud, "forward") == {second.revision: 100}
+    assert again.revision == second.revision and not again.built and not again.new_revision
+    assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 0
+    assert [e.method for e in cloud.log.mutating()] == ["UpdateService"]
+    assert len(list(GcpClients.from_env(cloud.env, PROJECT).revisions.list_revisions(
+        parent=f"projects/{PROJECT}/locations/{REGION}/services/forward"))) == 2
+
+
+def test_rollback_with_nothing_older(cloud, backend):
+    deploy(cloud, backend, settings_for("single"))
+    cloud.log.clear()
+    done = run_cli("rollback", "single", env=cli_env(cloud, "single"))
+    assert done.returncode == EXIT_USAGE and "no ready revision older than" in done.stderr
+    assert cloud.log.mutating() == []
+
+
+# -- destroy ---------------------------------------------------------------------------------
+
+def _deploy_pair(cloud, tmp_path, buckets):
+    """Two services sharing the buckets; each with model state and a source bundle."""
+    results = {}
+    for service in ("doomed", "neighbour"):
+        directory = tmp_path / service
+        create(directory)
+        results[service] = deploy(cloud, directory, settings_for(
+            f"{service}-{buckets}", buckets, label_studio_url="http://ls.example", label_studio_api_key="k" * 20))
+    storage = GcpClients.from_env(cloud.env, PROJECT).storage
+    for service in ("doomed", "neighbour"):
+        storage.bucket(f"state-{buckets}").blob(f"{service}-{buckets}/model.json").upload_from_string(b"{}")
+    return results
+
+
+def _inventory(cloud, buckets):
+    storage = GcpClients.from_env(cloud.env, PROJECT).storage
+    objects = {f"gs://{b}/{o.name}" for b in (f"src-{buckets}", f"state-{buckets}") for o in storage.list_blobs(b)}
+    return {
+        "services": {name.rsplit("/", 1)[-1] for name in cloud.run.services},
+        "secrets": {name.rsplit("/", 1)[-1] for name in cloud.secretmanager.secrets},
+        "images": {(i.package, i.digest) for i in cloud.artifactregistry.images},
+        "objects": objects,
+    }
+
+
+def test_destroy_without_purge(cloud, tmp_path):
+    _deploy_pair(cloud, tmp_path, "keep")
+    before = _inventory(cloud, "keep")
+    cloud.log.clear()
+    done = run_cli("destroy", "doomed-keep", "--yes", "--json", env=cli_env(cloud, "keep"))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"service", "deleted", "kept", "unregistered", "purge"}
+    secrets = [f"projects/{PROJECT}/secrets/doomed-keep-basic-auth-pass",
+               f"projects/{PROJECT}/secrets/doomed-keep-label-studio-api-key"]
+    assert data["deleted"] == [f"projects/{PROJECT}/locations/{REGION}/services/doomed-keep", *secrets]
+    assert any("pass --purge" in kept for kept in data["kept"])
+    assert sorted((e.api, e.method) for e in cloud.log.mutating()) == [
+        ("run", "DeleteService"), ("secretmanager", "DeleteSecret"), ("secretmanager", "DeleteSecret")]
+    after = _inventory(cloud, "keep")
+    assert after["services"] == before["services"] - {"doomed-keep"}
+    assert after["secrets"] == before["secrets"] - {"doomed-keep-basic-auth-pass", "doomed-keep-label-studio-api-key"}
+    assert "neighbour-keep-basic-auth-pass" in after["secrets"]
+    assert after["images"] == before["images"] and after["objects"] == before["objects"]
+
+    # again: nothing left to delete, nothing sent
+    cloud.log.clear()
+    again = run_cli("destroy", "doomed-keep", "--yes", env=cli_env(cloud, "keep"))
+    assert again.returncode == 0 and "deleted" not in again.stdout
+    assert cloud.log.mutating() == []
+
+
+def test_destroy_with_purge(cloud, tmp_path):
+    deployed = _deploy_pair(cloud, tmp_path, "purge")
+    before = _inventory(cloud, "purge")
+    assert any(o.startswith("gs://src-purge/sources/doomed-purge/") for o in before["objects"])
+    cloud.log.clear()
+    FakeLabelStudio.unregistered = []
+    lines = []
+    result = provider_for(cloud, labelstudio_factory=FakeLabelStudio).destroy(
+        settings_for("doomed-purge", "purge", label_studio_url="http://ls.example", label_studio_api_key="k" * 20,
+                     projects=[3]), purge=True, progress=lines.append)
+    assert FakeLabelStudio.unregistered == [([3], deployed["doomed"].url)]
+    assert result.unregistered == [{"project": 3, "backend_ids": [], "webhook_ids": []}]
+    package = f"projects/{PROJECT}/locations/{REGION}/repositories/lsdeploy/packages/doomed-purge"
+    assert result.deleted[-3:] == [f"{package} (every image of {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/doomed-purge)",
+                                   "gs://src-purge/sources/doomed-purge/", "gs://state-purge/doomed-purge/"]
+    assert sorted((e.api, e.method) for e in cloud.log.mutating()) == [
+        ("artifactregistry", "DeletePackage"), ("run", "DeleteService"), ("secretmanager", "DeleteSecret"),
+        ("secretmanager", "DeleteSecret")]
+    after = _inventory(cloud, "purge")
+    assert after["services"] == before["services"] - {"doomed-purge"}
+    assert after["images"] == {i for i in before["images"] if i[0] != "doomed-purge"}
+    assert any(i[0] == "neighbour-purge" for i in after["images"])
+    gone = before["objects"] - after["objects"]
+    assert gone and all(o.startswith(("gs://src-purge/sources/doomed-purge/", "gs://state-purge/doomed-purge/"))
+                        for o in gone)
+    assert "gs://state-purge/neighbour-purge/model.json" in after["objects"]
+    assert any(o.startswith("gs://src-purge/sources/neighbour-purge/") for o in after["objects"])
+    assert any(o.startswith("gs://src-purge/build-logs/") for o in after["objects"])  # shared, kept
+
+
+def test_destroy_refuses_without_yes_when_not_a_terminal(cloud):
+    done = run_cli("destroy", "anything", "--purge", env=cli_env(cloud, "refuse"))
+    assert done.returncode == EXIT_USAGE
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "pass --yes" in done.stderr
+    assert done.stdout == "" and len(cloud.log) == 0
+
+
+def _on_a_terminal(args, env, answer):
+    """Run the CLI with a pseudo-terminal as stdin, answering the question with `answer`."""
+    import os
+    import pty
+    import subprocess
+
+    from support import CLI
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([*CLI, *args], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, **env}, text=True)
+        os.write(master, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, out, err
+
+
+def test_destroy_summary_and_confirmation_on_a_terminal(cloud, tmp_path):
+    """On a terminal the summary comes first, then the question; "n" deletes nothing, "y" deletes."""
+    _deploy_pair(cloud, tmp_path, "ask")
+    cloud.log.clear()
+    code, out, err = _on_a_terminal(["destroy", "doomed-ask", "--purge", "--json"], cli_env(cloud, "ask"), "n")
+    assert code == EXIT_USAGE and "nothing was deleted" in err and out == ""
+    assert f"will delete projects/{PROJECT}/locations/{REGION}/services/doomed-ask" in err
+    assert "will delete gs://state-ask/doomed-ask/" in err
+    assert err.index("will delete") < err.index("destroy doomed-ask?")
+    assert cloud.log.mutating() == []
+    code, out, err = _on_a_terminal(["destroy", "doomed-ask", "--purge", "--json"], cli_env(cloud, "ask"), "y")
+    assert code == 0, err
+    assert json.loads(out)["deleted"][0].endswith("/services/doomed-ask")
+    assert "doomed-ask" not in {name.rsplit("/", 1)[-1] for name in cloud.run.services}
