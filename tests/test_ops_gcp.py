@@ -305,6 +305,19 @@ def test_destroy_refuses_without_yes_when_not_a_terminal(cloud):
     assert done.stdout == "" and len(cloud.log) == 0
 
 
+def test_destroy_leaves_a_service_lsdeploy_did_not_deploy(cloud):
+    from google.cloud import run_v2
+
+    services = GcpClients.from_env(cloud.env, PROJECT).services
+    services.create_service(parent=f"projects/{PROJECT}/locations/{REGION}", service_id="foreign", service=run_v2.Service(
+        template=run_v2.RevisionTemplate(containers=[run_v2.Container(image="us-docker.pkg.dev/cloudrun/container/hello")])
+    )).result(polling=FAST_POLLING)
+    cloud.log.clear()
+    done = run_cli("destroy", "foreign", "--yes", "--purge", env=cli_env(cloud, "foreign"))
+    assert done.returncode == EXIT_USAGE and "not deployed by lsdeploy" in done.stderr and "nothing was deleted" in done.stderr
+    assert cloud.log.mutating() == [] and "foreign" in {n.rsplit("/", 1)[-1] for n in cloud.run.services}
+
+
 def _on_a_terminal(args, env, answer):
     """Run the CLI with a pseudo-terminal as stdin, answering the question with `answer`."""
     import os

@@ -966,6 +966,7 @@ class GcpProvider(Provider):
         settings.validate()
         result = DestroyResult(service=settings.service, purge=purge)
         live = self.get_service(settings)
+        _check_managed(settings, live)
         if live is not None:
             result.deleted.append(settings.service_name)
         result.deleted += self._own_secrets(settings)
@@ -994,6 +995,7 @@ class GcpProvider(Provider):
         settings.validate()
         result = DestroyResult(service=settings.service, purge=purge)
         live = self.get_service(settings)
+        _check_managed(settings, live)
         client = self._label_studio(settings)
         if client is not None and live is not None:
             progress(f"removing {live.uri} from Label Studio project(s) {', '.join(map(str, settings.projects))}")
@@ -1048,6 +1050,14 @@ class GcpProvider(Provider):
             result.deleted.append(f"gs://{bucket}/{prefix}")
         result.kept += _shared_kept(settings)
         return result
+
+
+def _check_managed(settings, live) -> None:
+    """destroy removes only what lsdeploy deployed."""
+    if live is not None and live.labels.get(MANAGED_LABEL[0]) != MANAGED_LABEL[1]:
+        raise LsdeployError(f"Cloud Run service {settings.service} was not deployed by lsdeploy (no label "
+                            f"{MANAGED_LABEL[0]}={MANAGED_LABEL[1]}): nothing was deleted; remove it with `gcloud run "
+                            f"services delete {settings.service} --region {settings.region}`", EXIT_USAGE)
 
 
 def _serves_latest(service) -> bool:
