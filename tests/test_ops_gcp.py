@@ -104,7 +104,7 @@ def test_status_of_a_healthy_service(cloud, backend):
     assert status.updated.startswith("20")
     assert status.label_studio == [
         {"project": 3, "backend_id": 17, "state": "CO", "state_name": "connected", "error_message": ""},
-        {"project": 4, "backend_id": None, "state": "", "state_name": "not registered"}]
+        {"project": 4, "backend_id": None, "state": "", "state_name": "not registered", "error_message": ""}]
     assert cloud.log.mutating() == []
 
     done = run_cli("status", "healthy", "--json", env=cli_env(cloud, "healthy"))
@@ -117,6 +117,37 @@ def test_status_of_a_healthy_service(cloud, backend):
     text = run_cli("status", "healthy", env=cli_env(cloud, "healthy"))
     assert text.returncode == 0 and "service healthy: ready" in text.stdout
     assert f"traffic 100% -> {result.revision}" in text.stdout
+
+
+def test_status_and_destroy_when_label_studio_fails(cloud, backend):
+    class DownLabelStudio(FakeLabelStudio):
+        def backends(self, project):
+            raise LsdeployError("cannot reach Label Studio at http://ls.example", 6)
+
+        def unregister(self, projects, **kwargs):
+            self.backends(projects[0])
+
+    deploy(cloud, backend, settings_for("lsdown"))
+    settings = settings_for("lsdown", label_studio_url="http://ls.example", label_studio_api_key="k" * 20, projects=[5])
+    provider = provider_for(cloud, labelstudio_factory=DownLabelStudio)
+    status = provider.status(settings)
+    assert status.ready and status.label_studio == [{"project": 5, "backend_id": None, "state": "", "state_name":
+                                                     "unknown", "error_message": "cannot reach Label Studio at "
+                                                     "http://ls.example"}]
+    cloud.log.clear()
+    with pytest.raises(LsdeployError) as info:
+        provider.destroy(settings, purge=True)
+    assert info.value.exit_code == 6 and "nothing was deleted" in str(info.value)
+    assert "leave out --project" in str(info.value) and cloud.log.mutating() == []
+
+
+def test_destroy_purge_refused_names_the_role(cloud, backend):
+    deploy(cloud, backend, settings_for("norepo"))
+    cloud.deny("artifactregistry", "DeletePackage")
+    with pytest.raises(LsdeployError) as info:
+        provider_for(cloud).destroy(settings_for("norepo"), purge=True)
+    assert "artifactregistry.packages.delete" in str(info.value)
+    assert "roles/artifactregistry.repoAdmin" in str(info.value) and info.value.exit_code == 3
 
 
 def test_status_of_a_failing_revision(cloud, backend):

@@ -58,6 +58,8 @@ ROLES = [
     ("iam.serviceAccounts.actAs", "roles/iam.serviceAccountUser"),
     ("cloudbuild.", "roles/cloudbuild.builds.editor"),
     ("artifactregistry.repositories.create", "roles/artifactregistry.admin"),
+    ("artifactregistry.packages.delete", "roles/artifactregistry.repoAdmin"),
+    ("artifactregistry.versions.delete", "roles/artifactregistry.repoAdmin"),
     ("artifactregistry.", "roles/artifactregistry.writer"),
     ("secretmanager.versions.access", "roles/secretmanager.secretAccessor"),
     ("secretmanager.", "roles/secretmanager.admin"),
@@ -847,10 +849,15 @@ class GcpProvider(Provider):
         if client is not None:
             url = live.uri.rstrip("/")
             for pid in settings.projects:
-                found = [b for b in client.backends(pid) if str(b.get("url") or "").rstrip("/") == url]
+                try:
+                    found = [b for b in client.backends(pid) if str(b.get("url") or "").rstrip("/") == url]
+                except LsdeployError as exc:  # Label Studio down: the service's status still shows
+                    registrations.append({"project": int(pid), "backend_id": None, "state": "",
+                                          "state_name": "unknown", "error_message": str(exc)})
+                    continue
                 if not found:
-                    registrations.append({"project": int(pid), "backend_id": None, "state": "", "state_name":
-                                          "not registered"})
+                    registrations.append({"project": int(pid), "backend_id": None, "state": "",
+                                          "state_name": "not registered", "error_message": ""})
                 for backend in found:
                     from ..labelstudio import STATE_NAMES
 
@@ -999,7 +1006,11 @@ class GcpProvider(Provider):
         client = self._label_studio(settings)
         if client is not None and live is not None:
             progress(f"removing {live.uri} from Label Studio project(s) {', '.join(map(str, settings.projects))}")
-            removals = client.unregister(settings.projects, url=live.uri)
+            try:
+                removals = client.unregister(settings.projects, url=live.uri)
+            except LsdeployError as exc:
+                raise LsdeployError(f"removing the backend from Label Studio failed: {exc}; nothing was deleted "
+                                    "(run again, or leave out --project to skip Label Studio)", exc.exit_code) from None
             result.unregistered = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in removals]
         if live is not None:
             progress(f"deleting Cloud Run service {settings.service}")
