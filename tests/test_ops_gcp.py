@@ -117,6 +117,8 @@ def test_status_of_a_healthy_service(cloud, backend):
     text = run_cli("status", "healthy", env=cli_env(cloud, "healthy"))
     assert text.returncode == 0 and "service healthy: ready" in text.stdout
     assert f"traffic 100% -> {result.revision}" in text.stdout
+    assert str(status.lines()[-2:]) == str(["Label Studio project 3: backend 17 connected",
+                                            "Label Studio project 4: not registered"])
 
 
 def test_status_and_destroy_when_label_studio_fails(cloud, backend):
@@ -199,6 +201,7 @@ def test_rollback_skips_a_failed_revision_then_to_a_named_one(cloud, backend):
     assert result.traffic == [{"revision": first.revision, "percent": 100, "tag": ""}]
     (update,) = cloud.log.mutating()
     assert update.method == "UpdateService" and list(update.request.update_mask.paths) == ["traffic"]
+    assert update.request.service.template.containers[0].image == third.image  # the spec travels unchanged
     assert any("serves 100% of the traffic" in line for line in lines)
 
     # back to the newest by name, through the CLI

@@ -120,7 +120,8 @@ class StatusResult:
                 out.append(f"  revision {rev['revision']} not ready: {rev['message']}")
         for reg in self.label_studio:
             out.append(f"Label Studio project {reg['project']}: " + (
-                f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else "not registered"))
+                f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else reg["state_name"]) +
+                (f" ({reg['error_message']})" if reg.get("error_message") else ""))
         return out
 
 

@@ -911,9 +911,12 @@ class GcpProvider(Provider):
             return RollbackResult(service=settings.service, from_revisions=serving, to_revision=target,
                                   traffic=self._serving(live), url=live.uri)
         progress(f"moving all traffic of {settings.service} from {', '.join(serving) or 'none'} to {target}")
-        update = run_v2.Service(name=settings.service_name, traffic=[run_v2.TrafficTarget(
+        # The live service with only its traffic changed (and its etag: a concurrent change is refused),
+        # under an update mask naming just `traffic`: no new revision.
+        update = run_v2.Service.deserialize(run_v2.Service.serialize(live))
+        update.traffic = [run_v2.TrafficTarget(
             type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION, revision=target,
-            percent=100)])
+            percent=100)]
         request = run_v2.UpdateServiceRequest(service=update, update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))
         try:
             op = self.clients.services.update_service(request=request)
