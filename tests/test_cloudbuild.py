@@ -22,7 +22,6 @@ import yaml
 from google.cloud.devtools import cloudbuild_v1
 from google.protobuf import json_format
 
-from gcs_emulator import GCSEmulator
 
 from lsdeploy.providers.gcp import GcpClients
 
@@ -175,11 +174,9 @@ class LocalBuild:
         return text
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    emulator = GCSEmulator(tmp_path_factory.mktemp("fake-gcs") / "data").start()
-    yield emulator
-    emulator.stop()
+@pytest.fixture
+def gcs(gcs_emulator):
+    return gcs_emulator
 
 
 def create_backend(directory: Path, blueprint: str) -> Path:

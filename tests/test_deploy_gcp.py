@@ -14,16 +14,12 @@ import pytest
 import requests
 
 from fakes.fixtures import FAST_POLLING
+from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401
 from support import TEXT_CONFIG, predict_body, run_cli, text_task
 
-from lsdeploy.blueprints import create
 from lsdeploy.bundle import SourceBundle
 from lsdeploy.errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
-
-PROJECT = "demo-project"
-REGION = "europe-west4"
-
 
 @pytest.fixture
 def gcs(gcs_emulator):
@@ -39,32 +35,6 @@ def cloud(make_gcp_fakes, gcs):
 def api_cloud(make_gcp_fakes, gcs):
     """Fakes without the runner (revisions count as ready after a short delay)."""
     return make_gcp_fakes(storage_url=gcs.url)
-
-
-_count = iter(range(10_000))
-
-
-@pytest.fixture
-def backend(tmp_path):
-    directory = tmp_path / f"backend-{next(_count)}"
-    create(directory)
-    return directory
-
-
-def provider_for(cloud) -> GcpProvider:
-    return GcpProvider(GcpClients.from_env(cloud.env, PROJECT), polling=FAST_POLLING, poll_interval=0.1)
-
-
-def settings_for(service, **kwargs) -> GcpSettings:
-    # each test has its own buckets (the emulator is shared by the module)
-    kwargs.setdefault("source_bucket", f"src-{service}")
-    kwargs.setdefault("state_bucket", f"state-{service}")
-    return GcpSettings(project=PROJECT, region=REGION, service=service, min_instances=0, **kwargs)
-
-
-def deploy(cloud, directory, settings, lines=None):
-    return provider_for(cloud).deploy(settings, SourceBundle.from_directory(directory),
-                                      (lines.append if lines is not None else lambda m: None))
 
 
 def basic_auth_password(cloud, service):

@@ -8,45 +8,18 @@ import json
 import pytest
 
 from fakes.fixtures import FAST_POLLING
+from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401
 from support import run_cli
 
 from lsdeploy.blueprints import create
-from lsdeploy.bundle import SourceBundle
 from lsdeploy.errors import EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from lsdeploy.labelstudio import Removal
-from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
-
-PROJECT = "demo-project"
-REGION = "europe-west4"
+from lsdeploy.providers.gcp import GcpClients
 
 
 @pytest.fixture
 def cloud(make_gcp_fakes, gcs_emulator):
     return make_gcp_fakes(storage_url=gcs_emulator.url)
-
-
-_count = iter(range(10_000))
-
-
-@pytest.fixture
-def backend(tmp_path):
-    directory = tmp_path / f"backend-{next(_count)}"
-    create(directory)
-    return directory
-
-
-def provider_for(cloud, **kwargs) -> GcpProvider:
-    return GcpProvider(GcpClients.from_env(cloud.env, PROJECT), polling=FAST_POLLING, poll_interval=0.1, **kwargs)
-
-
-def settings_for(service, buckets=None, **kwargs) -> GcpSettings:
-    buckets = buckets or service
-    return GcpSettings(project=PROJECT, region=REGION, service=service, min_instances=0,
-                       source_bucket=f"src-{buckets}", state_bucket=f"state-{buckets}", **kwargs)
-
-
-def deploy(cloud, directory, settings):
-    return provider_for(cloud).deploy(settings, SourceBundle.from_directory(directory))
 
 
 def change(directory, note):
