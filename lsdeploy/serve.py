@@ -144,7 +144,7 @@ def check_port(host: str, port: int) -> None:
             raise LsdeployError(f"cannot listen on {host}:{port}: {exc.strerror}", EXIT_USAGE) from None
 
 
-def build_app(settings: ServeSettings):
+def build_app(settings: ServeSettings, metrics_dir: Optional[str] = None):
     """Import the backend, check its state store, and build the WSGI app."""
     from .loader import load_model_class
     from .server import create_app
@@ -155,7 +155,42 @@ def build_app(settings: ServeSettings):
     store = default_store()  # fails here, once, when the store is unusable
     store.close()
     set_default_store(None)  # each worker opens its own after fork
-    return create_app(model_class, basic_auth=settings.basic_auth, debug=settings.debug)
+    return create_app(model_class, basic_auth=settings.basic_auth, debug=settings.debug, metrics_dir=metrics_dir)
+
+
+_METRICS_PREFIX = "lsdeploy-metrics-"
+
+
+def metrics_directory() -> str:
+    """A new private directory for the workers' metrics files (in /dev/shm when there is one:
+    memory, never written back to disk). Directories left by servers that were killed outright
+    are removed first."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
+    base = base or tempfile.gettempdir()
+    try:
+        for name in os.listdir(base):
+            if not name.startswith(_METRICS_PREFIX):
+                continue
+            pid = name[len(_METRICS_PREFIX):].split("-", 1)[0]
+            path = os.path.join(base, name)
+            if pid.isdigit() and not _alive(int(pid)) and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def bounded_worker_class(client_timeout: float):
@@ -193,11 +228,28 @@ def bounded_worker_class(client_timeout: float):
 def run(settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
     check_port(settings.host, settings.port)
-    app = build_app(settings)
     if settings.debug:
+        app = build_app(settings)
         logger.warning("debug mode: Flask's reloading development server, not for production")
         app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, threaded=True)
         return
+    import shutil
+
+    master = os.getpid()
+    metrics_dir = metrics_directory()
+
+    def remove_metrics_dir():
+        if os.getpid() == master:  # a worker unwinds through this code too when it exits
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    try:
+        app = build_app(settings, metrics_dir)
+        _serve(settings, app)
+    finally:
+        remove_metrics_dir()
+
+
+def _serve(settings: ServeSettings, app) -> None:
     from gunicorn.app.base import BaseApplication
 
     graceful = settings.graceful_timeout
@@ -216,6 +268,9 @@ def run(settings: ServeSettings) -> None:
         if not ext["trainer"].drain(max(graceful - 1, 1)):
             logger.error("exiting with %d training job(s) unfinished", ext["trainer"].pending)
 
+    def child_exit(server, worker):  # in the master, after a worker exited
+        app.extensions["lsdeploy"]["metrics"].retire(worker.pid)
+
     bind = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
     options = {
         "bind": bind,
@@ -230,6 +285,7 @@ def run(settings: ServeSettings) -> None:
         "loglevel": settings.log_level.lower(),
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        "child_exit": child_exit,
         "proc_name": "lsdeploy",
         # gunicorn >= 24 opens a control socket at a fixed path in $HOME: two servers on one
         # machine would fight over it, and nothing here uses it.

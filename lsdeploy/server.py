@@ -195,12 +195,16 @@ def _env_float(name: str, default: float) -> float:
 
 
 def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Optional[tuple] = None,
-               debug: bool = False, max_content_length: Optional[int] = None) -> Flask:
+               debug: bool = False, max_content_length: Optional[int] = None,
+               metrics_dir: Optional[str] = None) -> Flask:
     """The Flask app serving `model_class`.
 
     `store` defaults to the process-wide store from the environment (MODEL_STATE_URI or SQLite
     under MODEL_DIR), created in each worker process on first use. `basic_auth` is
     (user, password); BASIC_AUTH_USER/BASIC_AUTH_PASS are read when it is not given.
+    `metrics_dir` (or LSDEPLOY_METRICS_DIR): a directory private to one server, shared by its
+    worker processes, so /metrics reports all of them (see lsdeploy.metrics); without it the
+    metrics are this process's.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, LabelStudioMLBase)):
         raise TypeError(f"{model_class!r} is not a subclass of lsdeploy.LabelStudioMLBase")
@@ -213,16 +217,16 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     app = Flask("lsdeploy")
     app.config["MAX_CONTENT_LENGTH"] = max_content_length or int(os.environ.get("MAX_REQUEST_BYTES", DEFAULT_MAX_BYTES))
     app.json.sort_keys = False
-    metrics = Metrics()
+    metrics = Metrics(metrics_dir or os.environ.get("LSDEPLOY_METRICS_DIR") or None)
     metrics.describe("lsdeploy_requests_total", "counter", "HTTP requests by endpoint and status")
     metrics.describe("lsdeploy_request_errors_total", "counter", "HTTP requests answered 5xx")
     metrics.describe("lsdeploy_request_duration_seconds", "histogram", "HTTP request latency")
     metrics.describe("lsdeploy_predictions_total", "counter", "Predictions returned")
     metrics.describe("lsdeploy_fit_total", "counter", "fit() runs by event and outcome")
     metrics.describe("lsdeploy_fit_duration_seconds", "histogram", "fit() duration")
-    metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training jobs queued or running in this process")
+    metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training jobs queued or running (all workers)")
     metrics.describe("lsdeploy_info", "gauge", "Server version and model class")
-    metrics.set("lsdeploy_info", 1, version=__version__, model_class=model_class.__name__)
+    metrics.constant("lsdeploy_info", 1, version=__version__, model_class=model_class.__name__)
     pool = ModelPool(model_class, store, int(os.environ.get("MODEL_CACHE_SIZE", 32)))
     trainer = Trainer(metrics)
     fit_wait = _env_float("FIT_WAIT_SECONDS", 0.5)

@@ -51,7 +51,10 @@ def test_every_endpoint_through_gunicorn(counter_dir):
         assert server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code in (201, 202)
         assert server.post("/train", json={"annotations": [], "project": "1.1"}).status_code in (201, 202)
         assert server.get("/versions?project=1").json()["versions"] == ["0.0.1"]
-        assert "lsdeploy_requests_total" in server.get("/metrics").text
+        for _ in range(4):  # whichever of the two workers answers, it reports the whole server
+            metrics = server.get("/metrics").text
+            assert 'lsdeploy_requests_total{endpoint="/predict",method="POST",status="200"} 1\n' in metrics
+            assert 'lsdeploy_request_duration_seconds_count{endpoint="/setup"} 1\n' in metrics
         bad = server.post("/predict", data="{", headers={"Content-Type": "application/json"})
         assert bad.status_code == 400 and bad.json()["error"].startswith("request body is not valid JSON")
         assert server.get("/missing").headers["Content-Type"].startswith("application/json")
