@@ -217,6 +217,14 @@ class Metrics:
             slot = self._slot("c", key, 1)
             self._values[slot] += value
 
+    def add(self, key: tuple, value: float) -> None:
+        """`inc` with a ready (name, sorted label tuple) key."""
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slot("c", key, 1)
+            self._values[slot] += value
+
     def set(self, name: str, value: float, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:

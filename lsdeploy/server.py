@@ -16,6 +16,8 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import itertools
 import json
@@ -28,13 +30,13 @@ import traceback
 from collections import OrderedDict
 from typing import Optional
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
 from .metrics import Metrics
 from .model import KNOWN_EVENTS, LabelStudioMLBase
-from .response import ModelResponse
+from .response import ModelResponse, PredictionValue
 from .state import StateStore, default_store
 
 logger = logging.getLogger("lsdeploy.server")
@@ -233,16 +235,36 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     app.extensions["lsdeploy"] = {"pool": pool, "trainer": trainer, "metrics": metrics, "model_class": model_class}
 
     # -- plumbing ------------------------------------------------------------------------
+    json_default = app.json.default
+
+    def reply(body, status: int = 200) -> Response:
+        """A JSON answer (what jsonify makes, without its per-call lookups)."""
+        return Response(json.dumps(body, default=json_default, separators=(",", ":")) + "\n",
+                        status=status, mimetype="application/json")
+
     def error(message: str, status: int):
-        body = {"status": status, "error": message}
-        return jsonify(body), status
+        return reply({"status": status, "error": message}, status)
+
+    config = app.config
 
     def body_json() -> dict:
-        req = request._get_current_object()
-        ctype = req.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json") and ctype != "text/plain":
-            raise BadRequest(f"Content-Type {ctype} is not supported: send application/json", 415)
-        raw = req.get_data(cache=False)
+        environ = request._get_current_object().environ
+        ctype = environ.get("CONTENT_TYPE", "")
+        if ctype != "application/json":
+            ctype = ctype.split(";", 1)[0].strip().lower()
+            if ctype and ctype != "application/json" and not ctype.endswith("+json") and ctype != "text/plain":
+                raise BadRequest(f"Content-Type {ctype} is not supported: send application/json", 415)
+        length = environ.get("CONTENT_LENGTH", "")
+        limit = config["MAX_CONTENT_LENGTH"]
+        if length.isdigit() and (limit is None or int(length) <= limit) and "HTTP_TRANSFER_ENCODING" not in environ:
+            try:  # the common case: read once, straight from the server
+                raw = environ["wsgi.input"].read(int(length))
+            except OSError:  # the kernel timeout of a stalled client (CLIENT_TIMEOUT), or a reset
+                raw = None
+            if raw is None or len(raw) != int(length):
+                raise BadRequest("the client stopped sending the request body before Content-Length bytes")
+        else:  # chunked, or too large (werkzeug raises the 413)
+            raw = request.get_data(cache=False)
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
         try:
@@ -256,43 +278,68 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
         return data
 
-    @app.before_request
-    def _start():
-        environ = request.environ
-        environ["lsdeploy.started"] = time.perf_counter()
-        if basic_auth is None or environ.get("PATH_INFO") == HEALTH_PATH:
-            return None
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and auth.type == "basic"
-            and hmac.compare_digest((auth.username or "").encode(), basic_auth[0].encode())
-            and hmac.compare_digest((auth.password or "").encode(), basic_auth[1].encode())
-        )
-        if not ok:
-            resp, status = error("authentication required: this backend uses basic auth "
-                                 "(set the same user and password in Label Studio's model settings)", 401)
-            resp.headers["WWW-Authenticate"] = 'Basic realm="lsdeploy"'
-            return resp, status
-        return None
+    # Around Flask, once per request: basic auth, then one metrics record and one access-log
+    # line with status and latency (also for answers Flask's error handlers made).
+    unauthorized = (json.dumps({"status": 401, "error": "authentication required: this backend uses basic auth "
+                                "(set the same user and password in Label Studio's model settings)"},
+                               separators=(",", ":")) + "\n").encode()
+    unauthorized_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(unauthorized))),
+                            ("WWW-Authenticate", 'Basic realm="lsdeploy"')]
+    credentials = (basic_auth[0].encode(), basic_auth[1].encode()) if basic_auth is not None else None
+    flask_wsgi = app.wsgi_app
+    routes: dict[str, str] = {}
+    keys: dict[tuple, tuple] = {}
+    perf_counter = time.perf_counter
 
-    @app.after_request
-    def _log(resp: Response):
-        req = request._get_current_object()
-        elapsed = time.perf_counter() - req.environ.get("lsdeploy.started", time.perf_counter())
-        endpoint = req.url_rule.rule if req.url_rule else "unmatched"
-        status = resp.status_code
-        counters = [("lsdeploy_requests_total", (("endpoint", endpoint), ("method", req.method), ("status", status)))]
-        if status >= 500:
-            counters.append(("lsdeploy_request_errors_total", (("endpoint", endpoint),)))
-        metrics.record(counters, ("lsdeploy_request_duration_seconds", (("endpoint", endpoint),)), elapsed)
+    def metric_keys(endpoint: str, method: str, status: int) -> tuple:
+        found = keys.get((endpoint, method, status))
+        if found is None:
+            label = method if method in _METHODS else "other"
+            counters = [("lsdeploy_requests_total", (("endpoint", endpoint), ("method", label), ("status", status)))]
+            if status >= 500:
+                counters.append(("lsdeploy_request_errors_total", (("endpoint", endpoint),)))
+            found = (tuple(counters), ("lsdeploy_request_duration_seconds", (("endpoint", endpoint),)))
+            if len(keys) < 10_000:
+                keys[(endpoint, method, status)] = found
+        return found
+
+    def lsdeploy_wsgi(environ, start_response):
+        started = perf_counter()
+        path = environ.get("PATH_INFO") or "/"
+        if credentials is not None and path != HEALTH_PATH and not _authorized(environ.get("HTTP_AUTHORIZATION"), credentials):
+            start_response("401 UNAUTHORIZED", list(unauthorized_headers))
+            result, status = [unauthorized], 401
+        else:
+            seen = []
+
+            def capture(status_line, headers, exc_info=None):
+                seen.append(status_line)
+                return start_response(status_line, headers, exc_info)
+
+            try:
+                result = flask_wsgi(environ, capture)
+            except BaseException:
+                _finish(environ, path, 500, perf_counter() - started)
+                raise
+            status = int(seen[-1][:3]) if seen else 500
+        _finish(environ, path, status, perf_counter() - started)
+        return result
+
+    def _finish(environ, path, status, elapsed):
+        method = environ.get("REQUEST_METHOD", "")
+        endpoint = routes.get(path, "unmatched") if status != 405 else "unmatched"
+        counters, hist_key = metric_keys(endpoint, method, status)
+        metrics.record(counters, hist_key, elapsed)
         if access_log.isEnabledFor(logging.INFO):
-            # makeRecord + handle: the same record logger.info builds, without walking the
-            # stack for the caller's file and line (a third of a request's logging cost).
-            access_log.handle(access_log.makeRecord(
-                access_log.name, logging.INFO, "", 0, "%s %s %s %.1fms",
-                (req.method, req.path, status, elapsed * 1000), None))
-        return resp
+            if not (path.isascii() and path.isprintable()):
+                path = _printable_path(path)
+            message = f"{method} {path} {status} {elapsed * 1000:.1f}ms"
+            handler = _direct_handler()
+            if handler is None or not handler.write_line(access_log.name, message):
+                # makeRecord + handle: the record logger.info builds, without the stack walk
+                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, message, None, None))
+
+    app.wsgi_app = lsdeploy_wsgi
 
     @app.errorhandler(BadRequest)
     def _bad(exc: BadRequest):
@@ -314,7 +361,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if debug:
             body["traceback"] = traceback.format_exc()
             logger.error("traceback:\n%s", body["traceback"])
-        return jsonify(body), 500
+        return reply(body, 500)
 
     # -- endpoints -------------------------------------------------------------------------
     @app.get("/")
@@ -329,7 +376,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if state.get("status") not in (None, "ok"):
             body["status"] = "DEGRADED" if state.get("status") == "degraded" else "UP"
         # Label Studio only checks for 200; a degraded store still serves predictions.
-        return jsonify(body)
+        return reply(body)
 
     @app.post("/setup")
     def setup():
@@ -353,7 +400,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             if not isinstance(extra, dict):
                 raise BadRequest("'extra_params' must be a JSON object")
             model.set_extra_params(extra)
-        return jsonify({"model_version": model.model_version})
+        return reply({"model_version": model.model_version})
 
     @app.post("/predict")
     def predict():
@@ -361,10 +408,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         tasks = data.get("tasks")
         if tasks is None:
             raise BadRequest("'tasks' is missing: send {\"tasks\": [{\"id\": 1, \"data\": {...}}], ...}")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        if type(tasks) is not list:  # parsed JSON: exactly list and dict
             raise BadRequest("'tasks' must be a list of task objects")
         for i, task in enumerate(tasks):
-            if "data" in task and not isinstance(task["data"], dict):
+            if type(task) is not dict:
+                raise BadRequest("'tasks' must be a list of task objects")
+            if "data" in task and type(task["data"]) is not dict:
                 raise BadRequest(f"tasks[{i}].data must be an object")
         label_config = data.get("label_config")
         if label_config is not None and not isinstance(label_config, str):
@@ -381,8 +430,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         model = pool.get(project_id_of(data.get("project")), label_config)
         response = model.predict(tasks, context=context, **params)
         results = _serialize(response, model)
-        metrics.inc("lsdeploy_predictions_total", len(results))
-        return jsonify({"results": results})
+        metrics.add(_PREDICTIONS, len(results))
+        return reply({"results": results})
 
     @app.post("/webhook")
     def webhook():
@@ -395,8 +444,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         project = data.get("project")
         project_id = project_id_of(project)
         if event not in model_class.TRAIN_EVENTS:
-            return jsonify({"status": "skipped", "event": event,
-                            "reason": f"{model_class.__name__}.TRAIN_EVENTS does not include {event}"}), 200
+            return reply({"status": "skipped", "event": event,
+                          "reason": f"{model_class.__name__}.TRAIN_EVENTS does not include {event}"})
         label_config = project.get("label_config") if isinstance(project, dict) else None
         payload = {k: v for k, v in data.items() if k != "action"}
         return _run_fit(event, project_id, label_config, payload)
@@ -436,10 +485,10 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                 result = job.result
             except (TypeError, ValueError):
                 result = repr(job.result)
-            return jsonify({"status": "ok", "result": result, "job": job.id,
-                            "model_version": model.model_version}), 201
-        return jsonify({"status": "training", "job": job.id,
-                        "detail": f"fit is running in the background ({trainer.pending} job(s) queued in this worker)"}), 202
+            return reply({"status": "ok", "result": result, "job": job.id,
+                          "model_version": model.model_version}, 201)
+        return reply({"status": "training", "job": job.id,
+                      "detail": f"fit is running in the background ({trainer.pending} job(s) queued in this worker)"}, 202)
 
     @app.get("/versions")
     def versions():
@@ -447,7 +496,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         model = pool.latest(project_id)
         current = model.model_version if model else (pool.store.get(project_id, "model_version")
                                                      or model_class.INITIAL_MODEL_VERSION)
-        return jsonify({"versions": [current], "model_version": current})
+        return reply({"versions": [current], "model_version": current})
 
     @app.get("/metrics")
     def prometheus():
@@ -457,6 +506,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     def openapi():
         return Response(openapi_document(), mimetype="application/json")
 
+    routes.update((rule.rule, rule.rule) for rule in app.url_map.iter_rules() if "<" not in rule.rule)
     return app
 
 
@@ -472,6 +522,58 @@ def openapi_document() -> str:
     return _OPENAPI
 
 
+_PREDICTIONS = ("lsdeploy_predictions_total", ())
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def _authorized(header: Optional[str], credentials: tuple) -> bool:
+    """An `Authorization: Basic ...` header carrying exactly these (user, password) bytes."""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    user, sep, password = decoded.partition(b":")
+    # both compared, always: the time taken says nothing about which one was wrong
+    user_ok = hmac.compare_digest(user, credentials[0])
+    password_ok = hmac.compare_digest(password, credentials[1])
+    return bool(sep) and user_ok and password_ok
+
+
+def _printable_path(path: str) -> str:
+    """PATH_INFO as text for a log line: UTF-8 decoded, control characters escaped (a path
+    cannot forge a second log line)."""
+    try:
+        path = path.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        pass
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
+def _direct_handler():
+    """The one handler an access line reaches when it can take the line directly (lsdeploy's
+    StderrHandler, no filters anywhere on the way), else None (then a LogRecord is built)."""
+    if access_log.filters or not access_log.propagate or access_log.disabled:
+        return None
+    found = None
+    logger = access_log
+    while logger is not None:
+        for handler in logger.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    if found is None or found.filters or found.level > logging.INFO or not hasattr(found, "write_line"):
+        return None
+    return found
+
+
 def _serialize(response, model) -> list:
     """Apply the reference SDK's rules for model_version and return the `results` list."""
     if response is None:
@@ -483,6 +585,10 @@ def _serialize(response, model) -> list:
                 version = version or str(model.model_version)
                 prediction["model_version"] = version
         return response
+    if type(response) is ModelResponse:
+        results = _serialize_response(response, model)
+        if results is not None:
+            return results
     if isinstance(response, dict):
         if "predictions" not in response:
             raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
@@ -496,3 +602,27 @@ def _serialize(response, model) -> list:
     else:
         response.set_version(model.model_version)
     return response.serialize()["predictions"]
+
+
+def _serialize_response(response: ModelResponse, model) -> Optional[list]:
+    """`_serialize` of a ModelResponse holding PredictionValues and dicts (what blueprints and
+    most backends return), in one pass; None for anything else (nested lists, subclasses)."""
+    version = response.model_version
+    if version:
+        version = str(version)
+    else:
+        version = response.model_version = str(model.model_version)
+    results = []
+    for prediction in response.predictions:
+        kind = type(prediction)
+        if kind is PredictionValue:
+            if not prediction.model_version:
+                prediction.model_version = version
+            results.append(prediction.serialize())
+        elif kind is dict:
+            if not prediction.get("model_version"):
+                prediction["model_version"] = version
+            results.append(prediction)
+        else:
+            return None
+    return results

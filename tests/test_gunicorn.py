@@ -47,13 +47,16 @@ def test_every_endpoint_through_gunicorn(counter_dir):
         assert server.post("/setup", json={"project": "1.1", "schema": TEXT_CONFIG}).json() == {"model_version": "0.0.1"}
         results = server.post("/predict", json=predict_body([text_task(1, "a"), text_task(2, "b")])).json()["results"]
         assert len(results) == 2 and results[0]["model_version"] == "0.0.1"
+        chunks = iter([b'{"tasks": [{"id": 1, "data": {"text": "a"}}', b"]}"])  # no Content-Length: chunked
+        chunked = server.post("/predict", data=chunks, headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 200 and len(chunked.json()["results"]) == 1
         # 201 when fit finished within FIT_WAIT_SECONDS, 202 when it goes on (a loaded machine)
         assert server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code in (201, 202)
         assert server.post("/train", json={"annotations": [], "project": "1.1"}).status_code in (201, 202)
         assert server.get("/versions?project=1").json()["versions"] == ["0.0.1"]
         for _ in range(4):  # whichever of the two workers answers, it reports the whole server
             metrics = server.get("/metrics").text
-            assert 'lsdeploy_requests_total{endpoint="/predict",method="POST",status="200"} 1\n' in metrics
+            assert 'lsdeploy_requests_total{endpoint="/predict",method="POST",status="200"} 2\n' in metrics
             assert 'lsdeploy_request_duration_seconds_count{endpoint="/setup"} 1\n' in metrics
         bad = server.post("/predict", data="{", headers={"Content-Type": "application/json"})
         assert bad.status_code == 400 and bad.json()["error"].startswith("request body is not valid JSON")

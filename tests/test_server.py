@@ -286,3 +286,81 @@ def test_setup_runs_once_under_concurrent_first_requests(client):
     [t.join() for t in threads]
     assert not errors
     assert [s for s in Echo.setups if s[0] == "77"] == [("77", TEXT_CONFIG)]
+
+
+@pytest.mark.parametrize("header,ok", [
+    ("Basic " + base64.b64encode(b"ls:pa:ss").decode(), True),  # the password may hold a colon
+    ("basic " + base64.b64encode(b"ls:pa:ss").decode(), True),  # the scheme is case-insensitive
+    ("Basic  " + base64.b64encode(b"ls:pa:ss").decode() + " ", True),
+    ("Basic " + base64.b64encode(b"ls:pa:s").decode(), False),
+    ("Basic " + base64.b64encode(b"lsx:pa:ss").decode(), False),
+    ("Basic " + base64.b64encode(b"ls").decode(), False),
+    ("Basic " + base64.b64encode(b"ls:pa:ss\xff").decode(), False),
+    ("Basic not*base64", False),
+    ("Bearer " + base64.b64encode(b"ls:pa:ss").decode(), False),
+    ("", False),
+])
+def test_basic_auth_header_forms(model_dir, header, ok):
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), basic_auth=("ls", "pa:ss")).test_client()
+    resp = client.post("/predict", json=predict_body([]), headers={"Authorization": header} if header else {})
+    assert resp.status_code == (200 if ok else 401) and resp.is_json
+    text = client.get("/metrics", headers=_basic("ls", "pa:ss")).get_data(as_text=True)
+    status = 200 if ok else 401
+    assert f'lsdeploy_requests_total{{endpoint="/predict",method="POST",status="{status}"}} 1\n' in text
+
+
+def test_unicode_basic_auth(model_dir):
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), basic_auth=("jürgen", "pässwörd")).test_client()
+    good = base64.b64encode("jürgen:pässwörd".encode()).decode()
+    assert client.post("/predict", json=predict_body([]), headers={"Authorization": "Basic " + good}).status_code == 200
+    latin1 = base64.b64encode("jürgen:pässwörd".encode("latin-1")).decode()
+    assert client.post("/predict", json=predict_body([]), headers={"Authorization": "Basic " + latin1}).status_code == 401
+
+
+def test_unmatched_and_wrong_method_are_labelled_unmatched(client):
+    client.get("/nope")
+    client.get("/predict")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'lsdeploy_requests_total{endpoint="unmatched",method="GET",status="404"} 1\n' in text
+    assert 'lsdeploy_requests_total{endpoint="unmatched",method="GET",status="405"} 1\n' in text
+    client.open("/predict", method="BREW")
+    assert 'lsdeploy_requests_total{endpoint="unmatched",method="other",status="405"} 1\n' in client.get("/metrics").get_data(as_text=True)
+
+
+def test_access_line_written_directly_matches_the_log_format(client):
+    """Under `label-studio-ml start` the access line goes straight into the buffered stderr
+    handler without a LogRecord; it must read exactly as the formatter would write it, and a
+    path cannot start a second line."""
+    import logging
+    import os
+    import re
+
+    from lsdeploy.serve import StderrHandler, configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    read_fd, write_fd = os.pipe()
+    try:
+        configure_logging("INFO")
+        (handler,) = root.handlers
+        assert isinstance(handler, StderrHandler)
+        handler.fd = write_fd
+        client.post("/predict", json=predict_body([text_task(1, "good")]))
+        client.get("/a%0Ab\u00e9")
+        logging.getLogger("lsdeploy.access").info("%s %s %s %.1fms", "GET", "/x", 200, 1.25)  # the usual way
+        handler.flush()
+        os.close(write_fd)
+        write_fd = None
+        lines = os.read(read_fd, 65536).decode().splitlines()
+    finally:
+        if write_fd is not None:
+            os.close(write_fd)
+        os.close(read_fd)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    access = [line for line in lines if "[lsdeploy.access]" in line]
+    stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] \[INFO\] \[lsdeploy\.access\] "
+    assert re.fullmatch(stamp + r"POST /predict 200 \d+\.\dms", access[0]), access
+    assert re.fullmatch(stamp + r"GET /a\\nb\u00e9 404 \d+\.\dms", access[1]), access
+    assert re.fullmatch(stamp + r"GET /x 200 1\.2ms", access[2]), access
+    assert len(access) == 3
