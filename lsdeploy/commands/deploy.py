@@ -1,6 +1,7 @@
 """`label-studio-ml deploy gcp DIR`: build, deploy to Cloud Run and register with Label Studio."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import click
@@ -76,14 +77,23 @@ def _option(*names, envvar, **kwargs):
 @_option("--title", envvar="LSDEPLOY_TITLE", default=None, help="Backend title in Label Studio.")
 @_option("--preview/--no-preview", "preview", envvar="LSDEPLOY_PREVIEW", default=False,
          help="Run the backend locally once and validate its predictions before deploying.")
+@_option("--keep-images", envvar="LSDEPLOY_KEEP_IMAGES", type=click.IntRange(1, 1000), default=5,
+         help="Images (and their source bundles) kept per service; older ones are deleted after the deploy. "
+              "Images of revisions that serve traffic are always kept.")
+@_option("--prune/--no-prune", "prune", envvar="LSDEPLOY_PRUNE", default=True,
+         help="Delete old images and source bundles after deploying.")
+@_option("--dry-run", "dry_run", envvar="LSDEPLOY_DRY_RUN", is_flag=True,
+         help="Show what the deploy would do (Dockerfile, bundle, build, field-by-field changes, pruning) "
+              "and change nothing.")
 @_option("--json", "as_json", envvar="LSDEPLOY_JSON", is_flag=True, help="Print the result as one JSON object.")
 def gcp(directory, script, blueprint, project, region, service, label_studio_host, label_studio_api_key, projects,
         memory, cpu, gpu, gpu_type, min_instances, max_instances, concurrency, timeout, env, secret_env,
         service_account, ingress, basic_auth, basic_auth_user, labels, repository, source_bucket, state_bucket,
-        title, preview, as_json):
+        title, preview, keep_images, prune, dry_run, as_json):
     """Build DIR with Cloud Build, serve it on Cloud Run, and register it with Label Studio.
 
-    An unchanged DIR redeploys with no upload, no build and no new revision. Endpoints come from
+    An unchanged DIR redeploys with no upload, no build and no new revision. --dry-run shows what
+    would change without changing anything. Endpoints come from
     gcloud's CLOUDSDK_API_ENDPOINT_OVERRIDES_* and STORAGE_EMULATOR_HOST when set, otherwise
     Application Default Credentials are used.
     """
@@ -100,15 +110,26 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         service_account=service_account, ingress=ingress, basic_auth=basic_auth, basic_auth_user=basic_auth_user,
         labels=_pairs(labels, "--label"), repository=repository, source_bucket=source_bucket,
         state_bucket=state_bucket, label_studio_url=label_studio_host, label_studio_api_key=label_studio_api_key,
-        projects=project_ids, title=title,
+        projects=project_ids, title=title, keep_images=keep_images, prune=prune,
     )
     # 1. everything checkable before any Google API call
     progress(f"validating {directory}")
     if script:
         from ..blueprints import create as render
 
-        written = render(directory, blueprint=blueprint, script=script, force=True)
-        progress(f"created {directory} from {script}: {', '.join(written)}")
+        target = directory
+        if dry_run:  # DIR stays as it is: render a copy
+            import shutil
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="lsdeploy-plan-")
+            atexit.register(shutil.rmtree, scratch, True)
+            target = os.path.join(scratch, os.path.basename(os.path.abspath(directory)))
+            if os.path.isdir(directory):
+                shutil.copytree(directory, target, symlinks=True)
+        written = render(target, blueprint=blueprint, script=script, force=True)
+        progress(f"{'would create' if dry_run else 'created'} {directory} from {script}: {', '.join(written)}")
+        directory = target
     settings.validate()
     progress(f"model class {_model_class_name(directory, progress)}; service {settings.service} in "
              f"{settings.project}/{settings.region}")
@@ -132,7 +153,11 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
     progress(f"bundle {bundle.short_digest}: {len(bundle.files)} files, {bundle.size} bytes, "
              f"Dockerfile: {bundle.dockerfile}")
     provider = GcpProvider(clients)
-    result = provider.deploy(settings, bundle, progress)
+    if dry_run:
+        progress("dry run: reading the live service; nothing will be changed")
+        result = provider.plan(settings, bundle)
+    else:
+        result = provider.deploy(settings, bundle, progress)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -20,28 +20,63 @@ def _quiet(message: str) -> None:
 
 @dataclass
 class PlanResult:
-    """What a deploy would do, without changing anything."""
+    """What a deploy would do, without changing anything (`deploy --dry-run`)."""
 
     service: str
-    bundle_digest: str
-    bundle_size: int
-    bundle_files: list = field(default_factory=list)
-    dockerfile: str = ""                  # "own" or "blueprint:<name>"
-    image_exists: bool = False            # an image for this digest is already built
-    build_needed: bool = True
+    project: str = ""
+    region: str = ""
+    action: str = "create"                # "create", "update" or "none" (the service as it is)
     service_exists: bool = False
-    changes: list = field(default_factory=list)   # [{"field", "live", "desired"}]
+    bundle_digest: str = ""
+    bundle_size: int = 0
+    bundle_files: list = field(default_factory=list)   # [{"path", "size", "source"}]
+    dockerfile: str = ""                  # "own" or "blueprint:<name>"
+    dockerfile_text: str = ""             # the Dockerfile the build would use
+    ignore_file: str = ""
+    image: str = ""                       # pinned by digest when it exists, else the tag a build would push
+    build_needed: bool = True
+    changes: list = field(default_factory=list)   # [{"field", "live", "desired"}], live None for a new service
+    prune: list = field(default_factory=list)     # what the deploy would delete afterwards (old images, bundles)
+    label_studio_projects: list = field(default_factory=list)  # projects it would register with
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list:
-        out = [f"service {self.service}: {'exists' if self.service_exists else 'new'}",
-               f"bundle {self.bundle_digest[:12]} ({self.bundle_size} bytes, {len(self.bundle_files)} files, "
-               f"Dockerfile: {self.dockerfile})",
-               "build: " + ("needed" if self.build_needed else "no (an image for this bundle exists)")]
-        out += [f"  {c['field']}: {c['live']!r} -> {c['desired']!r}" for c in self.changes]
+        what = {"create": "would be created", "update": "would be updated",
+                "none": "unchanged (the deploy would send no update)"}[self.action]
+        out = [f"service {self.service} in {self.project}/{self.region}: {what}",
+               f"Dockerfile ({self.dockerfile}):"]
+        out += [f"  | {line}" for line in self.dockerfile_text.rstrip("\n").splitlines()]
+        out.append(f"bundle {self.bundle_digest[:12]}: {len(self.bundle_files)} files, {self.bundle_size} bytes "
+                   f"(sha256 {self.bundle_digest})" + (f", {self.ignore_file} applied" if self.ignore_file else ""))
+        out += [f"  {f['path']}  {f['size']} bytes" + ("" if f["source"] == "directory" else f" ({f['source']})")
+                for f in self.bundle_files]
+        out.append("build: " + (f"needed, would push {self.image}" if self.build_needed
+                                else f"not needed, {self.image} exists"))
+        if self.changes:
+            out.append("changes (live -> desired):" if self.service_exists else "service settings:")
+            for change in self.changes:
+                if self.service_exists:
+                    out.append(f"  {change['field']}: {_show(change['live'])} -> {_show(change['desired'])}")
+                else:
+                    out.append(f"  {change['field']}: {_show(change['desired'])}")
+        elif self.service_exists:
+            out.append("changes: none")
+        for name in self.prune:
+            out.append(f"would prune {name}")
+        if self.label_studio_projects:
+            out.append(f"would register with Label Studio project(s) {', '.join(map(str, self.label_studio_projects))}")
+        out.append("dry run: nothing was changed")
         return out
+
+
+def _show(value) -> str:
+    if value is None or value == "":
+        return "(none)"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "(none)"
+    return str(value)
 
 
 @dataclass
@@ -61,6 +96,8 @@ class DeployResult:
     basic_auth_user: Optional[str] = None
     secrets: list = field(default_factory=list)        # secret resource names (never values)
     registrations: list = field(default_factory=list)  # lsdeploy.labelstudio.Registration.to_dict()
+    pruned: list = field(default_factory=list)         # old images and source bundles deleted
+    prune_error: str = ""                              # why pruning stopped (the deploy itself succeeded)
     seconds: float = 0.0
 
     @property
@@ -84,6 +121,10 @@ class DeployResult:
                        f"{reg.get('state_name') or reg.get('state')}")
         if not self.registrations:
             out.append("Label Studio: not registered (pass --project to register)")
+        if self.pruned:
+            out.append(f"pruned {len(self.pruned)} old image(s)/source bundle(s)")
+        if self.prune_error:
+            out.append(f"warning: {self.prune_error}")
         return out
 
 

@@ -222,6 +222,8 @@ class GcpSettings:
     label_studio_api_key: Optional[str] = field(default=None, repr=False)
     projects: list = field(default_factory=list)
     title: Optional[str] = None
+    keep_images: int = 5                             # images (and their source bundles) kept per service
+    prune: bool = True                               # delete older ones after a deploy
     build_timeout: int = 1800
     ready_timeout: float = 900.0
     warmup_timeout: float = 120.0
@@ -288,6 +290,9 @@ class GcpSettings:
                 bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
             if _cpus(self.cpu) < 4 or _mebibytes(self.memory) < 16 * 1024:
                 bad("a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi")
+        if self.keep_images < 1:
+            bad(f"--keep-images {self.keep_images}: keep at least 1 image (the serving one); pass --no-prune "
+                "to keep every image")
         if self.ingress not in INGRESS:
             bad(f"--ingress {self.ingress!r}: choose one of {', '.join(INGRESS)}")
         for name in list(self.env) + list(self.secret_env):
@@ -302,6 +307,14 @@ class GcpSettings:
         if self.projects and not (self.label_studio_url and self.label_studio_api_key):
             bad("registering with Label Studio needs --label-studio-host and --label-studio-api-key "
                 "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+
+
+@dataclass
+class SecretRefs:
+    refs: dict = field(default_factory=dict)      # ENV -> (secret resource name, version)
+    stored: list = field(default_factory=list)    # secrets lsdeploy wrote for this service
+    member: Optional[str] = None                  # the service's identity, when known
+    password: Optional[str] = field(default=None, repr=False)  # the basic-auth password
 
 
 INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_ONLY",
@@ -555,6 +568,55 @@ class GcpProvider(Provider):
         progress(f"stored a new version of secret {secret_id}")
         return version.name, number, value
 
+    def secret_refs(self, settings, progress=_quiet, apply: bool = True) -> "SecretRefs":
+        """The secrets the service reads: {ENV: (secret, version)}. With `apply` the basic-auth
+        password and the Label Studio key are stored (a new version only when the value changed)
+        and the service's identity may read them; without it nothing is written and versions that
+        a deploy would add show as "new"."""
+        refs = SecretRefs()
+        owned = []
+        if apply and (settings.basic_auth or settings.label_studio_api_key or settings.secret_env):
+            progress("storing secrets in Secret Manager")
+        if settings.basic_auth:
+            owned.append(("BASIC_AUTH_PASS", settings.secret_id("basic-auth-pass"), None, True))
+        if settings.label_studio_api_key:
+            owned.append(("LABEL_STUDIO_API_KEY", settings.secret_id("label-studio-api-key"),
+                          settings.label_studio_api_key, False))
+        for env_name, secret_id, value, generate in owned:
+            if apply:
+                version, number, plain = self.ensure_secret(settings, secret_id, value, progress, generate=generate)
+                if generate:
+                    refs.password = plain
+                refs.member = refs.member or _member(settings, number)
+                refs.stored.append(version.split("/versions/")[0])
+            else:
+                version = self.peek_secret(settings, secret_id, value, generate)
+            refs.refs[env_name] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
+        for env_name, ref in settings.secret_env.items():
+            secret, _, version = ref.partition(":")
+            full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
+            refs.refs[env_name] = (full, version or "latest")
+        if apply:
+            for secret_name in refs.stored:
+                self.grant_accessor(settings, secret_name, refs.member)
+        return refs
+
+    def peek_secret(self, settings, secret_id: str, value: Optional[str], generate: bool) -> str:
+        """The version a deploy would reference, read-only: the latest one when a deploy would keep
+        it, else ".../versions/new"."""
+        from google.api_core import exceptions as gexc
+
+        name = f"projects/{settings.project}/secrets/{secret_id}"
+        try:
+            latest = self.clients.secrets.access_secret_version(name=f"{name}/versions/latest")
+        except (gexc.NotFound, gexc.FailedPrecondition):
+            return f"{name}/versions/new"
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "reading", f"{name}/versions/latest", settings.project) from None
+        if generate or latest.payload.data.decode("utf-8") == value:
+            return latest.name
+        return f"{name}/versions/new"
+
     def grant_accessor(self, settings, secret_name: str, member: str) -> None:
         """roles/secretmanager.secretAccessor for the service's identity on one secret."""
         role = "roles/secretmanager.secretAccessor"
@@ -662,9 +724,7 @@ class GcpProvider(Provider):
         """Create or update; returns (service after the operation, True when it changed)."""
         from google.api_core import exceptions as gexc
 
-        if live is not None and live.annotations.get(SPEC_ANNOTATION) == desired.annotations.get(SPEC_ANNOTATION) \
-                and live.latest_ready_revision and live.latest_ready_revision == live.latest_created_revision \
-                and _ready(live)[0] and _serves_latest(live):
+        if _up_to_date(live, desired):
             return live, False
         try:
             if live is None:
@@ -731,30 +791,8 @@ class GcpProvider(Provider):
             image, build_id = self.build(settings, bundle, progress)
             progress(f"built {image}")
 
-        secret_refs = {}
-        member = None
-        if settings.basic_auth or settings.label_studio_api_key or settings.secret_env:
-            progress("storing secrets in Secret Manager")
-        password = None
-        stored = []
-        if settings.basic_auth:
-            version, number, password = self.ensure_secret(settings, settings.secret_id("basic-auth-pass"), None,
-                                                           progress, generate=True)
-            secret_refs["BASIC_AUTH_PASS"] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
-            stored.append(version.split("/versions/")[0])
-            member = member or _member(settings, number)
-        if settings.label_studio_api_key:
-            version, number, _ = self.ensure_secret(settings, settings.secret_id("label-studio-api-key"),
-                                                    settings.label_studio_api_key, progress)
-            secret_refs["LABEL_STUDIO_API_KEY"] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
-            stored.append(version.split("/versions/")[0])
-            member = member or _member(settings, number)
-        for env_name, ref in settings.secret_env.items():
-            secret, _, version = ref.partition(":")
-            full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
-            secret_refs[env_name] = (full, version or "latest")
-        for secret_name in stored:
-            self.grant_accessor(settings, secret_name, member)
+        refs = self.secret_refs(settings, progress)
+        secret_refs, member, password = refs.refs, refs.member, refs.password
 
         desired = self.desired_service(settings, image, secret_refs)
         desired.annotations[SPEC_ANNOTATION] = self.spec_hash(desired)
@@ -783,13 +821,23 @@ class GcpProvider(Provider):
             except LsdeployError as exc:
                 raise LsdeployError(f"deployed {url} (revision {revision}) but registering it with Label Studio "
                                     f"failed: {exc}", exc.exit_code) from None
+        pruned, prune_error = [], ""
+        # storage grows only when something was built or deployed: an unchanged redeploy stays at its few reads
+        if settings.prune and (build_id is not None or changed):
+            try:
+                pruned = self.prune(settings, self._serving_images(settings, service) | {image.rsplit("@", 1)[-1]},
+                                    bundle=bundle, progress=progress)
+            except LsdeployError as exc:  # housekeeping: the deploy itself succeeded
+                prune_error = f"old images were not pruned: {exc} (or pass --no-prune)"
+                progress(f"warning: {prune_error}")
         return DeployResult(
             provider=self.name, project=settings.project, region=settings.region, service=settings.service, url=url,
             revision=revision, image=image, bundle_digest=bundle.digest, built=build_id is not None,
             build_id=build_id, new_revision=changed and (live is None or live.latest_ready_revision != service.latest_ready_revision),
             state_uri=settings.state_uri, basic_auth_user=settings.basic_auth_user if settings.basic_auth else None,
             secrets=sorted({ref[0] for ref in secret_refs.values()}),
-            registrations=[r.to_dict() for r in registrations], seconds=round(time.monotonic() - started, 3),
+            registrations=[r.to_dict() for r in registrations], pruned=pruned, prune_error=prune_error,
+            seconds=round(time.monotonic() - started, 3),
         )
 
     def register(self, settings, url, password) -> list:
@@ -801,12 +849,107 @@ class GcpProvider(Provider):
                                basic_auth=(settings.basic_auth_user, password) if settings.basic_auth else None)
 
     def plan(self, settings, bundle) -> PlanResult:
+        """What `deploy(settings, bundle)` would do; sends only reads (Get/List/Access)."""
         settings.validate()
         image = self.find_image(settings, bundle)
         live = self.get_service(settings)
-        return PlanResult(service=settings.service, bundle_digest=bundle.digest, bundle_size=bundle.size,
-                          bundle_files=[f.path for f in bundle.files], dockerfile=bundle.dockerfile,
-                          image_exists=image is not None, build_needed=image is None, service_exists=live is not None)
+        refs = self.secret_refs(settings, apply=False)
+        target = image or f"{settings.image}:{self.tag_name(settings, bundle)}"
+        desired = self.desired_service(settings, target, refs.refs)
+        if image and not any(version == "new" for _, version in refs.refs.values()):
+            desired.annotations[SPEC_ANNOTATION] = self.spec_hash(desired)
+        changes = service_changes(live, desired)
+        if live is None:
+            action = "create"
+        elif _up_to_date(live, desired):
+            action = "none"
+        else:
+            action = "update"
+            if not changes:  # same settings; lsdeploy's own part of the spec (probe, annotations) differs
+                changes = [{"field": "lsdeploy spec (startup probe, annotations)", "live": "older", "desired": "current"}]
+        prune = []
+        if settings.prune and (image is None or action != "none"):  # as deploy: only after a build or a change
+            serving = self._serving_images(settings, live) | ({image.rsplit("@", 1)[-1]} if image else set())
+            images, sources = self.prune_candidates(settings, serving, new_image=not image, bundle=bundle)
+            prune = [f"image {name}" for name, _ in images] + [f"gs://{settings.sources_bucket_name}/{blob.name}"
+                                                               for blob in sources]
+        return PlanResult(
+            service=settings.service, project=settings.project, region=settings.region, action=action,
+            service_exists=live is not None, bundle_digest=bundle.digest, bundle_size=bundle.size,
+            bundle_files=[{"path": f.path, "size": f.size, "source": f.source} for f in bundle.files],
+            dockerfile=bundle.dockerfile, dockerfile_text=bundle.dockerfile_text, ignore_file=bundle.ignore_file,
+            image=target, build_needed=image is None, changes=changes, prune=prune,
+            label_studio_projects=list(settings.projects))
+
+    # -- pruning ------------------------------------------------------------------------------
+    def _serving_images(self, settings, live) -> set:
+        """Digests of the images of revisions that receive traffic (never pruned)."""
+        if live is None:
+            return set()
+        serving = {t["revision"] for t in self._serving(live) if t["percent"]}
+        return {rev.containers[0].image.rsplit("@", 1)[-1] for rev in self.list_revisions(settings)
+                if rev.name.rsplit("/", 1)[-1] in serving and rev.containers and "@" in rev.containers[0].image}
+
+    def prune_candidates(self, settings, keep_digests: set, new_image: bool = False, bundle=None) -> tuple:
+        """([(version name, digest)], [blob]) a prune would delete: images of the service beyond the
+        newest `keep_images` (counting an image this deploy is about to build) other than ones that
+        serve traffic, and the uploaded source bundles of images not kept."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import artifactregistry_v1 as ar
+
+        package = f"{settings.repository_name}/packages/{settings.service}"
+        try:
+            versions = list(self.clients.registry.list_versions(request=ar.ListVersionsRequest(
+                parent=package, view=ar.VersionView.FULL, order_by="create_time desc", page_size=500)))
+        except gexc.NotFound:
+            versions = []
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "listing the images of", package, settings.project) from None
+        # newest first whatever order the server kept
+        versions.sort(key=lambda v: (v.create_time.timestamp() if v.create_time else 0, v.name), reverse=True)
+        keep = max(settings.keep_images - (1 if new_image else 0), 0)
+        kept_sources = {bundle.digest} if bundle is not None else set()
+        doomed = []
+        for index, version in enumerate(versions):
+            digest = version.name.rsplit("/", 1)[-1]
+            sources = {t.name.rsplit("/tags/src-", 1)[-1] for t in version.related_tags if "/tags/src-" in t.name}
+            if index < keep or digest in keep_digests:
+                kept_sources |= sources
+            else:
+                doomed.append((version.name, digest))
+        blobs = [b for b in self._blobs(settings, settings.sources_bucket_name, f"sources/{settings.service}/")
+                 if b.name.rsplit("/", 1)[-1].removesuffix(".tar.gz") not in kept_sources]
+        return doomed, blobs
+
+    def prune(self, settings, keep_digests: set, bundle=None, progress=_quiet) -> list:
+        """Delete old images and source bundles of the service (see prune_candidates); returns what went."""
+        from google.api_core import exceptions as gexc
+
+        images, blobs = self.prune_candidates(settings, keep_digests, bundle=bundle)
+        if not images and not blobs:
+            return []
+        progress(f"pruning {len(images)} old image(s) and {len(blobs)} source bundle(s) of {settings.service} "
+                 f"(keeping the newest {settings.keep_images})")
+        deleted = []
+        for name, digest in images:
+            try:
+                # force: the src-<digest> tag goes with its version
+                self._result(self.clients.registry.delete_version(request={"name": name, "force": True}), 300)
+            except gexc.NotFound:
+                pass
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "artifactregistry", "deleting image", name, settings.project) from None
+            deleted.append(f"image {settings.image}@{digest}")
+        for blob in blobs:
+            try:
+                blob.delete()
+            except gexc.NotFound:
+                pass
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "storage", "deleting", f"gs://{settings.sources_bucket_name}/{blob.name}",
+                                   settings.project) from None
+            deleted.append(f"gs://{settings.sources_bucket_name}/{blob.name}")
+        return deleted
 
     # -- operating a deployed service ----------------------------------------------------------
     def _label_studio(self, settings):
@@ -1064,6 +1207,80 @@ class GcpProvider(Provider):
             result.deleted.append(f"gs://{bucket}/{prefix}")
         result.kept += _shared_kept(settings)
         return result
+
+
+def _up_to_date(live, desired) -> bool:
+    """The live service already is `desired` (same spec fingerprint), ready and serving its latest
+    revision: a deploy sends no update."""
+    return live is not None and bool(desired.annotations.get(SPEC_ANNOTATION)) \
+        and live.annotations.get(SPEC_ANNOTATION) == desired.annotations.get(SPEC_ANNOTATION) \
+        and bool(live.latest_ready_revision) and live.latest_ready_revision == live.latest_created_revision \
+        and _ready(live)[0] and _serves_latest(live)
+
+
+def service_fields(service) -> dict:
+    """What a user tunes on the service, flattened for a field-by-field diff. Secret references show
+    as `secret-id:version`; plain environment values are compared but never shown."""
+    from google.cloud import run_v2
+
+    template = service.template
+    container = template.containers[0] if template.containers else run_v2.Container()
+    plain, secret_refs = {}, {}
+    for env in container.env:
+        ref = env.value_source.secret_key_ref
+        if ref.secret:
+            secret_refs[env.name] = f"{ref.secret.rsplit('/', 1)[-1]}:{ref.version or 'latest'}"
+        else:
+            plain[env.name] = hashlib.sha256(env.value.encode()).hexdigest()
+    limits = container.resources.limits
+    timeout = template.timeout
+    seconds = int(timeout.total_seconds()) if hasattr(timeout, "total_seconds") else int(getattr(timeout, "seconds", 0))
+    account = template.service_account or ""
+    if account.endswith("-compute@developer.gserviceaccount.com"):
+        account = ""  # Cloud Run fills in the default identity
+    ingress = {v: k for k, v in INGRESS.items()}.get(run_v2.IngressTraffic(service.ingress).name, str(service.ingress))
+    return {
+        "image": container.image,
+        "cpu": limits.get("cpu", ""),
+        "memory": limits.get("memory", ""),
+        "gpu": int(limits.get("nvidia.com/gpu", "0") or 0),
+        "gpu_type": template.node_selector.accelerator or "",
+        "min_instances": template.scaling.min_instance_count,
+        "max_instances": template.scaling.max_instance_count,
+        "concurrency": template.max_instance_request_concurrency,
+        "timeout": f"{seconds}s",
+        "service_account": account or "(default)",
+        "ingress": ingress,
+        "labels": {k: v for k, v in service.labels.items() if (k, v) != MANAGED_LABEL},
+        "env": plain,
+        "secrets": secret_refs,
+    }
+
+
+def service_changes(live, desired) -> list:
+    """[{"field", "live", "desired"}] between two services; `live` None lists every desired field."""
+    want = service_fields(desired)
+    have = service_fields(live) if live is not None else None
+    changes = []
+    for name, value in want.items():
+        if name == "env":
+            before = have["env"] if have else {}
+            for env_name in sorted(set(before) | set(value)):
+                if env_name not in before:
+                    changes.append({"field": f"env.{env_name}", "live": None, "desired": "set"})
+                elif env_name not in value:
+                    changes.append({"field": f"env.{env_name}", "live": "set", "desired": None})
+                elif before[env_name] != value[env_name]:
+                    changes.append({"field": f"env.{env_name}", "live": "set", "desired": "set (new value)"})
+        elif name == "secrets":
+            before = have["secrets"] if have else {}
+            for env_name in sorted(set(before) | set(value)):
+                if before.get(env_name) != value.get(env_name):
+                    changes.append({"field": f"secret.{env_name}", "live": before.get(env_name),
+                                    "desired": value.get(env_name)})
+        elif have is None or have[name] != value:
+            changes.append({"field": name, "live": have[name] if have else None, "desired": value})
+    return changes
 
 
 def _check_managed(settings, live) -> None:
