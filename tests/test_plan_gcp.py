@@ -57,6 +57,9 @@ def test_dry_run_of_a_new_service_changes_nothing(cloud, backend):
                    "--env", "MODE=fast", env=cli_env(cloud, "fresh"))
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
+    assert set(plan) == {"service", "project", "region", "action", "service_exists", "bundle_digest", "bundle_size",
+                         "bundle_files", "dockerfile", "dockerfile_text", "ignore_file", "image", "build_needed",
+                         "changes", "prune", "label_studio_projects"}
     assert plan["action"] == "create" and plan["service_exists"] is False and plan["build_needed"] is True
     bundle = SourceBundle.from_directory(backend)
     assert plan["bundle_digest"] == bundle.digest and plan["bundle_size"] == bundle.size
