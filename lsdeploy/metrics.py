@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import logging
 import mmap
 import os
 import struct
@@ -38,6 +39,8 @@ import time
 import weakref
 from collections import defaultdict
 from typing import Iterator, Optional
+
+logger = logging.getLogger("lsdeploy.metrics")
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0)
 _HIST_VALUES = len(_BUCKETS) + 2  # one per bucket, +Inf, then the sum
@@ -203,11 +206,23 @@ class Metrics:
         """Index of the first value of `key` (called with the lock held)."""
         slot = self._slots.get(key)
         if slot is None:
-            if self._arena is None:
-                self._arena = _Arena(self.directory)
             encoded = json.dumps([kind, key[0], [list(pair) for pair in key[1]]],
                                  separators=(",", ":")).encode()
-            slot = self._slots[key] = self._arena.add(encoded, count)
+            try:
+                if self._arena is None:
+                    self._arena = _Arena(self.directory)
+                slot = self._arena.add(encoded, count)
+            except OSError as exc:
+                if self._arena is not None and self._arena.path is None:
+                    raise
+                # The directory is gone or full: go on in memory (scrapes answered by this
+                # process still add these values; the file keeps what it had). Never fail a request.
+                logger.warning("metrics file in %s unusable (%s): this worker keeps new values in memory",
+                               self.directory, exc)
+                self._arena = _Arena(None)
+                self._slots = {}
+                slot = self._arena.add(encoded, count)
+            self._slots[key] = slot
             self._values = self._arena.values
         return slot
 
@@ -239,13 +254,12 @@ class Metrics:
         acquisition. `counters` and `hist_key` are (name, sorted label tuple) keys."""
         index = bisect.bisect_left(_BUCKETS, value)
         with self._lock:
-            slots = self._slots
             for key in counters:
-                slot = slots.get(key)
+                slot = self._slots.get(key)
                 if slot is None:
                     slot = self._slot("c", key, 1)
                 self._values[slot] += 1.0
-            base = slots.get(hist_key)
+            base = self._slots.get(hist_key)
             if base is None:
                 base = self._slot("h", hist_key, _HIST_VALUES)
             values = self._values
@@ -278,6 +292,10 @@ class Metrics:
                 continue
             pid = name.split("-", 1)[0]
             yield data, live and pid.isdigit() and _alive(int(pid))
+        with self._lock:
+            memory = self._arena.snapshot() if self._arena is not None and self._arena.path is None else None
+        if memory is not None:
+            yield memory, True
 
     def _decode(self, key: bytes) -> tuple:
         decoded = self._decoded.get(key)

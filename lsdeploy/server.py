@@ -13,6 +13,8 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
 - Fits of one project are serialized across the workers sharing a store (`StateStore.lock`).
 - Logs: one line per request (method, path, status, latency). Never a body, a query string
   or a header.
+- GET /metrics: Prometheus text about the whole server; under `label-studio-ml start` the
+  workers share their values through files in a private directory (see lsdeploy.metrics).
 """
 from __future__ import annotations
 

@@ -291,3 +291,21 @@ def test_killed_worker_does_not_make_counters_go_backwards(plain_dir):
         for _ in range(4):
             assert requests.post(server.url + "/predict", json=predict_body([text_task(1, "a")]), timeout=30).status_code == 200
         assert scrape(server)[PREDICT] == sent + 4
+
+
+def test_unusable_directory_never_fails_a_request(tmp_path):
+    directory = tmp_path / "gone"
+    directory.mkdir()
+    metrics = described(str(directory))
+    metrics.inc("t_requests_total", endpoint="/p")
+    for name in os.listdir(directory):  # a temp cleaner removes the files and the directory
+        os.unlink(directory / name)
+    directory.rmdir()
+    other = described(str(directory))  # a process that starts after that
+    other.inc("t_requests_total", endpoint="/p")
+    other.record([("t_requests_total", (("endpoint", "/p"),))], ("t_duration_seconds", ()), 0.1)
+    assert other.path is None
+    samples = parse(other.render())
+    assert samples[("t_requests_total", (("endpoint", "/p"),))] == 2
+    assert samples[("t_duration_seconds_count", ())] == 1
+    metrics.inc("t_requests_total", endpoint="/p")  # the first one still writes into its mapping
