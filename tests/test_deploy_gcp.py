@@ -123,6 +123,35 @@ def test_secrets_never_plain_env_values(api_cloud, backend):
     assert len(result.secrets) == 2 and "legacy-key-0123456789" not in json.dumps(result.to_dict())
 
 
+def test_user_secrets_are_checked_and_granted(cloud, backend):
+    from test_plan_gcp import user_secret
+
+    # a missing secret stops the deploy before anything is written
+    done = run_cli("deploy", "gcp", backend, "--service", "usersecret", "--secret", "HF_TOKEN=hf-token",
+                   env={**cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION,
+                        "LSDEPLOY_SOURCE_BUCKET": "src-usersecret", "LSDEPLOY_STATE_BUCKET": "state-usersecret"})
+    assert done.returncode == EXIT_USAGE and "secret projects/demo-project/secrets/hf-token does not exist" in done.stderr
+    assert "gcloud secrets create hf-token" in done.stderr and cloud.log.mutating() == []
+
+    # an existing one: the runtime identity is granted read access, and the backend sees the value
+    name = user_secret(cloud, "hf-token", "hf-value-123")
+    result = deploy(cloud, backend, settings_for("usersecret", secret_env={"HF_TOKEN": "hf-token"}))
+    runtime = f"serviceAccount:{name.split('/')[1]}-compute@developer.gserviceaccount.com"
+    assert cloud.secretmanager.can_access(name, runtime)
+    assert any(s.endswith("/secrets/hf-token") for s in result.secrets)
+    assert "hf-value-123" not in json.dumps(result.to_dict())
+
+    # a deployer that may not administer the secret: a note with the command, and the deploy goes on
+    other = user_secret(cloud, "db-pass", "db-value")
+    cloud.secretmanager.grant_project_access(runtime)
+    cloud.deny("secretmanager", "SetIamPolicy")
+    lines = []
+    again = deploy(cloud, backend, settings_for("usersecret", secret_env={"HF_TOKEN": "hf-token", "DB": "db-pass"}), lines)
+    assert again.new_revision
+    note = next(line for line in lines if line.startswith("note: could not grant"))
+    assert other.split("/")[-1] in note and "gcloud secrets add-iam-policy-binding" in note and "roles/secretmanager.secretAccessor" in note
+
+
 def test_failed_build_deploys_nothing(api_cloud, backend):
     api_cloud.cloudbuild.fail_next(step=1, log_lines=["ERROR: No matching distribution found for not-a-package"])
     with pytest.raises(LsdeployError) as info:

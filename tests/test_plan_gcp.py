@@ -46,6 +46,17 @@ def bundles(cloud, service, bucket):
                   for b in clients.storage.list_blobs(bucket, prefix=f"sources/{service}/"))
 
 
+def user_secret(cloud, secret_id, value):
+    """A secret the user made themselves (what --secret refers to)."""
+    from google.cloud import secretmanager_v1 as sm
+
+    client = GcpClients.from_env(cloud.env, PROJECT).secrets
+    secret = client.create_secret(parent=f"projects/{PROJECT}", secret_id=secret_id, secret=sm.Secret(
+        replication=sm.Replication(automatic=sm.Replication.Automatic())))
+    client.add_secret_version(parent=secret.name, payload=sm.SecretPayload(data=value.encode()))
+    return secret.name
+
+
 def fields(plan: dict) -> dict:
     return {c["field"]: (c["live"], c["desired"]) for c in plan["changes"]}
 
@@ -92,6 +103,7 @@ def test_dry_run_of_a_new_service_changes_nothing(cloud, backend):
 def test_dry_run_against_a_live_service_shows_each_change(cloud, backend):
     settings = settings_for("live", label_studio_api_key=SECRET_KEY)
     first = deploy(cloud, backend, settings)
+    user_secret(cloud, "hf-token", "hf-value")
     cloud.log.clear()
     provider = provider_for(cloud)
 
@@ -104,7 +116,7 @@ def test_dry_run_against_a_live_service_shows_each_change(cloud, backend):
     change(backend, "new code")
     wanted = settings_for("live", label_studio_api_key=SECRET_KEY + "-rotated", memory="4Gi", cpu="2",
                           max_instances=7, concurrency=4, timeout=60, env={"MODE": "fast"},
-                          secret_env={"HF_TOKEN": "hf-token:3"}, labels={"team": "vision"}, ingress="internal")
+                          secret_env={"HF_TOKEN": "hf-token:1"}, labels={"team": "vision"}, ingress="internal")
     plan = provider.plan(wanted, SourceBundle.from_directory(backend))
     assert plan.action == "update" and plan.build_needed
     got = {c["field"]: (c["live"], c["desired"]) for c in plan.changes}
@@ -115,13 +127,13 @@ def test_dry_run_against_a_live_service_shows_each_change(cloud, backend):
         "cpu": ("1", "2"), "memory": ("2Gi", "4Gi"), "max_instances": (3, 7), "concurrency": (8, 4),
         "timeout": ("300s", "60s"), "ingress": ("all", "internal"), "labels": ({}, {"team": "vision"}),
         "env.MODE": (None, "set"),
-        "secret.HF_TOKEN": (None, "hf-token:3"),
+        "secret.HF_TOKEN": (None, "hf-token:1"),
         "secret.LABEL_STUDIO_API_KEY": (f"{key_secret}:1", f"{key_secret}:new"),
     }
     # env removed, value changed; the key is compared, never shown
     text = "\n".join(plan.lines()) + json.dumps(plan.to_dict())
     assert SECRET_KEY not in text and "changes (live -> desired):" in text
-    assert "memory: 2Gi -> 4Gi" in text and "secret.HF_TOKEN: (none) -> hf-token:3" in text
+    assert "memory: 2Gi -> 4Gi" in text and "secret.HF_TOKEN: (none) -> hf-token:1" in text
     assert cloud.log.mutating() == [], cloud.log.methods()
 
     deploy(cloud, backend, settings_for("live", label_studio_api_key=SECRET_KEY, env={"MODE": "fast", "OLD": "1"}))

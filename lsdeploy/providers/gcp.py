@@ -592,14 +592,43 @@ class GcpProvider(Provider):
             else:
                 version = self.peek_secret(settings, secret_id, value, generate)
             refs.refs[env_name] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
-        for env_name, ref in settings.secret_env.items():
+        user = []
+        for env_name, ref in sorted(settings.secret_env.items()):
             secret, _, version = ref.partition(":")
             full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
+            number = self.existing_secret(settings, full, env_name)
+            refs.member = refs.member or _member(settings, number)
             refs.refs[env_name] = (full, version or "latest")
+            user.append(full)
         if apply:
             for secret_name in refs.stored:
                 self.grant_accessor(settings, secret_name, refs.member)
+            for secret_name in user:
+                try:
+                    self.grant_accessor(settings, secret_name, refs.member)
+                except GoogleApiError as exc:
+                    if exc.exit_code != EXIT_AUTH:
+                        raise
+                    # the deployer may not administer a secret it was given: the service may already read it
+                    progress(f"note: could not grant {refs.member.split(':', 1)[-1]} read access to {secret_name} "
+                             f"({exc.reason or 'permission denied'}); if the new revision cannot read it, run `gcloud "
+                             f"secrets add-iam-policy-binding {secret_name} --member {refs.member} --role "
+                             "roles/secretmanager.secretAccessor`")
         return refs
+
+    def existing_secret(self, settings, name: str, env_name: str) -> str:
+        """The project number of a secret passed with --secret; a clear error when it is missing."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            secret = self.clients.secrets.get_secret(name=name)
+        except gexc.NotFound:
+            raise LsdeployError(f"--secret {env_name}={name.rsplit('/', 1)[-1]}: secret {name} does not exist: create "
+                                f"it first (printf '%s' VALUE | gcloud secrets create {name.rsplit('/', 1)[-1]} "
+                                f"--project {name.split('/')[1]} --data-file=-)", EXIT_USAGE) from None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "reading secret", name, settings.project) from None
+        return secret.name.split("/")[1]
 
     def peek_secret(self, settings, secret_id: str, value: Optional[str], generate: bool) -> str:
         """The version a deploy would reference, read-only: the latest one when a deploy would keep
@@ -782,6 +811,10 @@ class GcpProvider(Provider):
     def deploy(self, settings: GcpSettings, bundle, progress=_quiet) -> DeployResult:
         started = time.monotonic()
         settings.validate()
+        for env_name, ref in sorted(settings.secret_env.items()):  # before anything is built or written
+            secret = ref.partition(":")[0]
+            self.existing_secret(settings, secret if secret.startswith("projects/") else
+                                 f"projects/{settings.project}/secrets/{secret}", env_name)
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)
         build_id = None
