@@ -190,6 +190,10 @@ class LabelStudio:
         return f"LabelStudio(host={self.host!r}, key=<{self.key_kind}>)"
 
     # -- auth ---------------------------------------------------------------------------------
+    def authorization(self, renew: bool = False) -> str:
+        """The Authorization header value for this key (a personal access token is exchanged)."""
+        return self._authorization(renew)
+
     def _authorization(self, renew: bool = False) -> str:
         if self.key_kind == "legacy token":
             return f"Token {self.__key}"

@@ -252,6 +252,7 @@ class LabelStudioMLBase:
             token=ls_access_token or conn.token,
             cache_dir=project_dir,
             task_id=task_id,
+            fallback_token=taskdata.env_token(),
         )
 
     def preload_task_data(self, task: Dict, value=None, read_file=True):

@@ -2,7 +2,9 @@
 
 The server records the `hostname` and `access_token` that Label Studio sends to /setup, so a
 backend reads task files without duplicating Label Studio's address and key in its own
-environment (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY remain a fallback).
+environment (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY remain a fallback, also tried when Label
+Studio refuses the /setup key). Either kind of key works: a legacy key goes as `Token`, a
+personal access token is exchanged for a short-lived access token (`lsdeploy.labelstudio`).
 
 Safety rules:
 - the key is sent only to the Label Studio host it belongs to, never to another host;
@@ -53,14 +55,19 @@ def remember(project_id: str, url: Optional[str], token: Optional[str]) -> None:
         _connections[str(project_id)] = Connection(url.rstrip("/") if url else None, token or None)
 
 
+def env_token() -> Optional[str]:
+    """The key from the backend's own environment (the fallback when /setup sent none, or one that is refused)."""
+    return os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or None
+
+
 def connection(project_id: str) -> Connection:
     with _lock:
         conn = _connections.get(str(project_id))
     env_url = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST")
-    env_token = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN")
+    env_key = env_token()
     if conn is None:
-        return Connection(env_url.rstrip("/") if env_url else None, env_token or None)
-    return Connection(conn.url or env_url, conn.token or env_token)
+        return Connection(env_url.rstrip("/") if env_url else None, env_key)
+    return Connection(conn.url or env_url, conn.token or env_key)
 
 
 def is_preload_needed(value: str) -> bool:
@@ -86,9 +93,29 @@ def _is_internal(host: str) -> bool:
     return False
 
 
-def _auth_header(token: str) -> str:
-    # Personal access tokens are JWTs (three dot-separated parts) and go as Bearer.
-    return f"Bearer {token}" if token.count(".") == 2 else f"Token {token}"
+_clients: dict = {}  # (Label Studio URL, key) -> lsdeploy.labelstudio.LabelStudio: access tokens are cached
+
+
+def _auth_header(label_studio_url: str, token: str, renew: bool = False) -> str:
+    """`Token <key>` for a legacy key, `Bearer <access>` for a JWT access token, and for a
+    personal access token `Bearer` with the short-lived access token it is exchanged for."""
+    from .labelstudio import LabelStudio, LabelStudioError
+
+    with _lock:
+        client = _clients.get((label_studio_url, token))
+        if client is None:
+            if len(_clients) > 64:
+                _clients.clear()
+            client = _clients[(label_studio_url, token)] = LabelStudio(
+                label_studio_url, token, timeout=float(os.environ.get("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT)))
+    try:
+        return client.authorization(renew=renew)
+    except LabelStudioError as exc:
+        raise TaskDataRefused(f"reading task files from {label_studio_url}: {exc}") from None
+
+
+class TaskDataRefused(TaskDataError):
+    """Label Studio refused the key (401/403)."""
 
 
 def resolve(url: str, label_studio_url: Optional[str], task_id=None) -> str:
@@ -115,8 +142,9 @@ def resolve(url: str, label_studio_url: Optional[str], task_id=None) -> str:
 
 
 def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Optional[str] = None,
-                   cache_dir: Optional[str] = None, task_id=None) -> str:
-    """Download `url` once into the cache and return the local path."""
+                   cache_dir: Optional[str] = None, task_id=None, fallback_token: Optional[str] = None) -> str:
+    """Download `url` once into the cache and return the local path. When Label Studio refuses
+    `token` (say an expired one from /setup), `fallback_token` (the backend's own key) is tried."""
     if url.startswith("file://") or (not url.startswith(("http://", "https://", "/", "s3://", "gs://", "azure-blob://"))):
         if os.environ.get("TASK_DATA_ALLOW_LOCAL", "").lower() in ("1", "true", "yes"):
             path = url[len("file://"):] if url.startswith("file://") else url
@@ -139,8 +167,15 @@ def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Opti
     target = os.path.join(cache_dir, hashlib.sha256(absolute.encode()).hexdigest()[:16] + "__" + name[-100:])
     if os.path.exists(target):
         return target
-    headers = {"Authorization": _auth_header(token)} if (token and same_host) else {}
-    _download(absolute, headers, target)
+    keys = [k for k in dict.fromkeys([token, fallback_token]) if k] if same_host else []
+    for index, key in enumerate(keys or [None]):
+        try:
+            headers = {"Authorization": _auth_header(label_studio_url, key)} if key else {}
+            _download(absolute, headers, target)
+            return target
+        except TaskDataRefused:
+            if index + 1 >= len(keys):
+                raise
     return target
 
 
@@ -159,7 +194,7 @@ def _download(url: str, headers: dict, target: str) -> None:
                     headers = {}
                 return _download(location, headers, target)
             if resp.status_code in (401, 403):
-                raise TaskDataError(
+                raise TaskDataRefused(
                     f"reading task file {shown} was refused ({resp.status_code}): "
                     "check that the backend is connected to Label Studio with a valid key"
                 )

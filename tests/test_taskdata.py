@@ -48,8 +48,12 @@ def test_label_studio_upload_gets_the_key(hosts, tmp_path):
     path = get_local_path("/data/upload/1/a.txt", label_studio_url=ls, token="legacy-key", cache_dir=str(tmp_path))
     assert open(path, "rb").read() == b"file-bytes"
     assert Recorder.seen[-1][1:] == ("/data/upload/1/a.txt", "Token legacy-key")
-    get_local_path("/data/upload/1/b.txt", label_studio_url=ls, token="a.b.c", cache_dir=str(tmp_path))
-    assert Recorder.seen[-1][2] == "Bearer a.b.c"  # a JWT access token
+    import base64
+    import json
+
+    access = "e30." + base64.urlsafe_b64encode(json.dumps({"token_type": "access"}).encode()).decode().rstrip("=") + ".sig"
+    get_local_path("/data/upload/1/b.txt", label_studio_url=ls, token=access, cache_dir=str(tmp_path))
+    assert Recorder.seen[-1][2] == f"Bearer {access}"  # a JWT access token goes as it is
 
 
 def test_key_never_goes_to_another_host(hosts, tmp_path, monkeypatch):

@@ -329,3 +329,69 @@ def test_ssrf_settings_are_named(label_studio_with, backend, ml_block_local_ip, 
     if not ml_block_local_ip:
         assert "refused its webhook" in done.stderr and "nothing was registered" in done.stderr
     assert api.backends(pid) == [] and api.webhooks(pid) == []
+
+
+FILE_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="kind" toName="image"><Choice value="png"/><Choice value="other"/></Choices></View>"""
+
+FILE_MODEL = '''
+from lsdeploy import LabelStudioMLBase
+
+
+class FileReader(LabelStudioMLBase):
+    """Reads each task's uploaded file through Label Studio (its address and key come from /setup)."""
+
+    def predict(self, tasks, context=None, **kwargs):
+        out = []
+        for task in tasks:
+            with open(self.get_local_path(task["data"]["image"], task_id=task["id"]), "rb") as handle:
+                data = handle.read()
+            kind = "png" if data.startswith(b"\\x89PNG") else "other"
+            out.append({"result": [{"from_name": "kind", "to_name": "image", "type": "choices",
+                                    "value": {"choices": [kind]}}], "score": len(data) / 1e6})
+        return out
+'''
+
+PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
+       b"\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pat"])
+def test_backend_reads_uploaded_files_with_what_setup_sends(label_studio, ls_api, project, backend, kind):
+    """A task file uploaded to Label Studio is read by the backend with the address and key Label
+    Studio sends in /setup: the backend's own environment has neither."""
+    server = backend(blueprint="default", model_py=FILE_MODEL)
+    pid = project(label_config=FILE_CONFIG)
+    resp = requests.post(f"{label_studio.url}/api/projects/{pid}/import", files={"file": ("dot.png", PNG, "image/png")},
+                         headers={"Authorization": f"Token {label_studio.legacy_token}"}, timeout=60)
+    assert resp.status_code == 201, resp.text
+    (task,) = tasks_of(ls_api, pid)
+    assert task["data"]["image"].startswith("/data/upload/")
+
+    done = connect(label_studio, server.url, pid, key=label_studio.pat if kind == "pat" else None)
+    assert done.returncode == 0, done.stderr
+    predictions = retrieve_predictions(ls_api, pid, timeout=60)
+    (prediction,) = predictions[task["id"]]
+    assert choices(prediction) == ["png"] and prediction["score"] == pytest.approx(len(PNG) / 1e6)
+    assert label_studio.legacy_token not in server.log() and label_studio.pat not in server.log()
+
+
+def test_task_files_with_a_personal_access_token_and_a_refused_setup_key(label_studio, ls_api, project, tmp_path,
+                                                                         monkeypatch):
+    """The key in the backend's environment may be a personal access token (exchanged, never sent
+    as it is), and it is the fallback when Label Studio refuses the key /setup sent."""
+    from lsdeploy.taskdata import TaskDataError, get_local_path
+
+    pid = project(label_config=FILE_CONFIG)
+    resp = requests.post(f"{label_studio.url}/api/projects/{pid}/import", files={"file": ("dot.png", PNG, "image/png")},
+                         headers={"Authorization": f"Token {label_studio.legacy_token}"}, timeout=60)
+    assert resp.status_code == 201, resp.text
+    (task,) = tasks_of(ls_api, pid)
+    url = task["data"]["image"]
+    with pytest.raises(TaskDataError, match=r"refused \(401\)"):
+        get_local_path(url, label_studio_url=label_studio.url, token="not-a-key", cache_dir=str(tmp_path / "a"))
+    path = get_local_path(url, label_studio_url=label_studio.url, token=label_studio.pat, cache_dir=str(tmp_path / "b"))
+    assert open(path, "rb").read() == PNG
+    path = get_local_path(url, label_studio_url=label_studio.url, token="expired-or-revoked",
+                          fallback_token=label_studio.pat, cache_dir=str(tmp_path / "c"))
+    assert open(path, "rb").read() == PNG
