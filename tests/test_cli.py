@@ -39,6 +39,16 @@ def test_create_renders_every_file(tmp_path):
     assert "from model import NewModel" in (target / "_wsgi.py").read_text()
 
 
+def test_create_json(tmp_path):
+    import json
+
+    result = run_cli("create", tmp_path / "b", "--blueprint", "text-classifier", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["directory"] == str(tmp_path / "b") and data["blueprint"] == "text-classifier" and data["from"] is None
+    assert "model.py" in data["files"] and all((tmp_path / "b" / name).exists() for name in data["files"])
+
+
 def test_create_refuses_non_empty_dir_without_force(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     result = run_cli("create", tmp_path)

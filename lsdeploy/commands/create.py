@@ -12,11 +12,21 @@ import click
               help="Build the backend around an existing model script instead of the blueprint's model.py.")
 @click.option("--force", is_flag=True, envvar="LSDEPLOY_FORCE", show_envvar=True,
               help="Overwrite files in a non-empty DIR.")
-def create(directory, blueprint, script, force):
+@click.option("--json", "as_json", is_flag=True, envvar="LSDEPLOY_JSON", show_envvar=True,
+              help="Print the result as one JSON object.")
+def create(directory, blueprint, script, force, as_json):
     """Render a new backend into DIR: model.py, Dockerfile, docker-compose.yml, _wsgi.py,
     README.md, requirements.txt, .dockerignore, label_config.xml and wheels/ (this lsdeploy)."""
     from ..blueprints import create as render
 
     written = render(directory, blueprint=blueprint, script=script, force=force)
+    if as_json:
+        import os
+
+        from . import emit_json
+
+        emit_json({"directory": os.path.abspath(directory), "blueprint": blueprint, "from": script,
+                   "files": written, "start": f"label-studio-ml start {directory} --port 9090"})
+        return
     click.echo(f"created {directory} from the {blueprint} blueprint: {', '.join(written)}")
     click.echo(f"next: label-studio-ml start {directory} --port 9090")
