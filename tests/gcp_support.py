@@ -36,3 +36,21 @@ def settings_for(service, buckets=None, **kwargs) -> GcpSettings:
 def deploy(cloud, directory, settings, lines=None):
     return provider_for(cloud).deploy(settings, SourceBundle.from_directory(directory),
                                       (lines.append if lines is not None else lambda m: None))
+
+
+def change(directory, note):
+    """A code change: the next bundle (and image) differs."""
+    (directory / "model.py").write_text((directory / "model.py").read_text() + f"\n# {note}\n")
+
+
+def cli_env(cloud, buckets):
+    """The environment a CLI run against the fakes needs, with buckets of its own."""
+    return {**cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_SOURCE_BUCKET": f"src-{buckets}",
+            "LSDEPLOY_STATE_BUCKET": f"state-{buckets}"}
+
+
+@pytest.fixture
+def api_cloud_fast(make_gcp_fakes, gcs_emulator):
+    """Fakes without the runner: revisions become ready (or, with `run.never_ready`, fail) like
+    Cloud Run reports them, without starting the backend."""
+    return make_gcp_fakes(storage_url=gcs_emulator.url)

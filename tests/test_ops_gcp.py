@@ -8,7 +8,8 @@ import json
 import pytest
 
 from fakes.fixtures import FAST_POLLING
-from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401
+from gcp_support import (PROJECT, REGION, api_cloud_fast, backend, change, cli_env, deploy,  # noqa: F401
+                         provider_for, settings_for)
 from support import run_cli
 
 from lsdeploy.blueprints import create
@@ -18,17 +19,8 @@ from lsdeploy.providers.gcp import GcpClients
 
 
 @pytest.fixture
-def cloud(make_gcp_fakes, gcs_emulator):
-    return make_gcp_fakes(storage_url=gcs_emulator.url)
-
-
-def change(directory, note):
-    (directory / "model.py").write_text((directory / "model.py").read_text() + f"\n# {note}\n")
-
-
-def cli_env(cloud, buckets):
-    return {**cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_SOURCE_BUCKET": f"src-{buckets}",
-            "LSDEPLOY_STATE_BUCKET": f"state-{buckets}"}
+def cloud(api_cloud_fast):
+    return api_cloud_fast
 
 
 def live_traffic(cloud, service):

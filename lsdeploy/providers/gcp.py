@@ -973,15 +973,8 @@ class GcpProvider(Provider):
             except gexc.GoogleAPICallError as exc:
                 raise google_error(exc, "artifactregistry", "deleting image", name, settings.project) from None
             deleted.append(f"image {settings.image}@{digest}")
-        for blob in blobs:
-            try:
-                blob.delete()
-            except gexc.NotFound:
-                pass
-            except gexc.GoogleAPICallError as exc:
-                raise google_error(exc, "storage", "deleting", f"gs://{settings.sources_bucket_name}/{blob.name}",
-                                   settings.project) from None
-            deleted.append(f"gs://{settings.sources_bucket_name}/{blob.name}")
+        self._delete_blobs(settings, settings.sources_bucket_name, blobs)
+        deleted += [f"gs://{settings.sources_bucket_name}/{blob.name}" for blob in blobs]
         return deleted
 
     # -- operating a deployed service ----------------------------------------------------------
@@ -1135,6 +1128,17 @@ class GcpProvider(Provider):
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, "storage", "listing", f"gs://{bucket}/{prefix}", settings.project) from None
 
+    def _delete_blobs(self, settings, bucket: str, blobs) -> None:
+        from google.api_core import exceptions as gexc
+
+        for blob in blobs:
+            try:
+                blob.delete()
+            except gexc.NotFound:
+                pass  # already gone: what was asked for
+            except gexc.GoogleAPICallError as exc:
+                raise google_error(exc, "storage", "deleting", f"gs://{bucket}/{blob.name}", settings.project) from None
+
     def _package(self, settings) -> Optional[str]:
         from google.api_core import exceptions as gexc
 
@@ -1230,13 +1234,7 @@ class GcpProvider(Provider):
             if not blobs:
                 continue
             progress(f"deleting {len(blobs)} object(s) under gs://{bucket}/{prefix}")
-            for blob in blobs:
-                try:
-                    blob.delete()
-                except gexc.NotFound:
-                    pass
-                except gexc.GoogleAPICallError as exc:
-                    raise google_error(exc, "storage", "deleting", f"gs://{bucket}/{blob.name}", settings.project) from None
+            self._delete_blobs(settings, bucket, blobs)
             result.deleted.append(f"gs://{bucket}/{prefix}")
         result.kept += _shared_kept(settings)
         return result
