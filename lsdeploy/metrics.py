@@ -45,8 +45,10 @@ logger = logging.getLogger("lsdeploy.metrics")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0)
 _HIST_VALUES = len(_BUCKETS) + 2  # one per bucket, +Inf, then the sum
 _SUM = len(_BUCKETS) + 1
-_HEADER = struct.Struct("=Q")
-_ENTRY = struct.Struct("=II")
+# Native formats: packed with one memcpy, so an aligned 8-byte store (the header, a value) is
+# never seen half-written by a reader.
+_HEADER = struct.Struct("Q")
+_ENTRY = struct.Struct("II")
 _INITIAL_SIZE = 16 * 1024
 _KIND = {"counter": "c", "gauge": "g", "histogram": "h"}
 
@@ -149,7 +151,7 @@ def entries(data: bytes) -> Iterator[tuple[bytes, tuple]]:
         end = start + 8 * count
         if end > used:
             return
-        yield bytes(data[key_at:key_at + length]), struct.unpack_from(f"={count}d", data, start)
+        yield bytes(data[key_at:key_at + length]), struct.unpack_from(f"{count}d", data, start)
         pos = end
 
 
@@ -185,6 +187,12 @@ class Metrics:
             os.register_at_fork(after_in_child=after_fork)
 
     def _reset(self) -> None:
+        arena = getattr(self, "_arena", None)
+        if arena is not None and arena.fd is not None:  # the parent's file, inherited by fork
+            try:
+                os.close(arena.fd)
+            except OSError:
+                pass
         self._lock = threading.Lock()
         self._slots: dict[tuple, int] = {}
         self._arena: Optional[_Arena] = None
@@ -314,7 +322,7 @@ class Metrics:
             for key, values in entries(data):
                 try:
                     kind, name, labels = self._decode(key)
-                except ValueError:
+                except (ValueError, TypeError):  # not an entry this version wrote
                     continue
                 if kind == "c":
                     counters[name][labels] += values[0]

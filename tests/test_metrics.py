@@ -1,4 +1,5 @@
 """/metrics: the registry's shared file format, and one server's numbers across gunicorn workers."""
+import concurrent.futures
 import glob
 import json
 import os
@@ -119,9 +120,9 @@ def test_file_format(tmp_path):
     metrics.inc("t_requests_total", endpoint='x"y')
     metrics.observe("t_duration_seconds", 0.03, endpoint="/p")
     data = open(metrics.path, "rb").read()
-    used = struct.unpack_from("=Q", data, 0)[0]
+    used = struct.unpack_from("Q", data, 0)[0]
     assert 8 < used <= len(data) and used % 8 == 0
-    klen, count = struct.unpack_from("=II", data, 8)
+    klen, count = struct.unpack_from("II", data, 8)
     key = data[16:16 + klen]
     assert json.loads(key) == ["c", "t_requests_total", [["endpoint", 'x"y']]] and count == 1
     found = list(entries(data))
@@ -131,7 +132,7 @@ def test_file_format(tmp_path):
     assert len(hist) == 15 and hist[3] == 1 and sum(hist[:14]) == 1 and hist[14] == pytest.approx(0.03)
     # a reader stops at the published length: an entry being appended is invisible
     torn = bytearray(data)
-    struct.pack_into("=Q", torn, 0, used - 8)
+    struct.pack_into("Q", torn, 0, used - 8)
     assert [json.loads(k)[0] for k, _ in entries(bytes(torn))] == ["c"]
     assert list(entries(b"")) == [] and list(entries(b"\0" * 8)) == []
 
@@ -267,6 +268,18 @@ def test_metrics_count_every_request_of_every_worker(plain_dir):
         # one more request, then a scrape: counted at once
         assert requests.post(server.url + "/predict", json=predict_body([text_task(3, "c")]), timeout=30).status_code == 200
         assert scrape(server)[PREDICT] == sent + 1
+
+        def burst(_):  # concurrent requests on every thread of both workers, scrapes among them
+            if _ % 10 == 0:
+                return scrape(server)[PREDICT] >= sent + 1
+            body = predict_body([text_task(1, "a")])
+            return requests.post(server.url + "/predict", json=body, timeout=30).status_code == 200
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(burst, range(200)))
+        samples = scrape(server)
+        assert samples[PREDICT] == sent + 1 + 180
+        assert samples[("lsdeploy_request_duration_seconds_count", (("endpoint", "/predict"),))] == sent + 1 + 180
     assert metrics_dirs(server.proc.pid) == []  # the master removed its directory
 
 
