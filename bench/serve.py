@@ -130,6 +130,7 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--starts", type=int, default=5)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
 
     from lsdeploy.blueprints import create
 
@@ -170,11 +171,13 @@ def main():
     print(f"/predict throughput (10 tasks/request, {args.clients} clients, {args.rounds} alternating rounds of {args.seconds:g} s)")
     print(f"  lsdeploy {ours:8.1f} req/s   rounds: {', '.join(f'{r:.0f}' for r in rates['lsdeploy'])}")
     print(f"  bare     {bare:8.1f} req/s   rounds: {', '.join(f'{r:.0f}' for r in rates['bare'])}")
-    print(f"  throughput ratio lsdeploy/bare = {ours / bare:.3f}  (target >= 0.9)")
+    print(f"  throughput ratio lsdeploy/bare = {ours / bare:.3f}  (target >= 0.9)   per round: "
+          f"{', '.join(f'{a / b:.2f}' for a, b in zip(rates['lsdeploy'], rates['bare']))}")
     c_ours, c_bare = statistics.median(cpu["lsdeploy"]), statistics.median(cpu["bare"])
     print(f"  server CPU per request: lsdeploy {c_ours:.0f} us, bare {c_bare:.0f} us, ratio bare/lsdeploy = {c_bare / c_ours:.3f}")
     print(f"start to first healthy /health (median of {args.starts})")
     print(f"  lsdeploy {s_ours:.3f} s   bare {s_bare:.3f} s   start-up ratio lsdeploy/bare = {s_ours / s_bare:.3f}")
+    print(f"machine load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU(s)")
 
 
 if __name__ == "__main__":
