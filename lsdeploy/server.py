@@ -327,9 +327,22 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         _finish(environ, path, status, perf_counter() - started)
         return result
 
+    def endpoint_of(path: str, method: str) -> str:
+        """The route's rule for a path not in `routes`: one added to the app after create_app."""
+        try:
+            rule, _ = app.url_map.bind("localhost").match(path, method=method, return_rule=True)
+        except Exception:  # noqa: BLE001 - NotFound, MethodNotAllowed, RequestRedirect
+            return "unmatched"
+        if "<" not in rule.rule:
+            routes[rule.rule] = rule.rule
+        return rule.rule
+
     def _finish(environ, path, status, elapsed):
         method = environ.get("REQUEST_METHOD", "")
-        endpoint = routes.get(path, "unmatched") if status != 405 else "unmatched"
+        if status == 404 or status == 405:
+            endpoint = "unmatched"
+        else:
+            endpoint = routes.get(path) or endpoint_of(path, method)
         counters, hist_key = metric_keys(endpoint, method, status)
         metrics.record(counters, hist_key, elapsed)
         if access_log.isEnabledFor(logging.INFO):

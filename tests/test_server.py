@@ -364,3 +364,20 @@ def test_access_line_written_directly_matches_the_log_format(client):
     assert re.fullmatch(stamp + r"GET /a\\nb\u00e9 404 \d+\.\dms", access[1]), access
     assert re.fullmatch(stamp + r"GET /x 200 1\.2ms", access[2]), access
     assert len(access) == 3
+
+
+def test_routes_added_to_the_app_are_labelled_by_their_rule(app):
+    @app.get("/custom")
+    def custom():
+        return {"ok": True}
+
+    @app.get("/items/<int:item>")
+    def item(item):
+        return {"item": item}
+
+    client = app.test_client()
+    assert client.get("/custom").status_code == 200
+    assert client.get("/items/7").status_code == 200 and client.get("/items/8").status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'lsdeploy_requests_total{endpoint="/custom",method="GET",status="200"} 1\n' in text
+    assert 'lsdeploy_requests_total{endpoint="/items/<int:item>",method="GET",status="200"} 2\n' in text
