@@ -193,36 +193,53 @@ def build_app(settings: ServeSettings, metrics_dir: Optional[str] = None):
 _METRICS_PREFIX = "lsdeploy-metrics-"
 
 
-def metrics_directory() -> str:
+def metrics_directory(base: Optional[str] = None) -> Optional[str]:
     """A new private directory for the workers' metrics files (in /dev/shm when there is one:
-    memory, never written back to disk). Directories left by servers that were killed outright
-    are removed first."""
+    memory, never written back to disk), or None when no temporary directory is writable (then
+    each worker reports its own metrics). The directory stays locked (flock on its `.lock`)
+    while this server or any of its workers lives; directories nobody holds, left by servers
+    that were killed outright, are removed first."""
+    import fcntl
     import shutil
     import tempfile
 
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
-    base = base or tempfile.gettempdir()
     try:
-        for name in os.listdir(base):
-            if not name.startswith(_METRICS_PREFIX):
+        if base is None:
+            shm = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK)
+            base = "/dev/shm" if shm else tempfile.gettempdir()
+        names = os.listdir(base)
+    except OSError as exc:
+        names, failure = [], exc
+    else:
+        failure = None
+    for name in names:
+        if not name.startswith(_METRICS_PREFIX):
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
                 continue
-            pid = name[len(_METRICS_PREFIX):].split("-", 1)[0]
-            path = os.path.join(base, name)
-            if pid.isdigit() and not _alive(int(pid)) and os.stat(path).st_uid == os.getuid():
-                shutil.rmtree(path, ignore_errors=True)
-    except OSError:
-        pass
-    return tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-", dir=base)
-
-
-def _alive(pid: int) -> bool:
+            fd = os.open(os.path.join(path, ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live server's
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if failure is not None:
+            raise failure
+        directory = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-", dir=base)
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the last process of this server exits
+    except OSError as exc:
+        logger.warning("no writable temporary directory for shared metrics (%s): /metrics reports the "
+                       "worker that answers", exc)
+        return None
+    return directory
 
 
 def bounded_worker_class(client_timeout: float):
@@ -271,7 +288,7 @@ def run(settings: ServeSettings) -> None:
     metrics_dir = metrics_directory()
 
     def remove_metrics_dir():
-        if os.getpid() == master:  # a worker unwinds through this code too when it exits
+        if metrics_dir and os.getpid() == master:  # a worker unwinds through this code too when it exits
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     try:

@@ -322,3 +322,43 @@ def test_unusable_directory_never_fails_a_request(tmp_path):
     assert samples[("t_requests_total", (("endpoint", "/p"),))] == 2
     assert samples[("t_duration_seconds_count", ())] == 1
     metrics.inc("t_requests_total", endpoint="/p")  # the first one still writes into its mapping
+
+
+def test_metrics_directory_is_locked_and_leftovers_are_removed(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from lsdeploy.serve import metrics_directory
+
+    stale = tmp_path / "lsdeploy-metrics-1-stale"  # left by a server killed outright
+    stale.mkdir()
+    (stale / ".lock").touch()
+    (stale / "5-0.db").write_bytes(b"\0" * 8)
+    held = tmp_path / "lsdeploy-metrics-2-held"  # a live server's, in another process
+    held.mkdir()
+    (held / ".lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
+        import fcntl, os, sys
+        fd = os.open({str(held / ".lock")!r}, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        sys.stdin.read()
+    ''')], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        other = tmp_path / "unrelated"
+        other.mkdir()
+        directory = metrics_directory(str(tmp_path))
+        assert directory is not None and os.path.basename(directory).startswith(f"lsdeploy-metrics-{os.getpid()}-")
+        assert not stale.exists() and held.exists() and other.exists()
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDONLY)
+        try:  # this process holds its own directory's lock (another open file cannot take it)
+            with pytest.raises(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert metrics_directory(str(tmp_path / "missing")) is None
