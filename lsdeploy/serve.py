@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -72,6 +73,12 @@ class StderrHandler(logging.Handler):
         self._wake = threading.Event()
         self._plain = None  # the formatter write_line has checked it can stand in for
         self._second = (None, "")  # (epoch second, its asctime text)
+        # The parent writes its buffered lines before a fork, so a worker never writes them again.
+        ref = weakref.ref(self)
+        os.register_at_fork(before=lambda: _call(ref, "flush"), after_in_child=lambda: _call(ref, "_forget"))
+
+    def _forget(self):
+        self._pending = []
 
     def write_line(self, name: str, message: str) -> bool:
         """An INFO line of logger `name`, formatted as PLAIN_FORMAT would, without building a
@@ -141,6 +148,12 @@ class StderrHandler(logging.Handler):
             except OSError:
                 return  # stderr closed: nothing sensible to do
             data = data[written:]
+
+
+def _call(ref, method: str) -> None:
+    handler = ref()
+    if handler is not None:
+        getattr(handler, method)()
 
 
 PLAIN_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"

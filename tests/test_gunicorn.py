@@ -63,6 +63,7 @@ def test_every_endpoint_through_gunicorn(counter_dir):
         assert server.get("/missing").headers["Content-Type"].startswith("application/json")
     log = server.log()
     assert "POST /predict 200" in log and "GET /health 200" in log
+    assert log.count("[lsdeploy.serve] serving Counter") == 1  # a worker never repeats what the master logged
 
 
 def test_state_is_consistent_across_four_workers(counter_dir):
