@@ -70,6 +70,7 @@ class StderrHandler(logging.Handler):
         self.fd = fd
         self._pending: list[str] = []
         self._flusher_pid = None
+        self._flushing = False  # this process's flusher thread runs
         self._wake = threading.Event()
         self._plain = None  # the formatter write_line has checked it can stand in for
         self._second = (None, "")  # (epoch second, its asctime text)
@@ -79,6 +80,7 @@ class StderrHandler(logging.Handler):
 
     def _forget(self):
         self._pending = []
+        self._flushing = False
 
     def write_line(self, name: str, message: str) -> bool:
         """An INFO line of logger `name`, formatted as PLAIN_FORMAT would, without building a
@@ -95,7 +97,7 @@ class StderrHandler(logging.Handler):
         if cached[0] != second:  # asctime as logging.Formatter.formatTime writes it
             cached = self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S", formatter.converter(now)))
         self._pending.append(f"[{cached[1]},{int((now - second) * 1000):03d}] [INFO] [{name}] {message}\n")
-        if self._flusher_pid != os.getpid():
+        if not self._flushing:  # reset in a forked child, which starts its own flusher
             self._start_flusher()
         return True
 
@@ -112,7 +114,7 @@ class StderrHandler(logging.Handler):
             self._write(line)
         else:
             self._pending.append(line)  # list.append is atomic under the GIL
-            if self._flusher_pid != os.getpid():
+            if not self._flushing:
                 self._start_flusher()
         return True
 
@@ -121,11 +123,12 @@ class StderrHandler(logging.Handler):
 
     def _start_flusher(self):
         with self.lock:  # once per process (a forked worker starts its own)
-            if self._flusher_pid == os.getpid():
+            if self._flushing and self._flusher_pid == os.getpid():
                 return
             self._flusher_pid = os.getpid()
             threading.Thread(target=self._flush_loop, name="lsdeploy-log", daemon=True).start()
             atexit.register(self.flush)
+            self._flushing = True
 
     def _flush_loop(self):
         while True:
