@@ -8,7 +8,6 @@ import signal
 import struct
 import tempfile
 import textwrap
-import time
 
 import pytest
 import requests
