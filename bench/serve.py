@@ -13,6 +13,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def main():
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     ours, bare = statistics.median(rates["lsdeploy"]), statistics.median(rates["bare"])
     s_ours, s_bare = statistics.median(starts["lsdeploy"]), statistics.median(starts["bare"])
