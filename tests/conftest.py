@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests never use a developer's Label Studio or Google settings by accident.
 for _name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY", "MODEL_STATE_URI",
-              "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "PORT", "HOST", "WORKERS", "THREADS", "LSDEPLOY_MODEL"):
+              "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "PORT", "HOST", "WORKERS", "THREADS", "LSDEPLOY_MODEL",
+              "LSDEPLOY_METRICS_DIR"):
     os.environ.pop(_name, None)
 
 
