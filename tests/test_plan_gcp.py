@@ -183,8 +183,8 @@ def test_deploy_prunes_all_but_the_newest_images_and_their_bundles(cloud, backen
     change(backend, "version 4")
     cloud.log.clear()
     plan = provider_for(cloud).plan(settings_for("pruned", keep_images=2), SourceBundle.from_directory(backend))
-    assert plan.prune == [f"image projects/{PROJECT}/locations/{REGION}/repositories/lsdeploy/packages/pruned/versions/"
-                          f"{digests[2][0]}", f"gs://src-pruned/sources/pruned/{digests[2][1]}.tar.gz"]
+    assert plan.prune == [f"image {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/pruned@{digests[2][0]}",
+                          f"gs://src-pruned/sources/pruned/{digests[2][1]}.tar.gz"]
     assert cloud.log.mutating() == []
 
 

@@ -904,8 +904,8 @@ class GcpProvider(Provider):
         if settings.prune and (image is None or action != "none"):  # as deploy: only after a build or a change
             serving = self._serving_images(settings, live) | ({image.rsplit("@", 1)[-1]} if image else set())
             images, sources = self.prune_candidates(settings, serving, new_image=not image, bundle=bundle)
-            prune = [f"image {name}" for name, _ in images] + [f"gs://{settings.sources_bucket_name}/{blob.name}"
-                                                               for blob in sources]
+            prune = [f"image {settings.image}@{digest}" for _, digest in images] + [
+                f"gs://{settings.sources_bucket_name}/{blob.name}" for blob in sources]
         return PlanResult(
             service=settings.service, project=settings.project, region=settings.region, action=action,
             service_exists=live is not None, bundle_digest=bundle.digest, bundle_size=bundle.size,
