@@ -13,7 +13,7 @@ from gcp_support import (PROJECT, REGION, api_cloud_fast, backend, change, cli_e
 from support import run_cli
 
 from lsdeploy.bundle import SourceBundle
-from lsdeploy.errors import EXIT_USAGE
+from lsdeploy.errors import EXIT_USAGE, LsdeployError
 from lsdeploy.providers.gcp import GcpClients
 
 SECRET_KEY = "plan-test-ls-key-0123456789"  # a fake Label Studio key: must never be printed
@@ -235,3 +235,23 @@ def test_keep_images_option(cloud, backend):
     data = json.loads(done.stdout)
     assert len(data["pruned"]) == 2 and data["prune_error"] == "" and images(cloud, "opts") == [
         data["image"].rsplit("@", 1)[-1]]
+
+
+def test_rollback_skips_revisions_whose_image_was_pruned(cloud, backend):
+    results = []
+    for n in range(3):
+        change(backend, f"r{n}")
+        results.append(deploy(cloud, backend, settings_for("rollprune", keep_images=2)))
+    assert len(images(cloud, "rollprune")) == 2  # the first revision's image is gone
+    provider = provider_for(cloud)
+    lines = []
+    back = provider.rollback(settings_for("rollprune"), progress=lines.append)
+    assert back.to_revision == results[1].revision
+    # nothing older with an image: refused, naming the pruning; and by name too
+    with pytest.raises(LsdeployError, match="was pruned") as info:
+        provider.rollback(settings_for("rollprune"), to_revision=results[0].revision)
+    assert info.value.exit_code == EXIT_USAGE and "deploy that code again" in str(info.value)
+    cloud.log.clear()
+    with pytest.raises(LsdeployError, match=f"the image of {results[0].revision} was pruned"):
+        provider.rollback(settings_for("rollprune"))
+    assert cloud.log.mutating() == []

@@ -1056,6 +1056,7 @@ class GcpProvider(Provider):
         serving = [t["revision"] for t in self._serving(live) if t["percent"]]
         revisions = self.list_revisions(settings)
         ready = [r.name.rsplit("/", 1)[-1] for r in revisions if _revision_ready(r)[0]]
+        by_name = {r.name.rsplit("/", 1)[-1]: r for r in revisions}
         if to_revision:
             target = to_revision.rsplit("/", 1)[-1]
             known = {r.name.rsplit("/", 1)[-1] for r in revisions}
@@ -1065,16 +1066,31 @@ class GcpProvider(Provider):
             if target not in ready:
                 raise LsdeployError(f"revision {target} is not ready and cannot serve traffic: pass a ready one "
                                     f"({', '.join(ready) or 'none'}) to --to-revision", EXIT_USAGE)
+            if target not in serving and not self._image_exists(settings, by_name[target]):
+                raise LsdeployError(f"the image of revision {target} was pruned (deploy keeps the newest "
+                                    f"--keep-images images), so it cannot start: deploy that code again instead",
+                                    EXIT_USAGE)
         else:
             names = [r.name.rsplit("/", 1)[-1] for r in revisions]
             positions = [names.index(s) for s in serving if s in names]
             newest_serving = min(positions) if positions else -1
             older = [n for n in names[newest_serving + 1:] if n in ready and n not in serving]
-            if not older:
+            pruned = []
+            for name in older:  # the newest one whose image is still there (deploy prunes old images)
+                if self._image_exists(settings, by_name[name]):
+                    target = name
+                    break
+                pruned.append(name)
+            else:
+                more = (f" (the image{'s' if len(pruned) > 1 else ''} of {', '.join(pruned)} "
+                        f"{'were' if len(pruned) > 1 else 'was'} pruned: deploy keeps the newest --keep-images "
+                        "images)") if pruned else ""
                 raise LsdeployError(f"service {settings.service} has no ready revision older than "
-                                    f"{', '.join(serving) or 'the serving one'} to roll back to; list them with "
+                                    f"{', '.join(serving) or 'the serving one'} to roll back to{more}; list them with "
                                     f"`label-studio-ml status {settings.service}`", EXIT_USAGE)
-            target = older[0]
+            if pruned:
+                progress(f"skipping {', '.join(pruned)}: {'their images were' if len(pruned) > 1 else 'its image was'} "
+                         "pruned")
         if serving == [target] and all(t["percent"] == 100 for t in self._serving(live) if t["revision"] == target):
             progress(f"{target} already serves all traffic")
             return RollbackResult(service=settings.service, from_revisions=serving, to_revision=target,
@@ -1127,6 +1143,24 @@ class GcpProvider(Provider):
             return []
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, "storage", "listing", f"gs://{bucket}/{prefix}", settings.project) from None
+
+    def _image_exists(self, settings, revision) -> bool:
+        """Whether the revision's image is still in this service's Artifact Registry package (an
+        image from elsewhere is taken to exist)."""
+        from google.api_core import exceptions as gexc
+
+        image = revision.containers[0].image if revision.containers else ""
+        ours = f"{settings.image}@"
+        if not image.startswith(ours):
+            return True
+        name = f"{settings.repository_name}/packages/{settings.service}/versions/{image[len(ours):]}"
+        try:
+            self.clients.registry.get_version(name=name)
+            return True
+        except gexc.NotFound:
+            return False
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "artifactregistry", "reading image", name, settings.project) from None
 
     def _delete_blobs(self, settings, bucket: str, blobs) -> None:
         from google.api_core import exceptions as gexc
