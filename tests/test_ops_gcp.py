@@ -280,8 +280,9 @@ def test_destroy_with_purge(cloud, tmp_path):
     assert FakeLabelStudio.unregistered == [([3], deployed["doomed"].url)]
     assert result.unregistered == [{"project": 3, "backend_ids": [], "webhook_ids": []}]
     package = f"projects/{PROJECT}/locations/{REGION}/repositories/lsdeploy/packages/doomed-purge"
-    assert result.deleted[-3:] == [f"{package} (every image of {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/doomed-purge)",
-                                   "gs://src-purge/sources/doomed-purge/", "gs://state-purge/doomed-purge/"]
+    assert result.deleted[-4:] == [f"{package} (every image of {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/doomed-purge)",
+                                   "gs://src-purge/sources/doomed-purge/", "gs://src-purge/build-logs/doomed-purge/",
+                                   "gs://state-purge/doomed-purge/"]
     assert sorted((e.api, e.method) for e in cloud.log.mutating()) == [
         ("artifactregistry", "DeletePackage"), ("run", "DeleteService"), ("secretmanager", "DeleteSecret"),
         ("secretmanager", "DeleteSecret")]
@@ -290,11 +291,12 @@ def test_destroy_with_purge(cloud, tmp_path):
     assert after["images"] == {i for i in before["images"] if i[0] != "doomed-purge"}
     assert any(i[0] == "neighbour-purge" for i in after["images"])
     gone = before["objects"] - after["objects"]
-    assert gone and all(o.startswith(("gs://src-purge/sources/doomed-purge/", "gs://state-purge/doomed-purge/"))
-                        for o in gone)
+    assert gone and all(o.startswith(("gs://src-purge/sources/doomed-purge/", "gs://state-purge/doomed-purge/",
+                                      "gs://src-purge/build-logs/doomed-purge/")) for o in gone)
+    assert any(o.startswith("gs://src-purge/build-logs/doomed-purge/") for o in gone)
     assert "gs://state-purge/neighbour-purge/model.json" in after["objects"]
     assert any(o.startswith("gs://src-purge/sources/neighbour-purge/") for o in after["objects"])
-    assert any(o.startswith("gs://src-purge/build-logs/") for o in after["objects"])  # shared, kept
+    assert any(o.startswith("gs://src-purge/build-logs/neighbour-purge/") for o in after["objects"])
 
 
 def test_destroy_refuses_without_yes_when_not_a_terminal(cloud):

@@ -38,6 +38,11 @@ def bundles(cloud, service, bucket):
                   for b in clients.storage.list_blobs(bucket, prefix=f"sources/{service}/"))
 
 
+def logs(cloud, service, bucket):
+    clients = GcpClients.from_env(cloud.env, PROJECT)
+    return sorted(b.name.rsplit("/", 1)[-1] for b in clients.storage.list_blobs(bucket, prefix=f"build-logs/{service}/"))
+
+
 def user_secret(cloud, secret_id, value):
     """A secret the user made themselves (what --secret refers to)."""
     from google.cloud import secretmanager_v1 as sm
@@ -174,17 +179,20 @@ def test_deploy_prunes_all_but_the_newest_images_and_their_bundles(cloud, backen
     assert bundles(cloud, "pruned", "src-pruned") == sorted(b for _, b, _ in digests[-2:])
     last = digests[-1][2]
     assert last.pruned == [f"image {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/pruned@{digests[1][0]}",
-                           f"gs://src-pruned/sources/pruned/{digests[1][1]}.tar.gz"]
+                           f"gs://src-pruned/sources/pruned/{digests[1][1]}.tar.gz",
+                           f"gs://src-pruned/build-logs/pruned/log-{digests[1][2].build_id}.txt"]
+    assert logs(cloud, "pruned", "src-pruned") == sorted(f"log-{r.build_id}.txt" for _, _, r in digests[-2:])
     deletes = cloud.log.filter(api="artifactregistry", method="DeleteVersion")
     assert len(deletes) == 2 and all(e.request.force for e in deletes)
-    assert "pruned 2 old image(s)/source bundle(s)" in last.lines()
+    assert "pruned 3 old image(s), source bundle(s) and build log(s)" in last.lines()
 
     # the plan says what the next deploy would prune (counting the image it would build)
     change(backend, "version 4")
     cloud.log.clear()
     plan = provider_for(cloud).plan(settings_for("pruned", keep_images=2), SourceBundle.from_directory(backend))
     assert plan.prune == [f"image {REGION}-docker.pkg.dev/{PROJECT}/lsdeploy/pruned@{digests[2][0]}",
-                          f"gs://src-pruned/sources/pruned/{digests[2][1]}.tar.gz"]
+                          f"gs://src-pruned/sources/pruned/{digests[2][1]}.tar.gz",
+                          f"gs://src-pruned/build-logs/pruned/log-{digests[2][2].build_id}.txt"]
     assert cloud.log.mutating() == []
 
 
@@ -202,7 +210,10 @@ def test_pruning_keeps_the_image_that_serves_traffic(cloud, backend):
     assert not result.built and result.image == first.image
     assert images(cloud, "keeper") == [later[1].image.rsplit("@", 1)[-1], first.image.rsplit("@", 1)[-1]]
     assert bundles(cloud, "keeper", "src-keeper") == sorted([first.bundle_digest, later[1].bundle_digest])
-    assert result.pruned == [f"image {later[0].image}", f"gs://src-keeper/sources/keeper/{later[0].bundle_digest}.tar.gz"]
+    assert result.pruned == [f"image {later[0].image}", f"gs://src-keeper/sources/keeper/{later[0].bundle_digest}.tar.gz",
+                             f"gs://src-keeper/build-logs/keeper/log-{later[0].build_id}.txt",
+                             f"gs://src-keeper/build-logs/keeper/log-{first.build_id}.txt"]
+    assert logs(cloud, "keeper", "src-keeper") == [f"log-{later[1].build_id}.txt"]
 
 
 def test_no_prune_and_a_refused_prune(cloud, backend):
@@ -233,7 +244,7 @@ def test_keep_images_option(cloud, backend):
     done = run_cli("deploy", "gcp", backend, "--service", "opts", "--json", env=env)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert len(data["pruned"]) == 2 and data["prune_error"] == "" and images(cloud, "opts") == [
+    assert len(data["pruned"]) == 3 and data["prune_error"] == "" and images(cloud, "opts") == [
         data["image"].rsplit("@", 1)[-1]]
 
 

@@ -36,7 +36,7 @@ class PlanResult:
     image: str = ""                       # pinned by digest when it exists, else the tag a build would push
     build_needed: bool = True
     changes: list = field(default_factory=list)   # [{"field", "live", "desired"}], live None for a new service
-    prune: list = field(default_factory=list)     # what the deploy would delete afterwards (old images, bundles)
+    prune: list = field(default_factory=list)     # what the deploy would delete afterwards (old images, bundles, logs)
     label_studio_projects: list = field(default_factory=list)  # projects it would register with
 
     def to_dict(self) -> dict:
@@ -96,7 +96,7 @@ class DeployResult:
     basic_auth_user: Optional[str] = None
     secrets: list = field(default_factory=list)        # secret resource names (never values)
     registrations: list = field(default_factory=list)  # lsdeploy.labelstudio.Registration.to_dict()
-    pruned: list = field(default_factory=list)         # old images and source bundles deleted
+    pruned: list = field(default_factory=list)         # old images, source bundles and build logs deleted
     prune_error: str = ""                              # why pruning stopped (the deploy itself succeeded)
     seconds: float = 0.0
 
@@ -122,7 +122,7 @@ class DeployResult:
         if not self.registrations:
             out.append("Label Studio: not registered (pass --project to register)")
         if self.pruned:
-            out.append(f"pruned {len(self.pruned)} old image(s)/source bundle(s)")
+            out.append(f"pruned {len(self.pruned)} old image(s), source bundle(s) and build log(s)")
         if self.prune_error:
             out.append(f"warning: {self.prune_error}")
         return out

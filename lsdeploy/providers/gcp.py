@@ -465,7 +465,7 @@ class GcpProvider(Provider):
         build = cb.Build(
             steps=steps, images=[tagged, latest],
             source=cb.Source(storage_source=cb.StorageSource(bucket=bucket, object_=name, generation=generation)),
-            logs_bucket=f"gs://{bucket}/build-logs",
+            logs_bucket=f"gs://{bucket}/{_logs_prefix(settings).rstrip('/')}",
             timeout=duration_pb2.Duration(seconds=settings.build_timeout),
             tags=["lsdeploy", settings.service],
         )
@@ -926,7 +926,8 @@ class GcpProvider(Provider):
     def prune_candidates(self, settings, keep_digests: set, new_image: bool = False, bundle=None) -> tuple:
         """([(version name, digest)], [blob]) a prune would delete: images of the service beyond the
         newest `keep_images` (counting an image this deploy is about to build) other than ones that
-        serve traffic, and the uploaded source bundles of images not kept."""
+        serve traffic, the uploaded source bundles of images not kept, and build logs beyond the
+        newest `keep_images`."""
         from google.api_core import exceptions as gexc
         from google.cloud import artifactregistry_v1 as ar
 
@@ -952,7 +953,10 @@ class GcpProvider(Provider):
                 doomed.append((version.name, digest))
         blobs = [b for b in self._blobs(settings, settings.sources_bucket_name, f"sources/{settings.service}/")
                  if b.name.rsplit("/", 1)[-1].removesuffix(".tar.gz") not in kept_sources]
-        return doomed, blobs
+        # build logs: the newest `keep_images` (a failed build's log included) stay
+        logs = self._blobs(settings, settings.sources_bucket_name, _logs_prefix(settings))
+        logs.sort(key=lambda b: (b.time_created.timestamp() if b.time_created else 0, b.name), reverse=True)
+        return doomed, blobs + logs[max(settings.keep_images - (1 if new_image else 0), 0):]
 
     def prune(self, settings, keep_digests: set, bundle=None, progress=_quiet) -> list:
         """Delete old images and source bundles of the service (see prune_candidates); returns what went."""
@@ -961,7 +965,7 @@ class GcpProvider(Provider):
         images, blobs = self.prune_candidates(settings, keep_digests, bundle=bundle)
         if not images and not blobs:
             return []
-        progress(f"pruning {len(images)} old image(s) and {len(blobs)} source bundle(s) of {settings.service} "
+        progress(f"pruning {len(images)} old image(s) and {len(blobs)} source bundle(s)/build log(s) of {settings.service} "
                  f"(keeping the newest {settings.keep_images})")
         deleted = []
         for name, digest in images:
@@ -1194,21 +1198,16 @@ class GcpProvider(Provider):
         if live is not None:
             result.deleted.append(settings.service_name)
         result.deleted += self._own_secrets(settings)
-        sources = f"sources/{settings.service}/"
-        state = f"{settings.service}/"
         if purge:
             package = self._package(settings)
             if package:
                 result.deleted.append(f"{package} (every image of {settings.image})")
-            if self._blobs(settings, settings.sources_bucket_name, sources):
-                result.deleted.append(f"gs://{settings.sources_bucket_name}/{sources}")
-            if self._blobs(settings, settings.state_bucket_name, state):
-                result.deleted.append(f"gs://{settings.state_bucket_name}/{state}")
+            for bucket, prefix, _ in _purged_prefixes(settings):
+                if self._blobs(settings, bucket, prefix):
+                    result.deleted.append(f"gs://{bucket}/{prefix}")
             result.kept += _shared_kept(settings)
         else:
-            result.kept += [f"images of {settings.image} (pass --purge)",
-                            f"gs://{settings.sources_bucket_name}/{sources} (pass --purge)",
-                            f"model state gs://{settings.state_bucket_name}/{state} (pass --purge)"]
+            result.kept += _kept_without_purge(settings)
         return result
 
     def destroy(self, settings, purge: bool = False, progress=_quiet) -> DestroyResult:
@@ -1247,11 +1246,8 @@ class GcpProvider(Provider):
             except gexc.GoogleAPICallError as exc:
                 raise google_error(exc, "secretmanager", "deleting secret", name, settings.project) from None
             result.deleted.append(name)
-        sources, state = f"sources/{settings.service}/", f"{settings.service}/"
         if not purge:
-            result.kept += [f"images of {settings.image} (pass --purge)",
-                            f"gs://{settings.sources_bucket_name}/{sources} (pass --purge)",
-                            f"model state gs://{settings.state_bucket_name}/{state} (pass --purge)"]
+            result.kept += _kept_without_purge(settings)
             return result
         package = self._package(settings)
         if package:
@@ -1263,7 +1259,7 @@ class GcpProvider(Provider):
             except gexc.GoogleAPICallError as exc:
                 raise google_error(exc, "artifactregistry", "deleting package", package, settings.project) from None
             result.deleted.append(f"{package} (every image of {settings.image})")
-        for bucket, prefix in ((settings.sources_bucket_name, sources), (settings.state_bucket_name, state)):
+        for bucket, prefix, _ in _purged_prefixes(settings):
             blobs = self._blobs(settings, bucket, prefix)
             if not blobs:
                 continue
@@ -1364,10 +1360,25 @@ def _serves_latest(service) -> bool:
     return [(t.type_, t.percent) for t in service.traffic] == [(latest, 100)]
 
 
+def _logs_prefix(settings) -> str:
+    return f"build-logs/{settings.service}/"
+
+
+def _purged_prefixes(settings) -> list:
+    """(bucket, prefix, what) of the service's objects that `destroy --purge` deletes."""
+    return [(settings.sources_bucket_name, f"sources/{settings.service}/", "source bundles"),
+            (settings.sources_bucket_name, _logs_prefix(settings), "build logs"),
+            (settings.state_bucket_name, f"{settings.service}/", "model state")]
+
+
+def _kept_without_purge(settings) -> list:
+    return [f"images of {settings.image} (pass --purge)"] + [
+        f"{what} gs://{bucket}/{prefix} (pass --purge)" for bucket, prefix, what in _purged_prefixes(settings)]
+
+
 def _shared_kept(settings) -> list:
     return [f"gs://{settings.sources_bucket_name} and gs://{settings.state_bucket_name} (buckets shared by every "
-            "service of the project)", f"{settings.repository_name} (repository shared by every service)",
-            f"build logs in gs://{settings.sources_bucket_name}/build-logs/ (shared)"]
+            "service of the project)", f"{settings.repository_name} (repository shared by every service)"]
 
 
 def _revision_ready(revision) -> tuple:
