@@ -354,6 +354,17 @@ class GcpProvider(Provider):
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, api, action, resource, settings.project) from None
 
+    def _lookup(self, api, action, name, settings, fn):
+        """fn(name=name), or None when the resource does not exist."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            return fn(name=name)
+        except gexc.NotFound:
+            return None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, api, action, name, settings.project) from None
+
     def _result(self, operation, timeout):
         kwargs = {"timeout": timeout}
         if self.polling is not None:
@@ -366,15 +377,10 @@ class GcpProvider(Provider):
 
     def find_image(self, settings, bundle) -> Optional[str]:
         """The image (pinned by digest) already built from this bundle, or None."""
-        from google.api_core import exceptions as gexc
-
         name = f"{settings.repository_name}/packages/{settings.service}/tags/{self.tag_name(settings, bundle)}"
-        try:
-            tag = self.clients.registry.get_tag(name=name)
-        except gexc.NotFound:
+        tag = self._lookup("artifactregistry", "reading tag", name, settings, self.clients.registry.get_tag)
+        if tag is None:
             return None
-        except gexc.GoogleAPICallError as exc:
-            raise google_error(exc, "artifactregistry", "reading tag", name, settings.project) from None
         digest = tag.version.rsplit("/", 1)[-1]
         return f"{settings.image}@{digest}"
 
@@ -740,14 +746,7 @@ class GcpProvider(Provider):
         return hashlib.sha256(data.encode()).hexdigest()
 
     def get_service(self, settings):
-        from google.api_core import exceptions as gexc
-
-        try:
-            return self.clients.services.get_service(name=settings.service_name)
-        except gexc.NotFound:
-            return None
-        except gexc.GoogleAPICallError as exc:
-            raise google_error(exc, "run", "reading service", settings.service_name, settings.project) from None
+        return self._lookup("run", "reading service", settings.service_name, settings, self.clients.services.get_service)
 
     def apply_service(self, settings, desired, live, progress):
         """Create or update; returns (service after the operation, True when it changed)."""
@@ -1151,20 +1150,13 @@ class GcpProvider(Provider):
     def _image_exists(self, settings, revision) -> bool:
         """Whether the revision's image is still in this service's Artifact Registry package (an
         image from elsewhere is taken to exist)."""
-        from google.api_core import exceptions as gexc
-
         image = revision.containers[0].image if revision.containers else ""
         ours = f"{settings.image}@"
         if not image.startswith(ours):
             return True
         name = f"{settings.repository_name}/packages/{settings.service}/versions/{image[len(ours):]}"
-        try:
-            self.clients.registry.get_version(name=name)
-            return True
-        except gexc.NotFound:
-            return False
-        except gexc.GoogleAPICallError as exc:
-            raise google_error(exc, "artifactregistry", "reading image", name, settings.project) from None
+        return self._lookup("artifactregistry", "reading image", name, settings, self.clients.registry.get_version) \
+            is not None
 
     def _delete_blobs(self, settings, bucket: str, blobs) -> None:
         from google.api_core import exceptions as gexc
@@ -1178,16 +1170,9 @@ class GcpProvider(Provider):
                 raise google_error(exc, "storage", "deleting", f"gs://{bucket}/{blob.name}", settings.project) from None
 
     def _package(self, settings) -> Optional[str]:
-        from google.api_core import exceptions as gexc
-
         name = f"{settings.repository_name}/packages/{settings.service}"
-        try:
-            self.clients.registry.get_package(name=name)
-            return name
-        except gexc.NotFound:
-            return None
-        except gexc.GoogleAPICallError as exc:
-            raise google_error(exc, "artifactregistry", "reading package", name, settings.project) from None
+        found = self._lookup("artifactregistry", "reading package", name, settings, self.clients.registry.get_package)
+        return name if found is not None else None
 
     def destroy_plan(self, settings, purge: bool = False) -> DestroyResult:
         """What destroy would delete; sends no mutating request."""
