@@ -96,7 +96,7 @@ def _is_internal(host: str) -> bool:
 _clients: dict = {}  # (Label Studio URL, key) -> lsdeploy.labelstudio.LabelStudio: access tokens are cached
 
 
-def _auth_header(label_studio_url: str, token: str, renew: bool = False) -> str:
+def _auth_header(label_studio_url: str, token: str) -> str:
     """`Token <key>` for a legacy key, `Bearer <access>` for a JWT access token, and for a
     personal access token `Bearer` with the short-lived access token it is exchanged for."""
     from .labelstudio import LabelStudio, LabelStudioError
@@ -109,7 +109,7 @@ def _auth_header(label_studio_url: str, token: str, renew: bool = False) -> str:
             client = _clients[(label_studio_url, token)] = LabelStudio(
                 label_studio_url, token, timeout=float(os.environ.get("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT)))
     try:
-        return client.authorization(renew=renew)
+        return client.authorization()
     except LabelStudioError as exc:
         raise TaskDataRefused(f"reading task files from {label_studio_url}: {exc}") from None
 
