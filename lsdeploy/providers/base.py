@@ -50,8 +50,11 @@ class PlanResult:
         out += [f"  | {line}" for line in self.dockerfile_text.rstrip("\n").splitlines()]
         out.append(f"bundle {self.bundle_digest[:12]}: {len(self.bundle_files)} files, {self.bundle_size} bytes "
                    f"(sha256 {self.bundle_digest})" + (f", {self.ignore_file} applied" if self.ignore_file else ""))
+        shown = self.bundle_files if len(self.bundle_files) <= 50 else self.bundle_files[:40]
         out += [f"  {f['path']}  {f['size']} bytes" + ("" if f["source"] == "directory" else f" ({f['source']})")
-                for f in self.bundle_files]
+                for f in shown]
+        if len(shown) < len(self.bundle_files):
+            out.append(f"  ... and {len(self.bundle_files) - len(shown)} more files (--json lists every file)")
         out.append("build: " + (f"needed, would push {self.image}" if self.build_needed
                                 else f"not needed, {self.image} exists"))
         if self.changes:
