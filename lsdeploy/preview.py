@@ -350,6 +350,25 @@ def choose_runner(settings: PreviewSettings, probe: Callable[[str], bool] = engi
     return "docker", f"a Docker engine answers `{settings.docker} info`"
 
 
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session=True), SIGKILL
+    after `grace` seconds; returns once `proc` has exited."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
 class ProcessRunner:
     """The container's server command as a local process group on 127.0.0.1."""
 
@@ -408,19 +427,8 @@ class ProcessRunner:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)  # gunicorn master and its workers: our group
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc, 15)  # gunicorn master and its workers: our group
         if self._log is not None and not self._log.closed:
             self._log.close()
 

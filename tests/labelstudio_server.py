@@ -3,13 +3,14 @@ started on 127.0.0.1 with a fresh data dir, a known user and a legacy token."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from lsdeploy.preview import stop_group
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "labelstudio.sh"
@@ -41,13 +42,7 @@ class LabelStudioProcess:
         return Path(self.log_path).read_text(errors="replace")[-5000:]
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, timeout)
 
 
 def start(port: int, data_dir: str, log_path: str, timeout: float = 240.0, ml_block_local_ip: bool = False,

@@ -21,7 +21,7 @@ import requests
 from lsdeploy.errors import EXIT_ERROR, EXIT_INVALID, EXIT_REGISTER, EXIT_USAGE, LsdeployError
 from lsdeploy.preview import (DockerRunner, PreviewSettings, choose_runner, dockerfile_env, engine_answers,
                               find_view, label_config_from_directory, load_annotations, load_tasks, process_env,
-                              run_preview, webhook_bodies)
+                              run_preview, stop_group, webhook_bodies)
 from lsdeploy.serve import server_command
 
 from support import CLI, TEXT_CONFIG, run_cli, wait_for
@@ -563,12 +563,7 @@ def label_studio(tmp_path_factory):
         wait_for(up, timeout=600, interval=1, message="Label Studio")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 30)
         log.close()
 
 
