@@ -496,12 +496,7 @@ class _Validator:
         for i, choice in enumerate(choices):
             items = choice if isinstance(choice, list) else [choice]  # allowNested paths
             for item in items:
-                if not isinstance(item, str):
-                    self.add("choices", _join(cpath, i), f"a choice must be a string, not {_fmt(item)}")
-                elif allowed is not None and item not in allowed:
-                    self.add("choices", _join(cpath, i),
-                             f"choice {item!r} is not in <Choices name={control.name!r}>"
-                             f"{_did_you_mean(item, allowed)} (allowed: {_short_list(control.labels or allowed)})")
+                self._allowed_name("choices", "choice", control, item, allowed, _join(cpath, i))
 
     def _taxonomy(self, control, value, path, task):
         paths = value.get("taxonomy")
@@ -541,12 +536,15 @@ class _Validator:
                                       "with choice=\"single\"")
         allowed = self._allowed(control, task)
         for i, label in enumerate(labels):
-            if not isinstance(label, str):
-                self.add("labels", _join(lpath, i), f"a label must be a string, not {_fmt(label)}")
-            elif allowed is not None and label not in allowed:
-                self.add("labels", _join(lpath, i),
-                         f"label {label!r} is not in <{control.type} name={control.name!r}>"
-                         f"{_did_you_mean(label, allowed)} (allowed: {_short_list(control.labels or allowed)})")
+            self._allowed_name("labels", "label", control, label, allowed, _join(lpath, i))
+
+    def _allowed_name(self, rule: str, noun: str, control, name, allowed, path) -> None:
+        """One choice or label: a string the control allows (`allowed` None: any)."""
+        if not isinstance(name, str):
+            self.add(rule, path, f"a {noun} must be a string, not {_fmt(name)}")
+        elif allowed is not None and name not in allowed:
+            self.add(rule, path, f"{noun} {name!r} is not in <{control.type} name={control.name!r}>"
+                                 f"{_did_you_mean(name, allowed)} (allowed: {_short_list(control.labels or allowed)})")
 
     def _rating(self, control, value, path):
         rating = value.get("rating")
