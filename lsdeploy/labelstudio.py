@@ -237,10 +237,9 @@ class LabelStudio:
             "(LABEL_STUDIO_URL) and that Label Studio is running", EXIT_USAGE)
 
     # -- requests -----------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, json=None, params=None, expect=(200, 201, 204),
-                timeout: Optional[float] = None):
+    def request(self, method: str, path: str, *, json=None, params=None, timeout: Optional[float] = None):
         """One API call; returns the response. 401 renews a PAT's access token once, then fails
-        with EXIT_AUTH. Other statuses outside `expect` are returned for the caller to judge."""
+        with EXIT_AUTH. Any other status is returned for the caller to judge."""
         import requests
 
         url = f"{self.host}{path}"

@@ -66,7 +66,6 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 DEFAULT_REFRESH_SECONDS = 2.0
 DEFAULT_WRITE_TIMEOUT = 60.0
 IDLE_AFTER_SECONDS = 60.0  # no reads for this long: the background thread stops listing
-KEEP_ARTIFACT_VERSIONS = 2
 ROLE_HINT = "grant the service account roles/storage.objectAdmin on the bucket"
 
 
