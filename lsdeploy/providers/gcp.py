@@ -574,11 +574,12 @@ class GcpProvider(Provider):
         progress(f"stored a new version of secret {secret_id}")
         return version.name, number, value
 
-    def secret_refs(self, settings, progress=_quiet, apply: bool = True) -> "SecretRefs":
+    def secret_refs(self, settings, progress=_quiet, apply: bool = True,
+                    checked: Optional[dict] = None) -> "SecretRefs":
         """The secrets the service reads: {ENV: (secret, version)}. With `apply` the basic-auth
         password and the Label Studio key are stored (a new version only when the value changed)
         and the service's identity may read them; without it nothing is written and versions that
-        a deploy would add show as "new"."""
+        a deploy would add show as "new". `checked`: user_secrets() already read."""
         refs = SecretRefs()
         owned = []
         if apply and (settings.basic_auth or settings.label_studio_api_key or settings.secret_env):
@@ -599,12 +600,9 @@ class GcpProvider(Provider):
                 version = self.peek_secret(settings, secret_id, value, generate)
             refs.refs[env_name] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
         user = []
-        for env_name, ref in sorted(settings.secret_env.items()):
-            secret, _, version = ref.partition(":")
-            full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
-            number = self.existing_secret(settings, full, env_name)
+        for env_name, (full, version, number) in (self.user_secrets(settings) if checked is None else checked).items():
             refs.member = refs.member or _member(settings, number)
-            refs.refs[env_name] = (full, version or "latest")
+            refs.refs[env_name] = (full, version)
             user.append(full)
         if apply:
             for secret_name in refs.stored:
@@ -621,6 +619,16 @@ class GcpProvider(Provider):
                              f"secrets add-iam-policy-binding {secret_name} --member {refs.member} --role "
                              "roles/secretmanager.secretAccessor`")
         return refs
+
+    def user_secrets(self, settings) -> dict:
+        """{ENV: (secret name, version, project number)} of the secrets passed with --secret, each
+        checked to exist."""
+        found = {}
+        for env_name, ref in sorted(settings.secret_env.items()):
+            secret, _, version = ref.partition(":")
+            full = secret if secret.startswith("projects/") else f"projects/{settings.project}/secrets/{secret}"
+            found[env_name] = (full, version or "latest", self.existing_secret(settings, full, env_name))
+        return found
 
     def existing_secret(self, settings, name: str, env_name: str) -> str:
         """The project number of a secret passed with --secret; a clear error when it is missing."""
@@ -810,10 +818,7 @@ class GcpProvider(Provider):
     def deploy(self, settings: GcpSettings, bundle, progress=_quiet) -> DeployResult:
         started = time.monotonic()
         settings.validate()
-        for env_name, ref in sorted(settings.secret_env.items()):  # before anything is built or written
-            secret = ref.partition(":")[0]
-            self.existing_secret(settings, secret if secret.startswith("projects/") else
-                                 f"projects/{settings.project}/secrets/{secret}", env_name)
+        checked = self.user_secrets(settings)  # before anything is built or written
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)
         build_id = None
@@ -823,7 +828,7 @@ class GcpProvider(Provider):
             image, build_id = self.build(settings, bundle, progress)
             progress(f"built {image}")
 
-        refs = self.secret_refs(settings, progress)
+        refs = self.secret_refs(settings, progress, checked=checked)
         secret_refs, member, password = refs.refs, refs.member, refs.password
 
         desired = self.desired_service(settings, image, secret_refs)
