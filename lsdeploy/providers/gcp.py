@@ -960,10 +960,11 @@ class GcpProvider(Provider):
         # build logs: the newest `keep_images` (a failed build's log included) stay
         logs = self._blobs(settings, settings.sources_bucket_name, _logs_prefix(settings))
         logs.sort(key=lambda b: (b.time_created.timestamp() if b.time_created else 0, b.name), reverse=True)
-        return doomed, blobs + logs[max(settings.keep_images - (1 if new_image else 0), 0):]
+        return doomed, blobs + logs[keep:]
 
     def prune(self, settings, keep_digests: set, bundle=None, progress=_quiet) -> list:
-        """Delete old images and source bundles of the service (see prune_candidates); returns what went."""
+        """Delete old images, source bundles and build logs of the service (see prune_candidates);
+        returns what went."""
         from google.api_core import exceptions as gexc
 
         images, blobs = self.prune_candidates(settings, keep_digests, bundle=bundle)
