@@ -8,17 +8,29 @@
   (`lsdeploy.wheel.build_wheel`), replacing any lsdeploy wheel DIR already has, so the image runs
   the same lsdeploy as the CLI that deployed it even when that version is on no package index;
 - `Dockerfile`: DIR's own when it has one (a backend written for the reference SDK deploys
-  unchanged), otherwise the blueprint's (`lsdeploy.blueprints.render_dockerfile`).
+  unchanged), otherwise the blueprint's (`lsdeploy.blueprints.render_dockerfile`), which installs
+  `requirements.txt`: an empty one is bundled when DIR has none.
 
 It is packed as a tar.gz with sorted entries, fixed times, owners and modes and no gzip name or
 time: the same files give the same bytes, so the sha256 `digest` names the content. A deploy
 uses it to skip upload and build when an image for that digest already exists.
 
-Ignore files use gitignore syntax (what gcloud documents for .gcloudignore): `#` comments,
-`!` negation, a leading `/` anchors to DIR, a trailing `/` matches directories only, `*`, `?`,
-`[...]` within one path part and `**` across parts; a pattern without `/` matches at any depth.
-`.gcloudignore`'s `#!include:FILE` includes another ignore file. The ignore files themselves are
-bundled (Docker reads .dockerignore in the build).
+Each ignore file is read with its own tool's rules:
+
+- `.gcloudignore`: gitignore syntax (what gcloud documents): `#` comments, `!` negation, a leading
+  `/` anchors to DIR, a trailing `/` matches directories only, `*`, `?`, `[...]` within one path
+  part and `**` across parts; a pattern without `/` matches at any depth. `#!include:FILE`
+  includes another ignore file.
+- `.dockerignore`: Docker's syntax (the build reads it the same way): every pattern is anchored
+  at DIR (`data` is DIR/data, never DIR/pkg/data; only `**` reaches deeper), a leading `/` and a
+  trailing `/` are dropped, `*`, `?` and `[...]` stay within one path part (Go's filepath.Match),
+  `**` matches any number of directories; a pattern excludes what it matches and everything
+  under it, and the last matching line wins, so a `!` exception re-includes a file even inside an
+  excluded directory.
+
+The ignore files themselves are bundled (Docker reads .dockerignore in the build). Secrets never
+are: `.env` files and docker-compose files (where users write keys and passwords) are always
+excluded, and `SourceBundle.find(values)` names a bundled file that contains a given secret.
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import gzip
 import hashlib
 import io
 import os
+import posixpath
 import re
 import tarfile
 import tempfile
@@ -34,9 +47,11 @@ from pathlib import Path
 
 from .errors import EXIT_USAGE, LsdeployError
 
-# Never in a bundle, whatever the ignore files say.
+# Never in a bundle, whatever the ignore files say (gitignore rules: at any depth). `.env` files and
+# docker-compose files hold the keys and passwords of a local run: the image must not.
 ALWAYS_EXCLUDED = (".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", "*.pyo", ".pytest_cache/", ".mypy_cache/",
-                   ".ruff_cache/", ".tox/", ".nox/", ".venv/", "venv/", ".lsdeploy/", ".DS_Store", ".ipynb_checkpoints/")
+                   ".ruff_cache/", ".tox/", ".nox/", ".venv/", "venv/", ".lsdeploy/", ".DS_Store", ".ipynb_checkpoints/",
+                   ".env", ".env.*", "docker-compose*.yml", "docker-compose*.yaml", "compose.yml", "compose.yaml")
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 _FIXED_MTIME = 315532800  # 1980-01-01, like the wheel
 
@@ -70,6 +85,15 @@ class SourceBundle:
     def write(self, path) -> str:
         Path(path).write_bytes(self.data)
         return str(path)
+
+    def find(self, value: str) -> str:
+        """The path of the first bundled file whose content contains `value` ("" when none does)."""
+        needle = value.encode("utf-8")
+        with tarfile.open(fileobj=io.BytesIO(self.data), mode="r:gz") as tar:
+            for member in tar:
+                if member.isfile() and needle in tar.extractfile(member).read():
+                    return member.name
+        return ""
 
     def to_dict(self) -> dict:
         return {"directory": self.directory, "digest": self.digest, "size": self.size, "dockerfile": self.dockerfile,
@@ -108,6 +132,12 @@ class SourceBundle:
             text = render_dockerfile(root, blueprint)
             entries["Dockerfile"] = (text.encode(), 0o644, "blueprint")
             dockerfile = f"blueprint:{blueprint}"
+            if "requirements.txt" not in entries:
+                if (root / "requirements.txt").is_file():
+                    raise LsdeployError(f"{root / 'requirements.txt'} is excluded by {ignore.source}; the build "
+                                        "needs it: remove it from the ignore file", EXIT_USAGE)
+                # the blueprint's Dockerfile installs requirements.txt: a backend without one has none
+                entries["requirements.txt"] = (b"", 0o644, "blueprint")
         data = pack({name: (content, mode) for name, (content, mode, _) in entries.items()})
         if len(data) > MAX_BUNDLE_BYTES:
             raise LsdeployError(f"the source bundle of {root} is {len(data) // (1024 * 1024)} MiB: exclude data, models "
@@ -157,7 +187,7 @@ def walk(root: Path, ignore: "IgnoreRules") -> list:
         for name in sorted(dirs):
             rel = rel_dir + name
             full = Path(current) / name
-            if full.is_symlink() or _is_virtualenv(full) or ignore.excluded(rel, is_dir=True):
+            if full.is_symlink() or _is_virtualenv(full) or ignore.prunes(rel):
                 continue
             keep_dirs.append(name)
         dirs[:] = keep_dirs
@@ -175,62 +205,132 @@ def _is_virtualenv(path: Path) -> bool:
 
 
 class IgnoreRules:
-    """gitignore-style rules; later rules win, `!` re-includes."""
+    """What a bundle leaves out: ALWAYS_EXCLUDED (gitignore rules), then one ignore file's lines in
+    its tool's dialect: "gitignore" (.gcloudignore) or "docker" (.dockerignore)."""
 
-    def __init__(self, lines=(), source: str = ""):
+    def __init__(self, lines=(), source: str = "", dialect: str = "gitignore"):
         self.source = source
-        self.rules: list[tuple[re.Pattern, bool, bool]] = []  # (regex, negated, dir_only)
-        for line in ALWAYS_EXCLUDED:
-            self.add(line)
-        self._fixed = len(self.rules)
-        for line in lines:
-            self.add(line)
+        self.dialect = dialect
+        compile_rule = _docker_rule if dialect == "docker" else _gitignore_rule
+        self.fixed = [rule for rule in map(_gitignore_rule, ALWAYS_EXCLUDED) if rule]
+        # (regex, negated, dir_only)
+        self.rules: list[tuple[re.Pattern, bool, bool]] = [rule for rule in map(compile_rule, lines) if rule]
 
     @classmethod
     def for_directory(cls, root: Path) -> "IgnoreRules":
-        for name in (".gcloudignore", ".dockerignore"):
-            path = root / name
-            if path.is_file():
-                return cls(_read_ignore(path, root), name)
+        gcloudignore, dockerignore = root / ".gcloudignore", root / ".dockerignore"
+        if gcloudignore.is_file():
+            return cls(_read_ignore(gcloudignore, root), ".gcloudignore")
+        if dockerignore.is_file():
+            return cls(dockerignore.read_text(encoding="utf-8-sig", errors="replace").splitlines(), ".dockerignore",
+                       dialect="docker")
         return cls()
 
-    def add(self, line: str) -> None:
-        line = line.rstrip("\n").rstrip("\r")
-        if not line.strip() or line.lstrip().startswith("#"):
-            return
-        line = line.strip()
-        negated = line.startswith("!")
-        if negated:
-            line = line[1:]
-        dir_only = line.endswith("/")
-        line = line.strip("/") if dir_only else line
-        anchored = line.startswith("/") or "/" in line
-        line = line.lstrip("/")
-        if not line:
-            return
-        self.rules.append((re.compile(_translate(line, anchored)), negated, dir_only))
+    def prunes(self, rel: str) -> bool:
+        """Whether the walk can skip directory `rel` entirely. Docker descends into an excluded
+        directory when an exception (`!`) could re-include something inside it."""
+        if self.dialect == "docker" and any(negated for _, negated, _ in self.rules):
+            return _matches_any(self.fixed, rel, is_dir=True)
+        return self.excluded(rel, is_dir=True)
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
-        # A path is excluded when it or one of its parent directories is; a fixed rule always wins.
+        if _matches_any(self.fixed, rel, is_dir):
+            return True  # a fixed rule always wins
         parts = rel.split("/")
-        for i in range(1, len(parts) + 1):
-            prefix = "/".join(parts[:i])
-            prefix_is_dir = is_dir or i < len(parts)
-            for pattern, negated, dir_only in self.rules[:self._fixed]:
-                if (not dir_only or prefix_is_dir) and pattern.fullmatch(prefix):
-                    return True
-        for i in range(1, len(parts) + 1):
-            prefix = "/".join(parts[:i])
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if self.dialect == "docker":
+            # The last pattern matching the path or one of its parents decides.
+            state = False
+            for pattern, negated, _ in self.rules:
+                if any(pattern.fullmatch(prefix) for prefix in prefixes):
+                    state = not negated
+            return state
+        # gitignore: a path is excluded when it or one of its parent directories is (an excluded
+        # directory cannot be re-included from inside).
+        for i, prefix in enumerate(prefixes, 1):
             prefix_is_dir = is_dir or i < len(parts)
             state = False
-            for pattern, negated, dir_only in self.rules[self._fixed:]:
-                if dir_only and not prefix_is_dir:
-                    continue
-                if pattern.fullmatch(prefix):
+            for pattern, negated, dir_only in self.rules:
+                if (not dir_only or prefix_is_dir) and pattern.fullmatch(prefix):
                     state = not negated
             if state:
                 return True
         return False
+
+
+def _matches_any(rules, rel: str, is_dir: bool) -> bool:
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        prefix_is_dir = is_dir or i < len(parts)
+        if any((not dir_only or prefix_is_dir) and pattern.fullmatch(prefix) for pattern, _, dir_only in rules):
+            return True
+    return False
+
+
+def _gitignore_rule(line: str):
+    line = line.rstrip("\n").rstrip("\r")
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    line = line.strip()
+    negated = line.startswith("!")
+    if negated:
+        line = line[1:]
+    dir_only = line.endswith("/")
+    line = line.strip("/") if dir_only else line
+    anchored = line.startswith("/") or "/" in line
+    line = line.lstrip("/")
+    if not line:
+        return None
+    return re.compile(_translate(line, anchored)), negated, dir_only
+
+
+def _docker_rule(line: str):
+    """One .dockerignore line as Docker reads it: `#` in column 1 is a comment; the pattern is
+    trimmed, cleaned like Go's filepath.Clean (so a trailing `/` goes) and a leading `/` dropped."""
+    if line.startswith("#"):
+        return None
+    line = line.strip()
+    negated = line.startswith("!")
+    if negated:
+        line = line[1:].strip()
+    if not line:
+        return None
+    line = posixpath.normpath(line).lstrip("/")
+    if line in ("", "."):
+        return None
+    return re.compile(_docker_regex(line)), negated, False
+
+
+def _docker_regex(pattern: str) -> str:
+    """Go's filepath.Match plus `**` (moby's patternmatcher): `*`, `?` and `[...]` stay within one
+    path part; `**` (and `**/`) match any number of directories, a final `**` anything."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out.append(".*" if i >= len(pattern) else "(?:.*/)?")
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[" and pattern.find("]", i + 1) != -1:
+            end = pattern.find("]", i + 1)
+            out.append("[" + pattern[i + 1:end].replace("[", "\\[") + "]")
+            i = end + 1
+        elif c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
 
 
 def _read_ignore(path: Path, root: Path, depth: int = 0) -> list:

@@ -132,13 +132,89 @@ def test_archive_metadata_is_fixed(backend):
     assert {(m.uid, m.gid, m.uname, m.gname) for m in members.values()} == {(0, 0, "", "")}
 
 
-def test_ignore_rules_directory_exclusion_cannot_be_undone_inside():
+def test_ignore_rules_directory_exclusion_cannot_be_undone_inside_gitignore_but_can_in_docker():
     rules = IgnoreRules(["build/", "!build/keep.txt"])
     assert rules.excluded("build/keep.txt", is_dir=False)
     assert not rules.excluded("src/build.py", is_dir=False)
     assert IgnoreRules(["*.log"]).excluded("a/b/c.log", is_dir=False)
+    docker = IgnoreRules(["build/", "!build/keep.txt"], dialect="docker")
+    assert not docker.excluded("build/keep.txt", is_dir=False) and docker.excluded("build/x", is_dir=False)
+    assert not docker.prunes("build")  # the walk must look inside for the exception
+    assert not IgnoreRules(["*.log"], dialect="docker").excluded("a/b/c.log", is_dir=False)
+    assert IgnoreRules(["**/*.log"], dialect="docker").excluded("a/b/c.log", is_dir=False)
+    assert IgnoreRules(["*/temp*"], dialect="docker").excluded("somedir/temporary.txt", is_dir=False)
+    assert not IgnoreRules(["*/temp*"], dialect="docker").excluded("a/b/temp", is_dir=False)
 
 
 def test_missing_directory():
     with pytest.raises(LsdeployError, match="does not exist"):
         SourceBundle.from_directory("/nonexistent/backend")
+
+
+def test_dockerignore_uses_dockers_rules(backend):
+    # Docker anchors every pattern at the context root: `data` and `env` are ./data and ./env only
+    (backend / ".dockerignore").write_text("# comment\ndata\nenv/\n*.md\n!README.md\nbuild/\n!build/keep.txt\n"
+                                           "**/*.log\n/top.txt\n")
+    for rel in ("data/big.bin", "env/bin/python", "mypkg/data/loader.py", "mypkg/env/config.py", "notes.md",
+                "README.md", "sub/notes.md", "build/keep.txt", "build/out.o", "a/b/c.log", "x.log", "top.txt",
+                "sub/top.txt", "mypkg/__init__.py"):
+        (backend / rel).parent.mkdir(parents=True, exist_ok=True)
+        (backend / rel).write_text("x")
+    bundle = SourceBundle.from_directory(backend)
+    got = names(bundle)
+    assert bundle.ignore_file == ".dockerignore"
+    assert {"mypkg/data/loader.py", "mypkg/env/config.py", "README.md", "sub/notes.md", "build/keep.txt",
+            "sub/top.txt", "mypkg/__init__.py"} <= set(got)
+    assert not {"data/big.bin", "env/bin/python", "notes.md", "build/out.o", "a/b/c.log", "x.log",
+                "top.txt"} & set(got)
+
+
+def test_gcloudignore_keeps_gitignore_rules(backend):
+    # gcloud reads .gcloudignore as gitignore: `data` matches at any depth, an excluded directory stays excluded
+    (backend / ".gcloudignore").write_text("data\nbuild/\n!build/keep.txt\n")
+    for rel in ("data/big.bin", "mypkg/data/loader.py", "build/keep.txt", "mypkg/util.py"):
+        (backend / rel).parent.mkdir(parents=True, exist_ok=True)
+        (backend / rel).write_text("x")
+    got = names(SourceBundle.from_directory(backend))
+    assert "mypkg/util.py" in got
+    assert not {"data/big.bin", "mypkg/data/loader.py", "build/keep.txt"} & set(got)
+
+
+def test_blueprint_dockerignore_keeps_package_subdirectories(tmp_path):
+    from lsdeploy.blueprints import create
+
+    directory = tmp_path / "b"
+    create(directory)
+    for rel in ("mypkg/__init__.py", "mypkg/data/loader.py", "mypkg/env/config.py", "data/server/x.sqlite3",
+                "mypkg/__pycache__/a.cpython-312.pyc"):
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_text("x")
+    got = names(SourceBundle.from_directory(directory))
+    assert {"mypkg/data/loader.py", "mypkg/env/config.py", "model.py", ".dockerignore"} <= set(got)
+    assert not [n for n in got if n.startswith("data/") or "__pycache__" in n]
+
+
+def test_local_secrets_are_never_bundled(backend):
+    for rel in (".env", ".env.production", "sub/.env", "docker-compose.yml", "docker-compose.override.yaml",
+                "compose.yaml"):
+        (backend / rel).parent.mkdir(parents=True, exist_ok=True)
+        (backend / rel).write_text("LABEL_STUDIO_API_KEY=sekrit\n")
+    (backend / ".gcloudignore").write_text("!.env\n!docker-compose.yml\n")  # cannot be re-included
+    bundle = SourceBundle.from_directory(backend)
+    assert names(bundle) == [".gcloudignore", "Dockerfile", "model.py", "requirements.txt",
+                             f"wheels/lsdeploy-{__version__}-py3-none-any.whl"]
+    assert not [n for n in names(bundle) if "env" in n.split("/")[-1] or "compose" in n]
+    assert bundle.find("sekrit") == ""
+    (backend / "config.py").write_text("KEY = 'sekrit'\n")
+    assert SourceBundle.from_directory(backend).find("sekrit") == "config.py"
+
+
+def test_missing_requirements_get_an_empty_file_for_the_blueprint_dockerfile(backend):
+    (backend / "requirements.txt").unlink()
+    bundle = SourceBundle.from_directory(backend)
+    assert member(bundle, "requirements.txt") == b""
+    assert {f.path: f.source for f in bundle.files}["requirements.txt"] == "blueprint"
+    assert b"COPY requirements.txt" in member(bundle, "Dockerfile")
+    # a backend's own Dockerfile decides for itself
+    (backend / "Dockerfile").write_text("FROM python:3.12-slim\nCOPY . /app\n")
+    assert "requirements.txt" not in names(SourceBundle.from_directory(backend))
