@@ -33,8 +33,7 @@ WARNING = "warning"
 # rule id -> what it requires (README "Preview" lists the same table)
 RULES = {
     "response": "the /predict body is a JSON object with a `results` list",
-    "count": "one prediction per task, in task order",
-    "empty": "predictions were returned (warning: with none, Label Studio stores nothing)",
+    "count": "one prediction per task, in task order: no task without one, none naming another task",
     "prediction": "each prediction is an object with a `result` list",
     "model-version": "each prediction has a non-empty `model_version`",
     "score": "`score` (per prediction and per region) is a number when present",
@@ -132,9 +131,19 @@ class TaskReport:
         return (self.predictions > 0 and not any(p.severity == ERROR for p in self.problems)
                 and all(r.ok for r in self.rows))
 
+    @property
+    def status(self) -> str:
+        """"no prediction", "problem", "empty" (valid, but no regions: Label Studio stores a
+        prediction with nothing to pre-annotate) or "OK"."""
+        if not self.predictions:
+            return "no prediction"
+        if not self.ok:
+            return "problem"
+        return "empty" if not self.rows else "OK"
+
     def to_dict(self) -> dict:
         return {"index": self.index, "task_id": self.task_id, "path": self.path, "ok": self.ok,
-                "predictions": self.predictions, "rows": [r.to_dict() for r in self.rows],
+                "status": self.status, "predictions": self.predictions, "rows": [r.to_dict() for r in self.rows],
                 "problems": [p.to_dict() for p in self.problems]}
 
 
@@ -142,7 +151,7 @@ class TaskReport:
 class ValidationReport:
     problems: list  # every problem, in the order found
     tasks: list  # TaskReport per task (and per extra prediction beyond the tasks)
-    general: list  # problems about the whole body (response, count, empty)
+    general: list  # problems about the whole body (response, count)
 
     @property
     def errors(self) -> list:
@@ -233,25 +242,41 @@ class _Validator:
         if results is not None:
             self._check_count(results)
             for i, item in enumerate(results):
-                self._task_index = i
-                task = self.tasks[i] if i < len(self.tasks) else None
-                report = TaskReport(i, task.get("id") if isinstance(task, dict) else None, f"results[{i}]")
-                self.reports.append(report)
-                self._sink = report.problems
+                report = self._task_report(i)
                 if isinstance(item, list):  # several predictions for one task
                     report.predictions = len(item)
+                    if not item:
+                        self.add("count", report.path, f"{self._task_name(i)} got an empty list of predictions, so "
+                                 "Label Studio stores none for it: return one prediction per task, with "
+                                 "\"result\": [] when the model has nothing for it")
                     for j, pred in enumerate(item):
-                        self._prediction(pred, f"results[{i}][{j}]", task, report)
+                        self._prediction(pred, f"results[{i}][{j}]", i, report)
                 else:
                     report.predictions = 1
-                    self._prediction(item, f"results[{i}]", task, report)
+                    self._prediction(item, report.path, i, report)
+            for i in range(len(results), len(self.tasks)):
+                report = self._task_report(i)
+                why = ("the results list is empty, and then Label Studio stores no prediction for any task"
+                       if not results else f"{len(results)} prediction(s) came back for {len(self.tasks)} task(s)")
+                self.add("count", report.path, f"no prediction for {self._task_name(i)}: {why}; return one "
+                         "prediction per task, with \"result\": [] when the model has nothing for it")
             self._task_index = None
             self._sink = self.general
-            for i in range(len(results), len(self.tasks)):
-                task = self.tasks[i]
-                self.reports.append(TaskReport(i, task.get("id") if isinstance(task, dict) else None,
-                                               f"results[{i}]", predictions=0))
         return ValidationReport(self.problems, self.reports, self.general)
+
+    def _task_report(self, i: int) -> TaskReport:
+        """A new TaskReport for results[i]; problems found from now on belong to it."""
+        task = self.tasks[i] if i < len(self.tasks) else None
+        report = TaskReport(i, task.get("id") if isinstance(task, dict) else None, f"results[{i}]")
+        self.reports.append(report)
+        self._task_index = i
+        self._sink = report.problems
+        return report
+
+    def _task_name(self, i: int) -> str:
+        task = self.tasks[i] if i < len(self.tasks) else None
+        task_id = task.get("id") if isinstance(task, dict) else None
+        return f"task {i + 1}" + (f" (id {task_id})" if task_id is not None else "")
 
     def _results(self, response):
         if isinstance(response, list):
@@ -273,38 +298,29 @@ class _Validator:
         return results
 
     def _check_count(self, results: list) -> None:
+        """The batch as a whole; each task left without a prediction gets its own `count` error."""
         n, m = len(results), len(self.tasks)
-        if n == 0 and m:
-            self.add("empty", "results",
-                     f"no predictions for {m} task(s): Label Studio stores nothing for them; return one "
-                     "prediction per task (a prediction with an empty 'result' list is fine)", WARNING)
-        elif n != m:
+        if n and n != m:
             self.add("count", "results",
-                     f"{n} prediction(s) for {m} task(s): Label Studio needs one per task, in task order "
-                     "(with a different count it stores none, or pairs them with the wrong tasks)")
+                     f"{n} prediction(s) for {m} task(s): Label Studio needs one per task, in task order; with "
+                     "another count it stores none of them (with exactly one, it asks again task by task)")
 
     # -- one prediction ------------------------------------------------------------------------
-    def _prediction(self, pred, path: str, task, report: TaskReport) -> None:
+    def _prediction(self, pred, path: str, index: int, report: TaskReport) -> None:
+        task = self.tasks[index] if index < len(self.tasks) else None
         if not isinstance(pred, dict):
             self.add("prediction", path, f"a prediction must be an object with a 'result' list, "
                                          f"not {type(pred).__name__}")
             return
-        version = pred.get("model_version")
-        if version is None or (isinstance(version, str) and not version.strip()):
-            self.add("model-version", _join(path, "model_version"),
-                     "model_version is missing: Label Studio files the prediction under 'undefined'; "
-                     "return ModelResponse(predictions=..., model_version=self.model_version) "
-                     "or set it on each prediction")
-        elif not isinstance(version, (str, int, float)) or isinstance(version, bool):
-            self.add("model-version", _join(path, "model_version"),
-                     f"model_version must be a string, not {type(version).__name__}")
+        self._order(pred, path, index)
+        self._model_version(pred, _join(path, "model_version"))
         if "score" in pred:
             self._score(pred["score"], _join(path, "score"), "score",
                         "Label Studio rejects the whole batch of predictions")
         result = pred.get("result")
         if "result" not in pred:
             self.add("prediction", _join(path, "result"),
-                     "the prediction has no 'result' list: Label Studio drops the whole batch")
+                     "the prediction has no 'result' list: Label Studio skips it (and logs an error)")
             return
         if not isinstance(result, list):
             self.add("prediction", _join(path, "result"),
@@ -317,6 +333,38 @@ class _Validator:
             self._sink = row.problems
             self._region(region, row, task, ids)
             self._sink = report.problems
+
+    def _order(self, pred: dict, path: str, index: int) -> None:
+        """A prediction that names its task (`task`, which Label Studio ignores) must sit at that
+        task's position: Label Studio pairs predictions with tasks by position only."""
+        named = pred.get("task")
+        ids = [t.get("id") if isinstance(t, dict) else None for t in self.tasks]
+        if named is None or index >= len(ids) or ids[index] is None or str(named) == str(ids[index]):
+            return
+        where = [j for j, task_id in enumerate(ids) if str(task_id) == str(named)]
+        found = f" (that task is at results[{where[0]}])" if where else ""
+        self.add("count", _join(path, "task"),
+                 f"this prediction names task {_fmt(named)} but sits where {self._task_name(index)} is{found}: "
+                 "Label Studio pairs predictions with tasks by position and would store it on the wrong "
+                 "task; return the predictions in task order")
+
+    def _model_version(self, pred: dict, path: str) -> None:
+        """Label Studio 1.23 stores a missing version as the backend's /setup version (other callers
+        get none), refuses the batch on null, and trims a blank one to no version at all."""
+        fix = ("return ModelResponse(predictions=..., model_version=self.model_version) or set it on "
+               "each prediction")
+        if "model_version" not in pred:
+            self.add("model-version", path, f"model_version is missing: Label Studio falls back to the "
+                                            f"version /setup reported, other clients get none; {fix}")
+            return
+        version = pred["model_version"]
+        if version is None:
+            self.add("model-version", path, f"model_version is null: Label Studio rejects the whole batch; {fix}")
+        elif isinstance(version, str) and not version.strip():
+            self.add("model-version", path, f"model_version {version!r} is blank: Label Studio stores the "
+                                            f"prediction without a version; {fix}")
+        elif not isinstance(version, (str, int, float)) or isinstance(version, bool):
+            self.add("model-version", path, f"model_version must be a string, not {type(version).__name__}")
 
     def _score(self, score, path: str, what: str, consequence: str) -> None:
         if score is None or _is_number(score):
@@ -746,7 +794,17 @@ class _Validator:
             if given != text[start:end]:
                 self.add("region-text", _join(path, "text"),
                          f"text {_fmt(given)} does not match the task text at [{start}:{end}], which is "
-                         f"{text[start:end]!r} (offsets count Python characters of data.{obj.value})")
+                         f"{text[start:end]!r} (offsets count Python characters of data.{obj.value})"
+                         f"{self._other_task_hint(obj.value, start, end, given)}")
+
+    def _other_task_hint(self, key: str, start: int, end: int, given) -> str:
+        """When a span's text is that of another task, the results are likely out of task order."""
+        for j, other in enumerate(self.tasks):
+            text = _data_value(other, key)
+            if j != self._task_index and isinstance(text, str) and given and text[start:end] == given:
+                return (f"; it is the text of {self._task_name(j)}: return the predictions in task order "
+                        f"(Label Studio pairs them with tasks by position)")
+        return ""
 
     def _xpath_span(self, value, path):
         for key in ("start", "end"):

@@ -187,9 +187,17 @@ def setv(k, key, value):
 BROKEN = [
     # (case, mutation, rule, path)
     ("classify", lambda r, t: r["results"].pop(), "count", "results"),
+    ("classify", lambda r, t: r["results"].pop(), "count", "results[1]"),
     ("classify", lambda r, t: t.append({"id": 3, "data": {"text": "x"}}), "count", "results"),
+    ("classify", lambda r, t: t.append({"id": 3, "data": {"text": "x"}}), "count", "results[2]"),
+    ("classify", lambda r, t: r["results"].__setitem__(1, []), "count", "results[1]"),
+    ("classify", lambda r, t: r["results"][0].update(task=2), "count", "results[0].task"),
     ("classify", lambda r, t: r["results"][1].pop("model_version"), "model-version", "results[1].model_version"),
     ("classify", lambda r, t: r["results"][0].update(model_version=""), "model-version", "results[0].model_version"),
+    ("classify", lambda r, t: r["results"][0].update(model_version=" "), "model-version", "results[0].model_version"),
+    ("classify", lambda r, t: r["results"][0].update(model_version=None), "model-version", "results[0].model_version"),
+    ("classify", lambda r, t: r["results"][0].update(model_version={"v": 1}), "model-version",
+     "results[0].model_version"),
     ("classify", lambda r, t: r["results"][0].update(score="high"), "score", "results[0].score"),
     ("classify", lambda r, t: r0(r, 1).update(score=[1]), "score", "results[0].result[1].score"),
     ("classify", lambda r, t: r["results"][1].pop("result"), "prediction", "results[1].result"),
@@ -321,21 +329,79 @@ def test_rotated_box_may_extend_past_the_edge():
     assert mutate("image", fn).valid
 
 
-def test_empty_predictions_are_a_warning_not_an_error():
+def test_no_predictions_at_all_is_an_error_per_task():
+    """An empty results list: Label Studio stores nothing ("results field must be a list with at
+    least one item"), so every task is an error of its own, named by its path."""
     config, tasks, _ = CASES["classify"]
     report = validate_predictions(config, tasks(), {"results": []})
-    assert report.valid
-    (warning,) = report.warnings
-    assert warning.rule == "empty" and warning.path == "results"
-    assert "stores nothing" in warning.message
-    assert [t.predictions for t in report.tasks] == [0, 0]
-    assert [t.ok for t in report.tasks] == [False, False]  # valid answer, but these tasks got nothing
+    assert not report.valid and not report.warnings and report.general == []
+    assert [(p.rule, p.path, p.task) for p in report.errors] == [("count", "results[0]", 0), ("count", "results[1]", 1)]
+    assert "no prediction for task 1 (id 1)" in report.errors[0].message
+    assert "stores no prediction for any task" in report.errors[0].message
+    assert [t.status for t in report.tasks] == ["no prediction", "no prediction"]
+    assert [t.problems for t in report.tasks] == [[report.errors[0]], [report.errors[1]]]
 
 
-def test_empty_result_list_is_valid():
-    config, tasks, _ = CASES["classify"]
-    report = validate_predictions(config, tasks(), body([], []))
+def test_a_task_left_without_a_prediction_is_named():
+    config, tasks, response = CASES["classify"]
+    resp = response()
+    resp["results"].pop()
+    report = validate_predictions(config, tasks(), resp)
+    assert [(p.rule, p.path) for p in report.errors] == [("count", "results"), ("count", "results[1]")]
+    assert report.general == [report.errors[0]]
+    assert [t.status for t in report.tasks] == ["OK", "no prediction"]
+    assert "1 prediction(s) came back for 2 task(s)" in report.errors[1].message
+
+
+def test_empty_result_list_is_valid_and_shown_as_empty():
+    """The model predicted nothing for the task: Label Studio stores that prediction (no regions,
+    the task counts as predicted for this model version), so it is valid, with its own status."""
+    config, tasks, response = CASES["classify"]
+    report = validate_predictions(config, tasks(), body([], response()["results"][1]["result"]))
     assert report.valid and not report.problems
+    assert [t.status for t in report.tasks] == ["empty", "OK"]
+    assert [t["status"] for t in report.to_dict()["tasks"]] == ["empty", "OK"]
+
+
+@pytest.mark.parametrize("version,words", [
+    (None, "is null: Label Studio rejects the whole batch"),
+    ("", "is blank"),
+    (" ", "is blank"),
+])
+def test_model_version_messages_say_what_label_studio_does(version, words):
+    config, tasks, response = CASES["classify"]
+    resp = response()
+    resp["results"][0]["model_version"] = version
+    (problem,) = validate_predictions(config, tasks(), resp).errors
+    assert problem.rule == "model-version" and words in problem.message
+    del resp["results"][0]["model_version"]
+    (problem,) = validate_predictions(config, tasks(), resp).errors
+    assert "is missing: Label Studio falls back to the version /setup reported" in problem.message
+
+
+def test_results_out_of_task_order_are_caught_when_detectable():
+    """Predictions carry no task id in Label Studio's protocol, so order shows only when a
+    prediction names its task, or a span's text is another task's."""
+    config, tasks, response = CASES["classify"]
+    resp = response()
+    resp["results"][0]["task"], resp["results"][1]["task"] = 2, 1
+    report = validate_predictions(config, tasks(), resp)
+    assert [(p.rule, p.path) for p in report.errors] == [("count", "results[0].task"), ("count", "results[1].task")]
+    assert "names task 2 but sits where task 1 (id 1) is (that task is at results[1])" in report.errors[0].message
+    resp["results"][0]["task"], resp["results"][1]["task"] = 1, "2"  # in order (ids compared as text)
+    assert validate_predictions(config, tasks(), resp).valid
+
+    other = "Bob went to Rome."
+    first = valid_ner()["results"][0]
+    second = {"result": [region("ner", "text", "labels", {"start": 0, "end": 3, "text": "Bob", "labels": ["PER"]})],
+              "model_version": "v1"}
+    swapped = {"results": [second, first]}
+    report = validate_predictions(NER, tasks_for({"text": TEXT}, {"text": other}), swapped)
+    problems = {(p.rule, p.path): p for p in report.errors}
+    assert ("region-text", "results[0].result[0].value.text") in problems
+    assert "it is the text of task 2 (id 2): return the predictions in task order" in \
+        problems[("region-text", "results[0].result[0].value.text")].message
+    assert validate_predictions(NER, tasks_for({"text": TEXT}, {"text": other}), {"results": [first, second]}).valid
 
 
 def test_several_predictions_per_task_are_each_checked():

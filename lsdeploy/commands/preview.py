@@ -151,9 +151,18 @@ def render(result) -> str:
     verdict = "OK: Label Studio can show every prediction" if result.ok else "INVALID" if result.exit_code == 7 else "FAILED"
     errors = len(result.report.errors) + (len(result.report_after_fit.errors) if result.report_after_fit else 0)
     warnings = len(result.report.warnings) + (len(result.report_after_fit.warnings) if result.report_after_fit else 0)
+    reports = [r for r in (result.report, result.report_after_fit) if r is not None]
+    empty = sum(1 for r in reports for t in r.tasks if t.status == "empty")
     out.append("")
-    out.append(f"{verdict} ({errors} error(s), {warnings} warning(s))")
+    out.append(f"{verdict} ({errors} error(s), {warnings} warning(s)"
+               f"{f', {empty} empty prediction(s)' if empty else ''})")
     return "\n".join(out)
+
+
+STATUS_TEXT = {
+    "no prediction": "no prediction (Label Studio stores nothing for this task)",
+    "empty": "OK, empty (no regions: Label Studio stores the prediction, nothing is pre-annotated)",
+}
 
 
 def _prediction_info(response, index) -> str:
@@ -176,7 +185,7 @@ def _render_report(title, report, response) -> list:
         out.append(f"  {'WARNING' if problem.severity == 'warning' else 'PROBLEM'} {problem}")
     for task_report in report.tasks:
         task_id = task_report.task_id
-        status = "no prediction" if not task_report.predictions else "OK" if task_report.ok else "problem"
+        status = STATUS_TEXT.get(task_report.status, task_report.status)
         out.append("")
         info = _prediction_info(response, task_report.index)
         out.append(f"task {task_report.index + 1} (id {task_id}) {task_report.path}: "
