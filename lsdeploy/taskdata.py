@@ -6,11 +6,15 @@ environment (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY remain a fallback, also tri
 Studio refuses the /setup key). Either kind of key works: a legacy key goes as `Token`, a
 personal access token is exchanged for a short-lived access token (`lsdeploy.labelstudio`).
 
-Safety rules:
-- the key is sent only to the Label Studio host it belongs to, never to another host;
-- `file://` URLs and internal addresses (loopback, private, link-local) are refused unless
-  TASK_DATA_ALLOW_PRIVATE=true, except Label Studio's own host;
-- downloads have a timeout and a size limit (TASK_DATA_TIMEOUT, TASK_DATA_MAX_BYTES).
+Safety rules (docs/taskdata.md):
+- a key goes only to the origin (scheme, host, port) it belongs to: the environment key to
+  LABEL_STUDIO_URL's, a /setup key to the host that /setup named; nowhere else, whoever asks;
+- `file://` URLs and internal addresses (loopback, private, link-local, shared, reserved,
+  multicast...) are refused unless TASK_DATA_ALLOW_PRIVATE allows them, except Label Studio's
+  own origin; every redirect hop is checked again, and the connection goes to the address
+  that was checked (no second DNS lookup);
+- downloads have a per-read timeout, a total deadline, a size limit and at most 5 redirects
+  (TASK_DATA_TIMEOUT, TASK_DATA_DEADLINE, TASK_DATA_MAX_BYTES).
 """
 from __future__ import annotations
 
@@ -20,18 +24,31 @@ import os
 import socket
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 from .errors import LsdeployError
 
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_TIMEOUT = 30.0                 # seconds per connect or read (TASK_DATA_TIMEOUT)
+DEFAULT_DEADLINE = 300.0               # seconds for a whole download, redirects included (TASK_DATA_DEADLINE)
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # TASK_DATA_MAX_BYTES
+MAX_REDIRECTS = 5
+MAX_PROJECTS = 128                     # projects whose /setup address and key are kept (least recently used go)
+MAX_URL_CHARS = 2048
+MAX_TOKEN_CHARS = 4096
+REDIRECTS = (301, 302, 303, 307, 308)
+SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 
 
 class TaskDataError(LsdeployError):
     """A task file could not (or may not) be read."""
+
+
+class TaskDataRefused(TaskDataError):
+    """Label Studio refused the key (401/403)."""
 
 
 @dataclass(frozen=True)
@@ -43,31 +60,65 @@ class Connection:
         return f"Connection(url={self.url!r}, token={'***' if self.token else None})"
 
 
-_connections: dict[str, Connection] = {}
+_connections: "OrderedDict[str, Connection]" = OrderedDict()
 _lock = threading.Lock()
 
 
 def remember(project_id: str, url: Optional[str], token: Optional[str]) -> None:
     """Keep what /setup sent for a project (in memory only: never written anywhere)."""
+    if url and len(url) > MAX_URL_CHARS:
+        raise TaskDataError(f"'hostname' is longer than {MAX_URL_CHARS} characters: "
+                            "send Label Studio's address, like https://label-studio.example.com")
+    if token and len(token) > MAX_TOKEN_CHARS:
+        raise TaskDataError(f"'access_token' is longer than {MAX_TOKEN_CHARS} characters: "
+                            "send a Label Studio API key")
     if not url and not token:
         return
     with _lock:
         _connections[str(project_id)] = Connection(url.rstrip("/") if url else None, token or None)
+        _connections.move_to_end(str(project_id))
+        while len(_connections) > MAX_PROJECTS:
+            _connections.popitem(last=False)
+
+
+def env_url() -> Optional[str]:
+    """The Label Studio address from the backend's own environment."""
+    url = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST")
+    return url.rstrip("/") if url else None
 
 
 def env_token() -> Optional[str]:
-    """The key from the backend's own environment (the fallback when /setup sent none, or one that is refused)."""
+    """The key from the backend's own environment (the fallback when /setup sent none, or one
+    that is refused). It belongs to LABEL_STUDIO_URL and is never sent anywhere else."""
     return os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or None
 
 
 def connection(project_id: str) -> Connection:
+    """Label Studio's address for a project and the key that belongs to it (None when no key
+    belongs to that address)."""
     with _lock:
         conn = _connections.get(str(project_id))
-    env_url = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST")
-    env_key = env_token()
-    if conn is None:
-        return Connection(env_url.rstrip("/") if env_url else None, env_key)
-    return Connection(conn.url or env_url, conn.token or env_key)
+        if conn is not None:
+            _connections.move_to_end(str(project_id))
+    url = (conn.url if conn else None) or env_url()
+    token = conn.token if conn else None
+    if token is None and _belongs(env_token(), url):
+        token = env_token()
+    return Connection(url, token)
+
+
+def _belongs(key: Optional[str], url: Optional[str]) -> bool:
+    """May `key` go to `url`? The environment key belongs to LABEL_STUDIO_URL's origin, a key
+    /setup sent to the host it named (to LABEL_STUDIO_URL's when it named none). Any other key
+    is the caller's own and goes where the caller sends it."""
+    if not key or not url:
+        return False
+    owners = [env_url()] if key == env_token() else []
+    with _lock:
+        owners += [conn.url or env_url() for conn in _connections.values() if conn.token == key]
+    if not owners:
+        return True
+    return any(owner and _origin(owner) == _origin(url) for owner in owners)
 
 
 def is_preload_needed(value: str) -> bool:
@@ -77,20 +128,65 @@ def is_preload_needed(value: str) -> bool:
 
 def _origin(url: str) -> tuple:
     parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _is_internal(host: str) -> bool:
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False  # cannot resolve: the download itself will fail with a clear error
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_unspecified:
-            return True
-    return False
+        port = parts.port
+    except ValueError:  # a port that is not a number: an origin nothing else has
+        return parts.scheme, parts.netloc, None
+    return parts.scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def _shown(url: str) -> str:
+    """A URL as errors show it: no query (signed URLs carry credentials), no user info."""
+    parts = urlsplit(url.split("?")[0])
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+def _is_internal(address: str) -> bool:
+    """Is this IP address one a task file must not be read from (not on the public internet)?"""
+    addr = ipaddress.ip_address(address.split("%")[0])
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast
+            or addr.is_unspecified or addr in SHARED_ADDRESS_SPACE or not addr.is_global)
+
+
+def _allowed_internal():
+    """TASK_DATA_ALLOW_PRIVATE: `true` allows every internal address, a comma-separated list of
+    addresses or networks (`10.0.0.0/8,127.0.0.1`) allows those; unset allows none."""
+    value = os.environ.get("TASK_DATA_ALLOW_PRIVATE", "").strip()
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("", "0", "false", "no"):
+        return []
+    try:
+        return [ipaddress.ip_network(item.strip(), strict=False) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise TaskDataError(f"TASK_DATA_ALLOW_PRIVATE={value!r} is not `true` or a comma-separated list of "
+                            "addresses or networks like 10.0.0.0/8") from None
+
+
+def _addresses(url: str, trusted: Optional[str]) -> list:
+    """Resolve the URL's host once; refuse it when any address is internal (unless allowed, or
+    the URL is on the trusted Label Studio origin). The download connects to these addresses."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, parts.port or {"http": 80, "https": 443}[parts.scheme],
+                                   type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise TaskDataError(f"reading task file {_shown(url)} failed: cannot resolve {host!r}") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if trusted and _origin(url) == _origin(trusted):
+        return addresses
+    allowed = _allowed_internal()
+    for address in addresses:
+        if allowed is not True and _is_internal(address) and not any(
+                ipaddress.ip_address(address.split("%")[0]) in net for net in allowed):
+            raise TaskDataError(
+                f"task file host {host} is an internal address ({address}); "
+                f"set TASK_DATA_ALLOW_PRIVATE=true (or ={address}) to allow it"
+            )
+    return addresses
 
 
 _clients: dict = {}  # (Label Studio URL, key) -> lsdeploy.labelstudio.LabelStudio: access tokens are cached
@@ -107,15 +203,18 @@ def _auth_header(label_studio_url: str, token: str) -> str:
             if len(_clients) > 64:
                 _clients.clear()
             client = _clients[(label_studio_url, token)] = LabelStudio(
-                label_studio_url, token, timeout=float(os.environ.get("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT)))
+                label_studio_url, token, timeout=_seconds("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT))
     try:
         return client.authorization()
     except LabelStudioError as exc:
         raise TaskDataRefused(f"reading task files from {label_studio_url}: {exc}") from None
 
 
-class TaskDataRefused(TaskDataError):
-    """Label Studio refused the key (401/403)."""
+def _seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        raise TaskDataError(f"{name} must be a number of seconds") from None
 
 
 def resolve(url: str, label_studio_url: Optional[str], task_id=None) -> str:
@@ -144,7 +243,8 @@ def resolve(url: str, label_studio_url: Optional[str], task_id=None) -> str:
 def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Optional[str] = None,
                    cache_dir: Optional[str] = None, task_id=None, fallback_token: Optional[str] = None) -> str:
     """Download `url` once into the cache and return the local path. When Label Studio refuses
-    `token` (say an expired one from /setup), `fallback_token` (the backend's own key) is tried."""
+    `token` (say an expired one from /setup), `fallback_token` (the backend's own key) is tried.
+    A key is only sent to Label Studio's origin, and only when it belongs there (see _belongs)."""
     if url.startswith("file://") or (not url.startswith(("http://", "https://", "/", "s3://", "gs://", "azure-blob://"))):
         if os.environ.get("TASK_DATA_ALLOW_LOCAL", "").lower() in ("1", "true", "yes"):
             path = url[len("file://"):] if url.startswith("file://") else url
@@ -154,24 +254,18 @@ def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Opti
             f"task file {url!r} is a local path; set TASK_DATA_ALLOW_LOCAL=true to read local files"
         )
     absolute = resolve(url, label_studio_url, task_id)
-    same_host = bool(label_studio_url) and _origin(absolute) == _origin(label_studio_url)
-    if not same_host and os.environ.get("TASK_DATA_ALLOW_PRIVATE", "").lower() not in ("1", "true", "yes"):
-        host = urlsplit(absolute).hostname or ""
-        if _is_internal(host):
-            raise TaskDataError(
-                f"task file host {host} is an internal address; set TASK_DATA_ALLOW_PRIVATE=true to allow it"
-            )
     cache_dir = cache_dir or os.environ.get("TASK_DATA_CACHE") or os.path.join(tempfile.gettempdir(), "lsdeploy-task-data")
     os.makedirs(cache_dir, exist_ok=True)
     name = os.path.basename(urlsplit(absolute).path) or "file"
     target = os.path.join(cache_dir, hashlib.sha256(absolute.encode()).hexdigest()[:16] + "__" + name[-100:])
     if os.path.exists(target):
         return target
-    keys = [k for k in dict.fromkeys([token, fallback_token]) if k] if same_host else []
+    same_host = bool(label_studio_url) and _origin(absolute) == _origin(label_studio_url)
+    keys = [k for k in dict.fromkeys([token, fallback_token]) if _belongs(k, label_studio_url)] if same_host else []
     for index, key in enumerate(keys or [None]):
         try:
-            headers = {"Authorization": _auth_header(label_studio_url, key)} if key else {}
-            _download(absolute, headers, target)
+            authorization = _auth_header(label_studio_url, key) if key else None
+            _download(absolute, authorization, label_studio_url, target)
             return target
         except TaskDataRefused:
             if index + 1 >= len(keys):
@@ -179,42 +273,113 @@ def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Opti
     return target
 
 
-def _download(url: str, headers: dict, target: str) -> None:
-    import requests
-
-    timeout = float(os.environ.get("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT))
-    limit = int(os.environ.get("TASK_DATA_MAX_BYTES", DEFAULT_MAX_BYTES))
-    shown = url.split("?")[0]
-    try:
-        # Redirects are followed by hand so that the key never travels to another host.
-        with requests.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False) as resp:
-            if resp.is_redirect:
-                location = urljoin(url, resp.headers.get("Location", ""))
-                if _origin(location) != _origin(url):
-                    headers = {}
-                return _download(location, headers, target)
-            if resp.status_code in (401, 403):
+def _download(url: str, authorization: Optional[str], label_studio_url: Optional[str], target: str) -> None:
+    """Download with redirects followed by hand: every hop is checked (scheme, internal address)
+    and connected to the address that was checked; `authorization` goes only to Label Studio's
+    origin; at most MAX_REDIRECTS hops, all within TASK_DATA_DEADLINE."""
+    timeout = _seconds("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT)
+    deadline = time.monotonic() + _seconds("TASK_DATA_DEADLINE", DEFAULT_DEADLINE)
+    limit = int(os.environ.get("TASK_DATA_MAX_BYTES") or DEFAULT_MAX_BYTES)
+    shown = _shown(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise TaskDataError(f"task file {shown} redirects to {_shown(url)}: only http and https URLs are read")
+        on_label_studio = bool(label_studio_url) and _origin(url) == _origin(label_studio_url)
+        resp = _open(url, _addresses(url, label_studio_url), authorization if on_label_studio else None,
+                     timeout, deadline, shown)
+        try:
+            if resp.status in REDIRECTS and resp.headers.get("Location"):
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if resp.status in (401, 403):
                 raise TaskDataRefused(
-                    f"reading task file {shown} was refused ({resp.status_code}): "
+                    f"reading task file {shown} was refused ({resp.status}): "
                     "check that the backend is connected to Label Studio with a valid key"
                 )
-            if resp.status_code >= 400:
-                raise TaskDataError(f"reading task file {shown} failed: HTTP {resp.status_code}")
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".part-")
-            size = 0
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in resp.iter_content(1 << 16):
-                        size += len(chunk)
-                        if size > limit:
-                            raise TaskDataError(
-                                f"task file {shown} is larger than TASK_DATA_MAX_BYTES={limit}"
-                            )
-                        out.write(chunk)
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-    except requests.RequestException as exc:
-        raise TaskDataError(f"reading task file {shown} failed: {type(exc).__name__}") from None
+            if resp.status >= 300:
+                raise TaskDataError(f"reading task file {shown} failed: HTTP {resp.status}")
+            _save(resp, target, limit, timeout, deadline, shown)
+            return
+        finally:
+            resp.release_conn()
+            resp.close()
+    raise TaskDataError(f"task file {shown} redirects more than {MAX_REDIRECTS} times")
+
+
+def _open(url: str, addresses: list, authorization: Optional[str], timeout: float, deadline: float, shown: str):
+    """GET `url` from the first of `addresses` that answers, keeping the URL's host name for the
+    Host header, TLS SNI and certificate check. Proxy settings are not used: a proxy would look
+    the host up again."""
+    import urllib3
+    from urllib3.exceptions import HTTPError
+
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    headers = {"Host": netloc, "User-Agent": "lsdeploy", "Accept-Encoding": "gzip, deflate"}
+    if authorization:
+        headers["Authorization"] = authorization
+    elif parts.username is not None:
+        headers.update(urllib3.util.make_headers(basic_auth=f"{parts.username}:{parts.password or ''}"))
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    port = parts.port or {"http": 80, "https": 443}[parts.scheme]
+    failure = None
+    for address in addresses:
+        wait = _remaining(deadline, timeout, shown)
+        if parts.scheme == "https":
+            import certifi
+
+            pool = urllib3.HTTPSConnectionPool(
+                address, port, server_hostname=parts.hostname, assert_hostname=parts.hostname,
+                cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where(),
+                maxsize=1, retries=False)
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port, maxsize=1, retries=False)
+        try:
+            return pool.urlopen("GET", path, headers=headers, redirect=False, retries=False, preload_content=False,
+                                timeout=urllib3.Timeout(connect=wait, read=wait), release_conn=False)
+        except HTTPError as exc:
+            failure = exc
+            pool.close()
+    raise TaskDataError(f"reading task file {shown} failed: {type(failure).__name__}")
+
+
+def _remaining(deadline: float, timeout: float, shown: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TaskDataError(f"reading task file {shown} took longer than TASK_DATA_DEADLINE")
+    return min(timeout, left)
+
+
+def _save(resp, target: str, limit: int, timeout: float, deadline: float, shown: str) -> None:
+    from urllib3.exceptions import HTTPError
+
+    too_big = f"task file {shown} is larger than TASK_DATA_MAX_BYTES={limit}"
+    if (resp.headers.get("Content-Length") or "0").isdigit() and int(resp.headers.get("Content-Length") or 0) > limit:
+        raise TaskDataError(too_big)
+    read = getattr(resp, "read1", None) or resp.read  # read1: one network read, so the deadline is kept
+    sock = getattr(resp.connection, "sock", None)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".part-")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                wait = _remaining(deadline, timeout, shown)
+                if sock is not None:
+                    sock.settimeout(wait)
+                try:
+                    chunk = read(1 << 16)
+                except (HTTPError, OSError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise TaskDataError(f"reading task file {shown} took longer than TASK_DATA_DEADLINE") from None
+                    raise TaskDataError(f"reading task file {shown} failed: {type(exc).__name__}") from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise TaskDataError(too_big)
+                out.write(chunk)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
