@@ -30,7 +30,7 @@ from .labelconfig import ControlTag, LabelConfigTags, ObjectTag, parse_tags
 ERROR = "error"
 WARNING = "warning"
 
-# rule id -> what it requires (README "Preview" lists the same table)
+# rule id -> what it requires (docs/preview.md lists the same table)
 RULES = {
     "response": "the /predict body is a JSON object with a `results` list",
     "count": "one prediction per task, in task order: no task without one, none naming another task",

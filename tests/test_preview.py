@@ -107,6 +107,7 @@ def test_default_blueprint_passes_preview_as_json(created):
     assert report["model_version"] == "0.0.1"
     assert report["validation"] == {**report["validation"], "valid": True, "errors": 0, "warnings": 0}
     assert [t["predictions"] for t in report["validation"]["tasks"]] == [1, 1]
+    assert [t["status"] for t in report["validation"]["tasks"]] == ["empty", "empty"]  # valid, nothing to show
     assert [r["result"] for r in report["response"]["results"]] == [[], []]
     assert report["fit"] is None
     # progress went to stderr, and the backend is gone
@@ -148,6 +149,118 @@ def test_broken_backend_fails_with_rule_and_path(tmp_path, name):
     matching = [p for p in result.report.errors if p.rule == rule and p.path == path]
     assert matching, [str(p) for p in result.report.problems]
     assert path in str(matching[0]) and f"[{rule}]" in str(matching[0])
+
+
+# One backend breaks every other rule, each in a region (or prediction field) of its own, so one
+# server start covers them all; it also returns its predictions in reverse task order, each
+# naming its task. (rule, path of the first task's result); the second task's are the same.
+MANY_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Image name="image" value="$image"/>
+  <Choices name="sentiment" toName="text"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+  <Labels name="ner" toName="text"><Label value="PER"/><Label value="LOC"/></Labels>
+  <RectangleLabels name="box" toName="image"><Label value="Thing"/></RectangleLabels>
+  <Rating name="stars" toName="text" maxRating="5"/>
+  <Number name="count" toName="text" min="0" max="10"/>
+</View>"""
+MANY_BROKEN = '''
+    def box(**value):
+        return {"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+                "value": {"rectanglelabels": ["Thing"], **value}}
+    out = []
+    for task in tasks:
+        text = task["data"]["text"]
+        out.append({"task": task["id"], "score": "high", "model_version": " ", "result": [
+            {"from_name": "sentiment", "to_name": "image", "type": "choices", "value": {"choices": ["Positive"]}},
+            {"from_name": "ner", "to_name": "text", "type": "labels", "value": {"start": 0, "end": 5, "labels": ["PERSON"]}},
+            {"from_name": "stars", "to_name": "text", "type": "rating", "value": {"rating": 7}},
+            {"from_name": "count", "to_name": "text", "type": "number", "value": {"number": 11}},
+            box(x=10, y=10, width=20),
+            box(x=120, y=10, width=20, height=20),
+            box(x=10, y=-5, width=20, height=20),
+            box(x=10, y=10, width=95, height=20),
+            box(x=10, y=10, width=20, height=95),
+            {"from_name": "ner", "to_name": "text", "type": "labels",
+             "value": {"start": 0, "end": 5, "text": text[:5], "labels": ["PER"]}},
+        ]})
+    return out[::-1]'''
+MANY = [
+    ("to-name", "results[0].result[0].to_name"),
+    ("labels", "results[0].result[1].value.labels[0]"),
+    ("rating", "results[0].result[2].value.rating"),
+    ("number", "results[0].result[3].value.number"),
+    ("region-field", "results[0].result[4].value.height"),
+    ("region-range", "results[0].result[5].value.x"),
+    ("region-range", "results[0].result[6].value.y"),
+    ("region-range", "results[0].result[7].value.width"),
+    ("region-range", "results[0].result[8].value.height"),
+    ("score", "results[0].score"),
+    ("model-version", "results[0].model_version"),
+    ("count", "results[0].task"),  # out of task order, named by the prediction
+    ("region-text", "results[0].result[9].value.text"),  # out of task order, seen in a span's text
+]
+
+
+@pytest.fixture(scope="module")
+def many_broken(tmp_path_factory):
+    """(result, readable report, --json object) of one preview of the MANY_BROKEN backend."""
+    from lsdeploy.commands.preview import render
+
+    directory = write_backend(tmp_path_factory.mktemp("many") / "many", MANY_BROKEN, MANY_CONFIG)
+    result = run_preview(settings_for(directory))
+    return result, render(result), json.loads(json.dumps(result.to_dict()))
+
+
+@pytest.mark.parametrize("rule,path", MANY, ids=[f"{rule}-{path}" for rule, path in MANY])
+def test_each_rule_fails_a_running_backend_with_rule_and_path(many_broken, rule, path):
+    result, text, data = many_broken
+    assert not result.ok and result.exit_code == EXIT_INVALID and data["exit_code"] == EXIT_INVALID
+    for index in (0, 1):
+        where = path.replace("results[0]", f"results[{index}]")
+        (problem,) = [p for p in result.report.errors if p.path == where]  # that one rule, nothing else
+        assert problem.rule == rule and problem.task == index
+        # readable: under its task's table, on the row it belongs to, with its rule
+        assert f"\n      {problem}\n" in text or f"\n    {problem}\n" in text, text
+        assert f"{where}: " in text and f"[{rule}]" in str(problem)
+        assert {"rule": rule, "path": where, "task": index}.items() <= \
+            next(p for p in data["validation"]["problems"] if p["path"] == where).items()
+    region = re.match(r"results\[0\]\.result\[(\d+)\]", path)
+    if region:  # its row of the table is marked, in the text and in --json
+        k = int(region.group(1))
+        assert re.search(rf"\n  results\[0\]\.result\[{k}\]\s+\S+\s+.*\s problem\n", text), text
+        row = data["validation"]["tasks"][0]["rows"][k]
+        assert row["ok"] is False and [(p["rule"], p["path"]) for p in row["problems"]] == [(rule, path)]
+
+
+def test_many_broken_rules_report_nothing_else(many_broken):
+    result, text, data = many_broken
+    expected = {(rule, path.replace("results[0]", f"results[{i}]")) for rule, path in MANY for i in (0, 1)}
+    assert {(p.rule, p.path) for p in result.report.errors} == expected
+    assert [t["status"] for t in data["validation"]["tasks"]] == ["problem", "problem"]
+    assert f"INVALID ({len(expected)} error(s), 0 warning(s))" in text
+    assert "task 1 (id 1) results[0]: 1 prediction(s), 10 region(s) (score 'high', model_version ' '): problem" in text
+    # out of order: each prediction names the other task, and its span text is the other task's
+    assert "names task 2 but sits where task 1 (id 1) is (that task is at results[1])" in text
+    assert "it is the text of task 2 (id 2): return the predictions in task order" in text
+
+
+def test_backend_returning_no_predictions_fails_per_task(tmp_path):
+    """predict() returns []: Label Studio stores nothing, so every task is a `count` error at its
+    own path, and the report never says OK."""
+    from lsdeploy.commands.preview import render
+
+    directory = write_backend(tmp_path / "empty", "return []")
+    result = run_preview(settings_for(directory))
+    assert not result.ok and result.exit_code == EXIT_INVALID
+    assert [(p.rule, p.path) for p in result.report.errors] == [("count", "results[0]"), ("count", "results[1]")]
+    text = render(result)
+    assert "OK" not in text
+    assert "task 1 (id 1) results[0]: 0 prediction(s), 0 region(s): no prediction" in text
+    assert "\n    results[1]: no prediction for task 2 (id 2): the results list is empty" in text
+    assert text.endswith("INVALID (2 error(s), 0 warning(s))")
+    data = result.to_dict()["validation"]
+    assert [(p["rule"], p["path"], p["task"]) for p in data["problems"]] == [("count", "results[0]", 0),
+                                                                             ("count", "results[1]", 1)]
 
 
 def test_broken_backend_cli_report_names_rule_and_path(tmp_path):

@@ -173,9 +173,11 @@ def _prediction_info(response, index) -> str:
     parts = []
     for item in items:
         if isinstance(item, dict):
-            score = item.get("score")
-            score = f"{score:.4g}" if isinstance(score, (int, float)) and not isinstance(score, bool) else score
-            parts.append(f"score {score}, model_version {item.get('model_version')}")
+            score, version = item.get("score"), item.get("model_version")
+            score = f"{score:.4g}" if isinstance(score, (int, float)) and not isinstance(score, bool) else repr(score)
+            # a blank or odd version shows as what it is: ' ', None, {...}
+            version = version if isinstance(version, str) and version.strip() == version and version else repr(version)
+            parts.append(f"score {score}, model_version {version}")
     return "; ".join(parts)
 
 
@@ -200,7 +202,7 @@ def _render_report(title, report, response) -> list:
             rows.append((row.path, row.type, row.summary, "OK" if row.ok else "problem"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for n, row in enumerate(rows):
-            out.append("  " + "  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
+            out.append(("  " + "  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3]).rstrip())
             if n:
                 for problem in task_report.rows[n - 1].problems:
                     out.append(f"      {problem}")
