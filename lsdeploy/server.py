@@ -11,6 +11,10 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
   202 and a job id while training goes on. Label Studio gives a webhook 1 s. On shutdown the
   worker finishes queued training before it exits (within gunicorn's graceful timeout).
 - Fits of one project are serialized across the workers sharing a store (`StateStore.lock`).
+- Limits (see docs/hardening.md): a body over MAX_REQUEST_BYTES (16 MiB) or a /predict batch of
+  more than MAX_TASKS tasks (10,000) is a JSON 413 naming the setting; a client that does not send
+  its whole request within CLIENT_TIMEOUT is answered 408 (the deadline is kept by
+  lsdeploy.serve's worker, which makes reading the body raise TimeoutError).
 - Logs: one line per request (method, path, status, latency). Never a body, a query string
   or a header.
 - GET /metrics: Prometheus text about the whole server; under `label-studio-ml start` the
@@ -36,6 +40,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
+from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import KNOWN_EVENTS, LabelStudioMLBase
 from .response import ModelResponse, PredictionValue
@@ -45,7 +50,15 @@ logger = logging.getLogger("lsdeploy.server")
 access_log = logging.getLogger("lsdeploy.access")
 
 HEALTH_PATH = "/health"  # the one path served without basic auth (container probes)
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# A parsed JSON body can take up to about 25 times its size in memory (many tiny objects), so
+# the body limit bounds what one request can cost; 16 MiB holds about 10,000 tasks as Label
+# Studio serializes them.
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+# Label Studio sends every selected task that lacks a prediction in one /predict call.
+DEFAULT_MAX_TASKS = 10_000
+# What an unauthenticated GET /health shows of the store when basic auth is on (no bucket URI,
+# no raw error text).
+_PUBLIC_STORE_FIELDS = ("store", "status", "snapshot_age_seconds", "refresh_seconds", "degraded_for_seconds", "detail")
 
 
 class BadRequest(Exception):
@@ -200,7 +213,7 @@ def _env_float(name: str, default: float) -> float:
 
 def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Optional[tuple] = None,
                debug: bool = False, max_content_length: Optional[int] = None,
-               metrics_dir: Optional[str] = None) -> Flask:
+               metrics_dir: Optional[str] = None, max_tasks: Optional[int] = None) -> Flask:
     """The Flask app serving `model_class`.
 
     `store` defaults to the process-wide store from the environment (MODEL_STATE_URI or SQLite
@@ -208,7 +221,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     (user, password); BASIC_AUTH_USER/BASIC_AUTH_PASS are read when it is not given.
     `metrics_dir` (or LSDEPLOY_METRICS_DIR): a directory private to one server, shared by its
     worker processes, so /metrics reports all of them (see lsdeploy.metrics); without it the
-    metrics are this process's.
+    metrics are this process's. `max_content_length` (MAX_REQUEST_BYTES) and `max_tasks`
+    (MAX_TASKS) bound what one request may carry.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, LabelStudioMLBase)):
         raise TypeError(f"{model_class!r} is not a subclass of lsdeploy.LabelStudioMLBase")
@@ -220,6 +234,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     app = Flask("lsdeploy")
     app.config["MAX_CONTENT_LENGTH"] = max_content_length or int(os.environ.get("MAX_REQUEST_BYTES", DEFAULT_MAX_BYTES))
+    max_tasks = max_tasks or int(os.environ.get("MAX_TASKS", DEFAULT_MAX_TASKS))
     app.json.sort_keys = False
     metrics = Metrics(metrics_dir or os.environ.get("LSDEPLOY_METRICS_DIR") or None)
     metrics.describe("lsdeploy_requests_total", "counter", "HTTP requests by endpoint and status")
@@ -249,6 +264,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     config = app.config
 
+    def too_large() -> str:
+        return f"request body is larger than {config['MAX_CONTENT_LENGTH']} bytes (MAX_REQUEST_BYTES)"
+
     def body_json() -> dict:
         environ = request._get_current_object().environ
         ctype = environ.get("CONTENT_TYPE", "")
@@ -258,15 +276,23 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                 raise BadRequest(f"Content-Type {ctype} is not supported: send application/json", 415)
         length = environ.get("CONTENT_LENGTH", "")
         limit = config["MAX_CONTENT_LENGTH"]
-        if length.isdigit() and (limit is None or int(length) <= limit) and "HTTP_TRANSFER_ENCODING" not in environ:
-            try:  # the common case: read once, straight from the server
-                raw = environ["wsgi.input"].read(int(length))
-            except OSError:  # the kernel timeout of a stalled client (CLIENT_TIMEOUT), or a reset
-                raw = None
-            if raw is None or len(raw) != int(length):
-                raise BadRequest("the client stopped sending the request body before Content-Length bytes")
-        else:  # chunked, or too large (werkzeug raises the 413)
-            raw = request.get_data(cache=False)
+        stream = environ["wsgi.input"]
+        try:
+            if length.isdigit() and "HTTP_TRANSFER_ENCODING" not in environ:
+                size = int(length)
+                if limit is not None and size > limit:
+                    raise BadRequest(too_large(), 413)
+                raw = stream.read(size)  # the common case: read once, straight from the server
+                if len(raw) != size:
+                    raise BadRequest("the client stopped sending the request body before Content-Length bytes")
+            else:  # chunked: read up to the limit; one byte more means the body is too large
+                raw = stream.read() if limit is None else stream.read(limit + 1)
+                if limit is not None and len(raw) > limit:
+                    raise BadRequest(too_large(), 413)
+        except TimeoutError:  # the server's deadline for the whole request (CLIENT_TIMEOUT)
+            raise BadRequest("the client did not send the whole request in time (CLIENT_TIMEOUT)", 408) from None
+        except OSError:  # a reset connection
+            raise BadRequest("the client stopped sending the request body") from None
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
         try:
@@ -360,12 +386,16 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     def _bad(exc: BadRequest):
         return error(str(exc), exc.status)
 
+    @app.errorhandler(LabelConfigError)
+    def _label_config(exc: LabelConfigError):
+        return error(f"{exc}: send the project's label config as Label Studio has it", 400)
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         messages = {
             404: f"no such endpoint: {request.method} {request.path}; see GET /health",
             405: f"{request.method} is not allowed on {request.path}",
-            413: f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes (MAX_REQUEST_BYTES)",
+            413: too_large(),
         }
         return error(messages.get(exc.code, exc.description or exc.name), exc.code or 500)
 
@@ -387,6 +417,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             state = pool.store.health()
         except Exception as exc:  # noqa: BLE001 - health must answer
             state = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        if credentials is not None and not _authorized(request.headers.get("Authorization"), credentials):
+            state = {k: v for k, v in state.items() if k in _PUBLIC_STORE_FIELDS}
         body["store"] = state
         if state.get("status") not in (None, "ok"):
             body["status"] = "DEGRADED" if state.get("status") == "degraded" else "UP"
@@ -425,6 +457,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest("'tasks' is missing: send {\"tasks\": [{\"id\": 1, \"data\": {...}}], ...}")
         if type(tasks) is not list:  # parsed JSON: exactly list and dict
             raise BadRequest("'tasks' must be a list of task objects")
+        if len(tasks) > max_tasks:
+            raise BadRequest(f"{len(tasks)} tasks in one request is more than MAX_TASKS ({max_tasks}): "
+                             "retrieve predictions for fewer tasks at a time, or raise MAX_TASKS", 413)
         for i, task in enumerate(tasks):
             if type(task) is not dict:
                 raise BadRequest("'tasks' must be a list of task objects")

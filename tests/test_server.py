@@ -381,3 +381,111 @@ def test_routes_added_to_the_app_are_labelled_by_their_rule(app):
     text = client.get("/metrics").get_data(as_text=True)
     assert 'lsdeploy_requests_total{endpoint="/custom",method="GET",status="200"} 1\n' in text
     assert 'lsdeploy_requests_total{endpoint="/items/<int:item>",method="GET",status="200"} 2\n' in text
+
+
+def test_default_limits_and_their_variables(model_dir, monkeypatch):
+    from lsdeploy.server import DEFAULT_MAX_BYTES, DEFAULT_MAX_TASKS
+
+    assert DEFAULT_MAX_BYTES == 16 * 1024 * 1024 and DEFAULT_MAX_TASKS == 10_000
+    app = create_app(Echo, store=SQLiteStore(str(model_dir)))
+    assert app.config["MAX_CONTENT_LENGTH"] == DEFAULT_MAX_BYTES
+    monkeypatch.setenv("MAX_REQUEST_BYTES", "5000")
+    monkeypatch.setenv("MAX_TASKS", "2")
+    client = create_app(Echo, store=SQLiteStore(str(model_dir))).test_client()
+    assert client.post("/predict", json=predict_body([text_task(1, "good"), text_task(2, "bad")])).status_code == 200
+    resp = client.post("/predict", json=predict_body([text_task(i, "good") for i in range(3)]))
+    assert resp.status_code == 413 and resp.json["error"].startswith("3 tasks in one request is more than MAX_TASKS (2)")
+    resp = client.post("/predict", json=predict_body([text_task(1, "x" * 6000)]))
+    assert resp.status_code == 413 and "larger than 5000 bytes (MAX_REQUEST_BYTES)" in resp.json["error"]
+
+
+def test_batch_over_max_tasks_is_413_before_predict(model_dir):
+    Echo.setups = []
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), max_tasks=100).test_client()
+    resp = client.post("/predict", data='{"tasks": [' + ",".join(["{}"] * 101) + "]}", content_type="application/json")
+    assert resp.status_code == 413 and resp.is_json
+    assert resp.json["error"] == ("101 tasks in one request is more than MAX_TASKS (100): "
+                                  "retrieve predictions for fewer tasks at a time, or raise MAX_TASKS")
+    assert Echo.setups == []  # refused before any model work
+
+
+def test_chunked_body_over_the_limit_is_413_like_content_length(model_dir):
+    import io
+
+    client = create_app(Echo, store=SQLiteStore(str(model_dir)), max_content_length=1000).test_client()
+    body = ('{"tasks": [{"id": 1, "data": {"text": "' + "x" * 2000 + '"}}]}').encode()
+    resp = client.post("/predict", input_stream=io.BytesIO(body), content_type="application/json",
+                       headers={"Transfer-Encoding": "chunked"})
+    assert resp.status_code == 413 and resp.json["error"] == "request body is larger than 1000 bytes (MAX_REQUEST_BYTES)"
+    small = b'{"tasks": [{"id": 1, "data": {"text": "good"}}]}'
+    resp = client.post("/predict", input_stream=io.BytesIO(small), content_type="application/json",
+                       headers={"Transfer-Encoding": "chunked"})
+    assert resp.status_code == 200 and len(resp.json["results"]) == 1
+
+
+def test_request_deadline_while_reading_the_body_is_408(client):
+    """The gunicorn worker makes reading the body raise TimeoutError once CLIENT_TIMEOUT is over."""
+    import io
+
+    class Trickle(io.BytesIO):
+        def read(self, *args):
+            raise TimeoutError("the client did not send its request within 1 s (CLIENT_TIMEOUT)")
+
+    resp = client.post("/predict", input_stream=Trickle(), content_type="application/json",
+                       headers={"Content-Length": "100"})
+    assert resp.status_code == 408 and resp.is_json and "CLIENT_TIMEOUT" in resp.json["error"]
+
+
+@pytest.fixture
+def text_classifier(tmp_path, monkeypatch):
+    from lsdeploy.blueprints import create
+    from lsdeploy.loader import load_model_class
+
+    create(tmp_path / "tc", blueprint="text-classifier")
+    return load_model_class(str(tmp_path / "tc")), (tmp_path / "tc" / "label_config.xml").read_text()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/setup", {"project": "1.1", "schema": "<View"}),
+    ("/predict", {"project": "2.1", "label_config": "<View", "tasks": [{"id": 1, "data": {"text": "a"}}]}),
+    ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 4, "label_config": "<View"}}),
+    ("/setup", {"project": "5.1", "schema": "<!DOCTYPE x><View/>"}),
+])
+def test_malformed_label_config_is_json_400(text_classifier, model_dir, path, body):
+    model_class, _ = text_classifier
+    client = create_app(model_class, store=SQLiteStore(str(model_dir))).test_client()
+    resp = client.post(path, json=body)
+    assert resp.status_code == 400 and resp.is_json, resp.get_data(as_text=True)
+    assert resp.json["error"].startswith("label config ")
+
+
+class ExposedStore(SQLiteStore):
+    def health(self):
+        return {"store": "gcs", "status": "degraded", "uri": "gs://private-bucket/prefix",
+                "error": "Forbidden: 403 private-bucket denied for sa@project.iam", "degraded_for_seconds": 3.0,
+                "detail": "Cloud Storage unreachable: serving the last known state; writes are retried"}
+
+
+def test_unauthenticated_health_hides_store_details_when_basic_auth_is_on(model_dir):
+    client = create_app(Echo, store=ExposedStore(str(model_dir)), basic_auth=("ls", "pw")).test_client()
+    public = client.get("/health")
+    assert public.status_code == 200 and public.json["status"] == "DEGRADED"
+    assert public.json["store"] == {"store": "gcs", "status": "degraded", "degraded_for_seconds": 3.0,
+                                    "detail": "Cloud Storage unreachable: serving the last known state; writes are retried"}
+    assert "private-bucket" not in public.get_data(as_text=True)
+    full = client.get("/health", headers=_basic("ls", "pw")).json["store"]
+    assert full["uri"] == "gs://private-bucket/prefix" and full["error"].startswith("Forbidden")
+    # without basic auth there is nobody to hide from: the details help whoever runs it
+    open_client = create_app(Echo, store=ExposedStore(str(model_dir))).test_client()
+    assert open_client.get("/health").json["store"]["uri"] == "gs://private-bucket/prefix"
+
+
+def test_unauthenticated_health_hides_a_store_exception(model_dir):
+    class Broken(SQLiteStore):
+        def health(self):
+            raise OSError("cannot reach gs://private-bucket: token for sa@project expired")
+
+    client = create_app(Echo, store=Broken(str(model_dir)), basic_auth=("ls", "pw")).test_client()
+    resp = client.get("/health")
+    assert resp.status_code == 200 and resp.json["store"] == {"status": "error"}
+    assert client.get("/health", headers=_basic("ls", "pw")).json["store"]["error"].startswith("OSError: cannot reach")
