@@ -44,6 +44,11 @@ KNOWN_EVENTS = DATA_EVENTS + (
     "REVIEWS_DELETED",
 )
 
+# Writes made while a model is built run on the request path (the first /predict, /setup or
+# webhook of a project in a process): they wait this long at most for storage, then finish in
+# the background (Label Studio gives /setup 3 s and /health 1 s).
+REQUEST_WRITE_WAIT = 0.25
+
 _predict_fn: Optional[Callable] = None
 _update_fn: Optional[Callable] = None
 
@@ -93,8 +98,8 @@ class LabelStudioMLBase:
         self._parsed: Optional[Tuple[str, dict]] = None
         if label_config is not None:
             self.use_label_config(label_config)
-        if not self.has("model_version"):
-            self.set("model_version", self.INITIAL_MODEL_VERSION)
+        if not self.has("model_version"):  # create-only: another instance's newer version is kept
+            self.store.create(self.project_id, "model_version", self.INITIAL_MODEL_VERSION, wait=REQUEST_WRITE_WAIT)
         self.setup()
 
     # -- to override ------------------------------------------------------------------
@@ -147,7 +152,7 @@ class LabelStudioMLBase:
     def use_label_config(self, label_config: str) -> None:
         self._label_config = label_config
         if self.get("label_config") != label_config:
-            self.set("label_config", label_config)
+            self.store.set(self.project_id, "label_config", label_config, wait=REQUEST_WRITE_WAIT)
 
     @property
     def label_config(self) -> Optional[str]:

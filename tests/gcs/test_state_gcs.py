@@ -74,7 +74,7 @@ def test_unwritable_prefix_names_permission_and_role(gcs_emulator, bucket, make_
     message = str(info.value)
     assert "\n" not in message
     assert f"cannot write to gs://{bucket}/readonly/" in message
-    assert "storage.objects.create" in message and "roles/storage.objectAdmin" in message
+    assert "storage.objects.create" in message and "roles/storage.objectUser" in message
     assert any(status == 403 for _, _, status in proxy.requests)
     # Another prefix of the same bucket is writable through the same proxy.
     store = make_store(proxy, f"gs://{bucket}/writable")
@@ -230,7 +230,7 @@ def _write(path, data: bytes):
 
 
 def test_artifact_written_on_one_instance_loads_identical_on_another(gcs_emulator, bucket, make_store, tmp_path):
-    a = make_store(gcs_emulator, f"gs://{bucket}/art", refresh_seconds=0.5)
+    a = make_store(gcs_emulator, f"gs://{bucket}/art", refresh_seconds=0.5, artifact_grace_seconds=0)
     b = make_store(gcs_emulator, f"gs://{bucket}/art", refresh_seconds=0.5)
     assert b.load_artifact("1", "weights.bin") is None
     first = os.urandom(300_000)
@@ -244,7 +244,7 @@ def test_artifact_written_on_one_instance_loads_identical_on_another(gcs_emulato
     wait_for(lambda: open(b.load_artifact("1", "weights.bin"), "rb").read() == second, timeout=20)
     third = os.urandom(1000)
     a.save_artifact("1", "weights.bin", _write(tmp_path / "w3", third))
-    # Current and previous contents are kept, older ones deleted.
+    # Current and previous contents are kept, older ones deleted (no grace period here).
     kept = gcs_emulator.list_objects(bucket, "art/artifacts/p-1/weights.bin/")
     assert sorted(n.rsplit("/", 1)[1] for n in kept) == sorted(hashlib.sha256(d).hexdigest() for d in (second, third))
     with pytest.raises(ValueError):
@@ -605,4 +605,4 @@ def test_server_with_unwritable_prefix_exits_with_one_line(gcs_emulator, bucket,
     proxy.deny_write_prefix = "locked/"
     line = _start_fails(backend, {"MODEL_STATE_URI": f"gs://{bucket}/locked", **proxy.env})
     assert f"cannot write to gs://{bucket}/locked/" in line
-    assert "storage.objects.create" in line and "roles/storage.objectAdmin" in line
+    assert "storage.objects.create" in line and "roles/storage.objectUser" in line
