@@ -259,18 +259,62 @@ def metrics_directory(base: Optional[str] = None) -> Optional[str]:
 
 
 def bounded_worker_class(client_timeout: float):
-    """gunicorn's gthread worker with kernel send/receive timeouts on every connection: a client
-    that stops sending its request (or stops reading the answer) for `client_timeout` seconds
-    is disconnected instead of holding one of the worker's threads for ever. gunicorn itself
-    already sets aside connections that send nothing at all. SO_RCVTIMEO/SO_SNDTIMEO are set
-    once per connection and keep reads blocking (a Python-level socket timeout would poll
-    before every read and write)."""
+    """gunicorn's gthread worker where a client gets `client_timeout` seconds to send each whole
+    request (headers and body), and may stall at most that long while reading the answer. A
+    client that trickles its request (a byte a second keeps every per-read timeout happy) or
+    stalls is cut off instead of holding one of the worker's threads: in the headers the
+    connection is closed, in the body the app answers 408 (reading raises TimeoutError).
+    gunicorn itself already sets aside connections that send nothing at all.
+
+    The deadline is kept by the connection's reader: the kernel receive timeout (SO_RCVTIMEO,
+    which keeps reads blocking; a Python-level socket timeout would poll before every read) is
+    lowered to the time left only when a read starts late in the request, so a request read
+    at once costs no extra system call."""
     import struct
 
+    from gunicorn.http.errors import NoMoreData
+    from gunicorn.http.unreader import SocketUnreader
     from gunicorn.workers.gthread import ThreadWorker
 
-    seconds = int(client_timeout)
-    timeval = struct.pack("ll", seconds, int((client_timeout - seconds) * 1_000_000))
+    def timeval(seconds: float) -> bytes:
+        whole = int(seconds)
+        return struct.pack("ll", whole, max(int((seconds - whole) * 1_000_000), 1 if not whole else 0))
+
+    full = timeval(client_timeout)
+    slack = client_timeout / 10  # how late the deadline may be enforced, to spare system calls
+
+    class RequestTimeout(NoMoreData, TimeoutError):
+        """The client did not send its request in time. gunicorn closes the connection quietly
+        on NoMoreData while it reads headers; the app answers 408 on TimeoutError from the body."""
+
+        def __init__(self):
+            super().__init__()
+            self.args = (f"the client did not send its request within {client_timeout:g} s (CLIENT_TIMEOUT)",)
+
+        def __str__(self):
+            return self.args[0]
+
+    class DeadlineUnreader(SocketUnreader):
+        deadline = float("inf")
+        read_timeout = client_timeout  # the socket's SO_RCVTIMEO now
+
+        def start_request(self):
+            self.deadline = time.monotonic() + client_timeout
+            if self.read_timeout != client_timeout:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
+                self.read_timeout = client_timeout
+
+        def chunk(self, size_hint=None):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout()
+            if left < self.read_timeout - slack:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(left))
+                self.read_timeout = left
+            try:
+                return super().chunk(size_hint)
+            except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived in time
+                raise RequestTimeout() from None
 
     class BoundedThreadWorker(ThreadWorker):
         def handle(self, conn):
@@ -281,8 +325,16 @@ def bounded_worker_class(client_timeout: float):
                     first = not conn.initialized
                     init()
                     if first:
-                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
+                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, full)
+                        parser = conn.parser
+                        if not conn.is_http2 and type(parser.unreader) is SocketUnreader:
+                            reader = DeadlineUnreader(conn.sock, parser.unreader.mxchunk)
+                            reader.buf = parser.unreader.buf
+                            parser.unreader = reader
+                    reader = getattr(conn.parser, "unreader", None)
+                    if type(reader) is DeadlineUnreader:
+                        reader.start_request()
 
                 conn.init = bounded_init
             return super().handle(conn)

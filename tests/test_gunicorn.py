@@ -4,6 +4,7 @@ import signal
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -187,39 +188,119 @@ def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir):
     assert SQLiteStore(str(counter_dir / ".lsdeploy")).get("3", "n") == len(acknowledged)
 
 
-def test_huge_batch_is_served_and_oversize_refused(counter_dir):
-    """A batch of 20,000 tasks (Label Studio sends every task lacking a prediction in one call)
-    is answered in full; a body over MAX_REQUEST_BYTES is a JSON 413, and the worker lives on."""
-    with Server(counter_dir, env={"MAX_REQUEST_BYTES": str(8 * 1024 * 1024)}) as server:
-        tasks = [text_task(i, f"task number {i}") for i in range(20_000)]
+def test_batches_and_bodies_are_bounded_by_default(counter_dir):
+    """A batch of MAX_TASKS tasks (Label Studio sends every task lacking a prediction in one
+    call) is answered in full; one task more, a body over MAX_REQUEST_BYTES (announced or
+    chunked) is a JSON 413 naming the setting, and the worker lives on."""
+    import http.client
+
+    with Server(counter_dir) as server:
+        tasks = [text_task(i, f"task number {i}") for i in range(10_000)]
         resp = server.post("/predict", json=predict_body(tasks), timeout=120)
-        assert resp.status_code == 200 and len(resp.json()["results"]) == 20_000
-        huge = predict_body([text_task(i, "x" * 1000) for i in range(10_000)])  # about 11 MB
-        resp = server.post("/predict", json=huge, timeout=120)
-        assert resp.status_code == 413 and "MAX_REQUEST_BYTES" in resp.json()["error"]
+        assert resp.status_code == 200 and len(resp.json()["results"]) == 10_000
+        resp = server.post("/predict", json=predict_body(tasks + [text_task(10_000, "one more")]), timeout=120)
+        assert resp.status_code == 413 and "MAX_TASKS (10000)" in resp.json()["error"]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # announced, never sent
+        conn.putrequest("POST", "/predict")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(16 * 1024 * 1024 + 1))
+        conn.endheaders()
+        answer = conn.getresponse()
+        assert answer.status == 413
+        assert b"larger than 16777216 bytes (MAX_REQUEST_BYTES)" in answer.read()
+        conn.close()
+
+        def chunks():  # about 17 MB without Content-Length
+            yield b'{"tasks": [{"id": 1, "data": {"text": "'
+            for _ in range(17):
+                yield b"x" * 1_000_000
+            yield b'"}}]}'
+
+        resp = server.post("/predict", data=chunks(), headers={"Content-Type": "application/json"}, timeout=120)
+        assert resp.status_code == 413
+        assert resp.json()["error"] == "request body is larger than 16777216 bytes (MAX_REQUEST_BYTES)"
         assert server.get("/health").status_code == 200
 
 
-def test_slow_client_is_cut_off_and_others_are_served(counter_dir):
-    """Clients that stall halfway through their body lose their connection after CLIENT_TIMEOUT,
-    even when they hold every thread of the worker; then other clients are answered."""
+def _worker_pid(server) -> int:
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    return int(wait_for(lambda: children.read_text().split(), timeout=30, message="a gunicorn worker")[0])
+
+
+def _memory_kb(pid: int) -> dict:
+    fields = (line.split(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(value.split()[0]) for name, value in fields if name in ("VmRSS", "VmHWM")}
+
+
+def test_hostile_batch_leaves_worker_memory_bounded(counter_dir):
+    """15 MB of empty tasks ({"tasks": [{}, {}, ...]}, 5,000,000 of them) once made a worker grow
+    by 1.5 GB building as many predictions. Now it is refused after parsing (which costs at most
+    about 25 times the body) and the memory is given back."""
+    with Server(counter_dir, "--threads", "2") as server:
+        pid = _worker_pid(server)
+        assert server.post("/predict", json=predict_body([text_task(1, "warm up")])).status_code == 200
+        before = _memory_kb(pid)
+        body = b'{"tasks": [' + b",".join([b"{}"] * 5_000_000) + b"]}"
+        resp = server.post("/predict", data=body, headers={"Content-Type": "application/json"}, timeout=120)
+        assert resp.status_code == 413 and "MAX_TASKS" in resp.json()["error"]
+        after = _memory_kb(pid)
+        peak_growth_mb = (after["VmHWM"] - before["VmHWM"]) / 1024
+        assert peak_growth_mb < 40 * len(body) / 1e6, f"worker peak grew {peak_growth_mb:.0f} MB"
+        assert (after["VmRSS"] - before["VmRSS"]) / 1024 < 100, (before, after)
+        assert server.get("/health").status_code == 200
+
+
+def test_trickling_clients_are_cut_off_and_others_are_served(counter_dir):
+    """Clients that trickle their request (a byte now and then keeps every per-read timeout
+    happy) lose their connection once CLIENT_TIMEOUT has passed since the request began, even
+    when they hold every thread of the worker: one trickling its headers is disconnected, one
+    trickling its body is answered 408. Meanwhile a well-behaved client is answered."""
     import socket
 
     with Server(counter_dir, "--threads", "2", env={"CLIENT_TIMEOUT": "1.5"}) as server:
-        stalled = []
+        heads = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        in_headers = socket.create_connection(("127.0.0.1", server.port))
+        in_headers.sendall(heads)
+        in_body = socket.create_connection(("127.0.0.1", server.port))
+        in_body.sendall(heads + b"Content-Length: 100000\r\n\r\n{")
         began = time.monotonic()
-        for _ in range(2):  # as many stalled clients as the worker has threads
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000\r\n\r\n{\"tasks\": [")
-            stalled.append(sock)
-        time.sleep(0.3)
-        # a well-behaved client is answered once the stalled ones are cut off
-        resp = server.post("/predict", json=predict_body([text_task(1, "x")]), timeout=30)
-        assert resp.status_code == 200
-        for sock in stalled:
-            sock.settimeout(10)
-            data = sock.recv(1024)
-            assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:80]
-            sock.close()
-        assert 1.0 < time.monotonic() - began < 8
+        stop = threading.Event()
+
+        def trickle():
+            while not stop.is_set():
+                for sock in (in_headers, in_body):
+                    try:
+                        sock.sendall(b"X" if sock is in_headers else b" ")
+                    except OSError:
+                        pass
+                stop.wait(0.2)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            resp = server.post("/predict", json=predict_body([text_task(1, "x")]), timeout=30)
+            assert resp.status_code == 200
+            answers = {}
+            for name, sock in (("headers", in_headers), ("body", in_body)):
+                sock.settimeout(30)
+                data = b""
+                try:
+                    while True:
+                        piece = sock.recv(65536)
+                        if not piece:
+                            break
+                        data += piece
+                except ConnectionResetError:
+                    pass
+                answers[name] = (data, time.monotonic() - began)
+        finally:
+            stop.set()
+            thread.join(5)
+            in_headers.close()
+            in_body.close()
+        assert answers["headers"][0] == b"", answers["headers"]
+        assert answers["body"][0].startswith(b"HTTP/1.1 408"), answers["body"]
+        assert b"CLIENT_TIMEOUT" in answers["body"][0]
+        for data, took in answers.values():
+            assert 1.4 < took < 10, took
+    assert "Traceback" not in server.log()
