@@ -759,9 +759,12 @@ def test_a_server_that_took_the_port_first_is_not_mistaken_for_the_backend(creat
 
 
 # case -> (Label Studio stores the predictions, preview says valid). Label Studio does not check
-# span offsets against the text: it stores such a span, which its editor then cannot show.
+# span offsets against the text: it stores such a span, which its editor then cannot show. It
+# stores nothing when predict returns [], and an empty prediction for {"result": []}.
 AGREEMENT = {
     "valid": (True, True),
+    "no-predictions": (False, False),
+    "empty-result": (True, True),
     "misspelled-from-name": (False, False),
     "label-not-in-config": (False, False),
     "type-mismatch": (False, False),
@@ -777,8 +780,13 @@ def test_preview_agrees_with_label_studio(label_studio, tmp_path, name):
     checks too."""
     from support import Server
 
+    rule = BROKEN[name][2] if name in BROKEN else "count"
     if name == "valid":
         config, body = NER_CONFIG, BROKEN["span-out-of-range"][1].replace("len(text) + 10", "len(text.split()[0])")
+    elif name == "no-predictions":
+        config, body = TEXT_CONFIG, "return []"
+    elif name == "empty-result":
+        config, body = TEXT_CONFIG, 'return [{"result": []} for _ in tasks]'
     else:
         config, body, _, _ = BROKEN[name]
     directory = write_backend(tmp_path / name, body, config)
@@ -807,7 +815,9 @@ def test_preview_agrees_with_label_studio(label_studio, tmp_path, name):
     stored = api.get(f"{label_studio}/api/predictions?project={project['id']}", timeout=30).json()
     ls_stores, preview_valid = AGREEMENT[name]
     assert len(stored) == (len(texts) if ls_stores else 0), retrieved.text
-    if not ls_stores:
+    if name == "empty-result":
+        assert [p["result"] for p in stored] == [[], []]
+    elif not ls_stores and name in BROKEN:
         assert retrieved.status_code == 400 and "Error validating prediction" in retrieved.text
 
     tasks_file = tmp_path / "tasks.json"
@@ -818,4 +828,4 @@ def test_preview_agrees_with_label_studio(label_studio, tmp_path, name):
     report = json.loads(result.stdout)
     assert report["ok"] is preview_valid and result.returncode == (0 if preview_valid else EXIT_INVALID)
     if not preview_valid:
-        assert {p["rule"] for p in report["validation"]["problems"]} == {BROKEN[name][2]}
+        assert {p["rule"] for p in report["validation"]["problems"]} == {rule}
