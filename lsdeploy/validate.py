@@ -338,8 +338,11 @@ class _Validator:
         """A prediction that names its task (`task`, which Label Studio ignores) must sit at that
         task's position: Label Studio pairs predictions with tasks by position only."""
         named = pred.get("task")
+        if isinstance(named, dict):  # the whole task echoed back
+            named = named.get("id")
         ids = [t.get("id") if isinstance(t, dict) else None for t in self.tasks]
-        if named is None or index >= len(ids) or ids[index] is None or str(named) == str(ids[index]):
+        if (not isinstance(named, (int, str)) or isinstance(named, bool) or index >= len(ids) or ids[index] is None
+                or str(named) == str(ids[index])):
             return
         where = [j for j, task_id in enumerate(ids) if str(task_id) == str(named)]
         found = f" (that task is at results[{where[0]}])" if where else ""

@@ -390,6 +390,9 @@ def test_results_out_of_task_order_are_caught_when_detectable():
     assert "names task 2 but sits where task 1 (id 1) is (that task is at results[1])" in report.errors[0].message
     resp["results"][0]["task"], resp["results"][1]["task"] = 1, "2"  # in order (ids compared as text)
     assert validate_predictions(config, tasks(), resp).valid
+    resp["results"][0]["task"], resp["results"][1]["task"] = {"id": 1, "data": {}}, {"id": 1, "data": {}}
+    (problem,) = validate_predictions(config, tasks(), resp).errors  # the task object echoed back
+    assert (problem.rule, problem.path) == ("count", "results[1].task")
 
     other = "Bob went to Rome."
     first = valid_ner()["results"][0]
