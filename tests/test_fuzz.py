@@ -1,6 +1,9 @@
 """Fuzz the running server against its own OpenAPI document (a bounded number of examples).
 
-No 5xx from the SDK itself, no HTML error page, every response matching the document."""
+No 5xx from the SDK itself, no HTML error page, every response matching the document; every
+operation of the shipped document exercised. Two servers: the default blueprint without auth,
+and the text-classifier blueprint (which parses the label config and trains) behind basic auth,
+fuzzed with and without credentials so the documented 401s are checked too."""
 import json
 
 import pytest
@@ -11,18 +14,80 @@ from schemathesis import checks  # noqa: E402
 
 from support import Server  # noqa: E402
 
-EXAMPLES = 40  # per operation; CI keeps fuzzing bounded
+EXAMPLES = 40  # per operation and generation mode; CI keeps fuzzing bounded
+AUTH = ("fuzz-user", "fuzz-pa55")
+
+
+def shipped_operations() -> set:
+    """'METHOD /path' of every operation in the document the package ships."""
+    from lsdeploy.server import openapi_document
+
+    paths = json.loads(openapi_document())["paths"]
+    return {f"{method.upper()} {path}" for path, operations in paths.items() for method in operations}
+
+
+def start(tmp_path_factory, blueprint, env=None):
+    from lsdeploy.blueprints import create
+
+    directory = tmp_path_factory.mktemp(f"fuzz-{blueprint}") / "backend"
+    create(directory, blueprint=blueprint)
+    env = {"MAX_REQUEST_BYTES": "1000000", "FIT_WAIT_SECONDS": "0", **(env or {})}
+    return Server(directory, "--workers", "1", "--threads", "4", env=env).start()
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from lsdeploy.blueprints import create
-
-    directory = tmp_path_factory.mktemp("fuzz") / "backend"
-    create(directory, blueprint="default")
-    server = Server(directory, "--workers", "1", "--threads", "4", env={"MAX_REQUEST_BYTES": "1000000"}).start()
+    server = start(tmp_path_factory, "default")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    server = start(tmp_path_factory, "text-classifier", env={"BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]})
+    yield server
+    server.stop()
+
+
+def fuzz(server, examples: int, modes=("positive", "negative"), auth=None, expect=None) -> dict:
+    """Run `examples` generated cases per operation and mode against `server`; returns how many
+    ran per operation. `expect(operation, response)` may assert more about each answer."""
+    import requests
+    from hypothesis import Phase, given
+    from hypothesis.errors import Unsatisfiable
+    from lsdeploy.server import openapi_document
+
+    # From the shipped document, not from_url: that one leaves out the operation serving it.
+    schema = schemathesis.openapi.from_dict(json.loads(openapi_document()))
+    selected = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+                checks.response_schema_conformance, checks.negative_data_rejection]
+    session = requests.Session()
+    session.auth = auth
+    counts = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in modes:
+            strategy = operation.as_strategy(generation_mode=getattr(schemathesis.GenerationMode, mode.upper()))
+
+            @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=strategy)
+            def run(case):
+                response = case.call(base_url=server.url, session=session, timeout=30)
+                assert "text/html" not in response.headers.get("Content-Type", "")
+                case.validate_response(response, checks=selected)
+                if expect is not None:
+                    expect(operation, response)
+                counts[operation.label] = counts.get(operation.label, 0) + 1
+
+            try:
+                run()
+            except Unsatisfiable:
+                if mode == "positive":
+                    raise  # an operation without parameters has no negative examples: fine
+    missing = shipped_operations() - set(counts)
+    assert not missing, f"operations never exercised: {missing}"
+    return counts
 
 
 def test_document_is_served_and_shipped(fuzz_server):
@@ -32,40 +97,46 @@ def test_document_is_served_and_shipped(fuzz_server):
     assert served == json.loads(openapi_document())
     assert set(served["paths"]) == {"/", "/health", "/setup", "/predict", "/webhook", "/train", "/versions",
                                     "/metrics", "/openapi.json"}
+    assert len(shipped_operations()) == 9
 
 
 def test_fuzz_every_operation(fuzz_server):
     """Positive and negative examples for every operation, against the real gunicorn server."""
-    import requests
-    from hypothesis import Phase, given
-    from hypothesis.errors import Unsatisfiable
-
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
-    selected = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-                checks.response_schema_conformance, checks.negative_data_rejection]
-    session = requests.Session()
-    counts = {}
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        for mode in ("positive", "negative"):
-            strategy = operation.as_strategy(generation_mode=getattr(schemathesis.GenerationMode, mode.upper()))
-
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=strategy)
-            def run(case):
-                response = case.call(base_url=fuzz_server.url, session=session, timeout=30)
-                assert "text/html" not in response.headers.get("Content-Type", "")
-                case.validate_response(response, checks=selected)
-                counts[operation.label] = counts.get(operation.label, 0) + 1
-
-            try:
-                run()
-            except Unsatisfiable:
-                if mode == "positive":
-                    raise  # an operation without parameters has no negative examples: fine
-    missing = {r.ok().label for r in schema.get_all_operations()} - set(counts)
-    assert not missing, f"operations never exercised: {missing}"
-    total = sum(counts.values())
-    print(f"fuzz cases run: {total} over {len(counts)} operations")
+    counts = fuzz(fuzz_server, EXAMPLES)
+    print(f"fuzz cases run (default blueprint): {sum(counts.values())} over {len(counts)} operations")
     assert "Traceback" not in fuzz_server.log()
+
+
+def _missing_tags_are_a_label_config_error() -> bool:
+    from lsdeploy.labelconfig import LabelConfigError, first_tag_occurrence
+
+    try:
+        first_tag_occurrence("<View/>", "Choices", "Text")
+    except LabelConfigError:
+        return True
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.xfail(not _missing_tags_are_a_label_config_error(), strict=True,
+                   reason="lsdeploy.labelconfig.first_tag_occurrence raises a plain ValueError for a label config "
+                          "without the tags the text-classifier needs (a 500 on /setup {}); it must raise "
+                          "LabelConfigError, which the server answers 400")
+def test_fuzz_text_classifier_behind_basic_auth(auth_server):
+    """The text-classifier blueprint with credentials (its setup parses every label config the
+    fuzzer makes up; its fit trains on made-up annotations), then without: every operation
+    but GET /health answers the documented 401, and /health shows no store details."""
+    authorized = fuzz(auth_server, EXAMPLES // 2, auth=AUTH)
+
+    def refused(operation, response):
+        if operation.label == "GET /health":
+            assert response.status_code == 200 and "uri" not in response.json()["store"]
+        else:
+            assert response.status_code == 401, (operation.label, response.status_code)
+
+    anonymous = fuzz(auth_server, 5, modes=("positive",), expect=refused)
+    total = sum(authorized.values()) + sum(anonymous.values())
+    print(f"fuzz cases run (text-classifier, basic auth): {total} over {len(authorized)} operations"
+          f" ({sum(anonymous.values())} without credentials)")
+    assert "Traceback" not in auth_server.log()
