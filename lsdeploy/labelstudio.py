@@ -8,9 +8,13 @@ cannot register or reach the backend):
              description=None, extra_params=None, verify=True, timeout=30.0) -> list[Registration]
         Create or update (never duplicate) the backend URL in each project, give the project
         webhook <url>/webhook the backend's basic-auth header, then check what Label Studio sees
-        (state CO, model version, a test prediction when the project has tasks).
+        (state CO, a non-empty model version, a test prediction when the project has tasks).
+        When a project fails, what this call created in earlier projects is removed again.
+        When Label Studio reports only an HTTP status for a failed /health, /setup or /predict,
+        the call is repeated from this machine to quote the backend's own `error`.
     unregister(host, api_key, projects, *, url=None, backend_id=None, timeout=30.0) -> list[Removal]
-        Delete the backend (matched by URL or id) and its webhook from each project.
+        Delete the backend (matched by URL or id) and its webhook from each project (with an id,
+        the backend's own project when `projects` is empty).
     verify(host, api_key, backend_id, *, timeout=30.0) -> Registration
         What Label Studio sees of one backend now.
 
@@ -118,6 +122,29 @@ def _project_id(project) -> int:
         raise LabelStudioError(f"{project!r} is not a Label Studio project id (a number)", EXIT_USAGE) from None
 
 
+def _health_status(reason: str) -> Optional[int]:
+    """The HTTP status the backend's /health answered, from Label Studio's "health check failed ...
+    Additional info: 500 Server Error: ..." (None when it did not answer: unreachable, timeout)."""
+    import re
+
+    found = re.search(r"health check failed.*Additional info: (\d{3}) [\w ]*Error", reason, re.S)
+    return int(found.group(1)) if found else None
+
+
+def _answered(reason: str) -> str:
+    return f"; the backend answered {reason}" if reason else ""
+
+
+def _project_uid(project: dict) -> str:
+    """The "<id>.<created_at epoch>" form Label Studio sends to backends as `project`."""
+    from datetime import datetime
+
+    try:
+        return f"{project['id']}.{int(datetime.fromisoformat(project['created_at']).timestamp())}"
+    except (KeyError, TypeError, ValueError):
+        return str(project.get("id"))
+
+
 def _normal_url(url: str) -> str:
     return (url or "").strip().rstrip("/")
 
@@ -131,8 +158,13 @@ def _reason(resp) -> str:
     try:
         body = resp.json()
     except ValueError:
-        text = (resp.text or "").strip().splitlines()
-        return text[0][:300] if text else f"HTTP {resp.status_code}"
+        import re
+
+        text = (resp.text or "").strip()
+        if re.match(r"<(!doctype|html)", text, re.I):  # a web page: its title says most
+            title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.I)
+            return " ".join(title.group(1).split())[:300] if title else f"HTTP {resp.status_code} (a web page)"
+        return text.splitlines()[0][:300] if text else f"HTTP {resp.status_code}"
     parts = []
     if isinstance(body, dict):
         errors = body.get("validation_errors") or {}
@@ -171,6 +203,7 @@ class LabelStudio:
         if not host:
             raise LabelStudioError("no Label Studio address: pass --label-studio-host or set LABEL_STUDIO_URL",
                                    EXIT_USAGE)
+        api_key = (api_key or "").strip()  # a key read from a file often ends with a line break
         if not api_key:
             raise LabelStudioError("no Label Studio API key: pass --label-studio-api-key or set "
                                    "LABEL_STUDIO_API_KEY (Account & Settings > Personal Access Token)", EXIT_USAGE)
@@ -212,6 +245,7 @@ class LabelStudio:
                                       timeout=self.timeout)
         except requests.RequestException as exc:
             raise self._unreachable(exc) from None
+        self._check_api(resp)
         if resp.status_code in (400, 401, 403):
             raise LabelStudioError(
                 f"Label Studio at {self.host} refused the personal access token ({resp.status_code}: "
@@ -224,7 +258,7 @@ class LabelStudio:
         if resp.status_code >= 400:
             raise LabelStudioError(f"exchanging the personal access token at {self.host} failed: "
                                    f"{resp.status_code} {_reason(resp)}", EXIT_AUTH, resp.status_code)
-        access = resp.json().get("access")
+        access = (self._json(resp) or {}).get("access")
         if not access:
             raise LabelStudioError(f"{self.host}/api/token/refresh/ answered without an access token", EXIT_AUTH)
         payload = _jwt_payload(access) or {}
@@ -232,6 +266,13 @@ class LabelStudio:
         return access, expires
 
     def _unreachable(self, exc) -> LabelStudioError:
+        from requests.exceptions import InvalidHeader
+
+        if isinstance(exc, InvalidHeader):  # raised before anything is sent
+            return LabelStudioError(
+                "the Label Studio API key cannot be sent in an HTTP header (it has a space, line break or other "
+                "control character inside): copy it again into --label-studio-api-key (LABEL_STUDIO_API_KEY)",
+                EXIT_USAGE)
         return LabelStudioError(
             f"cannot reach Label Studio at {self.host} ({type(exc).__name__}): check --label-studio-host "
             "(LABEL_STUDIO_URL) and that Label Studio is running", EXIT_USAGE)
@@ -250,6 +291,7 @@ class LabelStudio:
                                              timeout=timeout or self.timeout)
             except requests.RequestException as exc:
                 raise self._unreachable(exc) from None
+            self._check_api(resp)
             if resp.status_code == 401 and attempt == 0 and self.key_kind == "personal access token":
                 continue
             break
@@ -270,7 +312,31 @@ class LabelStudio:
                                    EXIT_ERROR, resp.status_code)
         if resp.status_code == 204 or not resp.content:
             return None
-        return resp.json()
+        return self._json(resp)
+
+    def _check_api(self, resp, missing_is_json: bool = False) -> None:
+        """Label Studio's API answers JSON; a web page is something else answering at its address
+        (a proxy's or single sign-on login page, a wrong URL). Label Studio's own 500s, and its
+        404s of some objects (an ML backend), are web pages too."""
+        kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if "html" in kind and resp.status_code < 500 and (resp.status_code != 404 or missing_is_json):
+            raise self._not_api(resp, "an HTML page")
+
+    def _json(self, resp):
+        try:
+            return resp.json()
+        except ValueError:
+            kind = resp.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
+            raise self._not_api(resp, f"something that is not JSON ({kind})") from None
+
+    def _not_api(self, resp, what: str) -> LabelStudioError:
+        import urllib.parse
+
+        path = urllib.parse.urlsplit(resp.url or "").path if resp.url else ""
+        return LabelStudioError(
+            f"{self.host} answered {path or 'the API call'} with {what} ({resp.status_code}), not Label Studio's API: "
+            "check --label-studio-host (LABEL_STUDIO_URL); a proxy or single sign-on page in front of Label Studio "
+            "must let API calls with the key through", EXIT_USAGE, resp.status_code)
 
     # -- reads --------------------------------------------------------------------------------
     def whoami(self) -> dict:
@@ -279,6 +345,7 @@ class LabelStudio:
     def get_project(self, project) -> dict:
         pid = _project_id(project)
         resp = self.request("GET", f"/api/projects/{pid}")
+        self._check_api(resp, missing_is_json=True)  # Label Studio answers a missing project in JSON
         if resp.status_code == 404:
             raise LabelStudioError(
                 f"Label Studio at {self.host} has no project {pid} (or this key cannot see it): check --project "
@@ -289,7 +356,7 @@ class LabelStudio:
         if resp.status_code >= 400:
             raise LabelStudioError(f"reading project {pid} failed: {resp.status_code} {_reason(resp)}",
                                    EXIT_ERROR, resp.status_code)
-        return resp.json()
+        return self._json(resp)
 
     def backends(self, project) -> list:
         """Every ML backend of a project (Label Studio re-checks each one's health on this read)."""
@@ -303,7 +370,7 @@ class LabelStudio:
         if resp.status_code >= 400:
             raise LabelStudioError(f"reading ML backend {backend_id} failed: {resp.status_code} {_reason(resp)}",
                                    EXIT_ERROR, resp.status_code)
-        return resp.json()
+        return self._json(resp)
 
     def webhooks(self, project) -> list:
         pid = _project_id(project)
@@ -337,9 +404,44 @@ class LabelStudio:
         # Check every project first: nothing is registered when one of them is wrong.
         for pid in pids:
             self.get_project(pid)
-        return [self._register_one(url, pid, title=title, basic_auth=basic_auth, interactive=interactive,
-                                   description=description, extra_params=extra_params, verify=verify)
-                for pid in pids]
+        done = []
+        for pid in pids:
+            try:
+                done.append(self._register_one(url, pid, title=title, basic_auth=basic_auth, interactive=interactive,
+                                               description=description, extra_params=extra_params, verify=verify))
+            except LabelStudioError as exc:
+                if not done:
+                    raise
+                raise LabelStudioError(f"{exc}{self._roll_back(done)}", exc.exit_code, exc.status) from None
+        return done
+
+    def _roll_back(self, done: list) -> str:
+        """Undo what a failed register() created in earlier projects; name what it updated (Label
+        Studio does not give the old basic-auth password back, so an update cannot be undone)."""
+        removed, kept, stuck = [], [], []
+        for reg in done:
+            name = f"backend {reg.backend_id} in project {reg.project}"
+            if not reg.created:
+                kept.append(name)
+                continue
+            try:
+                resp = self.request("DELETE", f"/api/ml/{reg.backend_id}")
+                if resp.status_code < 400 or resp.status_code == 404:
+                    self._delete_webhooks(reg.project, reg.url)
+                    removed.append(name)
+                    continue
+            except LabelStudioError:
+                pass
+            stuck.append(name)
+        text = ""
+        if removed:
+            text += f"; removed again what this run had created before: {', '.join(removed)}"
+        if stuck:
+            text += (f"; could not remove {', '.join(stuck)}: remove each with label-studio-ml disconnect "
+                     "--backend-id <its id>")
+        if kept:
+            text += f"; updated before this failure, keeping the new settings: {', '.join(kept)}"
+        return text
 
     def _register_one(self, url, pid, *, title, basic_auth, interactive, description, extra_params, verify):
         existing = self.backends(pid)
@@ -365,12 +467,14 @@ class LabelStudio:
                 resp = self.request("PATCH", f"/api/ml/{match[0]['id']}", json=body)
             else:
                 resp = self.request("POST", "/api/ml/", json=body)
-            # Label Studio gives /health 1 s: a busy backend (or machine) can miss it; try again.
-            if not (resp.status_code == 400 and "health check failed" in _reason(resp)):
+            # Label Studio gives /health 1 s: a busy backend (or machine) can miss it; try again
+            # (an HTTP status from /health is the backend's answer, not a miss).
+            reason = _reason(resp) if resp.status_code == 400 else ""
+            if "health check failed" not in reason or _health_status(reason):
                 break
             time.sleep(self.retry_pause)
         if resp.status_code >= 400:
-            error = self._register_error(resp, url, pid, bool(basic_auth))
+            error = self._register_error(resp, body, basic_auth)
             if created and self._remove_leftovers(pid, url, {b.get("id") for b in existing}):
                 # Label Studio 1.23 saves the backend before its webhook; a refused webhook still
                 # answers an error: the backend was fine, the webhook address was not.
@@ -382,7 +486,7 @@ class LabelStudio:
                         "and restart it, or give the backend a public URL", EXIT_REGISTER, 403)
                 error = LabelStudioError(f"{error}; nothing was registered", error.exit_code, error.status)
             raise error
-        data = resp.json()
+        data = self._json(resp)
         backend_id = int(data["id"])
         # Duplicates left by earlier tools (same URL twice): keep one.
         for extra in match[1:]:
@@ -416,10 +520,13 @@ class LabelStudio:
             registration = checked
             problem = None
             if not registration.connected:
-                problem = self._state_message(registration)
+                problem = self._state_message(registration, basic_auth)
+            elif not registration.model_version:
+                problem = self._no_model_version(registration, basic_auth)
             elif registration.test_prediction and not registration.test_prediction["ok"]:
+                said = _answered(self._backend_reason("predict", backend_id, basic_auth))
                 problem = (f"Label Studio reached {url} in project {pid} but its test prediction failed: "
-                           f"{registration.test_prediction['detail']}; check the backend's log "
+                           f"{registration.test_prediction['detail']}{said}; check the backend's log "
                            "(label-studio-ml start prints each error)")
             if problem:
                 if created:  # a failed connect leaves nothing behind
@@ -431,15 +538,16 @@ class LabelStudio:
                 raise LabelStudioError(problem, EXIT_REGISTER)
         return registration
 
-    def _register_error(self, resp, url, pid, sent_auth: bool) -> LabelStudioError:
+    def _register_error(self, resp, body: dict, basic_auth) -> LabelStudioError:
         import re
 
+        url, pid = body["url"], body["project"]
         reason = _reason(resp)
         low = reason.lower()
         setup = re.search(r"Reason: (.*?)\.?\s*Check the ML backend", reason, re.S)
         setup_reason = setup.group(1).strip() if setup else reason
         auth_fix = ("Label Studio's credentials were refused: check --basic-auth-user/--basic-auth-pass "
-                    "(BASIC_AUTH_USER/BASIC_AUTH_PASS) against the backend's" if sent_auth else
+                    "(BASIC_AUTH_USER/BASIC_AUTH_PASS) against the backend's" if basic_auth else
                     "the backend requires basic auth: pass its --basic-auth-user/--basic-auth-pass "
                     "(BASIC_AUTH_USER/BASIC_AUTH_PASS)")
         if resp.status_code == 403 and ("reserved network" in low or "not allowed" in low or "ssrf" in low):
@@ -450,6 +558,12 @@ class LabelStudio:
         if "authentication parameters" in low or (setup and re.search(r"\b401\b|unauthorized", setup_reason, re.I)):
             return LabelStudioError(f"Label Studio reached {url} but {auth_fix} (Label Studio said: {setup_reason})",
                                     EXIT_REGISTER, resp.status_code)
+        status = _health_status(reason)
+        if status:
+            return LabelStudioError(
+                f"Label Studio reached the backend at {url} but its /health answered "
+                f"{self._backend_reason('health', body, basic_auth) or status}; check the backend's log "
+                "(label-studio-ml start prints each error)", EXIT_REGISTER, resp.status_code)
         if "health check failed" in low or "can't connect" in low:
             return LabelStudioError(
                 f"Label Studio cannot reach the backend at {url} ({reason}): the URL must be reachable from Label "
@@ -457,11 +571,60 @@ class LabelStudio:
                 EXIT_REGISTER, resp.status_code)
         if setup:
             return LabelStudioError(
-                f"the backend at {url} failed Label Studio's /setup call for project {pid}: {setup_reason}; check the "
-                "backend's log (is the model compatible with the project's label config?)", EXIT_REGISTER,
-                resp.status_code)
+                f"the backend at {url} failed Label Studio's /setup call for project {pid}: {setup_reason}"
+                f"{_answered(self._backend_reason('setup', body, basic_auth))}; check the backend's log (is the model "
+                "compatible with the project's label config?)", EXIT_REGISTER, resp.status_code)
         return LabelStudioError(f"Label Studio refused to register {url} in project {pid} "
                                 f"({resp.status_code}): {reason}", EXIT_REGISTER, resp.status_code)
+
+    def _backend_reason(self, call: str, backend, basic_auth) -> str:
+        """The backend's own words for a call ("health", "setup" or "predict") that Label Studio
+        reports only as an HTTP status: the same call repeated from this machine with the same
+        basic auth, as "500: <its JSON error>". "" when the backend is not reachable from here
+        or gives no JSON `error`."""
+        resp = self._repeat(call, backend, basic_auth)
+        if resp is None or resp.status_code < 400:
+            return ""
+        try:
+            error = resp.json().get("error")
+        except (ValueError, AttributeError):
+            return ""
+        if not error:
+            return ""
+        return f"{resp.status_code}: {' '.join(str(error).split())[:600]}"
+
+    def _repeat(self, call: str, backend, basic_auth):
+        """Send the backend (its id, or a dict with url, project, extra_params: what Label Studio
+        stores or was sent) the call Label Studio makes; the response, or None when it cannot be
+        made from here. Not sent: the Label Studio key (/setup's access_token is Label Studio's)."""
+        import requests
+
+        body = None
+        try:
+            if not isinstance(backend, dict):
+                backend = self.get_backend(backend)
+            url, pid = _normal_url(backend.get("url")), _project_id(backend.get("project"))
+            if call != "health":
+                project = self.get_project(pid)
+                uid = _project_uid(project)
+                if call == "setup":
+                    body = {"project": uid, "schema": project.get("label_config"),
+                            "extra_params": backend.get("extra_params")}
+                else:
+                    tasks = self.call("GET", "/api/tasks/", f"reading a task of project {pid}",
+                                      params={"project": pid, "page_size": 1})
+                    tasks = tasks.get("tasks") if isinstance(tasks, dict) else tasks
+                    if not tasks:
+                        return None
+                    first = tasks[0]
+                    task = {"id": first["id"], "data": first.get("data") or {}, "meta": first.get("meta") or {},
+                            "annotations": [], "predictions": [], "project": pid}
+                    body = {"tasks": [task], "project": uid, "label_config": project.get("label_config"),
+                            "params": {"login": None, "password": None, "context": None}}
+            return requests.request("GET" if call == "health" else "POST", f"{url}/{call}", json=body,
+                                    auth=tuple(basic_auth) if basic_auth else None, timeout=min(self.timeout, 30.0))
+        except (LabelStudioError, requests.RequestException, KeyError, TypeError):
+            return None
 
     def _remove_leftovers(self, pid: int, url: str, known: set) -> bool:
         """Delete backends with `url` that a failed create left behind (ids not in `known`)."""
@@ -474,13 +637,25 @@ class LabelStudio:
             self._delete_webhooks(pid, url)
         return removed
 
-    def _state_message(self, reg: Registration) -> str:
+    def _state_message(self, reg: Registration, basic_auth=None) -> str:
         if reg.state == "ER":
+            said = _answered(self._backend_reason("setup", reg.backend_id, basic_auth))
             return (f"Label Studio reports an error for the backend {reg.url} in project {reg.project}: "
-                    f"{reg.error_message or 'no details'}; check the backend's log")
+                    f"{reg.error_message or 'no details'}{said}; check the backend's log")
         return (f"Label Studio sees the backend {reg.url} in project {reg.project} as "
                 f"{STATE_NAMES.get(reg.state, reg.state or 'unknown')}: make sure it is reachable from Label Studio's "
                 "machine")
+
+    def _no_model_version(self, reg: Registration, basic_auth=None) -> str:
+        resp = self._repeat("setup", reg.backend_id, basic_auth)
+        answered = ""
+        if resp is not None and resp.ok:
+            try:
+                answered = f" (its /setup answers {resp.json().get('model_version')!r} here)"
+            except (AttributeError, ValueError):
+                pass
+        return (f"Label Studio shows no model version for the backend {reg.url} in project {reg.project}{answered}: "
+                "/setup must answer {\"model_version\": \"<a non-empty string>\"}; check the model's model_version")
 
     # -- webhooks -----------------------------------------------------------------------------
     def _ensure_webhook(self, pid: int, url: str, basic_auth) -> Optional[int]:
@@ -500,7 +675,7 @@ class LabelStudio:
                         f"would never reach it ({reason}): {SSRF_FIX}", EXIT_REGISTER, resp.status_code)
                 raise LabelStudioError(f"creating the webhook {hook_url} failed: {resp.status_code} {reason}",
                                        EXIT_REGISTER, resp.status_code)
-            return int(resp.json()["id"])
+            return int(self._json(resp)["id"])
         hook = hooks[0]
         if (hook.get("headers") or {}) != headers or not hook.get("is_active", True):
             self.call("PATCH", f"/api/webhooks/{hook['id']}/", f"setting the headers of webhook {hook_url}",
@@ -556,12 +731,32 @@ class LabelStudio:
 
     # -- unregister ---------------------------------------------------------------------------
     def unregister(self, projects: Iterable, *, url: Optional[str] = None, backend_id: Optional[int] = None) -> list:
-        """Delete the backend matching `url` or `backend_id` and its webhook from each project."""
+        """Delete the backend matching `url` or `backend_id` and its webhook from each project.
+        With `backend_id`, `projects` may be empty (the backend's own project is used); a backend
+        of another project than those given is an error, not "nothing to remove"."""
         if not url and backend_id is None:
             raise LabelStudioError("say which backend to remove: its URL or --backend-id", EXIT_USAGE)
         url = _normal_url(url) if url else None
+        pids = [_project_id(p) for p in projects or ()]
+        if backend_id is not None:
+            resp = self.request("GET", f"/api/ml/{int(backend_id)}")
+            if resp.status_code == 404:
+                if not pids:  # already gone: nothing to remove
+                    return []
+            elif resp.status_code >= 400:
+                raise LabelStudioError(f"reading ML backend {backend_id} failed: {resp.status_code} {_reason(resp)}",
+                                       EXIT_ERROR, resp.status_code)
+            else:
+                owner = _project_id(self._json(resp).get("project"))
+                if pids and owner not in pids:
+                    raise LabelStudioError(
+                        f"backend {backend_id} belongs to project {owner}, not project {', '.join(map(str, pids))}: "
+                        f"pass --project {owner}, or leave --project out with --backend-id", EXIT_USAGE)
+                pids = pids or [owner]
+        if not pids:
+            raise LabelStudioError("no project: pass --project ID (LABEL_STUDIO_PROJECT)", EXIT_USAGE)
         removals = []
-        for pid in [_project_id(p) for p in projects]:
+        for pid in pids:
             self.get_project(pid)
             gone, urls = [], set()
             for backend in self.backends(pid):

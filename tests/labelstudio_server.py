@@ -117,3 +117,40 @@ def wait_model_version_change(ls_api, backend_id, old, timeout=120.0) -> str:
 
     return wait_for(lambda: (lambda v: v if v and v != old else None)(ls_api.get_backend(backend_id)["model_version"]),
                     timeout=timeout, interval=0.5, message=f"model version of backend {backend_id} to change from {old}")
+
+
+class StubServer:
+    """A local HTTP server on 127.0.0.1 that answers every request with one fixed `status`,
+    `content_type` and `body`, and records the Authorization headers it received: stands where
+    Label Studio or a backend should be, for the answers neither gives on purpose (a proxy's login
+    page, a /health that answers 500)."""
+
+    def __init__(self, status=200, content_type="application/json", body=b'{"email": "a@example.com"}'):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+        self.authorizations = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self):
+                stub.authorizations.append(self.headers.get("Authorization"))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,5 +1,6 @@
 """The Label Studio client's parts that need no Label Studio: key kinds, project ids, error
-wording, secrets kept out of output. Everything that talks to Label Studio is in tests/e2e/."""
+wording, secrets kept out of output, and what answers where Label Studio should be (a local stub
+server: a login page, a non-JSON answer). Everything that talks to Label Studio is in tests/e2e/."""
 from __future__ import annotations
 
 import base64
@@ -8,6 +9,7 @@ import json
 import pytest
 import requests
 
+from labelstudio_server import StubServer
 from lsdeploy.errors import EXIT_USAGE, LsdeployError
 from lsdeploy.labelstudio import LabelStudio, Registration, _project_id, _reason, key_kind
 from support import free_port, run_cli
@@ -51,7 +53,10 @@ def test_reason_quotes_label_studio_without_html_or_envelope():
     assert "Learn more about it" in text and "<a" not in text and "1.23.2" not in text
     assert _reason(response(403, {"detail": "URL resolves to a reserved network address"})) == \
         "URL resolves to a reserved network address"
-    assert _reason(response(502, "<html>\nBad gateway</html>")) == "<html>"
+    assert _reason(response(502, "Bad gateway\nfrom the proxy")) == "Bad gateway"
+    page = "\n<!doctype html><html><head><title>Server Error (500)</title>"
+    assert _reason(response(500, page)) == "Server Error (500)"
+    assert _reason(response(502, "<html>\nBad gateway</html>")) == "HTTP 502 (a web page)"
 
 
 def test_key_never_in_repr():
@@ -98,3 +103,70 @@ def test_every_option_reads_an_environment_variable():
     done = run_cli("connect", "--help")
     for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LSDEPLOY_TITLE", "LSDEPLOY_INTERACTIVE"):
         assert name in done.stdout
+    for name in ("LSDEPLOY_VERIFY", "LABEL_STUDIO_TIMEOUT", "LSDEPLOY_BACKEND_URL"):
+        assert name in done.stdout, name
+    done = run_cli("disconnect", "--help")
+    for name in ("LSDEPLOY_BACKEND_ID", "LABEL_STUDIO_TIMEOUT", "LSDEPLOY_BACKEND_URL"):
+        assert name in done.stdout, name
+
+
+@pytest.fixture
+def stub():
+    made = []
+
+    def make(**kwargs):
+        made.append(StubServer(**kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+LOGIN_PAGE = b"<!doctype html><html><head><title>Sign in</title></head><body>Sign in with SSO</body></html>"
+
+
+@pytest.mark.parametrize("status, kind", [(200, "legacy"), (401, "legacy"), (403, "legacy"), (404, "legacy"),
+                                          (200, "pat"), (401, "pat"), (403, "pat")])
+def test_a_web_page_instead_of_the_api_names_the_address(stub, status, kind):
+    """A proxy's or single sign-on login page (or a wrong URL) where Label Studio's API should be:
+    one line naming the host and LABEL_STUDIO_URL, not a JSON decoding error or "refused the key"."""
+    page = stub(status=status, content_type="text/html; charset=utf-8", body=LOGIN_PAGE)
+    key = jwt({"token_type": "refresh", "exp": 9999999999}) if kind == "pat" else "legacy-key-abcdef-123"
+    done = run_cli("connect", "http://127.0.0.1:9", "--project", "1",
+                   env={"LABEL_STUDIO_URL": page.url, "LABEL_STUDIO_API_KEY": key})
+    assert done.returncode == EXIT_USAGE, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {page.url} answered /api/") and "with an HTML page" in error
+    assert "not Label Studio's API" in error and "LABEL_STUDIO_URL" in error
+    assert "JSONDecodeError" not in done.stderr and "refused" not in error and key not in done.stderr
+
+
+def test_an_answer_that_is_not_json_names_the_address(stub):
+    plain = stub(content_type="text/plain", body=b"hello")
+    with pytest.raises(LsdeployError) as err:
+        LabelStudio(plain.url, "legacy-key-abcdef-123").whoami()
+    assert err.value.exit_code == EXIT_USAGE
+    assert (f"{plain.url} answered /api/current-user/whoami with something that is not JSON (text/plain)"
+            in str(err.value))
+
+
+def test_a_key_with_surrounding_whitespace_is_stripped(stub):
+    """A key read from an env file often ends with a line break: it is sent without it."""
+    label_studio = stub()
+    for key in ("abc123-legacy\n", " abc123-legacy", "abc123-legacy \r\n"):
+        assert LabelStudio(label_studio.url, key).whoami()["email"] == "a@example.com"
+    assert label_studio.authorizations == ["Token abc123-legacy"] * 3
+    with pytest.raises(LsdeployError) as err:
+        LabelStudio(label_studio.url, " \n")
+    assert err.value.exit_code == EXIT_USAGE and "no Label Studio API key" in str(err.value)
+
+
+def test_a_key_that_cannot_be_a_header_is_not_an_unreachable_label_studio(stub):
+    label_studio = stub()
+    with pytest.raises(LsdeployError) as err:
+        LabelStudio(label_studio.url, "abc123\nlegacy").whoami()
+    message = str(err.value)
+    assert err.value.exit_code == EXIT_USAGE and "cannot reach" not in message
+    assert "cannot be sent in an HTTP header" in message and "LABEL_STUDIO_API_KEY" in message
+    assert "abc123" not in message and label_studio.authorizations == []

@@ -6,7 +6,7 @@ import click
 from . import emit_json, label_studio_options, progress
 
 
-def _projects(values) -> list:
+def _projects(values, required: bool = True) -> list:
     """--project 1 --project 2, or LABEL_STUDIO_PROJECT="1,2" / "1 2"."""
     projects = []
     for value in values or ():
@@ -14,7 +14,7 @@ def _projects(values) -> list:
             if not part.isdigit():
                 raise click.BadParameter(f"{part!r} is not a project id (a number)", param_hint="--project")
             projects.append(int(part))
-    if not projects:
+    if not projects and required:
         raise click.UsageError("no project: pass --project ID (or set LABEL_STUDIO_PROJECT)")
     return list(dict.fromkeys(projects))
 
@@ -49,7 +49,8 @@ def connect(url, label_studio_host, label_studio_api_key, projects, title, basic
     """Register the backend at URL with Label Studio projects (create or update, never duplicate).
 
     The backend must be reachable from Label Studio's machine. With basic auth, the project
-    webhook gets the same credentials, so annotation events reach the backend.
+    webhook gets the same credentials, so annotation events reach the backend. URL may also
+    come from LSDEPLOY_BACKEND_URL.
     """
     from ..errors import EXIT_USAGE, LsdeployError
     from ..labelstudio import LabelStudio
@@ -80,23 +81,29 @@ def connect(url, label_studio_host, label_studio_api_key, projects, title, basic
 @label_studio_options()
 @_project_option
 @click.option("--backend-id", type=int, default=None, envvar="LSDEPLOY_BACKEND_ID", show_envvar=True,
-              help="Remove the backend with this id instead of matching URL.")
+              help="Remove the backend with this id instead of matching URL (its project unless --project).")
 @click.option("--timeout", type=float, default=30.0, envvar="LABEL_STUDIO_TIMEOUT", show_envvar=True,
               help="Seconds to wait for each Label Studio request.")
 @click.option("--json", "as_json", is_flag=True, envvar="LSDEPLOY_JSON", show_envvar=True,
               help="Print the result as JSON.")
 def disconnect(url, label_studio_host, label_studio_api_key, projects, backend_id, timeout, as_json):
-    """Remove the backend at URL (or --backend-id) and its webhook from Label Studio projects."""
+    """Remove the backend at URL (or --backend-id) and its webhook from Label Studio projects.
+
+    URL may also come from LSDEPLOY_BACKEND_URL. With --backend-id, --project may be left out:
+    the backend's own project is used.
+    """
     from ..labelstudio import LabelStudio
 
     if not url and backend_id is None:
         raise click.UsageError("say which backend to remove: URL or --backend-id")
-    project_ids = _projects(projects)
+    project_ids = _projects(projects, required=backend_id is None)
     client = LabelStudio(label_studio_host, label_studio_api_key, timeout=timeout)
     removals = client.unregister(project_ids, url=url, backend_id=backend_id)
     if as_json:
         emit_json({"label_studio": client.host, "removed": [r.to_dict() for r in removals]})
         return
+    if not removals:
+        click.echo(f"Label Studio has no ML backend {backend_id} (nothing to remove)")
     for removal in removals:
         if removal.backend_ids or removal.webhook_ids:
             click.echo(f"project {removal.project}: removed backend(s) {removal.backend_ids or 'none'}, "

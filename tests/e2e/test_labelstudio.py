@@ -4,11 +4,12 @@ interactive pre-annotation, failures, disconnect."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import requests
 
-from labelstudio_server import import_tasks, tasks_of, wait_model_version_change
+from labelstudio_server import StubServer, import_tasks, tasks_of, wait_model_version_change
 from lsdeploy.errors import EXIT_AUTH, EXIT_REGISTER, EXIT_USAGE
 from support import free_port, run_cli, wait_for
 
@@ -217,9 +218,25 @@ def test_basic_auth_backend(label_studio, ls_api, project, backend):
     assert server.log().count("POST /webhook 401") == 1
 
 
+ECHO_MODEL = '''
+from lsdeploy.model import LabelStudioMLBase
+
+
+class Echo(LabelStudioMLBase):
+    """Answers with the choice of the context it received (Neutral without one), and the number of
+    context regions as its score: what Label Studio passed on is visible in the prediction."""
+
+    def predict(self, tasks, context=None, **kwargs):
+        regions = (context or {}).get("result") or []
+        choice = regions[0]["value"]["choices"][0] if regions else "Neutral"
+        return [{"result": [{"from_name": "sentiment", "to_name": "text", "type": "choices",
+                             "value": {"choices": [choice]}}], "score": float(len(regions))} for _ in tasks]
+'''
+
+
 def test_interactive_preannotation(label_studio, ls_api, project, backend):
-    """(6) Interactive pre-annotation with a context returns results."""
-    server = backend()
+    """(6) Interactive pre-annotation: the context reaches the backend and its result comes back."""
+    server = backend(blueprint="default", model_py=ECHO_MODEL)
     pid = project(["good and great"])
     (reg,) = ls_api.register(server.url, [pid], interactive=True)
     assert reg.is_interactive
@@ -227,11 +244,13 @@ def test_interactive_preannotation(label_studio, ls_api, project, backend):
     resp = ls_api.call("POST", f"/api/ml/{reg.backend_id}/interactive-annotating", "interactive annotating",
                        json={"task": task["id"], "context": {"result": [
                            {"from_name": "sentiment", "to_name": "text", "type": "choices",
-                            "value": {"choices": ["Positive"]}}]}})
+                            "value": {"choices": ["Negative"]}}]}})
     assert "errors" not in resp, resp
-    assert resp["data"]["result"] and set(choices(resp["data"])) <= LABELS
+    assert choices(resp["data"]) == ["Negative"] and resp["data"]["score"] == 1.0
     assert resp["data"]["model_version"] == reg.model_version
-    assert "POST /predict 200" in server.log()
+    # Without a context the same task is predicted otherwise: the answer above came from the context.
+    (plain,) = retrieve_predictions(ls_api, pid)[task["id"]]
+    assert choices(plain) == ["Neutral"] and plain["score"] == 0.0
 
 
 BROKEN_MODEL = '''
@@ -252,6 +271,8 @@ def test_backend_whose_predict_raises(label_studio, ls_api, project, backend):
     done = connect(label_studio, server.url, pid)
     assert done.returncode == EXIT_REGISTER
     assert "test prediction failed" in done.stderr and "nothing was registered" in done.stderr
+    # Label Studio only says "did not return any predictions"; the backend's own reason is quoted.
+    assert "the backend answered 500: RuntimeError: the model exploded on purpose" in done.stderr
     assert_clean(ls_api, pid)
 
     (reg,) = ls_api.register(server.url, [pid], verify=False)
@@ -278,12 +299,31 @@ def test_disconnect_leaves_nothing_behind(label_studio, ls_api, project, backend
     assert removed["backend_ids"] == [a.backend_id] and len(removed["webhook_ids"]) == 1
     assert_clean(ls_api, first)
 
+    # An id from another project than the one given: said so, nothing removed.
+    wrong = run_cli("disconnect", "--backend-id", b.backend_id, "--project", first, env=ls_env(label_studio))
+    assert wrong.returncode == EXIT_USAGE, wrong.stderr
+    assert f"backend {b.backend_id} belongs to project {second}, not project {first}" in wrong.stderr
+    assert [x["id"] for x in ls_api.backends(second)] == [b.backend_id]
+
     done = run_cli("disconnect", "--backend-id", b.backend_id, env=ls_env(label_studio, LABEL_STUDIO_PROJECT=str(second)))
     assert done.returncode == 0, done.stderr
     assert_clean(ls_api, second)
 
     again = run_cli("disconnect", server.url, "--project", second, env=ls_env(label_studio))
     assert again.returncode == 0 and "nothing to remove" in again.stdout
+    gone = run_cli("disconnect", "--backend-id", b.backend_id, env=ls_env(label_studio))
+    assert gone.returncode == 0 and f"no ML backend {b.backend_id} (nothing to remove)" in gone.stdout
+
+
+def test_disconnect_by_id_uses_the_backends_project(label_studio, ls_api, project, backend):
+    server = backend()
+    pid = project()
+    (reg,) = ls_api.register(server.url, [pid])
+    done = run_cli("disconnect", "--backend-id", reg.backend_id, "--json", env=ls_env(label_studio))
+    assert done.returncode == 0, done.stderr
+    (removed,) = json.loads(done.stdout)["removed"]
+    assert removed["project"] == pid and removed["backend_ids"] == [reg.backend_id]
+    assert_clean(ls_api, pid)
 
 
 def test_personal_access_token_is_exchanged_and_renewed(label_studio):
@@ -395,3 +435,115 @@ def test_task_files_with_a_personal_access_token_and_a_refused_setup_key(label_s
     path = get_local_path(url, label_studio_url=label_studio.url, token="expired-or-revoked",
                           fallback_token=label_studio.pat, cache_dir=str(tmp_path / "c"))
     assert open(path, "rb").read() == PNG
+
+
+def test_failed_multi_project_connect_registers_nothing(label_studio, ls_api, project, backend):
+    """The text classifier fits project 1 and not project 2 (an Image config): connect fails on
+    project 2, quotes the backend's reason, and removes what it had created in project 1."""
+    server = backend()
+    text, image = project(["good"]), project(label_config=FILE_CONFIG)
+
+    done = connect(label_studio, server.url, text, image)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert f"failed Label Studio's /setup call for project {image}" in error
+    assert "; the backend answered 500: " in error
+    assert "removed again what this run had created before: backend " in error and f"in project {text}" in error
+    assert_clean(ls_api, text)
+    assert_clean(ls_api, image)
+
+    # A backend that was already there is updated, not removed: the line says which one.
+    (reg,) = ls_api.register(server.url, [text])
+    done = connect(label_studio, server.url, text, image)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert (f"updated before this failure, keeping the new settings: backend {reg.backend_id} in project {text}"
+            in done.stderr)
+    assert [b["id"] for b in ls_api.backends(text)] == [reg.backend_id] and ls_api.backends(image) == []
+
+
+PICKY_MODEL = '''
+from pathlib import Path
+
+from lsdeploy.model import LabelStudioMLBase
+
+REFUSE = Path(__file__).resolve().parent / "refuse-extra-params"
+
+
+class Picky(LabelStudioMLBase):
+    def setup(self):
+        if "<Image" in (self.label_config or ""):
+            raise ValueError("this model reads text; the label config has an Image")
+
+    def set_extra_params(self, extra_params):
+        if REFUSE.exists():
+            raise ValueError("extra params are refused since refuse-extra-params exists")
+        super().set_extra_params(extra_params)
+
+    def predict(self, tasks, context=None, **kwargs):
+        return [{"result": [{"from_name": "sentiment", "to_name": "text", "type": "choices",
+                             "value": {"choices": ["Neutral"]}}], "score": 0.5} for _ in tasks]
+'''
+
+
+def test_setup_failures_quote_the_backend(label_studio, ls_api, project, backend):
+    """Label Studio reports a failed /setup as "500 Server Error ... for url"; connect repeats the
+    call and quotes the backend's own reason, both when Label Studio refuses to register (400) and
+    when it registers the backend and then shows it in state ER."""
+    server = backend(blueprint="default", model_py=PICKY_MODEL)
+    image = project(label_config=FILE_CONFIG)
+    done = connect(label_studio, server.url, image)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert f"failed Label Studio's /setup call for project {image}" in done.stderr
+    assert "the backend answered 500: ValueError: this model reads text; the label config has an Image" in done.stderr
+    assert_clean(ls_api, image)
+
+    # State ER: Label Studio checks a PATCH with the extra params it was sent (none), then calls
+    # /setup with those it stores, which the backend now refuses.
+    text = project(["good"])
+    (reg,) = ls_api.register(server.url, [text], extra_params={"threshold": 0.5})
+    (Path(server.directory) / "refuse-extra-params").write_text("")
+    done = connect(label_studio, server.url, text)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert f"Label Studio reports an error for the backend {server.url} in project {text}" in done.stderr
+    assert "the backend answered 500: ValueError: extra params are refused" in done.stderr
+    assert f"backend {reg.backend_id} stays registered" in done.stderr
+
+
+def test_health_answering_500_is_the_backends_answer(label_studio, ls_api, project):
+    """A /health that answers 500 is not "cannot reach": Label Studio reached it; its own error is quoted."""
+    down = StubServer(status=500, body=b'{"status": "DOWN", "error": "model file missing"}')
+    try:
+        pid = project()
+        done = connect(label_studio, down.url, pid)
+    finally:
+        down.close()
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert f"reached the backend at {down.url} but its /health answered 500: model file missing;" in error
+    assert "check the backend's log" in error
+    assert "cannot reach" not in error
+    assert_clean(ls_api, pid)
+
+
+NO_VERSION_MODEL = '''
+from lsdeploy.model import LabelStudioMLBase
+
+
+class NoVersion(LabelStudioMLBase):
+    @property
+    def model_version(self):
+        return ""
+
+    def predict(self, tasks, context=None, **kwargs):
+        return []
+'''
+
+
+def test_empty_model_version_fails_the_check(label_studio, ls_api, project, backend):
+    server = backend(blueprint="default", model_py=NO_VERSION_MODEL)
+    pid = project()
+    done = connect(label_studio, server.url, pid)
+    assert done.returncode == EXIT_REGISTER, done.stderr
+    assert f"Label Studio shows no model version for the backend {server.url} in project {pid}" in done.stderr
+    assert "(its /setup answers '' here)" in done.stderr and "nothing was registered" in done.stderr
+    assert_clean(ls_api, pid)
