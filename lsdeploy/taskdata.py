@@ -207,7 +207,7 @@ def _auth_header(label_studio_url: str, token: str) -> str:
     try:
         return client.authorization()
     except LabelStudioError as exc:
-        raise TaskDataRefused(f"reading task files from {label_studio_url}: {exc}") from None
+        raise TaskDataRefused(f"reading task files from {_shown(label_studio_url)}: {exc}") from None
 
 
 def _seconds(name: str, default: float) -> float:

@@ -1,6 +1,7 @@
 """Secrets never leak: start, connect, preview and deploy run with recognisable secret values,
 and none of them appears in a log line, CLI output, error message, child-process argv, rendered
-file, uploaded source, or plain environment value sent to Cloud Run."""
+file, the backend's state directory (.lsdeploy), uploaded source, or plain environment value sent
+to Cloud Run; failures (a refused key, a revision that cannot start) included."""
 from __future__ import annotations
 
 import json
@@ -108,6 +109,10 @@ def test_no_secret_leaks_anywhere(label_studio, project, make_gcp_fakes, tmp_pat
                        env={"LABEL_STUDIO_API_KEY": LEGACY_TOKEN}, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         outputs += [done.stdout, done.stderr]
+        refused = run_cli("preview", directory, "--project", pid, "--label-studio-host", label_studio.url,
+                          env={"LABEL_STUDIO_API_KEY": WRONG_KEY}, timeout=300)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        outputs += [refused.stdout, refused.stderr]
 
         # deploy to the fakes; the generated basic-auth password is read back from Secret Manager
         gcs = GCSEmulator(tmp_path / "fake-gcs").start()
@@ -158,13 +163,29 @@ def test_no_secret_leaks_anywhere(label_studio, project, make_gcp_fakes, tmp_pat
                                 if member.isfile():
                                     text = archive.extractfile(member).read().decode("utf-8", "replace")
                                     assert_clean(text, all_secrets, f"bundled file {member.name}")
+
+            # failing deploys: a refused key, and a revision that cannot start while its process
+            # holds the key and the basic-auth password (its log tail is what deploy shows)
+            refused = run_cli("deploy", "gcp", directory, "--project", pid, env={**env, "LABEL_STUDIO_API_KEY": WRONG_KEY},
+                              timeout=300)
+            assert refused.returncode == 3, refused.stdout + refused.stderr
+            outputs += [refused.stdout, refused.stderr]
+            model_py = directory / "model.py"
+            model_py.write_text(model_py.read_text() + "\nimport os\nif os.environ.get('K_SERVICE'):\n"
+                                "    raise RuntimeError('this revision cannot start')\n")
+            failed = run_cli("deploy", "gcp", directory, "--project", pid, env=env, timeout=600)
+            assert failed.returncode == 5, failed.stdout + failed.stderr
+            assert "this revision cannot start" in failed.stdout + failed.stderr, "the revision's log tail is shown"
+            outputs += [failed.stdout, failed.stderr]
         finally:
             gcs.stop()
         time.sleep(0.1)
 
+    state = [path for path in (directory / ".lsdeploy").rglob("*") if path.is_file()]
+    assert state, "the backend kept state in .lsdeploy (so scanning it means something)"
     for path in directory.rglob("*"):
-        if path.is_file() and ".lsdeploy" not in path.parts:
-            assert_clean(path.read_bytes().decode("utf-8", "replace"), all_secrets, f"rendered file {path.name}")
+        if path.is_file():
+            assert_clean(path.read_bytes().decode("utf-8", "replace"), all_secrets, f"file {path.relative_to(directory)}")
     for text in outputs:
         assert_clean(text, all_secrets, "CLI output or a server log")
     assert watch.hits == [], f"secrets in child-process argv: {watch.hits}"
