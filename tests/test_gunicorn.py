@@ -145,10 +145,20 @@ def test_basic_auth_through_gunicorn(counter_dir):
     assert "pa55-word" not in server.log()
 
 
-def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir):
+@pytest.mark.parametrize("store", ["sqlite", "gcs"])
+def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir, tmp_path, request, store):
     """SIGTERM while /predict and webhooks are in flight: the server exits within Cloud Run's
-    10 s, every request it accepted is answered, and every acknowledged fit is in the store."""
-    server = Server(counter_dir, "--workers", "2", "--threads", "4").start()
+    10 s, every request it accepted is answered, and every acknowledged fit is in the store
+    (local SQLite, or Cloud Storage on the fake-gcs-server emulator)."""
+    env = {}
+    if store == "gcs":
+        import uuid
+
+        emulator = request.getfixturevalue("gcs_emulator")
+        bucket = f"sigterm-{uuid.uuid4().hex[:12]}"
+        emulator.create_bucket(bucket)
+        env = {"MODEL_STATE_URI": f"gs://{bucket}/state", **emulator.env}
+    server = Server(counter_dir, "--workers", "2", "--threads", "4", env=env).start(timeout=90)
     acknowledged, answered, stop = [], [], threading.Event()
 
     def webhooks():
@@ -183,9 +193,18 @@ def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir):
     server.stop()
     assert took < 10, f"shutdown took {took:.1f}s"
     assert set(answered) <= {200, 201, 202}, set(answered)
-    from lsdeploy.state import SQLiteStore
+    if store == "gcs":
+        from lsdeploy.state_gcs import GCSStore
 
-    assert SQLiteStore(str(counter_dir / ".lsdeploy")).get("3", "n") == len(acknowledged)
+        reader = GCSStore.from_uri(env["MODEL_STATE_URI"], environ={**emulator.env, "MODEL_DIR": str(tmp_path / "reader")})
+        try:
+            assert reader.get("3", "n") == len(acknowledged)
+        finally:
+            reader.close()
+    else:
+        from lsdeploy.state import SQLiteStore
+
+        assert SQLiteStore(str(counter_dir / ".lsdeploy")).get("3", "n") == len(acknowledged)
 
 
 def test_batches_and_bodies_are_bounded_by_default(counter_dir):
