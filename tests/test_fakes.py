@@ -229,6 +229,21 @@ INVALID = {
     "gpu cpu_idle": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
         limits=GPU, cpu_idle=True))], node_selector=run_v2.NodeSelector(accelerator="nvidia-l4")), {}, "cpu_idle"),
     "reserved env": (dict(containers=[_container(env=[run_v2.EnvVar(name="PORT", value="1")])]), {}, "reserved"),
+    # Cloud Run's CPU and memory table
+    "fractional cpu always allocated": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "0.5", "memory": "512Mi"}, cpu_idle=False))], max_instance_request_concurrency=1), {},
+        "only during request processing"),
+    "fractional cpu concurrency": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "500m", "memory": "512Mi"}, cpu_idle=True))], max_instance_request_concurrency=4), {},
+        "concurrency 1"),
+    "cpu not whole": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "1.5", "memory": "2Gi"}, cpu_idle=False))]), {}, "1, 2, 4, 6 or 8"),
+    "memory over 32Gi": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "8", "memory": "64Gi"}, cpu_idle=False))]), {}, "at most 32Gi"),
+    "memory needs cpus": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "1", "memory": "8Gi"}, cpu_idle=False))]), {}, "Memory over 4Gi requires at least 2 CPU"),
+    "cpus need memory": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "4", "memory": "1Gi"}, cpu_idle=False))]), {}, "at least 2Gi"),
     "traffic sum": (dict(containers=[_container()]), dict(traffic=[run_v2.TrafficTarget(
         type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST, percent=90)]), "add up to 100"),
 }
@@ -242,6 +257,14 @@ def test_cloud_run_validation(gcp_fakes, gcp_clients, case):
         gcp_clients.services.create_service(parent=PARENT, service=svc, service_id="svc")
     assert "Violation in CreateServiceRequest.service.template" in caught.value.message or case == "traffic sum"
     assert gcp_fakes.run.services == {}
+
+
+def test_fractional_cpu_with_request_billing_and_concurrency_one(gcp_clients):
+    svc = run_v2.Service(template=run_v2.RevisionTemplate(
+        containers=[_container(resources=run_v2.ResourceRequirements(limits={"cpu": "0.5", "memory": "1Gi"},
+                                                                     cpu_idle=True))],
+        max_instance_request_concurrency=1))
+    assert create(gcp_clients, "small", svc).template.containers[0].resources.limits["cpu"] == "0.5"
 
 
 def test_valid_gpu_service(gcp_clients):

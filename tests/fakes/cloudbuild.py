@@ -23,7 +23,10 @@ outcomes a real one has:
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
+import posixpath
 import re
 import shlex
 import uuid
@@ -45,6 +48,39 @@ Status = Build.Status
 FailureType = Build.FailureInfo.FailureType
 LoggingMode = cb.BuildOptions.pb().LoggingMode
 DOCKER_BUILDERS = ("gcr.io/cloud-builders/docker", "docker", "gcr.io/cloud-builders/docker:latest")
+
+
+def copy_source_missing(keyword: str, arguments: str, context: dict) -> str | None:
+    """The first source of a COPY/ADD that the build context lacks (None when all are there), as
+    Docker checks them: `.` is the whole context, a glob must match something, a directory is
+    there when a file is under it. Copies --from another stage or image and ADD URLs are not checked."""
+    if keyword not in ("COPY", "ADD"):
+        return None
+    words = []
+    if arguments.startswith("["):
+        try:
+            words = json.loads(arguments)
+        except ValueError:
+            words = []
+    if not words:
+        words = shlex.split(arguments)
+    flags = [w for w in words if w.startswith("--")]
+    if any(f.startswith("--from") for f in flags):
+        return None
+    sources = [w for w in words if not w.startswith("--")][:-1]
+    directories = {"/".join(path.split("/")[:i]) for path in context for i in range(1, path.count("/") + 1)}
+    for source in sources:
+        if keyword == "ADD" and re.match(r"^(https?://|git@)", source):
+            continue
+        name = posixpath.normpath(source).lstrip("/")
+        if name in (".", ""):
+            continue
+        if any(c in name for c in "*?["):
+            if not any(fnmatch.fnmatchcase(path, name) for path in list(context) + sorted(directories)):
+                return source
+        elif name not in context and name not in directories:
+            return source
+    return None
 
 
 @dataclass
@@ -454,6 +490,11 @@ class CloudBuildFake:
         cached = {ref for ref, found in record.cache_from if found}
         for n, (keyword, arguments) in enumerate(instructions, 1):
             lines.append(f"Step {n}/{len(instructions)} : {keyword} {arguments}")
+            missing = copy_source_missing(keyword, arguments, context_files) if files is not None else None
+            if missing is not None:
+                lines.append(f"{keyword} failed: file not found in build context or excluded by .dockerignore: "
+                             f"stat {missing}: file does not exist")
+                return False, lines
             if cached and keyword not in ("COPY", "ADD"):
                 lines.append(" ---> Using cache")
         lines.append(f"Successfully built {digest[7:19]}")

@@ -4,7 +4,9 @@ delete, list), revisions (list, get, delete), IAM policies and operations.
 What it does like the real API:
 - validates what the proto cannot (service id, one container port, traffic sums to 100,
   concurrency <= 1000, timeout <= 3600 s, startup probe timeout < period <= 240, limits keys,
-  GPU needs >= 4 CPU, >= 16 GiB, cpu_idle false and an accelerator, reserved env names);
+  GPU needs >= 4 CPU, >= 16 GiB, cpu_idle false and an accelerator, reserved env names, the
+  CPU/memory table: below 1 CPU only with cpu_idle and concurrency 1, whole CPUs 1/2/4/6/8 above,
+  at most 32 GiB, more than 4/8/16/24 GiB need 2/4/6/8 CPUs, 4 CPUs need 2 GiB and 6 or 8 need 4);
 - fills in the server-side defaults a GetService shows (80 concurrent requests, 300 s timeout,
   1 CPU / 512 MiB, port 8080, TCP startup probe, 100 max instances, the compute service account,
   LATEST 100 % traffic) and ignores output-only fields sent by the client;
@@ -73,6 +75,32 @@ def parse_memory(value: str) -> int | None:
     if not m:
         return None
     return int(float(m.group(1)) * MEMORY_UNITS[m.group(2)])
+
+
+def cpu_memory_violations(cpu: float, memory: int, cpu_idle: bool, concurrency: int) -> list[tuple[str, str]]:
+    """(limit, description) for what Cloud Run's CPU and memory table refuses."""
+    found = []
+    gib = 2**30
+    if cpu < 1:
+        if not cpu_idle:
+            found.append(("cpu", "CPU less than 1 requires CPU to be allocated only during request processing "
+                                 "(cpu_idle must be true)."))
+        if (concurrency or 80) > 1:
+            found.append(("cpu", "CPU less than 1 requires max_instance_request_concurrency 1."))
+        if memory > gib or (memory > 512 * 2**20 and cpu < 0.5):
+            found.append(("memory", f"Memory {memory // 2**20}Mi requires at least {1 if memory > gib else 0.5} CPU."))
+    elif cpu != int(cpu) or int(cpu) not in (1, 2, 4, 6, 8):
+        found.append(("cpu", f"Invalid value specified for cpu: {cpu:g}. Values of 1 or more must be 1, 2, 4, 6 or 8."))
+    if memory > 32 * gib:
+        found.append(("memory", "Memory must be at most 32Gi."))
+    for above, need in ((24, 8), (16, 6), (8, 4), (4, 2)):
+        if memory > above * gib and cpu < need:
+            found.append(("cpu", f"Memory over {above}Gi requires at least {need} CPU."))
+            break
+    least = {4: 2, 6: 4, 8: 4}.get(int(cpu) if cpu == int(cpu) else 0, 0)
+    if memory < least * gib:
+        found.append(("memory", f"{int(cpu)} CPU requires at least {least}Gi of memory."))
+    return found
 
 
 def error_page(code: int, title: str, text: str) -> str:
@@ -218,6 +246,10 @@ class CloudRunFake:
             if memory is None:
                 violations.append((f"{where}.resources.limits.memory",
                                    f"Invalid value specified for memory: '{limits['memory']}'."))
+            if cpu is not None and memory is not None:
+                violations += [(f"{where}.resources.limits.{key}", text) for key, text in cpu_memory_violations(
+                    cpu, memory, container.resources.cpu_idle or not container.HasField("resources"),
+                    template.max_instance_request_concurrency)]
             if "nvidia.com/gpu" in limits:
                 if cpu is not None and cpu < 4:
                     violations.append((f"{where}.resources.limits.cpu", "A GPU requires at least 4 CPU."))
