@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from types import SimpleNamespace
 
 import pytest
 import requests
+from google.cloud import run_v2
 
 from fakes.fixtures import FAST_POLLING
 from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401
@@ -19,7 +21,7 @@ from support import TEXT_CONFIG, predict_body, run_cli, text_task
 
 from lsdeploy.bundle import SourceBundle
 from lsdeploy.errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
-from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
+from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings, role_for
 
 @pytest.fixture
 def gcs(gcs_emulator):
@@ -179,12 +181,23 @@ def test_revision_never_ready_keeps_traffic(cloud, backend):
 
 
 def test_permission_denied_names_permission_and_role(api_cloud, backend):
+    # the service sets invoker_iam_disabled (Label Studio sends no Google identity token): run.developer
+    # cannot, so a refused create names roles/run.admin
     api_cloud.deny("run", "CreateService")
     with pytest.raises(LsdeployError) as info:
         deploy(api_cloud, backend, settings_for("denied"))
     message = str(info.value)
     assert info.value.exit_code == EXIT_AUTH
-    assert "run.services.create" in message and "roles/run.developer" in message and "\n" not in message
+    assert "run.services.create" in message and "roles/run.admin" in message and "\n" not in message
+    # Cloud Run names permissions in lower case
+    api_cloud.server.clear_faults()
+    api_cloud.deny("run", "CreateService", permission="iam.serviceaccounts.actAs")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("denied"))
+    assert "roles/iam.serviceAccountUser" in str(info.value) and info.value.exit_code == EXIT_AUTH
+    assert role_for("iam.serviceaccounts.actas") == role_for("iam.serviceAccounts.actAs") == \
+        "roles/iam.serviceAccountUser"
+    assert role_for("SECRETMANAGER.versions.access") == "roles/secretmanager.secretAccessor"
 
 
 def test_api_not_enabled_says_how_to_enable(api_cloud, backend):
@@ -436,3 +449,299 @@ def test_deploy_grants_state_bucket_access_where_storage_has_iam(cloud, backend)
     deploy(cloud, backend, settings_for("grant"), lines)
     assert any(line.startswith("the storage emulator has no IAM: not granting roles/storage.objectUser on gs://state-grant")
                for line in lines), lines
+
+
+# -- secrets never leave in the bundle ----------------------------------------------------------------
+SECRET_KEY = "ls-key-5b1f0c7e9d2a4f6b8c3e"
+
+
+def uploaded_bundles(cloud, bucket):
+    """{object name: {path: bytes}} of every source bundle in the fake-gcs-server bucket."""
+    storage = GcpClients.from_env(cloud.env, PROJECT).storage
+    found = {}
+    for blob in storage.list_blobs(bucket, prefix="sources/"):
+        with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()), mode="r:gz") as tar:
+            found[blob.name] = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    return found
+
+
+def test_uploaded_bundle_holds_no_secret(api_cloud, backend):
+    # a user filled in the blueprint's docker-compose.yml and a .env for a local run
+    compose = (backend / "docker-compose.yml").read_text()
+    (backend / "docker-compose.yml").write_text(compose.replace("LABEL_STUDIO_API_KEY=${LABEL_STUDIO_API_KEY:-}",
+                                                                f"LABEL_STUDIO_API_KEY={SECRET_KEY}"))
+    (backend / ".env").write_text(f"LABEL_STUDIO_API_KEY={SECRET_KEY}\nBASIC_AUTH_PASS=local\n")
+    (backend / ".env.local").write_text(f"LABEL_STUDIO_API_KEY={SECRET_KEY}\n")
+    settings = settings_for("leakless", label_studio_api_key=SECRET_KEY)
+    deploy(api_cloud, backend, settings)
+    (bundle,) = uploaded_bundles(api_cloud, "src-leakless").values()
+    assert "model.py" in bundle and ".dockerignore" in bundle
+    assert not [p for p in bundle if p.split("/")[-1].startswith((".env", "docker-compose"))]
+    assert not [p for p, data in bundle.items() if SECRET_KEY.encode() in data]
+
+    # the generated basic-auth password pasted into a bundled file: refused before the upload
+    password = basic_auth_password(api_cloud, "leakless")
+    (backend / "settings.py").write_text(f"PASSWORD = {password!r}\n")
+    api_cloud.log.clear()
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings)
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_USAGE and "settings.py" in message and "basic-auth password" in message
+    assert password not in message and "\n" not in message
+    assert api_cloud.log.count(api="cloudbuild") == 0 and len(uploaded_bundles(api_cloud, "src-leakless")) == 1
+
+
+def test_bundle_holding_the_label_studio_key_is_refused_before_any_request(api_cloud, backend):
+    (backend / "config.py").write_text(f"API_KEY = '{SECRET_KEY}'\n")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("keyed", label_studio_api_key=SECRET_KEY))
+    assert info.value.exit_code == EXIT_USAGE
+    assert "config.py" in str(info.value) and "Label Studio API key" in str(info.value)
+    assert SECRET_KEY not in str(info.value)
+    assert len(api_cloud.log) == 0
+
+
+# -- what Docker would refuse to build --------------------------------------------------------------
+def test_directory_without_requirements_builds(api_cloud, tmp_path):
+    directory = tmp_path / "bare"
+    directory.mkdir()
+    (directory / "model.py").write_text("from lsdeploy.model import LabelStudioMLBase\n\n\nclass Bare(LabelStudioMLBase):\n"
+                                        "    pass\n")
+    result = deploy(api_cloud, directory, settings_for("bare"))
+    assert result.built
+    (bundle,) = uploaded_bundles(api_cloud, "src-bare").values()
+    assert bundle["requirements.txt"] == b"" and b"COPY requirements.txt" in bundle["Dockerfile"]
+
+
+def test_copy_of_a_file_missing_from_the_context_fails_the_build(api_cloud, backend):
+    (backend / "Dockerfile").write_text("FROM python:3.12-slim\nCOPY requirements.txt extra.txt ./\nCOPY . /app\n")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("missing-copy"))
+    assert info.value.exit_code == EXIT_BUILD
+    assert "COPY failed" in str(info.value) and "extra.txt" in str(info.value)
+    assert api_cloud.log.count(api="run", method="CreateService") == 0
+
+
+# -- Cloud Run's CPU and memory table ------------------------------------------------------------------
+@pytest.mark.parametrize("cpu, memory, gpu, rule", [
+    ("0.5", "512Mi", 0, "less than 1 CPU"),
+    ("1.5", "2Gi", 0, "whole number"),
+    ("16", "2Gi", 0, "whole number"),
+    ("1", "32Gi", 0, "above 24Gi needs at least 8 CPUs"),
+    ("1", "100Gi", 0, "at most 32Gi"),
+    ("2", "9Gi", 0, "above 8Gi needs at least 4 CPUs"),
+    ("4", "1Gi", 0, "4 CPUs need at least 2Gi"),
+    ("8", "2Gi", 0, "8 CPUs need at least 4Gi"),
+    ("1", "256Mi", 0, "at least 512Mi"),
+    ("4", "8Gi", 1, "GPU on Cloud Run needs at least 4 CPUs and 16Gi"),
+])
+def test_cpu_and_memory_outside_cloud_runs_table_are_refused(cpu, memory, gpu, rule):
+    settings = GcpSettings(project=PROJECT, region=REGION, service="sized", cpu=cpu, memory=memory, gpu=gpu)
+    with pytest.raises(LsdeployError, match=rule) as info:
+        settings.validate()
+    assert info.value.exit_code == EXIT_USAGE and "pass --" in str(info.value) and f"--cpu {cpu}" in str(info.value)
+
+
+def test_cpu_and_memory_inside_the_table_are_accepted():
+    for cpu, memory in [("1", "512Mi"), ("1", "4Gi"), ("2", "8Gi"), ("4", "16Gi"), ("6", "24Gi"), ("8", "32Gi"),
+                        ("1000m", "2Gi")]:
+        GcpSettings(project=PROJECT, region=REGION, service="sized", cpu=cpu, memory=memory).validate()
+
+
+def test_cli_refuses_fractional_cpu_before_any_request(api_cloud, backend):
+    done = run_cli("deploy", "gcp", backend, "--service", "fraction", "--cpu", "0.5",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT})
+    assert done.returncode == EXIT_USAGE and "--cpu 1 or more" in done.stderr, done.stderr
+    assert len(api_cloud.log) == 0
+
+
+# -- a slow rollout -------------------------------------------------------------------------------------
+def test_slow_rollout_names_the_revision_still_deploying(api_cloud, backend):
+    api_cloud.run.ready_delay = 600
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("slow", ready_timeout=1))
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_DEPLOY and "\n" not in message
+    assert "revision slow-00001-" in message and "still deploying" in message
+    assert "label-studio-ml status slow" in message and "--wait-timeout" in message
+
+
+def test_cli_wait_timeout_reads_its_environment_variable(api_cloud, backend):
+    api_cloud.run.ready_delay = 600
+    done = run_cli("deploy", "gcp", backend, "--service", "slow-cli",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_WAIT_TIMEOUT": "2",
+                        "LSDEPLOY_SOURCE_BUCKET": "src-slow-cli", "LSDEPLOY_STATE_BUCKET": "state-slow-cli"})
+    assert done.returncode == EXIT_DEPLOY, done.stderr
+    assert "still deploying after 2 s" in done.stderr and "label-studio-ml status slow-cli" in done.stderr
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+
+
+# -- expired or revoked Google logins -----------------------------------------------------------------
+@pytest.fixture
+def token_endpoint():
+    """An OAuth token endpoint that answers like Google's for a revoked refresh token."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": "invalid_grant", "error_description": "Token has been expired or revoked."})
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/token"
+    server.shutdown()
+    server.server_close()
+
+
+def user_login(token_uri):
+    from google.oauth2.credentials import Credentials
+
+    return Credentials(token=None, refresh_token="1//stale", client_id="id.apps.googleusercontent.com",
+                       client_secret="not-a-secret", token_uri=token_uri)
+
+
+@pytest.mark.parametrize("kind", ["revoked", "unreachable"])
+def test_expired_google_login_says_how_to_log_in(api_cloud, backend, token_endpoint, kind):
+    from google.api_core.client_options import ClientOptions
+    from google.cloud import artifactregistry_v1, run_v2
+
+    # RefreshError from the token endpoint, or TransportError when it cannot be reached
+    creds = user_login(token_endpoint if kind == "revoked" else "http://127.0.0.1:9/token")
+    clients = GcpClients.from_env(api_cloud.env, PROJECT)
+    options = lambda variable: dict(  # noqa: E731
+        credentials=creds, transport="rest", client_options=ClientOptions(api_endpoint=api_cloud.env[variable]))
+    clients.registry = artifactregistry_v1.ArtifactRegistryClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_ARTIFACTREGISTRY"))
+    clients.services = run_v2.ServicesClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN"))
+    provider = GcpProvider(clients, polling=FAST_POLLING, poll_interval=0.1)
+    for call in (lambda: provider.deploy(settings_for("stale"), SourceBundle.from_directory(backend)),
+                 lambda: provider.status(settings_for("stale"))):
+        with pytest.raises(LsdeployError) as info:
+            call()
+        assert info.value.exit_code == EXIT_AUTH
+        assert "gcloud auth application-default login" in str(info.value) and "\n" not in str(info.value)
+        assert "1//stale" not in str(info.value) and "not-a-secret" not in str(info.value)
+
+
+# -- options as the user passes them ---------------------------------------------------------------------
+def test_cli_env_values_keep_their_commas(api_cloud, backend):
+    done = run_cli("deploy", "gcp", backend, "--service", "commas", "--env", "LABELS=Positive,Negative",
+                   "--env", "^;^MODE=a,b;LEVEL=3", "--label", "team=ml",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-commas",
+                        "LSDEPLOY_STATE_BUCKET": "state-commas"})
+    assert done.returncode == 0, done.stderr
+    (create_call,) = api_cloud.log.filter(api="run", method="CreateService")
+    env = {e.name: e.value for e in create_call.request.service.template.containers[0].env}
+    assert env["LABELS"] == "Positive,Negative" and env["MODE"] == "a,b" and env["LEVEL"] == "3"
+
+
+# Each deploy option's environment variable, and where the CreateService request (the raw message
+# the fake recorded) carries it.
+def _container(service):
+    return service.template.containers[0]
+
+
+def _env(service):
+    return {e.name: e.value or e.value_source.secret_key_ref.secret for e in _container(service).env}
+
+
+OPTION_VARIABLES = [
+    ("LSDEPLOY_SERVICE", "everyvar", lambda s: None, None),  # checked through the request's service id
+    ("LSDEPLOY_MEMORY", "16Gi", lambda s: _container(s).resources.limits["memory"], "16Gi"),
+    ("LSDEPLOY_CPU", "4", lambda s: _container(s).resources.limits["cpu"], "4"),
+    ("LSDEPLOY_GPU", "1", lambda s: _container(s).resources.limits["nvidia.com/gpu"], "1"),
+    ("LSDEPLOY_GPU_TYPE", "nvidia-l4", lambda s: s.template.node_selector.accelerator, "nvidia-l4"),
+    ("LSDEPLOY_MIN_INSTANCES", "0", lambda s: s.template.scaling.min_instance_count, 0),
+    ("LSDEPLOY_MAX_INSTANCES", "2", lambda s: s.template.scaling.max_instance_count, 2),
+    ("LSDEPLOY_CONCURRENCY", "5", lambda s: s.template.max_instance_request_concurrency, 5),
+    ("LSDEPLOY_TIMEOUT", "120", lambda s: s.template.timeout.seconds, 120),
+    ("LSDEPLOY_ENV", "A=1,B=x", lambda s: (_env(s)["A"], _env(s)["B"]), ("1", "x")),
+    ("LSDEPLOY_SECRETS", "HF_TOKEN=hf-token:1", lambda s: _env(s)["HF_TOKEN"], f"projects/{PROJECT}/secrets/hf-token"),
+    ("LSDEPLOY_SERVICE_ACCOUNT", f"runner@{PROJECT}.iam.gserviceaccount.com", lambda s: s.template.service_account,
+     f"runner@{PROJECT}.iam.gserviceaccount.com"),
+    ("LSDEPLOY_INGRESS", "internal-and-cloud-load-balancing", lambda s: run_v2.IngressTraffic(s.ingress).name,
+     "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"),
+    ("LSDEPLOY_BASIC_AUTH", "true", lambda s: "BASIC_AUTH_PASS" in _env(s), True),
+    ("BASIC_AUTH_USER", "annotator", lambda s: _env(s)["BASIC_AUTH_USER"], "annotator"),
+    ("LSDEPLOY_LABELS", "team=ml,cost=low", lambda s: (s.labels["team"], s.labels["cost"]), ("ml", "low")),
+    ("LSDEPLOY_REPOSITORY", "models", lambda s: _container(s).image.split("/")[2], "models"),
+    ("LSDEPLOY_STATE_BUCKET", "state-everyvar", lambda s: _env(s)["MODEL_STATE_URI"], "gs://state-everyvar/everyvar"),
+]
+
+
+def test_cli_every_deploy_option_reads_its_environment_variable(api_cloud, backend):
+    from test_plan_gcp import user_secret
+
+    user_secret(api_cloud, "hf-token", "hf-value")
+    env = {**api_cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_SOURCE_BUCKET": "src-everyvar"}
+    env.update({variable: value for variable, value, _, _ in OPTION_VARIABLES})
+    done = run_cli("deploy", "gcp", backend, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    (create_call,) = api_cloud.log.filter(api="run", method="CreateService")
+    assert create_call.request.service_id == "everyvar"
+    service = create_call.request.service
+    for variable, _, read, expected in OPTION_VARIABLES[1:]:
+        assert read(service) == expected, variable
+    # and the ones that steer the flow rather than the service
+    assert json.loads(done.stdout)["region"] == REGION
+
+
+def test_no_basic_auth_service_account_gpu_and_ingress(api_cloud, backend):
+    from google.cloud import run_v2
+
+    provider = provider_for(api_cloud)
+    account = f"runner@{PROJECT}.iam.gserviceaccount.com"
+    settings = settings_for("tuned", basic_auth=False, service_account=account, ingress="internal", gpu=1, cpu="4",
+                            memory="16Gi", max_instances=1)
+    result = provider.deploy(settings, SourceBundle.from_directory(backend))
+    live = provider.get_service(settings)
+    container = live.template.containers[0]
+    assert dict(container.resources.limits) == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert container.resources.cpu_idle is False and live.template.node_selector.accelerator == "nvidia-l4"
+    assert live.template.service_account == account
+    assert live.ingress == run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_ONLY
+    assert not {"BASIC_AUTH_USER", "BASIC_AUTH_PASS"} & {e.name for e in container.env}
+    assert result.basic_auth_user is None and result.secrets == []
+    assert api_cloud.log.count(api="secretmanager", mutating=True) == 0
+
+
+def test_no_basic_auth_grants_the_state_bucket_to_the_compute_default_identity(api_cloud, backend):
+    """Without a secret or --service-account the service runs as PROJECT_NUMBER-compute@...: the
+    default state bucket (in the project) tells the project number."""
+    provider = provider_for(api_cloud)
+    state = PolicyBucket(f"{PROJECT}-lsdeploy-state")
+    state.project_number = 424242
+    ensure_bucket = provider.ensure_bucket
+    provider.ensure_bucket = lambda settings, name, progress: state if name == state.name else \
+        ensure_bucket(settings, name, progress)
+    lines = []
+    provider.deploy(settings_for("open", basic_auth=False, state_bucket=None), SourceBundle.from_directory(backend),
+                    lines.append)
+    member = "serviceAccount:424242-compute@developer.gserviceaccount.com"
+    assert {"role": "roles/storage.objectUser", "members": {member}} in state.policy.bindings
+    assert not [line for line in lines if line.startswith("note:")]
+
+
+def test_cli_failing_preview_names_rule_and_path_and_calls_no_google_api(api_cloud, backend):
+    (backend / "model.py").write_text(
+        "from lsdeploy.model import LabelStudioMLBase\n\n\nclass Wrong(LabelStudioMLBase):\n"
+        "    def predict(self, tasks, context=None, **kwargs):\n"
+        "        return [{'result': [{'from_name': 'sentiment', 'to_name': 'text', 'type': 'choices',\n"
+        "                             'value': {'choices': ['Maybe']}}], 'score': 0.5} for _ in tasks]\n")
+    done = run_cli("deploy", "gcp", backend, "--service", "unpreviewed", "--preview",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "LSDEPLOY_SOURCE_BUCKET": "src-unpreviewed",
+                        "LSDEPLOY_STATE_BUCKET": "state-unpreviewed"})
+    assert done.returncode == 7, done.stderr  # EXIT_INVALID
+    (line,) = [line for line in done.stderr.splitlines() if "preview failed" in line]
+    # the whole problem: the JSON path of the bad value, what is wrong and the rule id
+    assert "results[0]" in line and "'Maybe'" in line and re.search(r"\[[a-z_.]+\]", line), line
+    assert "nothing was deployed" in line
+    assert api_cloud.log.mutating() == [] and api_cloud.log.count(api="cloudbuild") == 0

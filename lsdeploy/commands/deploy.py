@@ -9,16 +9,32 @@ import click
 from . import emit_json, label_studio_options, progress
 
 
-def _pairs(values, what: str) -> dict:
-    """KEY=VALUE options (repeatable; the variable takes several separated by commas)."""
+def _pairs(values, what: str, from_environment: bool = False) -> dict:
+    """KEY=VALUE options. On the command line each option is one pair (`--env LABELS=a,b` keeps its
+    comma); the environment variable holds several separated by commas (or whitespace). As in
+    gcloud, a value starting with ^DELIM^ is split on DELIM instead: `^;^A=1,2;B=3`."""
+    import re
+
     out = {}
     for value in values or ():
-        for part in [p for p in str(value).split(",") if p.strip()]:
+        value = str(value)
+        escape = re.match(r"^\^([^^]+)\^", value)
+        if escape:
+            parts = value[escape.end():].split(escape.group(1))
+        else:
+            parts = value.split(",") if from_environment else [value]
+        for part in [p for p in parts if p.strip()]:
             key, sep, val = part.partition("=")
             if not sep or not key.strip():
                 raise click.BadParameter(f"{part!r}: use KEY=VALUE", param_hint=what)
             out[key.strip()] = val.strip()
     return out
+
+
+def _from_environment(name: str) -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.ENVIRONMENT
 
 
 @click.group()
@@ -57,9 +73,11 @@ def _option(*names, envvar, **kwargs):
 @_option("--timeout", envvar="LSDEPLOY_TIMEOUT", type=click.IntRange(1, 3600), default=300,
          help="Request timeout in seconds.")
 @_option("--env", "env", envvar="LSDEPLOY_ENV", multiple=True, metavar="KEY=VALUE",
-         help="Plain environment variable for the service; repeatable.")
+         help="Plain environment variable for the service; repeatable. The value may hold commas; the environment "
+              "variable takes several pairs separated by commas (or ^DELIM^A=1,2DELIMB=3, as in gcloud).")
 @_option("--secret", "secret_env", envvar="LSDEPLOY_SECRETS", multiple=True, metavar="KEY=SECRET[:VERSION]",
-         help="Environment variable from an existing Secret Manager secret; repeatable.")
+         help="Environment variable from an existing Secret Manager secret; repeatable (the environment variable "
+              "takes several separated by commas).")
 @_option("--service-account", envvar="LSDEPLOY_SERVICE_ACCOUNT", default=None,
          help="Identity the service runs as (default: the compute default service account).")
 @_option("--ingress", envvar="LSDEPLOY_INGRESS", type=click.Choice(["all", "internal", "internal-and-cloud-load-balancing"]),
@@ -68,7 +86,7 @@ def _option(*names, envvar, **kwargs):
          help="Protect the backend with basic auth (password generated into Secret Manager).")
 @_option("--basic-auth-user", envvar="BASIC_AUTH_USER", default="labelstudio", help="Basic auth user.")
 @_option("--label", "labels", envvar="LSDEPLOY_LABELS", multiple=True, metavar="KEY=VALUE",
-         help="Label on the service; repeatable.")
+         help="Label on the service; repeatable (the environment variable takes several separated by commas).")
 @_option("--repository", envvar="LSDEPLOY_REPOSITORY", default="lsdeploy", help="Artifact Registry repository.")
 @_option("--source-bucket", envvar="LSDEPLOY_SOURCE_BUCKET", default=None,
          help="Bucket for source bundles and build logs (default: PROJECT-lsdeploy-sources).")
@@ -82,6 +100,9 @@ def _option(*names, envvar, **kwargs):
               "Images of revisions that serve traffic are always kept.")
 @_option("--prune/--no-prune", "prune", envvar="LSDEPLOY_PRUNE", default=True,
          help="Delete old images and source bundles after deploying.")
+@_option("--wait-timeout", envvar="LSDEPLOY_WAIT_TIMEOUT", type=click.IntRange(1, 86400), default=900,
+         metavar="SECONDS", help="How long to wait for the new revision to be ready; when it is still deploying "
+                                 "after that, `label-studio-ml status` follows it.")
 @_option("--dry-run", "dry_run", envvar="LSDEPLOY_DRY_RUN", is_flag=True,
          help="Show what the deploy would do (Dockerfile, bundle, build, field-by-field changes, pruning) "
               "and change nothing.")
@@ -89,7 +110,7 @@ def _option(*names, envvar, **kwargs):
 def gcp(directory, script, blueprint, project, region, service, label_studio_host, label_studio_api_key, projects,
         memory, cpu, gpu, gpu_type, min_instances, max_instances, concurrency, timeout, env, secret_env,
         service_account, ingress, basic_auth, basic_auth_user, labels, repository, source_bucket, state_bucket,
-        title, preview, keep_images, prune, dry_run, as_json):
+        title, preview, keep_images, prune, wait_timeout, dry_run, as_json):
     """Build DIR with Cloud Build, serve it on Cloud Run, and register it with Label Studio.
 
     An unchanged DIR redeploys with no upload, no build and no new revision. --dry-run shows what
@@ -106,11 +127,13 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
     settings = GcpSettings(
         project=project, region=region, service=service or _service_name(directory),
         memory=memory, cpu=cpu, gpu=gpu, gpu_type=gpu_type, min_instances=min_instances, max_instances=max_instances,
-        concurrency=concurrency, timeout=timeout, env=_pairs(env, "--env"), secret_env=_pairs(secret_env, "--secret"),
+        concurrency=concurrency, timeout=timeout, env=_pairs(env, "--env", _from_environment("env")),
+        secret_env=_pairs(secret_env, "--secret", _from_environment("secret_env")),
         service_account=service_account, ingress=ingress, basic_auth=basic_auth, basic_auth_user=basic_auth_user,
-        labels=_pairs(labels, "--label"), repository=repository, source_bucket=source_bucket,
-        state_bucket=state_bucket, label_studio_url=label_studio_host, label_studio_api_key=label_studio_api_key,
-        projects=project_ids, title=title, keep_images=keep_images, prune=prune,
+        labels=_pairs(labels, "--label", _from_environment("labels")), repository=repository,
+        source_bucket=source_bucket, state_bucket=state_bucket, label_studio_url=label_studio_host,
+        label_studio_api_key=label_studio_api_key, projects=project_ids, title=title, keep_images=keep_images,
+        prune=prune, ready_timeout=wait_timeout,
     )
     # 1. everything checkable before any Google API call
     progress(f"validating {directory}")
@@ -213,8 +236,11 @@ def _preview(directory: str, progress) -> None:
     result = run_preview(PreviewSettings(directory=directory, label_config=found[0], label_config_source=found[1],
                                          runner="process", env=dict(os.environ)), progress)
     if not result.ok:
-        first = result.report.errors[0] if result.report.errors else None
-        raise LsdeployError(f"preview failed: {getattr(first, 'message', None) or 'see the report'}; run "
+        # the whole problem: its path, message and rule ("results[0].value.choices: ... [choices.allowed]")
+        problems = list(result.report.errors) + list(result.report_after_fit.errors if result.report_after_fit else [])
+        fit_errors = list(result.fit.errors) if result.fit else []
+        first = str(problems[0]) if problems else (fit_errors[0] if fit_errors else "")
+        raise LsdeployError(f"preview failed: {first or 'see the report'}; run "
                             f"`label-studio-ml preview {directory}` for the full report; nothing was deployed",
                             result.exit_code)
     progress("preview: predictions are valid")

@@ -33,6 +33,8 @@ def gcp_options(fn):
                 help="Bucket of source bundles (default: PROJECT-lsdeploy-sources)."),
         _option("--state-bucket", envvar="LSDEPLOY_STATE_BUCKET", default=None,
                 help="Bucket of model state (default: PROJECT-lsdeploy-state)."),
+        _option("--wait-timeout", envvar="LSDEPLOY_WAIT_TIMEOUT", type=click.IntRange(1, 86400), default=900,
+                metavar="SECONDS", help="How long to wait for Cloud Run to move traffic or delete the service."),
         _option("--json", "as_json", envvar="LSDEPLOY_JSON", is_flag=True, help="Print the result as one JSON object."),
     ]):
         fn = decorate(fn)
@@ -56,7 +58,7 @@ def _provider(opts: dict):
     settings = GcpSettings(project=opts["project"], region=opts["region"], service=opts["service"],
                            repository=opts["repository"], source_bucket=opts["source_bucket"],
                            state_bucket=opts["state_bucket"], label_studio_url=host, label_studio_api_key=key,
-                           projects=projects)
+                           projects=projects, ready_timeout=opts["wait_timeout"])
     settings.validate()
     return settings, lambda: GcpProvider(GcpClients.from_env(dict(os.environ), settings.project))
 

@@ -21,6 +21,8 @@ line naming the API, the resource and the fix (`google_error`).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import re
 import secrets as pysecrets
@@ -74,6 +76,10 @@ DEFAULT_ROLES = {"run": "roles/run.developer", "cloudbuild": "roles/cloudbuild.b
                  "storage": "roles/storage.objectAdmin"}
 
 
+class OperationTimeout(LsdeployError):
+    """A long-running Google operation was not done by the deadline."""
+
+
 class GoogleApiError(LsdeployError):
     """A Google API refused a call; the message names the API, the resource and the fix."""
 
@@ -83,11 +89,14 @@ class GoogleApiError(LsdeployError):
 
 
 def role_for(permission: str) -> str:
-    return next((role for prefix, role in ROLES if permission.startswith(prefix)), "a role that grants it")
+    # Cloud Run reports permissions in lower case (iam.serviceaccounts.actAs)
+    return next((role for prefix, role in ROLES if permission.lower().startswith(prefix.lower())),
+                "a role that grants it")
 
 
-def google_error(exc, api: str, action: str, resource: str, project: str = "") -> GoogleApiError:
-    """One line for a google.api_core error: what failed, on what, and the fix."""
+def google_error(exc, api: str, action: str, resource: str, project: str = "", run_role: str = "") -> GoogleApiError:
+    """One line for a google.api_core error: what failed, on what, and the fix. `run_role`: the role
+    to name when a Cloud Run permission (or an unnamed one) is refused."""
     from google.api_core import exceptions as gexc
 
     title, service = API_TITLES.get(api, (api, f"{api}.googleapis.com"))
@@ -106,7 +115,10 @@ def google_error(exc, api: str, action: str, resource: str, project: str = "") -
             found = re.search(r"(?:[Pp]ermission '?|does not have )([a-zA-Z]+\.[a-zA-Z]+\.[a-zA-Z]+)", message)
             permission = found.group(1) if found else ""
         what = f"permission {permission}" if permission else "permission"
-        role = role_for(permission) if permission else DEFAULT_ROLES.get(api, "the roles listed in docs/deploy-gcp.md")
+        if run_role and (not permission or permission.lower().startswith("run.")):
+            role = run_role
+        else:
+            role = role_for(permission) if permission else DEFAULT_ROLES.get(api, "the roles listed in docs/deploy-gcp.md")
         return GoogleApiError(f"{title}: {action} {resource} was refused ({what} denied): grant the deploying "
                               f"identity {role} on project {project or '?'} (gcloud projects add-iam-policy-binding)",
                               EXIT_AUTH, "PERMISSION_DENIED")
@@ -119,6 +131,28 @@ def google_error(exc, api: str, action: str, resource: str, project: str = "") -
                               "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a service account key",
                               EXIT_AUTH, "UNAUTHENTICATED")
     return GoogleApiError(f"{title}: {action} {resource} failed: {type(exc).__name__}: {message}", EXIT_DEPLOY)
+
+
+def auth_error(exc) -> LsdeployError:
+    """One line for google.auth's RefreshError / TransportError: the login expired, was revoked or
+    its token endpoint cannot be reached."""
+    detail = str(exc.args[0] if exc.args else exc).split("\n")[0][:200]
+    return LsdeployError(f"the Google login could not be used ({type(exc).__name__}: {detail}): run `gcloud auth "
+                         "application-default login` again, or set GOOGLE_APPLICATION_CREDENTIALS to a service "
+                         "account key file", EXIT_AUTH)
+
+
+def _auth_errors(method):
+    """Expired or revoked Google credentials surface on the first call of any client: one line."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        from google.auth import exceptions as aexc
+
+        try:
+            return method(*args, **kwargs)
+        except (aexc.RefreshError, aexc.TransportError) as exc:
+            raise auth_error(exc) from None
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +259,7 @@ class GcpSettings:
     keep_images: int = 5                             # images (and their source bundles) kept per service
     prune: bool = True                               # delete older ones after a deploy
     build_timeout: int = 1800
-    ready_timeout: float = 900.0
+    ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
     warmup_timeout: float = 120.0
 
     @property
@@ -285,11 +319,13 @@ class GcpSettings:
             bad("--concurrency must be between 1 and 1000")
         if not 1 <= self.timeout <= 3600:
             bad("--timeout must be between 1 and 3600 seconds")
-        if self.gpu:
-            if self.gpu_type not in GPU_TYPES:
-                bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
-            if _cpus(self.cpu) < 4 or _mebibytes(self.memory) < 16 * 1024:
-                bad("a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi")
+        problem = resource_problem(_cpus(self.cpu), _mebibytes(self.memory), self.gpu)
+        if problem:
+            bad(f"--cpu {self.cpu} --memory {self.memory}{f' --gpu {self.gpu}' if self.gpu else ''}: {problem}")
+        if self.gpu and self.gpu_type not in GPU_TYPES:
+            bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
+        if self.ready_timeout <= 0:
+            bad(f"--wait-timeout {self.ready_timeout}: wait at least 1 second")
         if self.keep_images < 1:
             bad(f"--keep-images {self.keep_images}: keep at least 1 image (the serving one); pass --no-prune "
                 "to keep every image")
@@ -321,6 +357,39 @@ INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_O
            "internal-and-cloud-load-balancing": "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"}
 
 
+# Cloud Run's CPU and memory table (cloud.google.com/run/docs/configuring/services/cpu and
+# .../memory-limits): whole CPUs above 1, memory from 512Mi (second generation) to 32Gi, and
+# memory above a size needs a number of CPUs; a CPU count needs a least memory.
+CPU_CHOICES = (1, 2, 4, 6, 8)
+MIN_CPUS_FOR_MEMORY = ((24 * 1024, 8), (16 * 1024, 6), (8 * 1024, 4), (4 * 1024, 2))  # more than MiB -> CPUs
+MIN_MEMORY_FOR_CPUS = {4: 2 * 1024, 6: 4 * 1024, 8: 4 * 1024}                          # CPUs -> at least MiB
+
+
+def resource_problem(cpus: float, mebibytes: float, gpus: int = 0) -> str:
+    """What Cloud Run would refuse in these limits, with the fix ("" when they are allowed)."""
+    if cpus < 1:
+        # below 1 CPU Cloud Run requires request-based billing (cpu_idle) and concurrency 1, while
+        # lsdeploy keeps CPU allocated so that training can run after a webhook is answered
+        return ("Cloud Run allows less than 1 CPU only with request-based billing and concurrency 1, and lsdeploy "
+                "keeps CPU always allocated for background training: pass --cpu 1 or more")
+    if cpus not in CPU_CHOICES:
+        return f"Cloud Run takes 1 CPU or a whole number of CPUs from {', '.join(map(str, CPU_CHOICES[1:]))}: " \
+               f"pass --cpu {next(c for c in CPU_CHOICES if c >= cpus) if cpus <= 8 else 8}"
+    if mebibytes < 512:
+        return "Cloud Run needs at least 512Mi of memory (second generation): pass --memory 512Mi or more"
+    if mebibytes > 32 * 1024:
+        return "Cloud Run allows at most 32Gi of memory: pass --memory 32Gi or less"
+    for above, need in MIN_CPUS_FOR_MEMORY:
+        if mebibytes > above and cpus < need:
+            return f"memory above {above // 1024}Gi needs at least {need} CPUs on Cloud Run: pass --cpu {need}"
+    least = MIN_MEMORY_FOR_CPUS.get(int(cpus), 0)
+    if mebibytes < least:
+        return f"{int(cpus)} CPUs need at least {least // 1024}Gi of memory on Cloud Run: pass --memory {least // 1024}Gi"
+    if gpus and (cpus < 4 or mebibytes < 16 * 1024):
+        return "a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi"
+    return ""
+
+
 def _cpus(value: str) -> float:
     return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
 
@@ -348,15 +417,19 @@ class GcpProvider(Provider):
     # -- helpers ------------------------------------------------------------------------------
     def _call(self, api, action, resource, settings, fn, *args, **kwargs):
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as aexc
 
         try:
             return fn(*args, **kwargs)
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, api, action, resource, settings.project) from None
+        except (aexc.RefreshError, aexc.TransportError) as exc:
+            raise auth_error(exc) from None
 
     def _lookup(self, api, action, name, settings, fn):
         """fn(name=name), or None when the resource does not exist."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as aexc
 
         try:
             return fn(name=name)
@@ -364,12 +437,19 @@ class GcpProvider(Provider):
             return None
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, api, action, name, settings.project) from None
+        except (aexc.RefreshError, aexc.TransportError) as exc:
+            raise auth_error(exc) from None
 
-    def _result(self, operation, timeout):
+    def _result(self, operation, timeout, what: str):
+        """operation.result(timeout); OperationTimeout (one line naming `what`) when it is not done."""
         kwargs = {"timeout": timeout}
         if self.polling is not None:
             kwargs["polling"] = self.polling
-        return operation.result(**kwargs)
+        try:
+            return operation.result(**kwargs)
+        except concurrent.futures.TimeoutError:
+            raise OperationTimeout(f"{what} did not finish within {timeout:.0f} s: it may still be running; check "
+                                   "it in the Google Cloud console and run the command again", EXIT_DEPLOY) from None
 
     # -- image --------------------------------------------------------------------------------
     def tag_name(self, settings, bundle) -> str:
@@ -403,7 +483,7 @@ class GcpProvider(Provider):
         try:
             op = self.clients.registry.create_repository(parent=settings.location, repository_id=settings.repository,
                                                          repository=repo)
-            self._result(op, 300)
+            self._result(op, 300, f"creating Artifact Registry repository {settings.repository_name}")
         except gexc.AlreadyExists:
             pass  # created concurrently
         except gexc.GoogleAPICallError as exc:
@@ -482,6 +562,8 @@ class GcpProvider(Provider):
         from google.api_core import exceptions as gexc
         from google.cloud.devtools import cloudbuild_v1 as cb
 
+        if settings.basic_auth:  # a password from an earlier deploy may have been pasted into a file
+            self.check_secrets(settings, bundle, password=self.latest_secret_value(settings, "basic-auth-pass"))
         self.ensure_repository(settings, progress)
         source = self.upload(settings, bundle, progress)
         request = self.build_request(settings, bundle, source)
@@ -524,6 +606,29 @@ class GcpProvider(Provider):
         return f"{settings.image}@{digest}", build_id
 
     # -- secrets ------------------------------------------------------------------------------
+    def check_secrets(self, settings, bundle, password: Optional[str] = None) -> None:
+        """Refuse a bundle holding the Label Studio key or the basic-auth password: it would be
+        uploaded and copied into the image."""
+        for what, value in (("the Label Studio API key (--label-studio-api-key)", settings.label_studio_api_key),
+                            ("the basic-auth password", password)):
+            path = bundle.find(value) if value else ""
+            if path:
+                raise LsdeployError(f"{path} in {bundle.directory} contains {what}; nothing was uploaded: remove it "
+                                    "from the file (keep secrets in .env, which is never bundled) or exclude the file "
+                                    "in .gcloudignore", EXIT_USAGE)
+
+    def latest_secret_value(self, settings, what: str) -> Optional[str]:
+        """The latest value of the service's secret `what` (basic-auth-pass...), None when it has none."""
+        from google.api_core import exceptions as gexc
+
+        name = f"projects/{settings.project}/secrets/{settings.secret_id(what)}/versions/latest"
+        try:
+            return self.clients.secrets.access_secret_version(name=name).payload.data.decode("utf-8")
+        except (gexc.NotFound, gexc.FailedPrecondition):
+            return None
+        except gexc.GoogleAPICallError as exc:
+            raise google_error(exc, "secretmanager", "reading", name, settings.project) from None
+
     def ensure_secret(self, settings, secret_id: str, value: Optional[str], progress,
                       generate: bool = False) -> tuple:
         """(version resource name, project number, value). With `generate`, the latest value is
@@ -773,10 +878,21 @@ class GcpProvider(Provider):
                 op = self.clients.services.update_service(service=desired)
         except gexc.GoogleAPICallError as exc:
             verb = "creating" if live is None else "updating"
-            raise google_error(exc, "run", f"{verb} service", settings.service_name, settings.project) from None
+            # the service sets invoker_iam_disabled (Label Studio sends no Google identity token): that
+            # needs run.services.setIamPolicy, which roles/run.developer lacks
+            raise google_error(exc, "run", f"{verb} service", settings.service_name, settings.project,
+                               run_role="roles/run.admin") from None
         progress("waiting for the new revision to be ready")
         try:
-            service = self._result(op, settings.ready_timeout)
+            service = self._result(op, settings.ready_timeout, f"deploying {settings.service}")
+        except OperationTimeout:
+            after = self.get_service(settings)
+            revision = after.latest_created_revision.rsplit("/", 1)[-1] if after is not None else ""
+            raise LsdeployError(f"Cloud Run service {settings.service}: revision {revision or '(not created yet)'} is "
+                                f"still deploying after {settings.ready_timeout:.0f} s (--wait-timeout); Label Studio "
+                                f"was not changed: follow it with `label-studio-ml status {settings.service} "
+                                f"--gcp-project-id {settings.project} --gcp-region {settings.region}`, then deploy "
+                                "again to register it", EXIT_DEPLOY) from None
         except gexc.GoogleAPICallError as exc:
             after = self.get_service(settings)
             message = getattr(exc, "message", None) or str(exc)
@@ -787,7 +903,8 @@ class GcpProvider(Provider):
             else:
                 serving = "none"
             if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests)):
-                raise google_error(exc, "run", "deploying", settings.service_name, settings.project) from None
+                raise google_error(exc, "run", "deploying", settings.service_name, settings.project,
+                                   run_role="roles/run.admin") from None
             raise LsdeployError(f"Cloud Run could not start the new revision of {settings.service}: {message} "
                                 f"(traffic stays on the previous revision: {serving}); Label Studio was not "
                                 "changed", EXIT_DEPLOY) from None
@@ -815,9 +932,11 @@ class GcpProvider(Provider):
                             "the service's logs in the Cloud Run console; Label Studio was not changed", EXIT_DEPLOY)
 
     # -- the interface ------------------------------------------------------------------------
+    @_auth_errors
     def deploy(self, settings: GcpSettings, bundle, progress=_quiet) -> DeployResult:
         started = time.monotonic()
         settings.validate()
+        self.check_secrets(settings, bundle)
         checked = self.user_secrets(settings)  # before anything is built or written
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)
@@ -837,11 +956,18 @@ class GcpProvider(Provider):
         if live is None or live.annotations.get(SPEC_ANNOTATION) != desired.annotations[SPEC_ANNOTATION]:
             bucket = self.ensure_bucket(settings, settings.state_bucket_name, progress)  # MODEL_STATE_URI's bucket
             state_member = member or (f"serviceAccount:{settings.service_account}" if settings.service_account else None)
+            if not state_member and settings.state_bucket is None and bucket.project_number:
+                # without --service-account the service runs as the project's compute default service
+                # account; the default state bucket lives in the project, so it tells the project number
+                state_member = _member(settings, str(bucket.project_number))
             if state_member:
                 self.grant_bucket_access(settings, bucket, state_member, progress)
             else:
-                progress(f"note: grant the service's identity roles/storage.objectUser on gs://{bucket.name} "
-                         "(its project number is unknown without a secret or --service-account)")
+                progress(f"note: the service runs as the compute default service account, which needs "
+                         f"roles/storage.objectUser on gs://{bucket.name}: run `gcloud storage buckets "
+                         f"add-iam-policy-binding gs://{bucket.name} --member serviceAccount:$(gcloud projects describe "
+                         f"{settings.project} --format='value(projectNumber)')-compute@developer.gserviceaccount.com "
+                         "--role roles/storage.objectUser` (or pass --service-account)")
         service, changed = self.apply_service(settings, desired, live, progress)
         if changed:
             service = self.get_service(settings) or service
@@ -885,6 +1011,7 @@ class GcpProvider(Provider):
         return client.register(url, settings.projects, title=settings.title or f"{settings.service} (Cloud Run)",
                                basic_auth=(settings.basic_auth_user, password) if settings.basic_auth else None)
 
+    @_auth_errors
     def plan(self, settings, bundle) -> PlanResult:
         """What `deploy(settings, bundle)` would do; sends only reads (Get/List/Access)."""
         settings.validate()
@@ -976,7 +1103,8 @@ class GcpProvider(Provider):
         for name, digest in images:
             try:
                 # force: the src-<digest> tag goes with its version
-                self._result(self.clients.registry.delete_version(request={"name": name, "force": True}), 300)
+                self._result(self.clients.registry.delete_version(request={"name": name, "force": True}), 300,
+                             f"deleting image {name}")
             except gexc.NotFound:
                 pass
             except gexc.GoogleAPICallError as exc:
@@ -1010,6 +1138,7 @@ class GcpProvider(Provider):
         return [{"revision": t.revision or latest, "percent": t.percent, "tag": t.tag}
                 for t in live.traffic_statuses]
 
+    @_auth_errors
     def status(self, settings) -> StatusResult:
         live = self.get_service(settings)
         if live is None:
@@ -1052,6 +1181,7 @@ class GcpProvider(Provider):
             updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels),
             revisions=revisions, label_studio=registrations)
 
+    @_auth_errors
     def rollback(self, settings, to_revision: Optional[str] = None, progress=_quiet) -> RollbackResult:
         """All traffic to `to_revision`, or to the newest ready revision older than the one serving now."""
         from google.api_core import exceptions as gexc
@@ -1114,7 +1244,7 @@ class GcpProvider(Provider):
         request = run_v2.UpdateServiceRequest(service=update, update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))
         try:
             op = self.clients.services.update_service(request=request)
-            self._result(op, settings.ready_timeout)
+            self._result(op, settings.ready_timeout, f"moving the traffic of {settings.service} to {target}")
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, "run", "moving the traffic of", settings.service_name, settings.project) from None
         after = self.get_service(settings)
@@ -1180,6 +1310,7 @@ class GcpProvider(Provider):
         found = self._lookup("artifactregistry", "reading package", name, settings, self.clients.registry.get_package)
         return name if found is not None else None
 
+    @_auth_errors
     def destroy_plan(self, settings, purge: bool = False) -> DestroyResult:
         """What destroy would delete; sends no mutating request."""
         settings.validate()
@@ -1201,6 +1332,7 @@ class GcpProvider(Provider):
             result.kept += _kept_without_purge(settings)
         return result
 
+    @_auth_errors
     def destroy(self, settings, purge: bool = False, progress=_quiet) -> DestroyResult:
         """Unregister from Label Studio, delete the service and its secrets; with purge also its
         images, uploaded source bundles and model state. Safe to run again."""
@@ -1222,7 +1354,8 @@ class GcpProvider(Provider):
         if live is not None:
             progress(f"deleting Cloud Run service {settings.service}")
             try:
-                self._result(self.clients.services.delete_service(name=settings.service_name), settings.ready_timeout)
+                self._result(self.clients.services.delete_service(name=settings.service_name), settings.ready_timeout,
+                             f"deleting Cloud Run service {settings.service}")
             except gexc.NotFound:
                 pass
             except gexc.GoogleAPICallError as exc:
@@ -1244,7 +1377,7 @@ class GcpProvider(Provider):
         if package:
             progress(f"deleting every image of {settings.image}")
             try:
-                self._result(self.clients.registry.delete_package(name=package), 300)
+                self._result(self.clients.registry.delete_package(name=package), 300, f"deleting package {package}")
             except gexc.NotFound:
                 pass
             except gexc.GoogleAPICallError as exc:
