@@ -301,8 +301,7 @@ def _download(url: str, authorization: Optional[str], label_studio_url: Optional
             _save(resp, target, limit, timeout, deadline, shown)
             return
         finally:
-            resp.release_conn()
-            resp.close()
+            resp.close()  # closes the connection too: nothing is kept alive
     raise TaskDataError(f"task file {shown} redirects more than {MAX_REDIRECTS} times")
 
 

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def keys_seen(host):
 def test_label_studio_upload_gets_the_key(hosts, tmp_path):
     ls = hosts[0]
     path = get_local_path("/data/upload/1/a.txt", label_studio_url=ls, token="legacy-key", cache_dir=str(tmp_path))
-    assert open(path, "rb").read() == b"file-bytes"
+    assert Path(path).read_bytes() == b"file-bytes"
     assert Recorder.seen[-1][1:3] == ("/data/upload/1/a.txt", "Token legacy-key")
     import base64
     import json
@@ -134,7 +135,7 @@ def test_setup_naming_another_host_never_gets_the_environment_key(hosts, tmp_pat
             outcome = []
             for task in tasks:
                 try:
-                    outcome.append(open(self.get_local_path(task["data"]["file"], task_id=task["id"])).read())
+                    outcome.append(Path(self.get_local_path(task["data"]["file"], task_id=task["id"])).read_text())
                 except TaskDataError as exc:
                     outcome.append(str(exc))
             return [{"result": [], "outcome": text} for text in outcome]
@@ -214,7 +215,7 @@ def test_internal_and_local_urls_are_refused(hosts, tmp_path, monkeypatch):
     with pytest.raises(TaskDataError, match="TASK_DATA_ALLOW_LOCAL"):
         get_local_path("/etc/passwd".lstrip("/"), cache_dir=str(tmp_path))
     monkeypatch.setenv("TASK_DATA_ALLOW_PRIVATE", "10.0.0.0/8, 127.0.0.1")  # a list allows just those
-    assert open(get_local_path(hosts[1] + "/x", cache_dir=str(tmp_path)), "rb").read() == b"file-bytes"
+    assert Path(get_local_path(hosts[1] + "/x", cache_dir=str(tmp_path))).read_bytes() == b"file-bytes"
     monkeypatch.setenv("TASK_DATA_ALLOW_PRIVATE", "127.0.0.1/33")
     with pytest.raises(TaskDataError, match="TASK_DATA_ALLOW_PRIVATE='127.0.0.1/33' is not `true` or"):
         get_local_path(hosts[1] + "/y", cache_dir=str(tmp_path))
@@ -307,7 +308,7 @@ def test_the_connection_goes_to_the_address_that_was_checked(hosts, tmp_path, mo
     port = hosts[0].rsplit(":", 1)[1]
     fake_dns["files.example"] = ["127.0.0.1", "127.0.0.2"]
     path = get_local_path(f"http://files.example:{port}/a.txt", cache_dir=str(tmp_path))
-    assert open(path, "rb").read() == b"file-bytes"
+    assert Path(path).read_bytes() == b"file-bytes"
     assert Recorder.seen[-1][1:] == ("/a.txt", None, f"files.example:{port}")
     fake_dns["rebound.example"] = ["127.0.0.2"]  # what a second lookup would have found
     with pytest.raises(TaskDataError, match=r"internal address \(127.0.0.2\)"):
@@ -342,7 +343,7 @@ def test_https_checks_the_certificate_for_the_name_while_connecting_to_the_addre
         fake_dns["files.example"] = fake_dns["other.example"] = ["127.0.0.1"]
         port = server.server_port
         path = get_local_path(f"https://files.example:{port}/a.txt", cache_dir=str(tmp_path / "c"))
-        assert open(path, "rb").read() == b"file-bytes"
+        assert Path(path).read_bytes() == b"file-bytes"
         with pytest.raises(TaskDataError, match="failed"):  # a certificate for another name
             get_local_path(f"https://other.example:{port}/a.txt", cache_dir=str(tmp_path / "c"))
     finally:
