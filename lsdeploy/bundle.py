@@ -239,6 +239,8 @@ class IgnoreRules:
         parts = rel.split("/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
         if self.dialect == "docker":
+            if rel in ("Dockerfile", ".dockerignore"):
+                return False  # Docker sends both to the builder even when the file lists them
             # The last pattern matching the path or one of its parents decides.
             state = False
             for pattern, negated, _ in self.rules:

@@ -169,6 +169,18 @@ def test_dockerignore_uses_dockers_rules(backend):
                 "top.txt"} & set(got)
 
 
+def test_dockerignore_listing_the_dockerfile_still_builds(backend):
+    own = "FROM python:3.12-slim\nCOPY . /app\n"
+    (backend / "Dockerfile").write_text(own)
+    (backend / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
+    bundle = SourceBundle.from_directory(backend)  # Docker sends both to the builder anyway
+    assert bundle.dockerfile == "own" and member(bundle, "Dockerfile").decode() == own
+    (backend / ".dockerignore").unlink()
+    (backend / ".gcloudignore").write_text("Dockerfile\n")
+    with pytest.raises(LsdeployError, match="excluded by .gcloudignore"):
+        SourceBundle.from_directory(backend)
+
+
 def test_gcloudignore_keeps_gitignore_rules(backend):
     # gcloud reads .gcloudignore as gitignore: `data` matches at any depth, an excluded directory stays excluded
     (backend / ".gcloudignore").write_text("data\nbuild/\n!build/keep.txt\n")

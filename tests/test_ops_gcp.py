@@ -353,3 +353,31 @@ def test_destroy_summary_and_confirmation_on_a_terminal(cloud, tmp_path):
     assert code == 0, err
     assert json.loads(out)["deleted"][0].endswith("/services/doomed-ask")
     assert "doomed-ask" not in {name.rsplit("/", 1)[-1] for name in cloud.run.services}
+
+
+# -- waiting ---------------------------------------------------------------------------------
+def test_rollback_that_does_not_finish_in_wait_timeout_is_one_line(cloud, backend):
+    import concurrent.futures
+
+    settings = settings_for("stuck")
+    deploy(cloud, backend, settings)
+    change(backend, "second")
+    deploy(cloud, backend, settings)
+
+    class StuckOperation:
+        def result(self, timeout=None, polling=None):
+            raise concurrent.futures.TimeoutError()
+
+    provider = provider_for(cloud)
+    provider.clients.services.update_service = lambda request: StuckOperation()
+    settings.ready_timeout = 7
+    with pytest.raises(LsdeployError) as info:
+        provider.rollback(settings)
+    assert info.value.exit_code == EXIT_DEPLOY and "\n" not in str(info.value)
+    assert "moving the traffic of stuck to stuck-00001-" in str(info.value) and "within 7 s" in str(info.value)
+
+
+def test_wait_timeout_reads_its_environment_variable(cloud):
+    done = run_cli("rollback", "anything", env={**cli_env(cloud, "waiting"), "LSDEPLOY_WAIT_TIMEOUT": "0"})
+    assert done.returncode == EXIT_USAGE and "--wait-timeout" in done.stderr, done.stderr
+    assert len(cloud.log) == 0

@@ -236,7 +236,7 @@ def _preview(directory: str, progress) -> None:
     result = run_preview(PreviewSettings(directory=directory, label_config=found[0], label_config_source=found[1],
                                          runner="process", env=dict(os.environ)), progress)
     if not result.ok:
-        # the whole problem: its path, message and rule ("results[0].value.choices: ... [choices.allowed]")
+        # the whole problem: its path, message and rule ("results[0].result[0].value.choices[0]: ... [choices]")
         problems = list(result.report.errors) + list(result.report_after_fit.errors if result.report_after_fit else [])
         fit_errors = list(result.fit.errors) if result.fit else []
         first = str(problems[0]) if problems else (fit_errors[0] if fit_errors else "")
