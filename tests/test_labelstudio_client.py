@@ -11,7 +11,7 @@ import requests
 
 from labelstudio_server import StubServer
 from lsdeploy.errors import EXIT_USAGE, LsdeployError
-from lsdeploy.labelstudio import LabelStudio, Registration, _project_id, _reason, key_kind
+from lsdeploy.labelstudio import LabelStudio, Registration, _health_status, _project_id, _project_uid, _reason, key_kind
 from support import free_port, run_cli
 
 
@@ -41,6 +41,17 @@ def test_project_ids_accept_label_studio_forms():
     with pytest.raises(LsdeployError) as err:
         _project_id("seven")
     assert err.value.exit_code == EXIT_USAGE
+
+
+def test_health_status_is_read_from_label_studios_reason():
+    """A /health that answered a status is the backend's answer (not retried, not "cannot reach")."""
+    answered = ("Can't connect to ML backend http://b, health check failed. Make sure it is up. Additional info: "
+                "500 Server Error: Internal Server Error for url: http://b/health")
+    missed = ("Can't connect to ML backend http://b, health check failed. Additional info: "
+              "HTTPConnectionPool(host='b', port=80): Read timed out. (read timeout=1)")
+    assert _health_status(answered) == 500 and _health_status(missed) is None
+    assert _project_uid({"id": 3, "created_at": "2026-11-27T05:00:00.123456Z"}) == "3.1795755600"
+    assert _project_uid({"id": 3}) == "3"
 
 
 def test_reason_quotes_label_studio_without_html_or_envelope():
