@@ -552,11 +552,11 @@ class GCSStore(StateStore):
                 logger.error("%s was not written to %s: %s", what, self.uri, exc)
             finally:
                 done.set()
-                with guard:
+                with self._lock:
                     self._background.discard(thread)
 
         thread = threading.Thread(target=run, name="lsdeploy-gcs-write", daemon=True)
-        with guard:
+        with self._lock:
             self._background.add(thread)
         thread.start()
         done.wait(0 if self._degraded(time.monotonic()) is not None else wait)
@@ -888,9 +888,11 @@ class GCSStore(StateStore):
     def close(self) -> None:
         # Writes still going on in the background: give them a moment, then say what is lost.
         deadline = time.monotonic() + 5
-        for thread in list(self._background):
+        with self._lock:
+            pending = list(self._background)
+        for thread in pending:
             thread.join(max(0.0, deadline - time.monotonic()))
-        unfinished = [t for t in self._background if t.is_alive()]
+        unfinished = [t for t in pending if t.is_alive()]
         if unfinished:
             logger.error("%d background write(s) to %s not finished at shutdown", len(unfinished), self.uri)
         self._closed = True

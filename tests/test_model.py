@@ -51,6 +51,38 @@ def test_extra_params_accept_dict_and_json(model_dir):
     assert model.extra_params == {"a": 1}
 
 
+def test_model_start_keeps_an_existing_version(model_dir):
+    """The initial model_version is created only where there is none (create-only)."""
+    from lsdeploy.state import default_store
+
+    store = default_store()
+    store.set("1", "model_version", "3.0.0")
+    assert Model(project_id="1").model_version == "3.0.0"
+    store.create("1", "model_version", "0.0.1")
+    store.create("1", "fresh", {"a": 1})
+    assert store.get("1", "model_version") == "3.0.0" and store.get("1", "fresh") == {"a": 1}
+
+
+def test_create_falls_back_to_update_in_other_stores():
+    from lsdeploy.state import StateStore
+
+    class DictStore(StateStore):
+        def __init__(self):
+            self.data = {}
+
+        def get(self, project, key, default=None):
+            return self.data.get((project, key), default)
+
+        def update(self, project, key, fn, default=None):
+            self.data[(project, key)] = fn(self.data.get((project, key), default))
+            return self.data[(project, key)]
+
+    store = DictStore()
+    store.create("1", "k", "first")
+    store.create("1", "k", "second")
+    assert store.get("1", "k") == "first"
+
+
 def test_update_is_atomic_read_modify_write(model_dir):
     model = Model(project_id="1")
     assert model.update("n", lambda v: (v or 0) + 1) == 1

@@ -221,6 +221,139 @@ def test_a_write_that_finally_fails_raises(own_emulator, make_store):
     assert store.get("1", "k") == "kept"  # the failed write did not pretend to succeed
 
 
+def _timed(fn):
+    started = time.monotonic()
+    result = fn()
+    return time.monotonic() - started, result
+
+
+def test_reads_and_health_never_wait_on_hanging_storage(gcs_emulator, bucket, make_store, fault_proxy):
+    """Storage that accepts connections and never answers (timeouts, not refusals): reads
+    serve the snapshot at once, health says degraded, state converges when storage answers."""
+    proxy = fault_proxy(gcs_emulator)
+    store = make_store(proxy, f"gs://{bucket}/hang", refresh_seconds=0.5, write_timeout=10)
+    other = make_store(gcs_emulator, f"gs://{bucket}/hang", refresh_seconds=0.5)
+    store.set("1", "model_version", "1.0.0")
+    proxy.hang()
+    other.set("1", "model_version", "2.0.0")  # written while this instance cannot see storage
+    slowest, errors = [], []
+
+    def reader():
+        worst = 0.0
+        deadline = time.monotonic() + 5  # several refresh periods, and past the listing timeout
+        try:
+            while time.monotonic() < deadline:
+                elapsed, value = _timed(lambda: store.get("1", "model_version"))
+                assert value == "1.0.0"
+                worst = max(worst, elapsed)
+                time.sleep(0.01)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        slowest.append(worst)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    health_times = []
+    while any(t.is_alive() for t in threads):
+        elapsed, health = _timed(store.health)
+        health_times.append((elapsed, health["status"]))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # Before the fix every reader queued on its own 2 s listing; now the only wait is a read
+    # that found the snapshot stale before storage was known to hang (at most read_wait).
+    assert max(slowest) < 1.0, slowest
+    assert max(elapsed for elapsed, _ in health_times) < 1.0, health_times
+    assert health_times[-1][1] == "degraded", health_times[-3:]
+    # A write on the request path returns within its wait and lands once storage answers.
+    elapsed, _ = _timed(lambda: store.set("1", "label_config", "<View/>", wait=0.25))
+    assert elapsed < 1.0
+    elapsed, _ = _timed(lambda: store.create("1", "created", "yes", wait=0.25))
+    assert elapsed < 1.0
+    proxy.answer()
+    wait_for(lambda: store.get("1", "model_version") == "2.0.0", timeout=30, message="convergence")
+    wait_for(lambda: store.health()["status"] == "ok", timeout=30, message="ok again")
+    wait_for(lambda: other.get("1", "label_config") == "<View/>" and other.get("1", "created") == "yes",
+             timeout=60, message="the writes made during the hang")
+
+
+def test_a_background_write_that_finally_fails_is_logged(own_emulator, make_store, caplog):
+    own_emulator.create_bucket("bkt")
+    store = make_store(own_emulator, "gs://bkt/bg", write_timeout=1.5, refresh_seconds=0.5)
+    own_emulator.stop()
+    elapsed, _ = _timed(lambda: store.set("1", "label_config", "<View/>", wait=0.25))
+    assert elapsed < 1.0
+    wait_for(lambda: any(r.levelname == "ERROR" and "state key 'label_config' was not written" in r.getMessage()
+                         for r in caplog.records), timeout=30, message="the error in the log")
+
+
+def test_model_start_keeps_a_version_another_instance_wrote(gcs_emulator, bucket, make_store):
+    """LabelStudioMLBase creates model_version create-only: a newer version written by another
+    instance, not yet in this instance's snapshot, is kept."""
+    from lsdeploy import LabelStudioMLBase
+
+    a = make_store(gcs_emulator, f"gs://{bucket}/create", refresh_seconds=30)
+    b = make_store(gcs_emulator, f"gs://{bucket}/create", refresh_seconds=30)
+    a.set("1", "model_version", "0.1.0")
+    assert not b.has("1", "model_version")  # b's snapshot predates the write
+    model = LabelStudioMLBase.__new__(LabelStudioMLBase)
+    model._store = b
+    model.__init__(project_id="1", label_config=TEXT_CONFIG)
+    assert model.model_version == "0.1.0"
+    assert json.loads(gcs_emulator.read_object(bucket, "create/state/p-1/k-model_version.json"))["v"] == "0.1.0"
+    b.create("1", "fresh", "first")
+    a.create("1", "fresh", "second")
+    assert a.get("1", "fresh") == b.get("1", "fresh") == "first"
+
+
+def test_lock_sees_what_the_previous_holder_wrote(gcs_emulator, bucket, make_store):
+    """Fits on two instances one after the other: the second starts from the first's version."""
+    from lsdeploy.model import next_version
+
+    # A long refresh period: only lock()'s own refresh can show one store the other's writes.
+    stores = [make_store(gcs_emulator, f"gs://{bucket}/handover", refresh_seconds=60) for _ in range(2)]
+    stores[0].set("1", "model_version", "0.1.0")
+    published = []
+    for store in stores + stores:
+        with store.lock("1"):
+            version = next_version(store.get("1", "model_version"))
+            store.set("1", "model_version", version)
+            published.append(version)
+    assert published == ["0.2.0", "0.3.0", "0.4.0", "0.5.0"]
+
+
+def test_concurrent_saves_never_leave_the_pointer_on_deleted_contents(gcs_emulator, bucket, make_store, tmp_path):
+    """B uploads its contents; before it flips the pointer, A saves and collects garbage from
+    a snapshot that does not know B's contents. Whatever the pointer names must still exist."""
+    a, b, c = (make_store(gcs_emulator, f"gs://{bucket}/gc", refresh_seconds=0.5) for _ in range(3))
+    a.save_artifact("1", "w.bin", _write(tmp_path / "v0", b"v0" * 1000))
+    a.save_artifact("1", "w.bin", _write(tmp_path / "v1", b"v1" * 1000))
+    wait_for(lambda: b.load_artifact("1", "w.bin") and open(b.load_artifact("1", "w.bin"), "rb").read()[:2] == b"v1",
+             timeout=20, message="b knows v1")
+    flip = b._upload
+
+    def a_saves_first(*args, **kwargs):
+        a.save_artifact("1", "w.bin", _write(tmp_path / "v3", b"v3" * 1000))
+        return flip(*args, **kwargs)
+
+    b._upload = a_saves_first
+    b.save_artifact("1", "w.bin", _write(tmp_path / "v2", b"v2" * 1000))
+    b._upload = flip
+    pointer = json.loads(gcs_emulator.read_object(bucket, "gc/state/p-1/a-w.bin.json"))["v"]["sha256"]
+    assert pointer == hashlib.sha256(b"v2" * 1000).hexdigest()  # b flipped last
+    assert f"gc/artifacts/p-1/w.bin/{pointer}" in gcs_emulator.list_objects(bucket, "gc/artifacts/")
+    path = wait_for(lambda: c.load_artifact("1", "w.bin"), timeout=20)
+    assert open(path, "rb").read() == b"v2" * 1000
+    # Contents older than the grace period are collected; the current and previous stay.
+    d = make_store(gcs_emulator, f"gs://{bucket}/gc", refresh_seconds=0.5, artifact_grace_seconds=0.5)
+    time.sleep(1.0)
+    d.save_artifact("1", "w.bin", _write(tmp_path / "v4", b"v4" * 1000))
+    kept = {n.rsplit("/", 1)[1] for n in gcs_emulator.list_objects(bucket, "gc/artifacts/p-1/w.bin/")}
+    assert kept == {hashlib.sha256(d).hexdigest() for d in (b"v2" * 1000, b"v4" * 1000)}
+
+
 # -- artifacts -------------------------------------------------------------------------------
 
 def _write(path, data: bytes):
@@ -461,6 +594,58 @@ def test_text_classifier_trained_on_one_instance_predicts_on_the_other(gcs_emula
     assert result["result"][0]["value"]["choices"] == ["Positive"]
 
 
+def _classifier(model_class, store, project="1"):
+    """A text-classifier model instance on `store`, the way the server builds one."""
+    model = model_class.__new__(model_class)
+    model._store = store
+    model.__init__(project_id=project, label_config=TEXT_CONFIG)
+    return model
+
+
+def test_text_classifier_keeps_a_training_set_over_4_mib(gcs_emulator, bucket, make_store, created):
+    """The training set is an artifact: past the 4 MiB limit of a state value, fits go on, and
+    another instance reads it whole."""
+    from lsdeploy.loader import load_model_class
+
+    model_class = load_model_class(created("text-classifier"))
+    a = make_store(gcs_emulator, f"gs://{bucket}/big")
+    b = make_store(gcs_emulator, f"gs://{bucket}/big")
+    model = _classifier(model_class, a)
+    a.set("1", "dataset", {"legacy": ["kept from an older blueprint", "Positive"]})  # where it used to live
+    text = "great " * (200 << 10)  # 1.2 MB per example, one class: no sklearn needed
+    for i in range(1, 5):
+        result = model.fit("ANNOTATION_CREATED", annotation_event(i, i, f"{i} {text}", "Positive"))
+        assert result["trained"] and result["examples"] == i + 1, result
+    assert not a.has("1", "dataset")  # moved into the artifact
+    with open(a.load_artifact("1", "dataset.json"), "rb") as handle:
+        assert len(handle.read()) > 4 << 20
+    other = _classifier(model_class, b)
+    wait_for(lambda: set(other._dataset()) == {"legacy", "1", "2", "3", "4"}, timeout=20, message="the set on b")
+    assert other.model_version == "0.4.0"
+    assert other.predict([text_task(9, "great")]).predictions[0].result[0]["value"]["choices"] == ["Positive"]
+
+
+def test_text_classifier_never_publishes_one_version_for_two_models(gcs_emulator, bucket, make_store, created):
+    """Two fits on different instances from the same version (no lease between them): the
+    second publishes the version after the first's, and the saved model carries it."""
+    import pickle
+
+    from lsdeploy.loader import load_model_class
+
+    model_class = load_model_class(created("text-classifier"))
+    a = make_store(gcs_emulator, f"gs://{bucket}/race", refresh_seconds=60)
+    b = make_store(gcs_emulator, f"gs://{bucket}/race", refresh_seconds=60)
+    first, second = _classifier(model_class, a), _classifier(model_class, b)
+    assert first.model_version == second.model_version == "0.0.1"
+    assert first._train({"1": ["good", "Positive"]})["model_version"] == "0.1.0"
+    assert b.get("1", "model_version") == "0.0.1"  # b has not seen it: a stale start
+    assert second._train({"1": ["bad", "Negative"]})["model_version"] == "0.2.0"
+    assert a.update("1", "model_version", lambda v: v) == "0.2.0"
+    with open(b.load_artifact("1", "model.pkl"), "rb") as handle:
+        saved = pickle.load(handle)
+    assert saved["version"] == "0.2.0" and saved["majority"] == "Negative"
+
+
 def setup_version(server):
     answer = server.post("/setup", {"project": "1.1700000000", "schema": TEXT_CONFIG, "hostname": "", "extra_params": {}})
     assert answer.status_code == 200, answer.text
@@ -584,6 +769,48 @@ def test_storage_outage_keeps_predict_answering(own_emulator, servers):
              message="the writes made during the outage")
     wait_for(lambda: b.get("/health").json()["store"]["status"] == "ok", timeout=30)
     assert predict(a)["n"] == 2
+
+
+def test_predict_and_health_answer_fast_while_storage_hangs(gcs_emulator, bucket, servers, fault_proxy, make_store):
+    """Label Studio gives /health 1 s: a storage that stops answering (a partition, not a
+    refused connection) must not stall /predict or /health; state converges afterwards."""
+    proxy = fault_proxy(gcs_emulator)
+    (server,) = servers(proxy, f"gs://{bucket}/hangsrv", count=1)
+    writer = make_store(gcs_emulator, f"gs://{bucket}/hangsrv")
+    for _ in range(5):
+        assert predict(server)["model_version"] == "0.0.1"
+    proxy.hang()
+    writer.set("1", "model_version", "5.0.0")  # another instance writes during the partition
+    latencies, errors = [], []
+    deadline = time.monotonic() + 6  # several refresh periods, past the 2 s listing timeout
+
+    def client(path):
+        while time.monotonic() < deadline:
+            try:
+                started = time.monotonic()
+                answer = server.post("/predict", predict_body([text_task(1, "x")])) if path == "/predict" \
+                    else server.get("/health")
+                latencies.append((time.monotonic() - started, path, answer.status_code))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=client, args=(path,)) for path in ("/predict",) * 4 + ("/health",) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert {status for _, _, status in latencies} == {200}
+    # Before the fix: answers after 5, 9, 17 s. The only wait left is at most 0.25 s.
+    slowest = max(latencies)
+    assert slowest[0] < 1.0, (slowest, len(latencies))
+    health = server.get("/health").json()
+    assert health["status"] == "DEGRADED" and health["store"]["status"] == "degraded", health
+    assert predict(server)["model_version"] == "0.0.1"  # the last known state
+    proxy.answer()
+    wait_for(lambda: predict(server)["model_version"] == "5.0.0", timeout=60, message="convergence")
+    wait_for(lambda: server.get("/health").json()["store"]["status"] == "ok", timeout=30, message="ok again")
 
 
 def _start_fails(backend, env):
