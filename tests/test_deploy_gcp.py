@@ -745,3 +745,13 @@ def test_cli_failing_preview_names_rule_and_path_and_calls_no_google_api(api_clo
     assert "results[0]" in line and "'Maybe'" in line and re.search(r"\[[a-z_.]+\]", line), line
     assert "nothing was deployed" in line
     assert api_cloud.log.mutating() == [] and api_cloud.log.count(api="cloudbuild") == 0
+
+
+def test_build_applies_the_dockerignore_inside_the_bundle(api_cloud, backend):
+    # .gcloudignore decides what is uploaded; Docker then applies .dockerignore to the build context
+    (backend / ".gcloudignore").write_text("# upload everything\n")
+    (backend / ".dockerignore").write_text("requirements.txt\n")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("dockerignored"))
+    assert info.value.exit_code == EXIT_BUILD
+    assert "COPY failed" in str(info.value) and "requirements.txt" in str(info.value)

@@ -50,6 +50,43 @@ LoggingMode = cb.BuildOptions.pb().LoggingMode
 DOCKER_BUILDERS = ("gcr.io/cloud-builders/docker", "docker", "gcr.io/cloud-builders/docker:latest")
 
 
+def dockerignore_patterns(text: str) -> list[tuple[bool, list[str]]]:
+    """(exception, pattern split in path parts) per line of a .dockerignore, as Docker reads it."""
+    patterns = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        line = line.strip()
+        exception = line.startswith("!")
+        line = line[1:].strip() if exception else line
+        parts = [p for p in posixpath.normpath(line).split("/") if p and p != "."] if line else []
+        if parts:
+            patterns.append((exception, parts))
+    return patterns
+
+
+def _parts_match(pattern: list[str], path: list[str]) -> bool:
+    """Go's filepath.Match part by part, plus `**` for any number of parts."""
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        return any(_parts_match(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) and _parts_match(pattern[1:], path[1:])
+
+
+def dockerignored(name: str, patterns) -> bool:
+    """Whether Docker leaves `name` out of the build context: the last pattern matching it or a
+    parent directory decides; the Dockerfile and .dockerignore are always sent."""
+    if name in ("Dockerfile", ".dockerignore"):
+        return False
+    parts = name.split("/")
+    excluded = False
+    for exception, pattern in patterns:
+        if any(_parts_match(pattern, parts[:i]) for i in range(1, len(parts) + 1)):
+            excluded = not exception
+    return excluded
+
+
 def copy_source_missing(keyword: str, arguments: str, context: dict) -> str | None:
     """The first source of a COPY/ADD that the build context lacks (None when all are there), as
     Docker checks them: `.` is the whole context, a glob must match something, a directory is
@@ -469,6 +506,10 @@ class CloudBuildFake:
         else:
             context_files = {n[len(base) + 1:] if base else n: c for n, c in files.items()
                              if not base or n.startswith(base + "/")}
+        sent = len(context_files)
+        if ".dockerignore" in context_files:
+            patterns = dockerignore_patterns(context_files[".dockerignore"].decode("utf-8", "replace"))
+            context_files = {n: c for n, c in context_files.items() if not dockerignored(n, patterns)}
         dockerfile = dockerfile or "Dockerfile"
         lines = []
         for ref in cache_from:
@@ -499,7 +540,7 @@ class CloudBuildFake:
                 lines.append(" ---> Using cache")
         lines.append(f"Successfully built {digest[7:19]}")
         bundle = record.bundle
-        if base and files is not None:  # the image's source is the context, not the whole bundle
+        if (base or len(context_files) < sent) and files is not None:  # the image holds the context only
             import io
             import tarfile
 
