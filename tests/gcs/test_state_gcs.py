@@ -279,6 +279,27 @@ def test_reads_and_health_never_wait_on_hanging_storage(gcs_emulator, bucket, ma
              timeout=60, message="the writes made during the hang")
 
 
+def test_uncached_artifact_while_storage_hangs_fails_fast_and_clearly(gcs_emulator, bucket, make_store,
+                                                                      fault_proxy, tmp_path):
+    proxy = fault_proxy(gcs_emulator)
+    reader = make_store(proxy, f"gs://{bucket}/uncached", refresh_seconds=0.5)
+    writer = make_store(gcs_emulator, f"gs://{bucket}/uncached")
+    writer.save_artifact("1", "w.bin", _write(tmp_path / "w", b"weights"))
+    wait_for(lambda: reader.get("1", "x") is None and ("a", "1", "w.bin") in reader._snapshot, timeout=20,
+             message="the pointer on the reader")
+    proxy.hang()
+    wait_for(lambda: reader.health()["status"] == "degraded", timeout=20, message="degraded")
+    started = time.monotonic()
+    with pytest.raises(StateError) as info:
+        reader.load_artifact("1", "w.bin")
+    assert time.monotonic() - started < 10  # one short try, not the 60 s of retries
+    message = str(info.value)
+    assert "'w.bin'" in message and "not cached on this instance" in message and "unreachable" in message
+    proxy.answer()
+    path = wait_for(lambda: reader.load_artifact("1", "w.bin"), timeout=30, message="the load once storage answers")
+    assert open(path, "rb").read() == b"weights"
+
+
 def test_a_background_write_that_finally_fails_is_logged(own_emulator, make_store, caplog):
     own_emulator.create_bucket("bkt")
     store = make_store(own_emulator, "gs://bkt/bg", write_timeout=1.5, refresh_seconds=0.5)
@@ -808,9 +829,16 @@ def test_predict_and_health_answer_fast_while_storage_hangs(gcs_emulator, bucket
     health = server.get("/health").json()
     assert health["status"] == "DEGRADED" and health["store"]["status"] == "degraded", health
     assert predict(server)["model_version"] == "0.0.1"  # the last known state
+    # A project this process has not seen: building its model writes label_config and the
+    # initial model_version; they must not hold the request (before: 60 s, then 500).
+    started = time.monotonic()
+    answer = server.post("/predict", predict_body([text_task(1, "x", project=2)], project="2.1700000000"))
+    assert answer.status_code == 200 and time.monotonic() - started < 1.0, (answer.text, time.monotonic() - started)
     proxy.answer()
     wait_for(lambda: predict(server)["model_version"] == "5.0.0", timeout=60, message="convergence")
     wait_for(lambda: server.get("/health").json()["store"]["status"] == "ok", timeout=30, message="ok again")
+    wait_for(lambda: writer.get("2", "label_config") == TEXT_CONFIG and writer.get("2", "model_version") == "0.0.1",
+             timeout=60, message="the writes deferred during the partition")
 
 
 def _start_fails(backend, env):
