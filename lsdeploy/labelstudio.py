@@ -191,6 +191,13 @@ def _reason(resp) -> str:
     return line[:600] or f"HTTP {resp.status_code}"
 
 
+def _without_userinfo(url: str) -> str:
+    """`url` with any user:password@ part removed, for messages."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
+
+
 class LabelStudio:
     """A Label Studio REST client bound to one host and key. Thread-safe for token refresh."""
 
@@ -211,6 +218,8 @@ class LabelStudio:
         if not host.startswith(("http://", "https://")):
             host = "http://" + host
         self.host = host
+        # what messages show: the address without user info (a proxy password in the URL)
+        self.shown = _without_userinfo(host)
         self.timeout = timeout
         self.key_kind = key_kind(api_key)
         self.__key = api_key
@@ -220,7 +229,7 @@ class LabelStudio:
         self._session = session or requests.Session()
 
     def __repr__(self):
-        return f"LabelStudio(host={self.host!r}, key=<{self.key_kind}>)"
+        return f"LabelStudio(host={self.shown!r}, key=<{self.key_kind}>)"
 
     # -- auth ---------------------------------------------------------------------------------
     def authorization(self, renew: bool = False) -> str:
@@ -248,19 +257,19 @@ class LabelStudio:
         self._check_api(resp)
         if resp.status_code in (400, 401, 403):
             raise LabelStudioError(
-                f"Label Studio at {self.host} refused the personal access token ({resp.status_code}: "
+                f"Label Studio at {self.shown} refused the personal access token ({resp.status_code}: "
                 f"{_reason(resp)}): create a new one in Account & Settings > Personal Access Token and pass it "
                 "with --label-studio-api-key (LABEL_STUDIO_API_KEY)", EXIT_AUTH, resp.status_code)
         if resp.status_code == 404:
             raise LabelStudioError(
-                f"{self.host} has no /api/token/refresh/: it is not a Label Studio that accepts personal access "
+                f"{self.shown} has no /api/token/refresh/: it is not a Label Studio that accepts personal access "
                 "tokens (1.14 or newer); use its legacy API token instead", EXIT_AUTH, 404)
         if resp.status_code >= 400:
-            raise LabelStudioError(f"exchanging the personal access token at {self.host} failed: "
+            raise LabelStudioError(f"exchanging the personal access token at {self.shown} failed: "
                                    f"{resp.status_code} {_reason(resp)}", EXIT_AUTH, resp.status_code)
         access = (self._json(resp) or {}).get("access")
         if not access:
-            raise LabelStudioError(f"{self.host}/api/token/refresh/ answered without an access token", EXIT_AUTH)
+            raise LabelStudioError(f"{self.shown}/api/token/refresh/ answered without an access token", EXIT_AUTH)
         payload = _jwt_payload(access) or {}
         expires = float(payload.get("exp") or (time.time() + 240))
         return access, expires
@@ -274,7 +283,7 @@ class LabelStudio:
                 "control character inside): copy it again into --label-studio-api-key (LABEL_STUDIO_API_KEY)",
                 EXIT_USAGE)
         return LabelStudioError(
-            f"cannot reach Label Studio at {self.host} ({type(exc).__name__}): check --label-studio-host "
+            f"cannot reach Label Studio at {self.shown} ({type(exc).__name__}): check --label-studio-host "
             "(LABEL_STUDIO_URL) and that Label Studio is running", EXIT_USAGE)
 
     # -- requests -----------------------------------------------------------------------------
@@ -300,7 +309,7 @@ class LabelStudio:
                     "API Tokens Settings); a personal access token is the default in current Label Studio"
                     if self.key_kind == "legacy token" else "create a new personal access token in Account & Settings")
             raise LabelStudioError(
-                f"Label Studio at {self.host} refused the API key ({self.key_kind}, 401: {_reason(resp)}): "
+                f"Label Studio at {self.shown} refused the API key ({self.key_kind}, 401: {_reason(resp)}): "
                 f"check --label-studio-api-key (LABEL_STUDIO_API_KEY); {hint}", EXIT_AUTH, 401)
         return resp
 
@@ -334,7 +343,7 @@ class LabelStudio:
 
         path = urllib.parse.urlsplit(resp.url or "").path if resp.url else ""
         return LabelStudioError(
-            f"{self.host} answered {path or 'the API call'} with {what} ({resp.status_code}), not Label Studio's API: "
+            f"{self.shown} answered {path or 'the API call'} with {what} ({resp.status_code}), not Label Studio's API: "
             "check --label-studio-host (LABEL_STUDIO_URL); a proxy or single sign-on page in front of Label Studio "
             "must let API calls with the key through", EXIT_USAGE, resp.status_code)
 
@@ -348,10 +357,10 @@ class LabelStudio:
         self._check_api(resp, missing_is_json=True)  # Label Studio answers a missing project in JSON
         if resp.status_code == 404:
             raise LabelStudioError(
-                f"Label Studio at {self.host} has no project {pid} (or this key cannot see it): check --project "
+                f"Label Studio at {self.shown} has no project {pid} (or this key cannot see it): check --project "
                 "(LABEL_STUDIO_PROJECT); the id is the number in the project's URL", EXIT_USAGE, 404)
         if resp.status_code == 403:
-            raise LabelStudioError(f"the API key may not read project {pid} on {self.host} (403): use the key of "
+            raise LabelStudioError(f"the API key may not read project {pid} on {self.shown} (403): use the key of "
                                    "a member of the project's organization", EXIT_AUTH, 403)
         if resp.status_code >= 400:
             raise LabelStudioError(f"reading project {pid} failed: {resp.status_code} {_reason(resp)}",
@@ -366,7 +375,7 @@ class LabelStudio:
     def get_backend(self, backend_id: int) -> dict:
         resp = self.request("GET", f"/api/ml/{int(backend_id)}")
         if resp.status_code == 404:
-            raise LabelStudioError(f"Label Studio at {self.host} has no ML backend {backend_id}", EXIT_USAGE, 404)
+            raise LabelStudioError(f"Label Studio at {self.shown} has no ML backend {backend_id}", EXIT_USAGE, 404)
         if resp.status_code >= 400:
             raise LabelStudioError(f"reading ML backend {backend_id} failed: {resp.status_code} {_reason(resp)}",
                                    EXIT_ERROR, resp.status_code)

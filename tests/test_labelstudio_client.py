@@ -105,6 +105,19 @@ def test_unreachable_label_studio_is_one_line_without_the_key():
     assert "Traceback" not in done.stderr and "secret-key-123456" not in done.stdout + done.stderr
 
 
+def test_a_password_in_the_label_studio_address_is_never_shown():
+    port = free_port()
+    env = {"LABEL_STUDIO_URL": f"http://proxy-user:proxy-pass-778899@127.0.0.1:{port}",
+           "LABEL_STUDIO_API_KEY": "secret-key-123456", "LABEL_STUDIO_PROJECT": "1"}
+    done = run_cli("connect", "http://127.0.0.1:9", env=env)
+    assert done.returncode == EXIT_USAGE
+    assert f"cannot reach Label Studio at http://127.0.0.1:{port}" in done.stderr
+    assert "proxy-pass-778899" not in done.stdout + done.stderr
+    client = LabelStudio(env["LABEL_STUDIO_URL"], env["LABEL_STUDIO_API_KEY"])
+    assert client.host == env["LABEL_STUDIO_URL"]  # requests still authenticate to the proxy
+    assert "proxy-pass-778899" not in repr(client)
+
+
 def test_every_option_reads_an_environment_variable():
     for command in ("connect", "disconnect"):
         done = run_cli(command, "--help")

@@ -61,13 +61,13 @@ def connect(url, label_studio_host, label_studio_api_key, projects, title, basic
                             "(BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
     client = LabelStudio(label_studio_host, label_studio_api_key, timeout=timeout)
     progress(f"registering {url.rstrip('/')} with project(s) {', '.join(map(str, project_ids))} on "
-             f"{client.host} ({client.key_kind})")
+             f"{client.shown} ({client.key_kind})")
     registrations = client.register(
         url, project_ids, title=title, basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
         interactive=interactive, verify=verify,
     )
     if as_json:
-        emit_json({"label_studio": client.host, "registrations": [r.to_dict() for r in registrations]})
+        emit_json({"label_studio": client.shown, "registrations": [r.to_dict() for r in registrations]})
         return
     for reg in registrations:
         test = reg.test_prediction["detail"] if reg.test_prediction else "not run"
@@ -100,7 +100,7 @@ def disconnect(url, label_studio_host, label_studio_api_key, projects, backend_i
     client = LabelStudio(label_studio_host, label_studio_api_key, timeout=timeout)
     removals = client.unregister(project_ids, url=url, backend_id=backend_id)
     if as_json:
-        emit_json({"label_studio": client.host, "removed": [r.to_dict() for r in removals]})
+        emit_json({"label_studio": client.shown, "removed": [r.to_dict() for r in removals]})
         return
     if not removals:
         click.echo(f"Label Studio has no ML backend {backend_id} (nothing to remove)")
