@@ -387,8 +387,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         return error(str(exc), exc.status)
 
     @app.errorhandler(LabelConfigError)
-    def _label_config(exc: LabelConfigError):
-        return error(f"{exc}: send the project's label config as Label Studio has it", 400)
+    def _label_config(exc: LabelConfigError):  # a label config the request carried (or the store kept)
+        return error(str(exc), 400)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
