@@ -359,7 +359,7 @@ INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_O
 
 # Cloud Run's CPU and memory table (cloud.google.com/run/docs/configuring/services/cpu and
 # .../memory-limits): whole CPUs above 1, memory from 512Mi (second generation) to 32Gi, and
-# memory above a size needs a number of CPUs; a CPU count needs a least memory.
+# memory above a size needs a number of CPUs; a CPU count needs at least some memory.
 CPU_CHOICES = (1, 2, 4, 6, 8)
 MIN_CPUS_FOR_MEMORY = ((24 * 1024, 8), (16 * 1024, 6), (8 * 1024, 4), (4 * 1024, 2))  # more than MiB -> CPUs
 MIN_MEMORY_FOR_CPUS = {4: 2 * 1024, 6: 4 * 1024, 8: 4 * 1024}                          # CPUs -> at least MiB
