@@ -311,8 +311,8 @@ def bounded_worker_class(client_timeout: float):
             if left < self.read_timeout - slack:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(left))
                 self.read_timeout = left
-            try:
-                return super().chunk(size_hint)
+            try:  # gunicorn < 24 has no size_hint
+                return super().chunk() if size_hint is None else super().chunk(size_hint)
             except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived in time
                 raise RequestTimeout() from None
 
@@ -328,7 +328,7 @@ def bounded_worker_class(client_timeout: float):
                         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
                         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, full)
                         parser = conn.parser
-                        if not conn.is_http2 and type(parser.unreader) is SocketUnreader:
+                        if not getattr(conn, "is_http2", False) and type(getattr(parser, "unreader", None)) is SocketUnreader:
                             reader = DeadlineUnreader(conn.sock, parser.unreader.mxchunk)
                             reader.buf = parser.unreader.buf
                             parser.unreader = reader
