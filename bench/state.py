@@ -15,6 +15,10 @@ made during the load (counted by a pass-through proxy: listings, not one per req
 Then, for --trials writes of a new model_version made by another instance (this process, with
 its own GCSStore on the same bucket), it measures the time until the server's /setup answers
 the new version; the bound is MODEL_STATE_REFRESH_SECONDS (--refresh).
+
+Last, storage stops answering (the proxy accepts and never answers, as in a network
+partition) for --hang seconds: it prints the slowest /predict and /health of the GCS server
+meanwhile (Label Studio gives /health 1 s).
 """
 from __future__ import annotations
 
@@ -79,6 +83,7 @@ def main() -> None:
     parser.add_argument("--blueprint", default="default")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--refresh", type=float, default=2.0, help="MODEL_STATE_REFRESH_SECONDS")
+    parser.add_argument("--hang", type=float, default=6.0, help="seconds of storage that never answers")
     args = parser.parse_args()
 
     from lsdeploy.blueprints import create
@@ -100,6 +105,7 @@ def main() -> None:
     totals = {"sqlite": [0, 0], "gcs": [0, 0]}
     storage_requests = 0
     delays = []
+    hung: dict[str, list[float]] = {"/predict": [], "/health": []}
     try:
         sqlite.start(timeout=120)
         gcs.start(timeout=120)
@@ -130,6 +136,30 @@ def main() -> None:
                 time.sleep(0.37 * (trial % 3))  # land writes at different points of the refresh cycle
         finally:
             writer.close()
+
+        proxy.hang()
+        try:
+            stop = time.monotonic() + args.hang
+
+            def timed(path):
+                conn = http.client.HTTPConnection("127.0.0.1", gcs.port, timeout=60)
+                while time.monotonic() < stop:
+                    started = time.monotonic()
+                    if path == "/predict":
+                        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                    else:
+                        conn.request("GET", path)
+                    conn.getresponse().read()
+                    hung[path].append(time.monotonic() - started)
+                    time.sleep(0.02)
+
+            clients = [threading.Thread(target=timed, args=(path,)) for path in ("/predict", "/predict", "/health")]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+        finally:
+            proxy.answer()
     finally:
         for server in (sqlite, gcs):
             server.stop()
@@ -150,6 +180,9 @@ def main() -> None:
     print(f"write visibility on another instance (MODEL_STATE_REFRESH_SECONDS={args.refresh:g}), {len(delays)} trials:"
           f"  min {min(delays):.3f} s  median {statistics.median(delays):.3f} s  max {max(delays):.3f} s"
           f"  (max / bound = {max(delays) / args.refresh:.2f})")
+    print(f"storage hanging for {args.hang:g} s (accepts, never answers): slowest /predict "
+          f"{max(hung['/predict']):.3f} s of {len(hung['/predict'])}, slowest /health {max(hung['/health']):.3f} s "
+          f"of {len(hung['/health'])}")
     failed = totals["sqlite"][1] + totals["gcs"][1]
     if failed:
         raise SystemExit(f"{failed} failed requests")
