@@ -1,5 +1,6 @@
 """create -> start -> /predict for each blueprint; the rendered Dockerfile; lsdeploy's wheel."""
 import hashlib
+import json
 import re
 import time
 import zipfile
@@ -87,7 +88,8 @@ def test_text_classifier_forgets_deleted_annotations(created):
     # stopping the server finished any queued training
     from lsdeploy.state import SQLiteStore
 
-    assert set(SQLiteStore(str(directory / ".lsdeploy")).get("1", "dataset")) == {"1"}
+    with open(SQLiteStore(str(directory / ".lsdeploy")).load_artifact("1", "dataset.json")) as handle:
+        assert set(json.load(handle)) == {"1"}  # the training set is an artifact: no state value limit
 
 
 def test_dockerfile_layers_user_port_and_command(created):
@@ -99,7 +101,7 @@ def test_dockerfile_layers_user_port_and_command(created):
     assert 'CMD ["label-studio-ml", "start", "/app"]' in text  # exec form: SIGTERM reaches gunicorn
     assert "PORT=9090" in text
     ignore = (created("default", name="d2") / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "__pycache__", ".lsdeploy"} <= set(ignore)
+    assert {".git", ".venv", "**/__pycache__", ".lsdeploy"} <= set(ignore)
     requirements = (created("text-classifier", name="tc2") / "requirements.txt").read_text()
     assert "scikit-learn" in requirements
 
