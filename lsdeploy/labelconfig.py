@@ -131,7 +131,7 @@ def first_tag_occurrence(config, control_type, object_type, name_filter=None, to
             if to_name_filter is not None and not to_name_filter(to_name):
                 continue
             return name, to_name, obj.value
-    raise ValueError(
+    raise LabelConfigError(
         f"label config has no {'/'.join(sorted(control_types))} control tag "
         f"bound to a {'/'.join(sorted(object_types))} object tag"
     )

@@ -434,8 +434,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest("'schema' must be the label config XML string")
         hostname, token = data.get("hostname"), data.get("access_token")
         if isinstance(hostname, str) or isinstance(token, str):
-            taskdata.remember(project_id, hostname if isinstance(hostname, str) else None,
-                              token if isinstance(token, str) else None)
+            try:
+                taskdata.remember(project_id, hostname if isinstance(hostname, str) else None,
+                                  token if isinstance(token, str) else None)
+            except taskdata.TaskDataError as exc:  # an address or key longer than any real one
+                raise BadRequest(str(exc)) from None
         model = pool.get(project_id, schema)
         extra = data.get("extra_params")
         if extra not in (None, "", {}):

@@ -107,22 +107,6 @@ def test_fuzz_every_operation(fuzz_server):
     assert "Traceback" not in fuzz_server.log()
 
 
-def _missing_tags_are_a_label_config_error() -> bool:
-    from lsdeploy.labelconfig import LabelConfigError, first_tag_occurrence
-
-    try:
-        first_tag_occurrence("<View/>", "Choices", "Text")
-    except LabelConfigError:
-        return True
-    except ValueError:
-        return False
-    return True
-
-
-@pytest.mark.xfail(not _missing_tags_are_a_label_config_error(), strict=True,
-                   reason="lsdeploy.labelconfig.first_tag_occurrence raises a plain ValueError for a label config "
-                          "without the tags the text-classifier needs (a 500 on /setup {}); it must raise "
-                          "LabelConfigError, which the server answers 400")
 def test_fuzz_text_classifier_behind_basic_auth(auth_server):
     """The text-classifier blueprint with credentials (its setup parses every label config the
     fuzzer makes up; its fit trains on made-up annotations), then without: every operation

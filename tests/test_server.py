@@ -459,6 +459,27 @@ def test_malformed_label_config_is_json_400(text_classifier, model_dir, path, bo
     assert resp.json["error"].startswith("label config ")
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/setup", {"project": "6.1", "schema": "<View><Text name='t' value='$text'/></View>"}),
+    ("/predict", {"project": "7.1", "label_config": "<View/>", "tasks": [{"id": 1, "data": {"text": "a"}}]}),
+])
+def test_label_config_without_the_models_tags_is_json_400(text_classifier, model_dir, path, body):
+    """The text-classifier needs Choices on a Text tag: another config is the request's problem."""
+    model_class, _ = text_classifier
+    client = create_app(model_class, store=SQLiteStore(str(model_dir))).test_client()
+    resp = client.post(path, json=body)
+    assert resp.status_code == 400 and resp.is_json, resp.get_data(as_text=True)
+    assert "no choices control tag bound to a" in resp.json["error"]
+
+
+def test_setup_with_an_oversized_address_or_key_is_json_400(client):
+    for field in ("hostname", "access_token"):
+        value = "http://ls.example.com/" + "x" * 100_000 if field == "hostname" else "k" * 100_000
+        resp = client.post("/setup", json={"project": "8.1", "schema": "<View/>", field: value})
+        assert resp.status_code == 400 and resp.is_json, resp.get_data(as_text=True)
+        assert f"'{field}' is longer than" in resp.json["error"] and value not in resp.json["error"]
+
+
 class ExposedStore(SQLiteStore):
     def health(self):
         return {"store": "gcs", "status": "degraded", "uri": "gs://private-bucket/prefix",

@@ -163,7 +163,7 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         client.whoami()
         for pid in project_ids:
             client.get_project(pid)
-        progress(f"Label Studio at {client.host} accepts the key ({client.key_kind})")
+        progress(f"Label Studio at {client.shown} accepts the key ({client.key_kind})")
     elif bool(label_studio_host) != bool(label_studio_api_key):
         raise LsdeployError("pass both --label-studio-host and --label-studio-api-key (LABEL_STUDIO_URL, "
                             "LABEL_STUDIO_API_KEY), or neither", EXIT_USAGE)

@@ -21,7 +21,7 @@ import click
 @click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
               help="Basic auth password (prefer the environment variable: argv is visible to other users).")
 @click.option("--client-timeout", type=click.FloatRange(0.1, 3600), default=30.0, envvar="CLIENT_TIMEOUT",
-              show_envvar=True, help="Seconds a client may stall while sending a request or reading an answer.")
+              show_envvar=True, help="Seconds a client has to send each whole request (headers and body); also the longest it may stall reading an answer.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", envvar="LOG_LEVEL", show_envvar=True, help="Log level.")
 @click.option("--debug", is_flag=True, default=False, help="Flask's reloading development server, full tracebacks.")
