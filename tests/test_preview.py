@@ -335,7 +335,8 @@ def test_backend_that_cannot_start_is_one_line_and_exit_2(tmp_path):
 def test_ctrl_c_stops_the_backend(tmp_path):
     directory = write_backend(tmp_path / "slow", 'time.sleep(120)\nreturn []')
     proc = subprocess.Popen([*CLI, "preview", str(directory), "--runner", "process"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     lines = []
     try:
         for line in proc.stderr:
@@ -347,11 +348,15 @@ def test_ctrl_c_stops_the_backend(tmp_path):
         pid = int(re.search(r"\(pid (\d+)\)", started).group(1))
         time.sleep(0.5)  # /predict is in flight (it sleeps for 120 s)
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            _, rest = proc.communicate(timeout=60)  # drains both pipes while it stops
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
+            _, rest = proc.communicate(timeout=30)
+            pytest.fail("preview did not stop within 60 s of Ctrl-C:\n" + "".join(lines) + rest)
     finally:
         if proc.poll() is None:
             proc.kill()
-    rest = proc.stderr.read()
     assert proc.returncode == 130 and "stopping the backend" in rest + "".join(lines)
     assert "interrupted" in rest
     assert_no_server(f"http://127.0.0.1:{port}")
