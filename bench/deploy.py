@@ -53,6 +53,7 @@ class StorageCounter:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runner", action="store_true", help="run each revision as a local process")
+    parser.add_argument("--detail", action="store_true", help="also print each case's API requests by method")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     emulator = GCSEmulator(work / "gcs").start()
@@ -77,6 +78,9 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - started
             summary = cloud.log.summary()
             storage_requests = counter.requests - before_requests
+            if args.detail:
+                methods = ", ".join(f"{m} {n}" for m, n in sorted(summary["by_method"].items()))
+                print(f"{label}: {methods}; Cloud Storage {storage_requests}", file=sys.stderr)
             rows.append((label, summary["requests"] + storage_requests, summary["requests"], storage_requests,
                          summary["mutating"], counter.uploaded - before_bytes,
                          cloud.log.count(api="cloudbuild", method="CreateBuild"), result.revision, wall))
