@@ -266,3 +266,21 @@ def test_rollback_skips_revisions_whose_image_was_pruned(cloud, backend):
     with pytest.raises(LsdeployError, match=f"the image of {results[0].revision} was pruned"):
         provider.rollback(settings_for("rollprune"))
     assert cloud.log.mutating() == []
+
+
+def test_dry_run_refuses_a_bundle_holding_a_secret_as_deploy_does(cloud, backend):
+    settings = settings_for("held", label_studio_api_key=SECRET_KEY)
+    deploy(cloud, backend, settings)
+    provider = provider_for(cloud)
+    password = provider.latest_secret_value(settings, "basic-auth-pass")  # made by the first deploy
+    assert password
+    cloud.log.clear()
+    for name, text, shown in (("config.py", f"API_KEY = '{SECRET_KEY}'\n", "Label Studio API key"),
+                              ("settings.py", f"PASSWORD = '{password}'\n", "password")):
+        (backend / name).write_text(text)
+        with pytest.raises(LsdeployError) as info:
+            provider.plan(settings, SourceBundle.from_directory(backend))
+        assert info.value.exit_code == EXIT_USAGE and name in str(info.value) and shown in str(info.value)
+        assert SECRET_KEY not in str(info.value) and password not in str(info.value)
+        (backend / name).unlink()
+    assert cloud.log.mutating() == []

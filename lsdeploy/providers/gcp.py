@@ -1015,7 +1015,10 @@ class GcpProvider(Provider):
     def plan(self, settings, bundle) -> PlanResult:
         """What `deploy(settings, bundle)` would do; sends only reads (Get/List/Access)."""
         settings.validate()
+        self.check_secrets(settings, bundle)  # deploy would refuse this bundle: so does its plan
         image = self.find_image(settings, bundle)
+        if image is None and settings.basic_auth:
+            self.check_secrets(settings, bundle, password=self.latest_secret_value(settings, "basic-auth-pass"))
         live = self.get_service(settings)
         refs = self.secret_refs(settings, apply=False)
         target = image or f"{settings.image}:{self.tag_name(settings, bundle)}"
