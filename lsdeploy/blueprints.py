@@ -87,8 +87,23 @@ def render_dockerfile(directory: Path, blueprint: str = "default") -> str:
     return bp.render(FILES["Dockerfile"], **bp.context(Path(directory)))
 
 
-def create(directory, blueprint: str = "default", script: str | None = None, force: bool = False) -> list[str]:
-    """Render `blueprint` into `directory` (from a model script with `script`); the files written."""
+MANIFEST = os.path.join(".lsdeploy", "rendered.json")  # rendered file -> sha256 of what was written
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def create(directory, blueprint: str = "default", script: str | None = None, force: bool = False,
+           keep_edited: bool = False, kept: list | None = None) -> list[str]:
+    """Render `blueprint` into `directory` (from a model script with `script`); the files written.
+
+    With `keep_edited` (re-rendering an existing backend, as `deploy --from` does), a rendered
+    file (Dockerfile, requirements.txt, ...) that DIR already has is replaced only when it is
+    still what lsdeploy last wrote there (DIR/.lsdeploy/rendered.json); a file the user wrote or
+    edited is kept, and its name added to `kept`."""
     from .loader import import_file, model_classes, parse_spec
     from .wheel import build_wheel
 
@@ -120,9 +135,29 @@ def create(directory, blueprint: str = "default", script: str | None = None, for
     directory.mkdir(parents=True, exist_ok=True)
     context = bp.context(directory, model_module, model_class, extra_reqs)
     written = []
+    manifest_path = directory / MANIFEST
+    try:
+        previous = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    rendered = dict(previous) if isinstance(previous, dict) else {}
     for target, template in FILES.items():
-        (directory / target).write_text(bp.render(template, **context))
+        data = bp.render(template, **context).encode("utf-8")
+        path = directory / target
+        if keep_edited and path.is_file():
+            current = path.read_bytes()
+            if current != data and rendered.get(target) != _sha256(current):
+                if kept is not None:
+                    kept.append(target)  # the user's own or edited file
+                continue
+        path.write_bytes(data)
+        rendered[target] = _sha256(data)
         written.append(target)
+    try:
+        manifest_path.parent.mkdir(exist_ok=True)
+        manifest_path.write_text(json.dumps(rendered, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only state directory: edits of rendered files are then kept next time
+        pass
     if source is not None:
         if source.resolve() != (directory / source.name).resolve():
             shutil.copy2(source, directory / source.name)

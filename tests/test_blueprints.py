@@ -120,3 +120,43 @@ def test_wheel_is_deterministic_and_complete(tmp_path):
     assert re.search(r"^Requires-Dist: flask", meta, re.M | re.I)
     assert "Provides-Extra: gcs" in meta
     assert not any("__pycache__" in n for n in names)
+
+
+def test_rerendering_from_a_script_keeps_the_users_own_and_edited_files(tmp_path):
+    """`deploy --from` renders DIR again on every run: files lsdeploy wrote and nobody touched
+    are replaced, files the user wrote or edited are kept (and named)."""
+    from lsdeploy.blueprints import create
+
+    script = tmp_path / "my_model.py"
+    script.write_text("from lsdeploy import LabelStudioMLBase\n\n\nclass Mine(LabelStudioMLBase):\n"
+                      "    def predict(self, tasks, context=None, **kwargs):\n        return []\n")
+    directory = tmp_path / "mine"
+    create(directory, script=str(script))
+    (directory / "requirements.txt").write_text("torch==2.4.0\n")          # edited by the user
+    (directory / "README.md").unlink()                                     # deleted: rendered again
+    untouched = (directory / "_wsgi.py").read_text()
+    (directory / "_wsgi.py").write_text("stale render\n")                  # an old render, not edited...
+    manifest = json.loads((directory / ".lsdeploy" / "rendered.json").read_text())
+    manifest["_wsgi.py"] = hashlib.sha256(b"stale render\n").hexdigest()   # ...as the manifest knows
+    (directory / ".lsdeploy" / "rendered.json").write_text(json.dumps(manifest))
+    script.write_text(script.read_text() + "# a change\n")
+
+    kept = []
+    written = create(directory, script=str(script), force=True, keep_edited=True, kept=kept)
+    assert kept == ["requirements.txt"]
+    assert (directory / "requirements.txt").read_text() == "torch==2.4.0\n"
+    assert {"README.md", "_wsgi.py", "Dockerfile", "my_model.py"} <= set(written)
+    assert (directory / "_wsgi.py").read_text() == untouched
+    assert (directory / "my_model.py").read_text().endswith("# a change\n")
+    # the edit stays the user's on the next run too
+    kept = []
+    create(directory, script=str(script), force=True, keep_edited=True, kept=kept)
+    assert kept == ["requirements.txt"]
+
+    # a directory with its own Dockerfile and no manifest (written by hand, or by an older lsdeploy)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "Dockerfile").write_text("FROM python:3.12-slim\nCOPY . /app\nCMD [\"label-studio-ml\", \"start\", \"/app\"]\n")
+    kept = []
+    create(own, script=str(script), force=True, keep_edited=True, kept=kept)
+    assert kept == ["Dockerfile"] and (own / "Dockerfile").read_text().startswith("FROM python:3.12-slim\nCOPY")

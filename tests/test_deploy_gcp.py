@@ -250,6 +250,15 @@ def test_cli_json_from_script(api_cloud, tmp_path):
     assert "bundle " in done.stderr and "building image" in done.stderr
     assert (directory / "my_model.py").is_file()
 
+    # the next deploy renders DIR again, keeping what the user edited there
+    (directory / "requirements.txt").write_text("numpy\n")
+    done = run_cli("deploy", "gcp", directory, "--from", str(script), "--json",
+                   env={**api_cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION,
+                        "LSDEPLOY_SOURCE_BUCKET": "src-cli", "LSDEPLOY_STATE_BUCKET": "state-cli"})
+    assert done.returncode == 0, done.stderr
+    assert "kept your own or edited requirements.txt" in done.stderr
+    assert (directory / "requirements.txt").read_text() == "numpy\n" and json.loads(done.stdout)["built"] is True
+
 
 def test_settings_validation():
     good = dict(project=PROJECT, region=REGION, service="ok")

@@ -150,8 +150,11 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
             target = os.path.join(scratch, os.path.basename(os.path.abspath(directory)))
             if os.path.isdir(directory):
                 shutil.copytree(directory, target, symlinks=True)
-        written = render(target, blueprint=blueprint, script=script, force=True)
+        kept: list = []
+        written = render(target, blueprint=blueprint, script=script, force=True, keep_edited=True, kept=kept)
         progress(f"{'would create' if dry_run else 'created'} {directory} from {script}: {', '.join(written)}")
+        if kept:
+            progress(f"kept your own or edited {', '.join(kept)} in {directory} (delete a file to have it rendered again)")
         directory = target
     settings.validate()
     progress(f"model class {_model_class_name(directory, progress)}; service {settings.service} in "
