@@ -334,9 +334,13 @@ def test_backend_that_cannot_start_is_one_line_and_exit_2(tmp_path):
 
 def test_ctrl_c_stops_the_backend(tmp_path):
     directory = write_backend(tmp_path / "slow", 'time.sleep(120)\nreturn []')
+    # Ctrl-C as a terminal sends it, whatever this test run inherited: a shell that starts a job in
+    # the background (`bash .ci/run &`) has it ignore SIGINT, and Python then never raises
+    # KeyboardInterrupt (its children inherit the ignored signal).
     proc = subprocess.Popen([*CLI, "preview", str(directory), "--runner", "process"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stderr:
