@@ -316,25 +316,39 @@ def bounded_worker_class(client_timeout: float):
             except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived in time
                 raise RequestTimeout() from None
 
+    def arm(conn) -> None:
+        """Once per connection, after gunicorn set it up: the kernel timeouts, and the reader
+        that keeps the deadline."""
+        if conn.__dict__.get("_lsdeploy_armed"):
+            return
+        conn._lsdeploy_armed = True
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, full)
+        parser = conn.parser
+        if not getattr(conn, "is_http2", False) and type(getattr(parser, "unreader", None)) is SocketUnreader:
+            reader = DeadlineUnreader(conn.sock, parser.unreader.mxchunk)
+            reader.buf = parser.unreader.buf
+            parser.unreader = reader
+
+    def start(conn) -> None:
+        """A request begins on `conn`: its deadline starts now."""
+        arm(conn)
+        reader = getattr(conn.parser, "unreader", None)
+        if type(reader) is DeadlineUnreader:
+            reader.start_request()
+
     class BoundedThreadWorker(ThreadWorker):
         def handle(self, conn):
-            if "init" not in conn.__dict__:
+            # gunicorn < 24 sets a connection up before handle() (in enqueue_req); later
+            # versions inside it, through conn.init(), which runs for every request.
+            if conn.initialized:
+                start(conn)
+            elif "init" not in conn.__dict__:
                 init = conn.init
 
-                def bounded_init():  # runs for every request on the connection
-                    first = not conn.initialized
+                def bounded_init():
                     init()
-                    if first:
-                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
-                        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, full)
-                        parser = conn.parser
-                        if not getattr(conn, "is_http2", False) and type(getattr(parser, "unreader", None)) is SocketUnreader:
-                            reader = DeadlineUnreader(conn.sock, parser.unreader.mxchunk)
-                            reader.buf = parser.unreader.buf
-                            parser.unreader = reader
-                    reader = getattr(conn.parser, "unreader", None)
-                    if type(reader) is DeadlineUnreader:
-                        reader.start_request()
+                    start(conn)
 
                 conn.init = bounded_init
             return super().handle(conn)
