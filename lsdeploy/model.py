@@ -49,6 +49,21 @@ KNOWN_EVENTS = DATA_EVENTS + (
 # the background (Label Studio gives /setup 3 s and /health 1 s).
 REQUEST_WRITE_WAIT = 0.25
 
+
+def _request_write(write: Callable, *args) -> None:
+    """`write(*args)` with wait=REQUEST_WRITE_WAIT when the store's method takes it (a store
+    written against the older set(project, key, value) still works, writing at once)."""
+    import inspect
+
+    try:
+        takes_wait = "wait" in inspect.signature(write).parameters
+    except (TypeError, ValueError):
+        takes_wait = False
+    if takes_wait:
+        write(*args, wait=REQUEST_WRITE_WAIT)
+    else:
+        write(*args)
+
 _predict_fn: Optional[Callable] = None
 _update_fn: Optional[Callable] = None
 
@@ -99,7 +114,7 @@ class LabelStudioMLBase:
         if label_config is not None:
             self.use_label_config(label_config)
         if not self.has("model_version"):  # create-only: another instance's newer version is kept
-            self.store.create(self.project_id, "model_version", self.INITIAL_MODEL_VERSION, wait=REQUEST_WRITE_WAIT)
+            _request_write(self.store.create, self.project_id, "model_version", self.INITIAL_MODEL_VERSION)
         self.setup()
 
     # -- to override ------------------------------------------------------------------
@@ -152,7 +167,7 @@ class LabelStudioMLBase:
     def use_label_config(self, label_config: str) -> None:
         self._label_config = label_config
         if self.get("label_config") != label_config:
-            self.store.set(self.project_id, "label_config", label_config, wait=REQUEST_WRITE_WAIT)
+            _request_write(self.store.set, self.project_id, "label_config", label_config)
 
     @property
     def label_config(self) -> Optional[str]:

@@ -83,6 +83,31 @@ def test_create_falls_back_to_update_in_other_stores():
     assert store.get("1", "k") == "first"
 
 
+def test_a_store_with_the_older_set_signature_still_works():
+    """A store written before `set` took `wait=`: building a model writes to it at once."""
+    from lsdeploy.state import StateStore
+
+    class OldStore(StateStore):
+        def __init__(self):
+            self.data = {}
+
+        def get(self, project, key, default=None):
+            return self.data.get((project, key), default)
+
+        def set(self, project, key, value):
+            self.data[(project, key)] = value
+
+        def update(self, project, key, fn, default=None):
+            self.data[(project, key)] = fn(self.data.get((project, key), default))
+            return self.data[(project, key)]
+
+    store = OldStore()
+    model = Model.__new__(Model)
+    model._store = store  # as the server's model pool gives each model its store
+    model.__init__(project_id="3", label_config=TEXT_CONFIG)
+    assert store.data[("3", "label_config")] == TEXT_CONFIG and model.model_version == "0.0.1"
+
+
 def test_update_is_atomic_read_modify_write(model_dir):
     model = Model(project_id="1")
     assert model.update("n", lambda v: (v or 0) + 1) == 1
