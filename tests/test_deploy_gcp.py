@@ -103,8 +103,9 @@ def test_first_deploy_unchanged_redeploy_and_code_change(cloud, backend):
 
 
 def test_secrets_never_plain_env_values(api_cloud, backend):
-    settings = settings_for("secretive", label_studio_url="http://label-studio.example",
-                            label_studio_api_key="legacy-key-0123456789", env={"MODE": "fast"})
+    # a proxy password in Label Studio's address, a key read from a file with its line break
+    settings = settings_for("secretive", label_studio_url="http://proxy:proxy-pass-42@label-studio.example",
+                            label_studio_api_key="legacy-key-0123456789\n", env={"MODE": "fast"})
     result = deploy(api_cloud, backend, settings)
     stored = {value.decode() for value in api_cloud.secretmanager.all_values()}
     assert "legacy-key-0123456789" in stored and len(stored) == 2
@@ -118,6 +119,9 @@ def test_secrets_never_plain_env_values(api_cloud, backend):
         names = {env.name for env in entry.request.service.template.containers[0].env
                  if env.value_source.secret_key_ref.secret}
         assert names == {"BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
+        plain = {env.name: env.value for env in entry.request.service.template.containers[0].env}
+        assert plain["LABEL_STUDIO_URL"] == "http://label-studio.example"
+    assert all("proxy-pass-42" not in json.dumps(entry.body or {}) for entry in api_cloud.log.entries)
     # the key travels only in the Secret Manager payload, never in any other request
     for entry in api_cloud.log.entries:
         if entry.method != "AddSecretVersion":

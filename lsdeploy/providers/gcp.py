@@ -262,6 +262,10 @@ class GcpSettings:
     ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
     warmup_timeout: float = 120.0
 
+    def __post_init__(self):
+        if self.label_studio_api_key:  # as the Label Studio client does: a key read from a file ends with a line break
+            self.label_studio_api_key = self.label_studio_api_key.strip()
+
     @property
     def sources_bucket_name(self) -> str:
         return self.source_bucket or f"{self.project}-lsdeploy-sources"
@@ -810,7 +814,10 @@ class GcpProvider(Provider):
 
         env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=settings.state_uri)]
         if settings.label_studio_url:
-            env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=settings.label_studio_url))
+            from ..labelstudio import _without_userinfo
+
+            # without user info: a proxy password in the address would be a plain environment value
+            env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=_without_userinfo(settings.label_studio_url)))
         if settings.basic_auth:
             env.append(run_v2.EnvVar(name="BASIC_AUTH_USER", value=settings.basic_auth_user))
         env += [run_v2.EnvVar(name=k, value=v) for k, v in sorted(settings.env.items())]
