@@ -123,6 +123,8 @@ def _run(args, directory: Path) -> dict:
               + (f"  webhooks {len(webhooks)} (non-2xx: {sum(1 for s in webhooks if not _ok(s))})" if webhooks else ""))
     base = cases["without training"]["latencies"]
     loaded = cases["with training"]["latencies"]
+    if not base or not loaded:
+        raise SystemExit("no request was answered under load")
     print(f"  p99 ratio with/without training = {percentile(loaded, 0.99) / percentile(base, 0.99):.2f},"
           f" throughput ratio = {len(loaded) / len(base):.2f}")
     if any(r[2] for r in rows) or not all(_ok(s) for r in rows for s in r[3]):

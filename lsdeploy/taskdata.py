@@ -321,6 +321,8 @@ def _open(url: str, addresses: list, authorization: Optional[str], timeout: floa
         headers.update(urllib3.util.make_headers(basic_auth=f"{parts.username}:{parts.password or ''}"))
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     port = parts.port or {"http": 80, "https": 443}[parts.scheme]
+    if not addresses:
+        raise TaskDataError(f"reading task file {shown} failed: cannot resolve {parts.hostname!r}")
     failure = None
     for address in addresses:
         wait = _remaining(deadline, timeout, shown)
