@@ -124,13 +124,17 @@ class PreviewResult:
     files_served: int = 0
 
     @property
+    def reports(self) -> list:
+        """The validation reports: of the predictions, and of those after --fit when it ran."""
+        return [r for r in (self.report, self.report_after_fit) if r is not None]
+
+    @property
     def ok(self) -> bool:
-        return (self.report.valid and (self.fit is None or self.fit.ok)
-                and (self.report_after_fit is None or self.report_after_fit.valid))
+        return all(r.valid for r in self.reports) and (self.fit is None or self.fit.ok)
 
     @property
     def exit_code(self) -> int:
-        if not self.report.valid or (self.report_after_fit is not None and not self.report_after_fit.valid):
+        if not all(r.valid for r in self.reports):
             return EXIT_INVALID
         return 0 if self.ok else EXIT_ERROR
 

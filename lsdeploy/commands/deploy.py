@@ -240,7 +240,7 @@ def _preview(directory: str, progress) -> None:
                                          runner="process", env=dict(os.environ)), progress)
     if not result.ok:
         # the whole problem: its path, message and rule ("results[0].result[0].value.choices[0]: ... [choices]")
-        problems = list(result.report.errors) + list(result.report_after_fit.errors if result.report_after_fit else [])
+        problems = [problem for report in result.reports for problem in report.errors]
         fit_errors = list(result.fit.errors) if result.fit else []
         first = str(problems[0]) if problems else (fit_errors[0] if fit_errors else "")
         raise LsdeployError(f"preview failed: {first or 'see the report'}; run "

@@ -149,10 +149,9 @@ def render(result) -> str:
         if result.report_after_fit is not None:
             out += _render_report("predictions after fit", result.report_after_fit, result.response_after_fit)
     verdict = "OK: Label Studio can show every prediction" if result.ok else "INVALID" if result.exit_code == 7 else "FAILED"
-    errors = len(result.report.errors) + (len(result.report_after_fit.errors) if result.report_after_fit else 0)
-    warnings = len(result.report.warnings) + (len(result.report_after_fit.warnings) if result.report_after_fit else 0)
-    reports = [r for r in (result.report, result.report_after_fit) if r is not None]
-    empty = sum(1 for r in reports for t in r.tasks if t.status == "empty")
+    errors = sum(len(r.errors) for r in result.reports)
+    warnings = sum(len(r.warnings) for r in result.reports)
+    empty = sum(1 for r in result.reports for t in r.tasks if t.status == "empty")
     out.append("")
     out.append(f"{verdict} ({errors} error(s), {warnings} warning(s)"
                f"{f', {empty} empty prediction(s)' if empty else ''})")
