@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -125,8 +126,6 @@ def _project_id(project) -> int:
 def _health_status(reason: str) -> Optional[int]:
     """The HTTP status the backend's /health answered, from Label Studio's "health check failed ...
     Additional info: 500 Server Error: ..." (None when it did not answer: unreachable, timeout)."""
-    import re
-
     found = re.search(r"health check failed.*Additional info: (\d{3}) [\w ]*Error", reason, re.S)
     return int(found.group(1)) if found else None
 
@@ -158,8 +157,6 @@ def _reason(resp) -> str:
     try:
         body = resp.json()
     except ValueError:
-        import re
-
         text = (resp.text or "").strip()
         if re.match(r"<(!doctype|html)", text, re.I):  # a web page: its title says most
             title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.I)
@@ -185,13 +182,11 @@ def _reason(resp) -> str:
         parts = [str(body)]
     line = " ".join(" ".join(parts).split())
     # Label Studio's messages carry an HTML link; keep the words.
-    import re
-
     line = re.sub(r"<a [^>]*>([^<]*)</a>", r"\1", line)
     return line[:600] or f"HTTP {resp.status_code}"
 
 
-def _without_userinfo(url: str) -> str:
+def without_userinfo(url: str) -> str:
     """`url` with any user:password@ part removed, for messages."""
     scheme, sep, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
@@ -219,7 +214,7 @@ class LabelStudio:
             host = "http://" + host
         self.host = host
         # what messages show: the address without user info (a proxy password in the URL)
-        self.shown = _without_userinfo(host)
+        self.shown = without_userinfo(host)
         self.timeout = timeout
         self.key_kind = key_kind(api_key)
         self.__key = api_key
@@ -548,8 +543,6 @@ class LabelStudio:
         return registration
 
     def _register_error(self, resp, body: dict, basic_auth) -> LabelStudioError:
-        import re
-
         url, pid = body["url"], body["project"]
         reason = _reason(resp)
         low = reason.lower()
@@ -748,15 +741,15 @@ class LabelStudio:
         url = _normal_url(url) if url else None
         pids = [_project_id(p) for p in projects or ()]
         if backend_id is not None:
-            resp = self.request("GET", f"/api/ml/{int(backend_id)}")
-            if resp.status_code == 404:
+            try:
+                backend = self.get_backend(backend_id)
+            except LabelStudioError as exc:
+                if exc.status != 404:
+                    raise
                 if not pids:  # already gone: nothing to remove
                     return []
-            elif resp.status_code >= 400:
-                raise LabelStudioError(f"reading ML backend {backend_id} failed: {resp.status_code} {_reason(resp)}",
-                                       EXIT_ERROR, resp.status_code)
             else:
-                owner = _project_id(self._json(resp).get("project"))
+                owner = _project_id(backend.get("project"))
                 if pids and owner not in pids:
                     raise LabelStudioError(
                         f"backend {backend_id} belongs to project {owner}, not project {', '.join(map(str, pids))}: "

@@ -137,8 +137,9 @@ def _origin(url: str) -> tuple:
 
 def _shown(url: str) -> str:
     """A URL as errors show it: no query (signed URLs carry credentials), no user info."""
-    parts = urlsplit(url.split("?")[0])
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    from .labelstudio import without_userinfo
+
+    return without_userinfo(url.split("?")[0])
 
 
 def _is_internal(address: str) -> bool:

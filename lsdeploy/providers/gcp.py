@@ -814,10 +814,10 @@ class GcpProvider(Provider):
 
         env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=settings.state_uri)]
         if settings.label_studio_url:
-            from ..labelstudio import _without_userinfo
+            from ..labelstudio import without_userinfo
 
             # without user info: a proxy password in the address would be a plain environment value
-            env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=_without_userinfo(settings.label_studio_url)))
+            env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=without_userinfo(settings.label_studio_url)))
         if settings.basic_auth:
             env.append(run_v2.EnvVar(name="BASIC_AUTH_USER", value=settings.basic_auth_user))
         env += [run_v2.EnvVar(name=k, value=v) for k, v in sorted(settings.env.items())]
