@@ -2,6 +2,7 @@ import pytest
 
 from lsdeploy import LabelStudioMLBase, ModelResponse, PredictionValue
 from lsdeploy.model import next_version
+from lsdeploy.state import StateStore
 from support import TEXT_CONFIG
 
 
@@ -63,20 +64,21 @@ def test_model_start_keeps_an_existing_version(model_dir):
     assert store.get("1", "model_version") == "3.0.0" and store.get("1", "fresh") == {"a": 1}
 
 
+class DictStore(StateStore):
+    """A store of another kind: only get and update, the rest from StateStore."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get(self, project, key, default=None):
+        return self.data.get((project, key), default)
+
+    def update(self, project, key, fn, default=None):
+        self.data[(project, key)] = fn(self.data.get((project, key), default))
+        return self.data[(project, key)]
+
+
 def test_create_falls_back_to_update_in_other_stores():
-    from lsdeploy.state import StateStore
-
-    class DictStore(StateStore):
-        def __init__(self):
-            self.data = {}
-
-        def get(self, project, key, default=None):
-            return self.data.get((project, key), default)
-
-        def update(self, project, key, fn, default=None):
-            self.data[(project, key)] = fn(self.data.get((project, key), default))
-            return self.data[(project, key)]
-
     store = DictStore()
     store.create("1", "k", "first")
     store.create("1", "k", "second")
@@ -85,21 +87,9 @@ def test_create_falls_back_to_update_in_other_stores():
 
 def test_a_store_with_the_older_set_signature_still_works():
     """A store written before `set` took `wait=`: building a model writes to it at once."""
-    from lsdeploy.state import StateStore
-
-    class OldStore(StateStore):
-        def __init__(self):
-            self.data = {}
-
-        def get(self, project, key, default=None):
-            return self.data.get((project, key), default)
-
+    class OldStore(DictStore):
         def set(self, project, key, value):
             self.data[(project, key)] = value
-
-        def update(self, project, key, fn, default=None):
-            self.data[(project, key)] = fn(self.data.get((project, key), default))
-            return self.data[(project, key)]
 
     store = OldStore()
     model = Model.__new__(Model)
