@@ -264,18 +264,24 @@ class _Validator:
             self._sink = self.general
         return ValidationReport(self.problems, self.reports, self.general)
 
+    def _task(self, i: int):
+        """The task results[i] answers (None beyond the tasks sent)."""
+        return self.tasks[i] if i < len(self.tasks) else None
+
+    def _task_id(self, i: int):
+        task = self._task(i)
+        return task.get("id") if isinstance(task, dict) else None
+
     def _task_report(self, i: int) -> TaskReport:
         """A new TaskReport for results[i]; problems found from now on belong to it."""
-        task = self.tasks[i] if i < len(self.tasks) else None
-        report = TaskReport(i, task.get("id") if isinstance(task, dict) else None, f"results[{i}]")
+        report = TaskReport(i, self._task_id(i), f"results[{i}]")
         self.reports.append(report)
         self._task_index = i
         self._sink = report.problems
         return report
 
     def _task_name(self, i: int) -> str:
-        task = self.tasks[i] if i < len(self.tasks) else None
-        task_id = task.get("id") if isinstance(task, dict) else None
+        task_id = self._task_id(i)
         return f"task {i + 1}" + (f" (id {task_id})" if task_id is not None else "")
 
     def _results(self, response):
@@ -307,7 +313,7 @@ class _Validator:
 
     # -- one prediction ------------------------------------------------------------------------
     def _prediction(self, pred, path: str, index: int, report: TaskReport) -> None:
-        task = self.tasks[index] if index < len(self.tasks) else None
+        task = self._task(index)
         if not isinstance(pred, dict):
             self.add("prediction", path, f"a prediction must be an object with a 'result' list, "
                                          f"not {type(pred).__name__}")
@@ -340,7 +346,7 @@ class _Validator:
         named = pred.get("task")
         if isinstance(named, dict):  # the whole task echoed back
             named = named.get("id")
-        ids = [t.get("id") if isinstance(t, dict) else None for t in self.tasks]
+        ids = [self._task_id(j) for j in range(len(self.tasks))]
         if (not isinstance(named, (int, str)) or isinstance(named, bool) or index >= len(ids) or ids[index] is None
                 or str(named) == str(ids[index])):
             return
