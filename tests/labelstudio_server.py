@@ -111,12 +111,46 @@ def tasks_of(ls_api, pid) -> list:
     return data["tasks"] if isinstance(data, dict) else data
 
 
-def wait_model_version_change(ls_api, backend_id, old, timeout=120.0) -> str:
-    """Label Studio's view of the backend's model version (it re-reads /setup) once it differs."""
+def fit_counts(metrics_text: str, event: str) -> dict:
+    """{status: count} of the backend's fit() runs for `event`, and "queued": the training jobs
+    queued or running, read from its /metrics (the whole server, every worker)."""
+    counts = {"queued": None}
+    for line in metrics_text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("lsdeploy_fit_total{") and f'event="{event}"' in name:
+            status = name.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0) + int(float(value))
+        elif name == "lsdeploy_fit_queue_depth":
+            counts["queued"] = int(float(value))
+    return counts
+
+
+def wait_trained(get, fits: int, event: str, timeout: float = 120.0) -> dict:
+    """Until the backend has run `fits` fit() calls for `event` and has nothing left queued; `get(path)`
+    answers a GET on the backend (with its auth). A fit is counted once it returned, so this is the
+    training itself done, not a side effect that can come first (a version bump after some of the
+    events). Fails when any of those fits raised. Returns the counts (see fit_counts)."""
     from support import wait_for
 
-    return wait_for(lambda: (lambda v: v if v and v != old else None)(ls_api.get_backend(backend_id)["model_version"]),
-                    timeout=timeout, interval=0.5, message=f"model version of backend {backend_id} to change from {old}")
+    def done():
+        resp = get("/metrics")
+        resp.raise_for_status()
+        counts = fit_counts(resp.text, event)
+        ran = sum(v for k, v in counts.items() if k != "queued")
+        return counts if ran >= fits and counts["queued"] == 0 else None
+
+    counts = wait_for(done, timeout=timeout, interval=0.5, message=f"{fits} {event} fit() runs, none queued")
+    assert counts.get("error", 0) == 0, f"{counts['error']} {event} fit() runs failed: {counts}"
+    return counts
+
+
+def wait_label_studio_version(ls_api, backend_id, version, timeout=60.0) -> str:
+    """Until Label Studio shows `version` for the backend (each read of a backend re-reads /setup)."""
+    from support import wait_for
+
+    return wait_for(lambda: ls_api.get_backend(backend_id)["model_version"] == version and version,
+                    timeout=timeout, interval=0.5, message=f"Label Studio to show model version {version} "
+                                                           f"for backend {backend_id}")
 
 
 class StubServer:

@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+import requests
 
-from labelstudio_server import import_tasks, tasks_of, wait_model_version_change
+from labelstudio_server import import_tasks, tasks_of, wait_label_studio_version, wait_trained
+from lsdeploy.providers.gcp import GcpClients
 from support import run_cli
 from test_labelstudio import NEGATIVE, POSITIVE, annotate, choices, retrieve_predictions
 
 
 pytestmark = pytest.mark.e2e
+
+
+def basic_auth_password(cloud, gcp_project, service):
+    """The password deploy generated for the service, read back from the Secret Manager fake."""
+    secrets = GcpClients.from_env(cloud.env, gcp_project).secrets
+    name = f"projects/{gcp_project}/secrets/{service}-basic-auth-pass/versions/latest"
+    return secrets.access_secret_version(name=name).payload.data.decode()
 
 
 @pytest.fixture
@@ -49,7 +58,13 @@ def test_deploy_registers_and_label_studio_gets_predictions(label_studio, ls_api
         annotate(ls_api, tasks[text], "Positive")
     for text in NEGATIVE[:2]:
         annotate(ls_api, tasks[text], "Negative")
-    version = wait_model_version_change(ls_api, registration["backend_id"], registration["model_version"])
+    # Wait for the training of all four (each webhook is one fit), then for the version it left.
+    service = requests.Session()
+    service.auth = (result["basic_auth_user"], basic_auth_password(cloud, "e2e-project", result["service"]))
+    wait_trained(lambda path: service.get(result["url"] + path, timeout=10), 4, "ANNOTATION_CREATED")
+    version = service.get(f"{result['url']}/versions?project={pid}", timeout=10).json()["model_version"]
+    assert version != registration["model_version"]
+    wait_label_studio_version(ls_api, registration["backend_id"], version)
     new_id, = import_tasks(ls_api, pid, [NEGATIVE[0]])
     preds = retrieve_predictions(ls_api, pid)[new_id]
     assert choices(preds[0]) == ["Negative"] and preds[0]["model_version"] == version

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from labelstudio_server import StubServer, import_tasks, tasks_of, wait_model_version_change
+from labelstudio_server import StubServer, import_tasks, tasks_of, wait_label_studio_version, wait_trained
 from lsdeploy.errors import EXIT_AUTH, EXIT_REGISTER, EXIT_USAGE
 from support import free_port, run_cli, wait_for
 
@@ -55,17 +55,11 @@ def annotate(ls_api, task_id, label):
         {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]})
 
 
-def wait_trained(server, fits: int, event: str):
-    """Until the backend ran `fits` fit() calls for `event` and has no training queued."""
-    def done():
-        text = server.get("/metrics", timeout=10).text
-        count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                    if line.startswith("lsdeploy_fit_total{") and f'event="{event}"' in line)
-        depth = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("lsdeploy_fit_queue_depth")]
-        return count >= fits and depth == [0.0]
-
-    wait_for(done, timeout=120, interval=0.5, message=f"{fits} {event} fit() runs")
+def trained_version(server, pid, fits: int, event: str) -> str:
+    """Once the backend has run `fits` fit() calls for `event` (none failed, none queued): the model
+    version it now serves for project `pid`, the one that reflects all of those events."""
+    wait_trained(lambda path: server.get(path, timeout=10), fits, event)
+    return server.get(f"/versions?project={pid}", timeout=10).json()["model_version"]
 
 
 def assert_clean(ls_api, pid):
@@ -152,9 +146,10 @@ def test_predictions_then_annotations_retrain(label_studio, ls_api, project, bac
     for text in NEGATIVE:
         annotate(ls_api, tasks[text], "Negative")
     # Every annotation reached the backend (training runs after the webhook answered).
-    wait_trained(server, len(POSITIVE + NEGATIVE), "ANNOTATION_CREATED")
+    latest = trained_version(server, pid, len(POSITIVE + NEGATIVE), "ANNOTATION_CREATED")
     assert "POST /webhook 401" not in server.log()
-    latest = wait_model_version_change(ls_api, reg.backend_id, first_version)
+    assert latest != first_version
+    wait_label_studio_version(ls_api, reg.backend_id, latest)
 
     # New tasks are predicted by the retrained model: its version, and the labels it learned.
     new_ids = import_tasks(ls_api, pid, [POSITIVE[0], NEGATIVE[0]])
@@ -177,9 +172,9 @@ def test_start_training_fetches_annotations_from_label_studio(label_studio, ls_a
         annotate(ls_api, tasks[text], "Negative")  # before the backend exists: no webhook sees these
     (reg,) = ls_api.register(server.url, [pid])
     ls_api.train(reg.backend_id)
-    wait_trained(server, 1, "START_TRAINING")
-    version = wait_model_version_change(ls_api, reg.backend_id, reg.model_version)
+    version = trained_version(server, pid, 1, "START_TRAINING")
     assert version != reg.model_version
+    wait_label_studio_version(ls_api, reg.backend_id, version)
     new_ids = import_tasks(ls_api, pid, [NEGATIVE[0]])
     preds = retrieve_predictions(ls_api, pid)[new_ids[0]]
     assert len(preds) == 1 and choices(preds[0]) == ["Negative"] and preds[0]["model_version"] == version
@@ -212,8 +207,9 @@ def test_basic_auth_backend(label_studio, ls_api, project, backend):
     tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
     annotate(ls_api, tasks[POSITIVE[0]], "Positive")
     annotate(ls_api, tasks[NEGATIVE[0]], "Negative")
-    wait_trained(server, 2, "ANNOTATION_CREATED")
-    wait_model_version_change(ls_api, reg["backend_id"], reg["model_version"])
+    version = trained_version(server, pid, 2, "ANNOTATION_CREATED")
+    assert version != reg["model_version"]
+    wait_label_studio_version(ls_api, reg["backend_id"], version)
     # The only 401 on /webhook is the unauthenticated probe above.
     assert server.log().count("POST /webhook 401") == 1
 
