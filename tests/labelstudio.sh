@@ -14,6 +14,8 @@ LABEL_STUDIO_VERSION="${LABEL_STUDIO_VERSION:-1.23.2}"
 CACHE="${LSDEPLOY_CACHE:-$HOME/.cache/lsdeploy}"
 VENV="$CACHE/label-studio-$LABEL_STUDIO_VERSION"
 PYTHON_BIN="${LABEL_STUDIO_PYTHON:-python3}"
+# shellcheck source=tests/progress.sh
+. "$(dirname "$0")/progress.sh"
 
 install() {
     if [ -x "$VENV/bin/label-studio" ] && [ -f "$VENV/.installed" ]; then
@@ -26,14 +28,11 @@ install() {
     flock 9
     if [ ! -f "$VENV/.installed" ]; then
         rm -rf "$VENV"
-        echo "installing label-studio==$LABEL_STUDIO_VERSION into $VENV (about 1 GB, once)" >&2
+        echo "installing label-studio==$LABEL_STUDIO_VERSION into $VENV (about 1 GB and a few minutes, once)" >&2
         "$PYTHON_BIN" -m venv "$VENV"
-        if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-                "label-studio==$LABEL_STUDIO_VERSION" >"$CACHE/label-studio-install.log" 2>&1; then
-            grep -v "^WARNING: Location" "$CACHE/label-studio-install.log" | tail -20 >&2
-            echo "installing label-studio==$LABEL_STUDIO_VERSION failed (log: $CACHE/label-studio-install.log)" >&2
-            exit 1
-        fi
+        run_with_progress "installing label-studio==$LABEL_STUDIO_VERSION" "$CACHE/label-studio-install.log" \
+            "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+            "label-studio==$LABEL_STUDIO_VERSION" || exit 1
         touch "$VENV/.installed"
     fi
     flock -u 9

@@ -11,8 +11,13 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,gcs,gcp]'
+# shellcheck source=tests/progress.sh
+. tests/progress.sh
+mkdir -p .venv/log
+run_with_progress "upgrading pip" .venv/log/pip.log \
+    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar off --upgrade pip
+run_with_progress "installing lsdeploy with its test, gcs and gcp extras" .venv/log/install.log \
+    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar off -e '.[test,gcs,gcp]'
 
 if [ -f tests/labelstudio.sh ]; then
   bash tests/labelstudio.sh install
