@@ -111,11 +111,14 @@ class LabelStudioMLBase:
         self.project_id = "" if project_id is None else str(project_id)
         self._label_config: Optional[str] = None
         self._parsed: Optional[Tuple[str, dict]] = None
-        if label_config is not None:
-            self.use_label_config(label_config)
+        # The config is this instance's at once (setup() reads it) but reaches the project's state
+        # only once setup() accepted it: a config the model refuses must not replace a good one.
+        self._label_config = label_config
         if not self.has("model_version"):  # create-only: another instance's newer version is kept
             _request_write(self.store.create, self.project_id, "model_version", self.INITIAL_MODEL_VERSION)
         self.setup()
+        if label_config is not None:
+            self.use_label_config(label_config)
 
     # -- to override ------------------------------------------------------------------
     def setup(self):

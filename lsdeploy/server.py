@@ -110,7 +110,13 @@ class ModelPool:
             with self._lock:
                 model = self._models.get(key)
             if model is None:
-                model = self._create(project_id, label_config)
+                try:
+                    model = self._create(project_id, label_config)
+                except BaseException:
+                    with self._lock:  # a refused config leaves nothing behind (its key holds the config)
+                        if self._key_locks.get(key) is key_lock:
+                            del self._key_locks[key]
+                    raise
                 with self._lock:
                     self._models[key] = model
                     while len(self._models) > self.size:

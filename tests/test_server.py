@@ -472,6 +472,34 @@ def test_label_config_without_the_models_tags_is_json_400(text_classifier, model
     assert "no choices control tag bound to a" in resp.json["error"]
 
 
+def test_a_refused_label_config_is_not_stored_and_leaves_nothing_behind(text_classifier, model_dir):
+    """A config the model's setup() refuses (400) must not replace the project's good one, and each
+    refused config (up to MAX_REQUEST_BYTES) must not stay in the worker's memory."""
+    model_class, good = text_classifier
+    store = SQLiteStore(str(model_dir))
+    app = create_app(model_class, store=store)
+    client = app.test_client()
+    assert client.post("/setup", json={"project": "9.1", "schema": good}).status_code == 200
+    assert store.get("9", "label_config") == good
+
+    pool = app.extensions["lsdeploy"]["pool"]
+    before = (len(pool._models), len(pool._key_locks))
+    padding = "<!--" + "x" * 1_000_000 + "-->"
+    for i in range(5):
+        refused = f"<View>{padding}<Text name='t{i}' value='$text'/></View>"
+        resp = client.post("/setup", json={"project": "9.1", "schema": refused})
+        assert resp.status_code == 400 and "no choices control tag" in resp.json["error"]
+        resp = client.post("/predict", json={"project": "9.1", "label_config": refused,
+                                            "tasks": [{"id": 1, "data": {"text": "a"}}]})
+        assert resp.status_code == 400
+    assert store.get("9", "label_config") == good
+    assert (len(pool._models), len(pool._key_locks)) == before
+
+    # the project still predicts with its stored config (a request without one)
+    resp = client.post("/predict", json={"project": "9.1", "tasks": [{"id": 1, "data": {"text": "a"}}]})
+    assert resp.status_code == 200 and len(resp.json["results"]) == 1
+
+
 def test_setup_with_an_oversized_address_or_key_is_json_400(client):
     for field in ("hostname", "access_token"):
         value = "http://ls.example.com/" + "x" * 100_000 if field == "hostname" else "k" * 100_000
