@@ -42,7 +42,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, taskdata
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
-from .model import KNOWN_EVENTS, LabelStudioMLBase
+from .model import LabelStudioMLBase
 from .response import ModelResponse, PredictionValue
 from .state import StateStore, default_store
 
@@ -498,8 +498,6 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         event = data.get("action")
         if not isinstance(event, str) or not event:
             raise BadRequest("not a Label Studio event: the body needs an 'action' string such as ANNOTATION_CREATED")
-        if event not in KNOWN_EVENTS:
-            raise BadRequest(f"unknown event {event!r}; Label Studio sends one of {', '.join(KNOWN_EVENTS)}")
         project = data.get("project")
         project_id = project_id_of(project)
         if event not in model_class.TRAIN_EVENTS:
