@@ -273,13 +273,15 @@ class LabelStudioMLBase:
         )
 
     def preload_task_data(self, task: Dict, value=None, read_file=True):
-        """Replace URLs in task data with file contents (or local paths)."""
-        if value is None:
-            value = task.get("data")
+        """Replace URLs in task data (or in `value`) with file contents (or local paths)."""
+        return self._preload(task, task.get("data") if value is None else value, read_file)
+
+    def _preload(self, task: Dict, value, read_file: bool):
+        # A None inside the data stays None (passing it back as `value` meant "the whole data").
         if isinstance(value, dict):
-            return {k: self.preload_task_data(task, v, read_file) for k, v in value.items()}
+            return {k: self._preload(task, v, read_file) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.preload_task_data(task, v, read_file) for v in value]
+            return [self._preload(task, v, read_file) for v in value]
         if isinstance(value, str) and taskdata.is_preload_needed(value):
             path = self.get_local_path(value, task_id=task.get("id"))
             if not read_file:

@@ -158,3 +158,19 @@ def test_prediction_value_keeps_extra_fields():
     assert value.cluster == 4
     with pytest.raises(TypeError, match="one item per task"):
         ModelResponse(predictions="nope")
+
+
+def test_preload_task_data_keeps_none_and_plain_values(model_dir, tmp_path, monkeypatch):
+    """A None inside task data stayed a RecursionError (None meant "the whole data" again)."""
+    model = Model(project_id="1")
+    downloaded = tmp_path / "a.txt"
+    downloaded.write_text("file text")
+    asked = []
+    monkeypatch.setattr(model, "get_local_path", lambda url, task_id=None, **kw: asked.append((url, task_id)) or str(downloaded))
+    task = {"id": 7, "data": {"text": "hi", "meta": None, "tags": [None, 3, {"deep": None}],
+                              "doc": "/data/upload/1/a.txt"}}
+    assert model.preload_task_data(task) == {"text": "hi", "meta": None, "tags": [None, 3, {"deep": None}],
+                                             "doc": "file text"}
+    assert model.preload_task_data(task, read_file=False)["doc"] == str(downloaded)
+    assert model.preload_task_data(task, task["data"]["tags"]) == [None, 3, {"deep": None}]
+    assert asked == [("/data/upload/1/a.txt", 7)] * 2
