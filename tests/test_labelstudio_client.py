@@ -11,7 +11,9 @@ import requests
 
 from labelstudio_server import StubServer
 from lsdeploy.errors import EXIT_USAGE, LsdeployError
-from lsdeploy.labelstudio import LabelStudio, Registration, _health_status, _project_id, _project_uid, _reason, key_kind
+from lsdeploy.labelstudio import LabelStudio, Registration, key_kind
+from lsdeploy.labelstudio.backends import _health_status, _project_uid
+from lsdeploy.labelstudio.errors import _project_id, _reason
 from support import free_port, run_cli
 
 

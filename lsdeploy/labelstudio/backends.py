@@ -1,61 +1,29 @@
-"""Label Studio's REST API, as far as lsdeploy needs it: register, verify and remove ML backends.
+"""The ML-backend operations of a Label Studio client: register (create or update, never
+duplicate) a backend in projects with its webhook, check what Label Studio sees of it, remove it.
 
-Functions other code calls (all raise `LabelStudioError`, an `LsdeployError`, with an exit code:
-EXIT_AUTH for a refused key, EXIT_USAGE for an unknown project, EXIT_REGISTER when Label Studio
-cannot register or reach the backend):
-
-    register(host, api_key, url, projects, *, title=None, basic_auth=None, interactive=False,
-             description=None, extra_params=None, verify=True, timeout=30.0) -> list[Registration]
-        Create or update (never duplicate) the backend URL in each project, give the project
-        webhook <url>/webhook the backend's basic-auth header, then check what Label Studio sees
-        (state CO, a non-empty model version, a test prediction when the project has tasks).
-        When a project fails, what this call created in earlier projects is removed again.
-        When Label Studio reports only an HTTP status for a failed /health, /setup or /predict,
-        the call is repeated from this machine to quote the backend's own `error`.
-    unregister(host, api_key, projects, *, url=None, backend_id=None, timeout=30.0) -> list[Removal]
-        Delete the backend (matched by URL or id) and its webhook from each project (with an id,
-        the backend's own project when `projects` is empty).
-    verify(host, api_key, backend_id, *, timeout=30.0) -> Registration
-        What Label Studio sees of one backend now.
-
-`basic_auth` is a (user, password) tuple or None. `projects` is an iterable of project ids.
-The same operations are methods of `LabelStudio(host, api_key)`, which also has
-`annotated_tasks(project_id)` (every task with at least one annotation, via the export API)
-for a backend's own training code, and `get_project(project_id)`.
-
-Keys: a personal access token (a JWT whose payload says token_type "refresh") is exchanged at
-POST /api/token/refresh/ for a short-lived access token, renewed before it expires and on 401;
-a JWT access token is sent as Bearer as it is; anything else is a legacy key sent as
-`Authorization: Token ...`. The key never appears in repr(), messages or logs.
+`BackendRegistry` is mixed into `client.LabelStudio`, which gives it `request`, `call`, `_json`,
+`get_project`, `shown` and `timeout`; this module imports nothing of the client (imports point
+down: client -> backends -> errors).
 """
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
 
-from .errors import EXIT_AUTH, EXIT_ERROR, EXIT_REGISTER, EXIT_USAGE, LsdeployError
+from ..errors import EXIT_ERROR, EXIT_REGISTER, EXIT_USAGE
+from .errors import LabelStudioError, _project_id, _reason
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 30.0
 STATE_NAMES = {"CO": "connected", "DI": "disconnected", "ER": "error", "TR": "training", "PR": "predicting"}
 SSRF_FIX = ("Label Studio refuses local and private addresses by default: set ML_BLOCK_LOCAL_IP=false "
             "(ML backend calls) and SSRF_PROTECTION_ENABLED=false (the project webhook that delivers annotations) "
             "in Label Studio's environment and restart it, or give the backend a public URL")
 
-
-class LabelStudioError(LsdeployError):
-    """Label Studio refused or failed a request; the message names the cause and the fix."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR, status: Optional[int] = None):
-        super().__init__(message, exit_code)
-        self.status = status
 
 
 @dataclass
@@ -95,34 +63,6 @@ class Removal:
         return asdict(self)
 
 
-def _jwt_payload(token: str) -> Optional[dict]:
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        raw = parts[1] + "=" * (-len(parts[1]) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(raw.encode()))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def key_kind(api_key: str) -> str:
-    """'personal access token', 'access token' (a short-lived JWT) or 'legacy token'."""
-    payload = _jwt_payload(api_key or "")
-    if payload is None:
-        return "legacy token"
-    return "access token" if payload.get("token_type") == "access" else "personal access token"
-
-
-def _project_id(project) -> int:
-    """A project id from 5, "5", or the "5.1700000000" form Label Studio sends to backends."""
-    try:
-        return int(str(project).split(".")[0])
-    except ValueError:
-        raise LabelStudioError(f"{project!r} is not a Label Studio project id (a number)", EXIT_USAGE) from None
-
-
 def _health_status(reason: str) -> Optional[int]:
     """The HTTP status the backend's /health answered, from Label Studio's "health check failed ...
     Additional info: 500 Server Error: ..." (None when it did not answer: unreachable, timeout)."""
@@ -152,215 +92,12 @@ def _basic_header(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _reason(resp) -> str:
-    """Label Studio's own words for an error answer, flattened to one line."""
-    try:
-        body = resp.json()
-    except ValueError:
-        text = (resp.text or "").strip()
-        if re.match(r"<(!doctype|html)", text, re.I):  # a web page: its title says most
-            title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.I)
-            return " ".join(title.group(1).split())[:300] if title else f"HTTP {resp.status_code} (a web page)"
-        return text.splitlines()[0][:300] if text else f"HTTP {resp.status_code}"
-    parts = []
-    if isinstance(body, dict):
-        errors = body.get("validation_errors") or {}
-        for source in (errors, body):
-            if not isinstance(source, dict):
-                continue
-            for key, value in source.items():
-                if key in ("id", "status_code", "version", "exc_info", "validation_errors"):
-                    continue
-                if key == "detail" and errors:
-                    continue  # "Validation error": the details say more
-                values = value if isinstance(value, list) else [value]
-                text = "; ".join(str(v) for v in values)
-                parts.append(text if key in ("detail", "non_field_errors", "error", "errors") else f"{key}: {text}")
-    elif isinstance(body, list):
-        parts = [str(v) for v in body]
-    else:
-        parts = [str(body)]
-    line = " ".join(" ".join(parts).split())
-    # Label Studio's messages carry an HTML link; keep the words.
-    line = re.sub(r"<a [^>]*>([^<]*)</a>", r"\1", line)
-    return line[:600] or f"HTTP {resp.status_code}"
 
-
-def without_userinfo(url: str) -> str:
-    """`url` with any user:password@ part removed, for messages."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
-
-
-class LabelStudio:
-    """A Label Studio REST client bound to one host and key. Thread-safe for token refresh."""
+class BackendRegistry:
+    """Register, verify and remove ML backends and their project webhooks (see the module docstring)."""
 
     attempts = 3         # tries when Label Studio's 1 s health check of the backend misses
     retry_pause = 1.0
-
-    def __init__(self, host: str, api_key: str, timeout: float = DEFAULT_TIMEOUT, session=None):
-        import requests
-
-        if not host:
-            raise LabelStudioError("no Label Studio address: pass --label-studio-host or set LABEL_STUDIO_URL",
-                                   EXIT_USAGE)
-        api_key = (api_key or "").strip()  # a key read from a file often ends with a line break
-        if not api_key:
-            raise LabelStudioError("no Label Studio API key: pass --label-studio-api-key or set "
-                                   "LABEL_STUDIO_API_KEY (Account & Settings > Personal Access Token)", EXIT_USAGE)
-        host = host.strip().rstrip("/")
-        if not host.startswith(("http://", "https://")):
-            host = "http://" + host
-        self.host = host
-        # what messages show: the address without user info (a proxy password in the URL)
-        self.shown = without_userinfo(host)
-        self.timeout = timeout
-        self.key_kind = key_kind(api_key)
-        self.__key = api_key
-        self.__access: Optional[str] = None
-        self.__access_expires = 0.0
-        self._lock = threading.Lock()
-        self._session = session or requests.Session()
-
-    def __repr__(self):
-        return f"LabelStudio(host={self.shown!r}, key=<{self.key_kind}>)"
-
-    # -- auth ---------------------------------------------------------------------------------
-    def authorization(self, renew: bool = False) -> str:
-        """The Authorization header value for this key (a personal access token is exchanged)."""
-        return self._authorization(renew)
-
-    def _authorization(self, renew: bool = False) -> str:
-        if self.key_kind == "legacy token":
-            return f"Token {self.__key}"
-        if self.key_kind == "access token":
-            return f"Bearer {self.__key}"
-        with self._lock:
-            if renew or self.__access is None or time.time() > self.__access_expires - 30:
-                self.__access, self.__access_expires = self._exchange()
-            return f"Bearer {self.__access}"
-
-    def _exchange(self):
-        import requests
-
-        try:
-            resp = self._session.post(f"{self.host}/api/token/refresh/", json={"refresh": self.__key},
-                                      timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise self._unreachable(exc) from None
-        self._check_api(resp)
-        if resp.status_code in (400, 401, 403):
-            raise LabelStudioError(
-                f"Label Studio at {self.shown} refused the personal access token ({resp.status_code}: "
-                f"{_reason(resp)}): create a new one in Account & Settings > Personal Access Token and pass it "
-                "with --label-studio-api-key (LABEL_STUDIO_API_KEY)", EXIT_AUTH, resp.status_code)
-        if resp.status_code == 404:
-            raise LabelStudioError(
-                f"{self.shown} has no /api/token/refresh/: it is not a Label Studio that accepts personal access "
-                "tokens (1.14 or newer); use its legacy API token instead", EXIT_AUTH, 404)
-        if resp.status_code >= 400:
-            raise LabelStudioError(f"exchanging the personal access token at {self.shown} failed: "
-                                   f"{resp.status_code} {_reason(resp)}", EXIT_AUTH, resp.status_code)
-        access = (self._json(resp) or {}).get("access")
-        if not access:
-            raise LabelStudioError(f"{self.shown}/api/token/refresh/ answered without an access token", EXIT_AUTH)
-        payload = _jwt_payload(access) or {}
-        expires = float(payload.get("exp") or (time.time() + 240))
-        return access, expires
-
-    def _unreachable(self, exc) -> LabelStudioError:
-        from requests.exceptions import InvalidHeader
-
-        if isinstance(exc, InvalidHeader):  # raised before anything is sent
-            return LabelStudioError(
-                "the Label Studio API key cannot be sent in an HTTP header (it has a space, line break or other "
-                "control character inside): copy it again into --label-studio-api-key (LABEL_STUDIO_API_KEY)",
-                EXIT_USAGE)
-        return LabelStudioError(
-            f"cannot reach Label Studio at {self.shown} ({type(exc).__name__}): check --label-studio-host "
-            "(LABEL_STUDIO_URL) and that Label Studio is running", EXIT_USAGE)
-
-    # -- requests -----------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, json=None, params=None, timeout: Optional[float] = None):
-        """One API call; returns the response. 401 renews a PAT's access token once, then fails
-        with EXIT_AUTH. Any other status is returned for the caller to judge."""
-        import requests
-
-        url = f"{self.host}{path}"
-        for attempt in (0, 1):
-            headers = {"Authorization": self._authorization(renew=attempt == 1)}
-            try:
-                resp = self._session.request(method, url, json=json, params=params, headers=headers,
-                                             timeout=timeout or self.timeout)
-            except requests.RequestException as exc:
-                raise self._unreachable(exc) from None
-            self._check_api(resp)
-            if resp.status_code == 401 and attempt == 0 and self.key_kind == "personal access token":
-                continue
-            break
-        if resp.status_code == 401:
-            hint = ("a legacy token works only when the organization allows legacy tokens (Organization > "
-                    "API Tokens Settings); a personal access token is the default in current Label Studio"
-                    if self.key_kind == "legacy token" else "create a new personal access token in Account & Settings")
-            raise LabelStudioError(
-                f"Label Studio at {self.shown} refused the API key ({self.key_kind}, 401: {_reason(resp)}): "
-                f"check --label-studio-api-key (LABEL_STUDIO_API_KEY); {hint}", EXIT_AUTH, 401)
-        return resp
-
-    def call(self, method: str, path: str, what: str, **kwargs):
-        """request() that returns the JSON body, raising LabelStudioError (saying `what` failed) on 4xx/5xx."""
-        resp = self.request(method, path, **kwargs)
-        if resp.status_code >= 400:
-            raise LabelStudioError(f"{what} failed: Label Studio answered {resp.status_code}: {_reason(resp)}",
-                                   EXIT_ERROR, resp.status_code)
-        if resp.status_code == 204 or not resp.content:
-            return None
-        return self._json(resp)
-
-    def _check_api(self, resp, missing_is_json: bool = False) -> None:
-        """Label Studio's API answers JSON; a web page is something else answering at its address
-        (a proxy's or single sign-on login page, a wrong URL). Label Studio's own 500s, and its
-        404s of some objects (an ML backend), are web pages too."""
-        kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if "html" in kind and resp.status_code < 500 and (resp.status_code != 404 or missing_is_json):
-            raise self._not_api(resp, "an HTML page")
-
-    def _json(self, resp):
-        try:
-            return resp.json()
-        except ValueError:
-            kind = resp.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
-            raise self._not_api(resp, f"something that is not JSON ({kind})") from None
-
-    def _not_api(self, resp, what: str) -> LabelStudioError:
-        import urllib.parse
-
-        path = urllib.parse.urlsplit(resp.url or "").path if resp.url else ""
-        return LabelStudioError(
-            f"{self.shown} answered {path or 'the API call'} with {what} ({resp.status_code}), not Label Studio's API: "
-            "check --label-studio-host (LABEL_STUDIO_URL); a proxy or single sign-on page in front of Label Studio "
-            "must let API calls with the key through", EXIT_USAGE, resp.status_code)
-
-    # -- reads --------------------------------------------------------------------------------
-    def whoami(self) -> dict:
-        return self.call("GET", "/api/current-user/whoami", "checking the API key")
-
-    def get_project(self, project) -> dict:
-        pid = _project_id(project)
-        resp = self.request("GET", f"/api/projects/{pid}")
-        self._check_api(resp, missing_is_json=True)  # Label Studio answers a missing project in JSON
-        if resp.status_code == 404:
-            raise LabelStudioError(
-                f"Label Studio at {self.shown} has no project {pid} (or this key cannot see it): check --project "
-                "(LABEL_STUDIO_PROJECT); the id is the number in the project's URL", EXIT_USAGE, 404)
-        if resp.status_code == 403:
-            raise LabelStudioError(f"the API key may not read project {pid} on {self.shown} (403): use the key of "
-                                   "a member of the project's organization", EXIT_AUTH, 403)
-        if resp.status_code >= 400:
-            raise LabelStudioError(f"reading project {pid} failed: {resp.status_code} {_reason(resp)}",
-                                   EXIT_ERROR, resp.status_code)
-        return self._json(resp)
 
     def backends(self, project) -> list:
         """Every ML backend of a project (Label Studio re-checks each one's health on this read)."""
@@ -379,17 +116,6 @@ class LabelStudio:
     def webhooks(self, project) -> list:
         pid = _project_id(project)
         return self.call("GET", "/api/webhooks/", f"listing the webhooks of project {pid}", params={"project": pid}) or []
-
-    def annotated_tasks(self, project) -> list:
-        """Every task of the project with at least one annotation, each with its `data` and
-        `annotations` (GET /api/projects/{id}/export?exportType=JSON). `project` may be an id or
-        the "<id>.<epoch>" string Label Studio sends to backends."""
-        pid = _project_id(project)
-        tasks = self.call("GET", f"/api/projects/{pid}/export", f"exporting the annotations of project {pid}",
-                           params={"exportType": "JSON", "download_all_tasks": "false"},
-                           timeout=max(self.timeout, 300.0))
-        return [t for t in tasks or [] if t.get("annotations")]
-
     # -- register -----------------------------------------------------------------------------
     def register(self, url: str, projects: Iterable, *, title: Optional[str] = None,
                  basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
@@ -777,22 +503,3 @@ class LabelStudio:
                 hooks += self._delete_webhooks(pid, hook_url)
             removals.append(Removal(project=pid, backend_ids=gone, webhook_ids=hooks))
         return removals
-
-
-# -- plain functions (for `deploy` and other callers) -------------------------------------------
-def register(host: str, api_key: str, url: str, projects: Iterable, *, title: Optional[str] = None,
-             basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
-             description: Optional[str] = None, extra_params: Optional[dict] = None, verify: bool = True,
-             timeout: float = DEFAULT_TIMEOUT) -> list:
-    return LabelStudio(host, api_key, timeout=timeout).register(
-        url, projects, title=title, basic_auth=basic_auth, interactive=interactive, description=description,
-        extra_params=extra_params, verify=verify)
-
-
-def unregister(host: str, api_key: str, projects: Iterable, *, url: Optional[str] = None,
-               backend_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT) -> list:
-    return LabelStudio(host, api_key, timeout=timeout).unregister(projects, url=url, backend_id=backend_id)
-
-
-def verify(host: str, api_key: str, backend_id: int, *, timeout: float = DEFAULT_TIMEOUT) -> Registration:
-    return LabelStudio(host, api_key, timeout=timeout).verify(backend_id)
