@@ -3,6 +3,11 @@
 Same names, constructor keywords and methods as the reference SDK (without pydantic).
 Fields Label Studio understands beyond result/score/model_version (for example
 `cluster`, `neighbors`, `mislabeling`) are kept as given.
+
+Like the reference, a `ModelResponse` turns dict predictions into `PredictionValue`s (so
+`prediction.result` works in model code and tests) and accepts label-studio-sdk's
+`PredictionValue` or any other pydantic model, which it keeps as the caller's objects and
+serializes with their own `model_dump()`.
 """
 from __future__ import annotations
 
@@ -42,15 +47,49 @@ class PredictionValue:
     def __eq__(self, other):
         return isinstance(other, PredictionValue) and self.serialize() == other.serialize()
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "PredictionValue":
+        """A dict prediction as a PredictionValue; keys beyond result/score/model_version are kept."""
+        extra = {k: v for k, v in data.items() if k not in ("result", "score", "model_version")}
+        return cls(result=data.get("result"), score=data.get("score", 0.0), model_version=data.get("model_version"),
+                   **extra)
+
+
+def is_pydantic(item) -> bool:
+    """A pydantic model (v2's model_dump, v1's dict), such as label-studio-sdk's PredictionValue."""
+    return callable(getattr(item, "model_dump", None)) or (
+        callable(getattr(item, "dict", None)) and hasattr(item, "__fields__"))
+
+
+def dump(item) -> dict:
+    """A foreign (pydantic) prediction as the dict Label Studio reads: its own serializer, with the
+    fields it left unset (None) left out rather than sent as null."""
+    data = item.model_dump() if callable(getattr(item, "model_dump", None)) else item.dict()
+    return {k: v for k, v in data.items() if v is not None or k == "result"}
+
 
 def _coerce(item):
-    if isinstance(item, (PredictionValue, dict)):
+    if isinstance(item, PredictionValue):
         return item
+    if isinstance(item, dict):
+        return PredictionValue.from_dict(item)
     if isinstance(item, (list, tuple)):
         return [_coerce(i) for i in item]
+    if is_pydantic(item):
+        return item
     raise TypeError(
-        f"a prediction must be a dict, a PredictionValue or a list of them, not {type(item).__name__}"
+        f"a prediction must be a dict, a PredictionValue (lsdeploy's or label-studio-sdk's), another "
+        f"pydantic model or a list of them, not {type(item).__name__}"
     )
+
+
+def _set_version(prediction, version: str) -> None:
+    """Give a prediction without a model version `version` (a foreign object only if it has the field)."""
+    if isinstance(prediction, dict):  # appended to .predictions after the response was made
+        if not prediction.get("model_version"):
+            prediction["model_version"] = version
+    elif getattr(prediction, "model_version", "absent") in (None, ""):
+        prediction.model_version = version
 
 
 def _each(predictions) -> Iterable:
@@ -81,11 +120,7 @@ class ModelResponse:
         if not self.model_version:
             return
         for p in _each(self.predictions):
-            if isinstance(p, dict):
-                if not p.get("model_version"):
-                    p["model_version"] = str(self.model_version)
-            elif not p.model_version:
-                p.model_version = str(self.model_version)
+            _set_version(p, str(self.model_version))
 
     def set_version(self, version: str) -> None:
         self.model_version = str(version)
@@ -95,10 +130,12 @@ class ModelResponse:
         def one(p):
             if isinstance(p, list):
                 return [one(i) for i in p]
-            return p.serialize() if isinstance(p, PredictionValue) else p
+            if isinstance(p, PredictionValue):
+                return p.serialize()
+            return dump(p) if is_pydantic(p) else p
 
         out = dict(self.extra)
-        out["predictions"] = [p if type(p) is dict else one(p) for p in self.predictions]
+        out["predictions"] = [one(p) for p in self.predictions]
         if self.model_version:
             out["model_version"] = str(self.model_version)
         return out

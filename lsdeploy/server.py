@@ -43,7 +43,7 @@ from . import __version__, taskdata
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import LabelStudioMLBase
-from .response import ModelResponse, PredictionValue
+from .response import ModelResponse, PredictionValue, is_pydantic
 from .state import StateStore, default_store
 
 logger = logging.getLogger("lsdeploy.server")
@@ -650,6 +650,9 @@ def _serialize(response, model) -> list:
         if "predictions" not in response:
             raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
         response = ModelResponse(**response)
+    if not isinstance(response, (ModelResponse, list, tuple)) and is_pydantic(response) \
+            and hasattr(response, "predictions"):
+        return _serialize_foreign(response, model)
     if isinstance(response, (list, tuple)):
         response = ModelResponse(predictions=list(response))
     if not isinstance(response, ModelResponse):
@@ -659,6 +662,16 @@ def _serialize(response, model) -> list:
     else:
         response.set_version(model.model_version)
     return response.serialize()["predictions"]
+
+
+def _serialize_foreign(response, model) -> list:
+    """A ModelResponse of label-studio-sdk or the reference SDK (pydantic): its model version is
+    set as the reference sets it, on the caller's own objects, then it is serialized as ours."""
+    ours = ModelResponse(predictions=list(response.predictions or []), model_version=response.model_version)
+    results = _serialize(ours, model)
+    if not response.model_version:
+        response.model_version = ours.model_version
+    return results
 
 
 def _serialize_response(response: ModelResponse, model) -> Optional[list]:
