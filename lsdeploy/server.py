@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import io
 import itertools
 import json
 import logging
@@ -36,7 +37,7 @@ import traceback
 from collections import OrderedDict
 from typing import Optional
 
-from flask import Flask, Response, request
+from flask import Flask, Response, copy_current_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
@@ -301,6 +302,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest("the client stopped sending the request body") from None
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
+        # Model code may read flask.request as under the reference SDK (get_json(), get_data()):
+        # it reads the body this function has read, within the same limits.
+        environ["wsgi.input"] = io.BytesIO(raw)
+        environ["CONTENT_LENGTH"] = str(len(raw))
+        environ["wsgi.input_terminated"] = True
         try:
             data = json.loads(raw)
         except RecursionError:
@@ -529,6 +535,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         model = model or pool.get(project_id, label_config)
         store = pool.store
 
+        @copy_current_request_context  # fit() may read flask.request, on the training thread too
         def run():
             with store.lock(project_id):
                 return model.process_event(event, payload, None, {})
