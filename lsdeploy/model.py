@@ -44,7 +44,7 @@ DATA_EVENTS = (
 REQUEST_WRITE_WAIT = 0.25
 
 
-def _request_write(write: Callable, *args) -> None:
+def request_write(write: Callable, *args) -> None:
     """`write(*args)` with wait=REQUEST_WRITE_WAIT when the store's method takes it (a store
     written against the older set(project, key, value) still works, writing at once)."""
     import inspect
@@ -109,7 +109,7 @@ class LabelStudioMLBase:
         # only once setup() accepted it: a config the model refuses must not replace a good one.
         self._label_config = label_config
         if not self.has("model_version"):  # create-only: another instance's newer version is kept
-            _request_write(self.store.create, self.project_id, "model_version", self.INITIAL_MODEL_VERSION)
+            request_write(self.store.create, self.project_id, "model_version", self.INITIAL_MODEL_VERSION)
         self.setup()
         if label_config is not None:
             self.use_label_config(label_config)
@@ -164,7 +164,7 @@ class LabelStudioMLBase:
     def use_label_config(self, label_config: str) -> None:
         self._label_config = label_config
         if self.get("label_config") != label_config:
-            _request_write(self.store.set, self.project_id, "label_config", label_config)
+            request_write(self.store.set, self.project_id, "label_config", label_config)
 
     @property
     def label_config(self) -> Optional[str]:

@@ -43,7 +43,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, taskdata
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
-from .model import LabelStudioMLBase
+from .model import LabelStudioMLBase, request_write
 from .response import ModelResponse, PredictionValue, is_pydantic
 from .state import StateStore, default_store
 
@@ -101,18 +101,22 @@ class ModelPool:
         if label_config is None:
             label_config = self.store.get(project_id, "label_config")
         key = (project_id, label_config or "")
+        # An instance is set up with the project's extra_params; when they change (a /setup here,
+        # or in another worker or instance), the next request gets a new instance whose setup()
+        # sees them. One store read, from memory, like the model version each answer carries.
+        extra = self.store.get(project_id, "extra_params")
         with self._lock:
             model = self._models.get(key)
-            if model is not None:
+            if model is not None and model._lsdeploy_extra == extra:
                 self._models.move_to_end(key)
                 return model
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # one setup() per instance even when requests race
             with self._lock:
                 model = self._models.get(key)
-            if model is None:
+            if model is None or model._lsdeploy_extra != extra:
                 try:
-                    model = self._create(project_id, label_config)
+                    model = self._create(project_id, label_config, extra)
                 except BaseException:
                     with self._lock:  # a refused config leaves nothing behind (its key holds the config)
                         if self._key_locks.get(key) is key_lock:
@@ -126,17 +130,21 @@ class ModelPool:
         return model
 
     def latest(self, project_id: str) -> Optional[LabelStudioMLBase]:
+        """The project's most recently used instance, unless its extra_params are out of date."""
         with self._lock:
             for (pid, _), model in reversed(self._models.items()):
                 if pid == project_id:
-                    return model
-        return None
+                    break
+            else:
+                return None
+        return model if model._lsdeploy_extra == self.store.get(project_id, "extra_params") else None
 
-    def _create(self, project_id, label_config):
+    def _create(self, project_id, label_config, extra):
         cls = self.model_class
         # The instance must see its store during __init__ (which calls setup()).
         model = cls.__new__(cls)
         model._store = self._store
+        model._lsdeploy_extra = extra
         model.__init__(project_id=project_id, label_config=label_config)
         return model
 
@@ -451,9 +459,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                                   token if isinstance(token, str) else None)
             except taskdata.TaskDataError as exc:  # an address or key longer than any real one
                 raise BadRequest(str(exc)) from None
-        model = pool.get(project_id, schema)
         extra = data.get("extra_params")
-        if extra not in (None, "", {}):
+        if extra not in (None, "", {}):  # as the reference: empty extra_params keep the stored ones
             if isinstance(extra, str):
                 try:
                     extra = json.loads(extra)
@@ -461,7 +468,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                     raise BadRequest("'extra_params' must be a JSON object (or a string holding one)") from None
             if not isinstance(extra, dict):
                 raise BadRequest("'extra_params' must be a JSON object")
-            model.set_extra_params(extra)
+            # Stored before the model is got: a new instance's setup() sees them, and an instance
+            # set up with other ones is replaced (see ModelPool.get).
+            if pool.store.get(project_id, "extra_params") != extra:
+                request_write(pool.store.set, project_id, "extra_params", extra)
+        model = pool.get(project_id, schema)
         return reply({"model_version": model.model_version})
 
     @app.post("/predict")

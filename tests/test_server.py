@@ -555,3 +555,46 @@ def test_unauthenticated_health_hides_a_store_exception(model_dir):
     resp = client.get("/health")
     assert resp.status_code == 200 and resp.json["store"] == {"status": "error"}
     assert client.get("/health", headers=_basic("ls", "pw")).json["store"]["error"].startswith("OSError: cannot reach")
+
+
+class Configured(LabelStudioMLBase):
+    """Reads extra_params in setup(), as a backend that takes its threshold from Label Studio."""
+
+    setups = []
+
+    def setup(self):
+        Configured.setups.append(dict(self.extra_params))
+        self.threshold = self.extra_params.get("threshold", 0.5)
+
+    def predict(self, tasks, context=None, **kwargs):
+        return [{"result": [], "score": self.threshold} for _ in tasks]
+
+
+def test_extra_params_reach_setup_and_existing_instances(model_dir):
+    """setup() sees the extra_params of the /setup that created it; new ones from a later /setup,
+    here or in another worker sharing the store, give the next request an instance set up with
+    them; unchanged ones keep the instance."""
+    Configured.setups = []
+    store = SQLiteStore(str(model_dir))
+    here, other = (create_app(Configured, store=store).test_client() for _ in range(2))
+
+    def setup(client, extra):
+        return client.post("/setup", json={"project": "4.1", "schema": TEXT_CONFIG, "extra_params": extra})
+
+    def score(client):
+        return client.post("/predict", json=predict_body([text_task(1, "a")], project="4.1")).json["results"][0]["score"]
+
+    assert setup(here, {"threshold": 0.7}).status_code == 200
+    assert Configured.setups == [{"threshold": 0.7}] and score(here) == 0.7
+    assert score(other) == 0.7 and len(Configured.setups) == 2  # the other worker's own instance
+
+    assert setup(here, {"threshold": 0.7}).status_code == 200  # unchanged: instances reused
+    assert setup(here, "").status_code == 200 and setup(here, {}).status_code == 200  # empty keeps them
+    assert score(here) == score(other) == 0.7 and len(Configured.setups) == 2
+
+    assert setup(here, '{"threshold": 0.9}').status_code == 200  # a JSON string, as older Label Studio sends
+    assert Configured.setups[-1] == {"threshold": 0.9} and score(here) == 0.9
+    assert score(other) == 0.9  # changed in another worker: rebuilt on its next request
+    assert len(Configured.setups) == 4
+    resp = other.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
+    assert resp.status_code == 201 and len(Configured.setups) == 4  # the up-to-date instance trains
