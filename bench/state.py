@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lsdeploy.blueprints import create
-    from lsdeploy.state_gcs import GCSStore
+    from lsdeploy.state.gcs import GCSStore
 
     work = Path(tempfile.mkdtemp(prefix="lsdeploy-bench-state-"))
     directory = work / "backend"

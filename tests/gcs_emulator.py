@@ -132,23 +132,26 @@ class GCSEmulator:
                 return names
 
     def read_object(self, bucket: str, name: str) -> bytes:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.request("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media")
-        response = conn.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"GET {name}: {response.status} {data[:200]!r}")
-        return data
+        return self._request("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media")
+
+    def write_object(self, bucket: str, name: str, data: bytes, content_type: str = "application/json") -> None:
+        """Write an object as another process would (not through the store under test)."""
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        self._request("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data, content_type)
 
     def _call(self, method, path, body=None, expect=(200,)):
+        data = self._request(method, path, None if body is None else json.dumps(body).encode(), expect=expect)
+        return json.loads(data) if data else {}
+
+    def _request(self, method, path, body: bytes | None = None, content_type="application/json",
+                 expect=(200,)) -> bytes:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": content_type})
         response = conn.getresponse()
         data = response.read()
         if response.status not in expect:
             raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
-        return json.loads(data) if data else {}
+        return data
 
     def __enter__(self):
         return self.start()

@@ -194,7 +194,7 @@ def test_sigterm_under_load_loses_no_acknowledged_write(counter_dir, tmp_path, r
     assert took < 10, f"shutdown took {took:.1f}s"
     assert set(answered) <= {200, 201, 202}, set(answered)
     if store == "gcs":
-        from lsdeploy.state_gcs import GCSStore
+        from lsdeploy.state import GCSStore
 
         reader = GCSStore.from_uri(env["MODEL_STATE_URI"], environ={**emulator.env, "MODEL_DIR": str(tmp_path / "reader")})
         try:

@@ -37,7 +37,7 @@ def fault_proxy():
 @pytest.fixture
 def make_store(tmp_path):
     """make_store(endpoint, "gs://bucket/prefix", **kwargs) -> GCSStore (closed after the test)."""
-    from lsdeploy.state_gcs import GCSStore
+    from lsdeploy.state.gcs import GCSStore
 
     stores = []
 

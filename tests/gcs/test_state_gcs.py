@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import pytest
 
 from lsdeploy.errors import StateError
 from lsdeploy.state import store_from_env
-from lsdeploy.state_gcs import GCSStore, parse_uri
+from lsdeploy.state.gcs import GCSStore, parse_uri
 from support import TEXT_CONFIG, Server, annotation_event, free_port, predict_body, run_cli, text_task
 
 pytestmark = pytest.mark.gcs
@@ -53,6 +55,26 @@ def test_store_from_env_selects_gcs(gcs_emulator, bucket, tmp_path):
     with pytest.raises(StateError, match="MODEL_STATE_REFRESH_SECONDS"):
         store_from_env({"MODEL_STATE_URI": f"gs://{bucket}/env", "STORAGE_EMULATOR_HOST": gcs_emulator.url,
                         "MODEL_STATE_REFRESH_SECONDS": "0"})
+
+
+def test_without_google_cloud_storage_the_server_runs_on_sqlite_and_gs_says_what_to_install(tmp_path):
+    """The runtime image does not need the gcs extra: lsdeploy.state and the server import
+    without it, and only selecting gs:// asks for it (in one line)."""
+    code = (
+        "import sys\n"
+        "sys.modules['google'] = None  # as if google-cloud-storage were not installed\n"
+        "import lsdeploy.server\n"
+        "from lsdeploy.errors import StateError\n"
+        "from lsdeploy.state import SQLiteStore, store_from_env, GCSStore\n"
+        f"assert isinstance(store_from_env({{'MODEL_DIR': {str(tmp_path)!r}}}), SQLiteStore)\n"
+        "try:\n"
+        "    store_from_env({'MODEL_STATE_URI': 'gs://some-bucket/x'})\n"
+        "except StateError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR MODEL_STATE_URI=gs://... needs google-cloud-storage: pip install 'lsdeploy[gcs]'" in out.stdout
 
 
 # -- start-up errors -----------------------------------------------------------------------
@@ -353,15 +375,15 @@ def test_concurrent_saves_never_leave_the_pointer_on_deleted_contents(gcs_emulat
     a.save_artifact("1", "w.bin", _write(tmp_path / "v1", b"v1" * 1000))
     wait_for(lambda: b.load_artifact("1", "w.bin") and open(b.load_artifact("1", "w.bin"), "rb").read()[:2] == b"v1",
              timeout=20, message="b knows v1")
-    flip = b._upload
+    flip = b._objects.upload
 
     def a_saves_first(*args, **kwargs):
         a.save_artifact("1", "w.bin", _write(tmp_path / "v3", b"v3" * 1000))
         return flip(*args, **kwargs)
 
-    b._upload = a_saves_first
+    b._objects.upload = a_saves_first
     b.save_artifact("1", "w.bin", _write(tmp_path / "v2", b"v2" * 1000))
-    b._upload = flip
+    b._objects.upload = flip
     pointer = json.loads(gcs_emulator.read_object(bucket, "gc/state/p-1/a-w.bin.json"))["v"]["sha256"]
     assert pointer == hashlib.sha256(b"v2" * 1000).hexdigest()  # b flipped last
     assert f"gc/artifacts/p-1/w.bin/{pointer}" in gcs_emulator.list_objects(bucket, "gc/artifacts/")
@@ -509,8 +531,8 @@ def test_lock_serializes_across_instances(gcs_emulator, bucket, make_store):
 def test_lease_of_a_crashed_instance_is_taken_over_when_it_expires(gcs_emulator, bucket, make_store):
     store = make_store(gcs_emulator, f"gs://{bucket}/crashed")
     # An instance died while training: its lease stays until it expires (1.5 s from now).
-    store._bucket.blob("crashed/locks/p-1.json").upload_from_string(
-        json.dumps({"owner": "dead-instance", "expires": time.time() + 1.5}), content_type="application/json")
+    gcs_emulator.write_object(bucket, "crashed/locks/p-1.json",
+                              json.dumps({"owner": "dead-instance", "expires": time.time() + 1.5}).encode())
     started = time.monotonic()
     with store.lock("1"):
         waited = time.monotonic() - started

@@ -1,110 +1,23 @@
-"""Per-project model state: the `get`/`set`/`has` behind `LabelStudioMLBase`.
+"""SQLite under MODEL_DIR: the local state store, shared by every worker process on a machine.
 
-`StateStore` is the interface; `SQLiteStore` is the local default (correct with several
-gunicorn workers and threads: every read goes to the database, read-modify-write runs in
-an IMMEDIATE transaction, and `lock()` is an inter-process file lock). A Cloud Storage
-store is selected with ``MODEL_STATE_URI=gs://bucket/prefix``.
-
-Values are anything JSON can carry; artifacts are whole files (trained weights).
+Correct with several gunicorn workers and threads: read-modify-write runs in an IMMEDIATE
+transaction, `lock()` is an inter-process file lock, and reads are served from a per-process
+cache that every committed write invalidates (see `SQLiteStore`).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import mmap
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
 import threading
-from typing import Any, Callable, Iterator
 
-from .errors import StateError
-
-_MISSING = object()
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def check_artifact_name(name: str) -> str:
-    if not isinstance(name, str) or not ARTIFACT_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"artifact name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
-            "(no path separators), at most 200 characters"
-        )
-    return name
-
-
-def safe_component(project: str) -> str:
-    """A file-system-safe, collision-free name for a project id."""
-    project = str(project)
-    cleaned = _SAFE.sub("_", project) or "_"
-    if cleaned != project or cleaned.startswith("."):
-        cleaned = f"{cleaned.lstrip('.')}-{hashlib.sha256(project.encode()).hexdigest()[:10]}"
-    return cleaned
-
-
-class StateStore:
-    """Interface of a model state store. Keys live per project (a string; '' is allowed)."""
-
-    kind = "abstract"
-
-    def get(self, project: str, key: str, default: Any = None) -> Any:
-        raise NotImplementedError
-
-    def set(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
-        """Write a value. `wait` (seconds): return after at most that long, the write going on
-        in the background (it lands, or an error is logged); for writes on the request path,
-        which must not hang on a storage outage. None: return when written (errors raise)."""
-        raise NotImplementedError
-
-    def create(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
-        """Set the key only if it has no value yet: a value another worker or instance wrote,
-        even one this process has not seen yet, is kept. `wait` as for `set`."""
-        self.update(project, key, lambda current: value if current is _MISSING else current, default=_MISSING)
-
-    def has(self, project: str, key: str) -> bool:
-        return self.get(project, key, _MISSING) is not _MISSING
-
-    def delete(self, project: str, key: str) -> None:
-        raise NotImplementedError
-
-    def update(self, project: str, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
-        """Atomically replace the value with ``fn(current)`` and return it. `fn` may run
-        more than once (optimistic stores retry on conflict): keep it free of side effects."""
-        raise NotImplementedError
-
-    def save_artifact(self, project: str, name: str, local_path: str) -> None:
-        """Store a whole file; readers see the old or the new file, never a mix."""
-        raise NotImplementedError
-
-    def load_artifact(self, project: str, name: str) -> str | None:
-        """A local path holding the artifact's bytes, or None when there is none."""
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def lock(self, project: str) -> Iterator[None]:
-        """Serialize training for a project across the processes that share this store."""
-        yield
-
-    def health(self) -> dict:
-        return {"store": self.kind, "status": "ok"}
-
-    def close(self) -> None:
-        pass
-
-
-def _encode(value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"state values must be JSON-serializable (str, number, bool, None, list, dict): {exc}; "
-            "store whole files with save_artifact()"
-        ) from None
+from ..errors import StateError
+from .base import StateStore, check_artifact_name, encode_value, safe_component
 
 
 class SQLiteStore(StateStore):
@@ -196,14 +109,14 @@ class SQLiteStore(StateStore):
         self._connect().execute(
             "INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
             "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
-            (str(project), key, _encode(value)),
+            (str(project), key, encode_value(value)),
         )
         self._written()
 
     def create(self, project, key, value, *, wait=None):
         cursor = self._connect().execute(
             "INSERT INTO state (project, key, value) VALUES (?, ?, ?) ON CONFLICT(project, key) DO NOTHING",
-            (str(project), key, _encode(value)),
+            (str(project), key, encode_value(value)),
         )
         if cursor.rowcount:
             self._written()
@@ -223,7 +136,7 @@ class SQLiteStore(StateStore):
             conn.execute(
                 "INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
                 "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
-                (str(project), key, _encode(new)),
+                (str(project), key, encode_value(new)),
             )
         except BaseException:
             conn.execute("ROLLBACK")
@@ -273,35 +186,3 @@ class SQLiteStore(StateStore):
         with self._cache_lock:
             self._cache, self._cache_gen = {}, -1
 
-
-def store_from_env(environ=None, model_dir: str | None = None) -> StateStore:
-    """The store a server process uses: Cloud Storage when MODEL_STATE_URI is gs://...,
-    otherwise SQLite under MODEL_DIR (default ./.lsdeploy)."""
-    environ = os.environ if environ is None else environ
-    uri = environ.get("MODEL_STATE_URI", "").strip()
-    if uri:
-        if not uri.startswith("gs://"):
-            raise StateError(f"MODEL_STATE_URI={uri!r} is not supported: use gs://BUCKET/PREFIX or unset it")
-        from .state_gcs import GCSStore  # imported only when selected: keeps the base image lean
-
-        return GCSStore.from_uri(uri, environ=environ)
-    return SQLiteStore(model_dir or environ.get("MODEL_DIR") or os.path.join(os.getcwd(), ".lsdeploy"))
-
-
-_default_store: StateStore | None = None
-_default_lock = threading.Lock()
-
-
-def default_store() -> StateStore:
-    """The process-wide store, created from the environment on first use."""
-    global _default_store
-    with _default_lock:
-        if _default_store is None:
-            _default_store = store_from_env()
-        return _default_store
-
-
-def set_default_store(store: StateStore | None) -> None:
-    global _default_store
-    with _default_lock:
-        _default_store = store

@@ -1,0 +1,91 @@
+"""The state store interface and what every backend shares: value encoding and name checks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from typing import Any, Callable, Iterator
+
+MISSING = object()  # "no value" where None is a value
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_artifact_name(name: str) -> str:
+    if not isinstance(name, str) or not ARTIFACT_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"artifact name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(no path separators), at most 200 characters"
+        )
+    return name
+
+
+def safe_component(project: str) -> str:
+    """A file-system-safe, collision-free name for a project id."""
+    project = str(project)
+    cleaned = _SAFE.sub("_", project) or "_"
+    if cleaned != project or cleaned.startswith("."):
+        cleaned = f"{cleaned.lstrip('.')}-{hashlib.sha256(project.encode()).hexdigest()[:10]}"
+    return cleaned
+
+
+def encode_value(value: Any) -> str:
+    """A state value as compact JSON; TypeError naming what to do for anything JSON cannot carry."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"state values must be JSON-serializable (str, number, bool, None, list, dict): {exc}; "
+            "store whole files with save_artifact()"
+        ) from None
+
+
+class StateStore:
+    """Interface of a model state store. Keys live per project (a string; '' is allowed)."""
+
+    kind = "abstract"
+
+    def get(self, project: str, key: str, default: Any = None) -> Any:
+        raise NotImplementedError
+
+    def set(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
+        """Write a value. `wait` (seconds): return after at most that long, the write going on
+        in the background (it lands, or an error is logged); for writes on the request path,
+        which must not hang on a storage outage. None: return when written (errors raise)."""
+        raise NotImplementedError
+
+    def create(self, project: str, key: str, value: Any, *, wait: float | None = None) -> None:
+        """Set the key only if it has no value yet: a value another worker or instance wrote,
+        even one this process has not seen yet, is kept. `wait` as for `set`."""
+        self.update(project, key, lambda current: value if current is MISSING else current, default=MISSING)
+
+    def has(self, project: str, key: str) -> bool:
+        return self.get(project, key, MISSING) is not MISSING
+
+    def delete(self, project: str, key: str) -> None:
+        raise NotImplementedError
+
+    def update(self, project: str, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        """Atomically replace the value with ``fn(current)`` and return it. `fn` may run
+        more than once (optimistic stores retry on conflict): keep it free of side effects."""
+        raise NotImplementedError
+
+    def save_artifact(self, project: str, name: str, local_path: str) -> None:
+        """Store a whole file; readers see the old or the new file, never a mix."""
+        raise NotImplementedError
+
+    def load_artifact(self, project: str, name: str) -> str | None:
+        """A local path holding the artifact's bytes, or None when there is none."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def lock(self, project: str) -> Iterator[None]:
+        """Serialize training for a project across the processes that share this store."""
+        yield
+
+    def health(self) -> dict:
+        return {"store": self.kind, "status": "ok"}
+
+    def close(self) -> None:
+        pass
