@@ -21,7 +21,8 @@ from support import TEXT_CONFIG, predict_body, run_cli, text_task
 
 from lsdeploy.bundle import SourceBundle
 from lsdeploy.errors import EXIT_AUTH, EXIT_BUILD, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
-from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings, role_for
+from lsdeploy.providers.gcp import GcpClients, GcpProvider, GcpSettings
+from lsdeploy.providers.gcp.errors import role_for
 
 @pytest.fixture
 def gcs(gcs_emulator):

@@ -1,4 +1,5 @@
-"""Deploy targets. One module per provider (`gcp` first); each implements `base.Provider`.
+"""Deploy targets. One module or package per provider (`gcp` first, a package of one module per
+concern); each implements `base.Provider`.
 
 `get_provider(name)` returns the provider class without importing the others' heavy clients.
 """

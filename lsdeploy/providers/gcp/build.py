@@ -1,0 +1,149 @@
+"""The image of a source bundle: found by its `src-<digest>` tag in Artifact Registry, or built.
+
+A build uploads the bundle create-only to the sources bucket, creates the repository when missing,
+and runs Cloud Build: pull the service's previous image (`:latest`) for `--cache-from`, build, push
+`:src-<digest>` and `:latest`. Its log is streamed from the logs bucket while it runs.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from ...errors import EXIT_BUILD, LsdeployError
+from .errors import google_error
+from .logs import LogStreamer
+from .settings import MANAGED_LABEL
+from .storage import ensure_bucket
+
+TERMINAL_BUILD = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
+
+
+def tag_name(settings, bundle) -> str:
+    return f"src-{bundle.digest}"
+
+
+def find_image(api, settings, bundle) -> Optional[str]:
+    """The image (pinned by digest) already built from this bundle, or None."""
+    name = f"{settings.repository_name}/packages/{settings.service}/tags/{tag_name(settings, bundle)}"
+    tag = api.lookup("artifactregistry", "reading tag", name, settings, api.clients.registry.get_tag)
+    if tag is None:
+        return None
+    digest = tag.version.rsplit("/", 1)[-1]
+    return f"{settings.image}@{digest}"
+
+
+def ensure_repository(api, settings, progress) -> None:
+    from google.api_core import exceptions as gexc
+    from google.cloud import artifactregistry_v1 as ar
+
+    try:
+        api.clients.registry.get_repository(name=settings.repository_name)
+        return
+    except gexc.NotFound:
+        pass
+    except gexc.GoogleAPICallError as exc:
+        raise google_error(exc, "artifactregistry", "reading repository", settings.repository_name,
+                           settings.project) from None
+    progress(f"creating Artifact Registry repository {settings.repository} in {settings.region}")
+    repo = ar.Repository(format_=ar.Repository.Format.DOCKER,
+                         description="Label Studio ML backend images (lsdeploy)",
+                         labels={MANAGED_LABEL[0]: MANAGED_LABEL[1]})
+    try:
+        op = api.clients.registry.create_repository(parent=settings.location, repository_id=settings.repository,
+                                                     repository=repo)
+        api.result(op, 300, f"creating Artifact Registry repository {settings.repository_name}")
+    except gexc.AlreadyExists:
+        pass  # created concurrently
+    except gexc.GoogleAPICallError as exc:
+        raise google_error(exc, "artifactregistry", "creating repository", settings.repository_name,
+                           settings.project) from None
+
+
+def upload(api, settings, bundle, progress) -> tuple:
+    """(bucket, object, generation) of the bundle in the sources bucket (create-only upload)."""
+    from google.api_core import exceptions as gexc
+
+    bucket = ensure_bucket(api, settings, settings.sources_bucket_name, progress)
+    name = f"sources/{settings.service}/{bundle.digest}.tar.gz"
+    blob = bucket.blob(name)
+    try:
+        blob.upload_from_string(bundle.data, content_type="application/gzip", if_generation_match=0)
+        progress(f"uploaded {bundle.size} bytes to gs://{bucket.name}/{name}")
+    except gexc.PreconditionFailed:
+        progress(f"gs://{bucket.name}/{name} already uploaded (same digest, same bytes)")
+        blob = bucket.get_blob(name)
+    except gexc.GoogleAPICallError as exc:
+        raise google_error(exc, "storage", "uploading", f"gs://{bucket.name}/{name}", settings.project) from None
+    return bucket.name, name, int(blob.generation or 0)
+
+
+def build_request(settings, bundle, source) -> object:
+    from google.cloud.devtools import cloudbuild_v1 as cb
+    from google.protobuf import duration_pb2
+
+    bucket, name, generation = source
+    tagged = f"{settings.image}:{tag_name(settings, bundle)}"
+    latest = f"{settings.image}:latest"
+    steps = [
+        # The previous image's layers are the cache; the first build has none (exit 0).
+        cb.BuildStep(id="pull-cache", name="gcr.io/cloud-builders/docker", entrypoint="bash",
+                     args=["-c", f"docker pull {latest} || exit 0"]),
+        cb.BuildStep(id="build", name="gcr.io/cloud-builders/docker",
+                     args=["build", "--cache-from", latest, "--build-arg", "BUILDKIT_INLINE_CACHE=1",
+                           "-t", tagged, "-t", latest, "."]),
+    ]
+    build = cb.Build(
+        steps=steps, images=[tagged, latest],
+        source=cb.Source(storage_source=cb.StorageSource(bucket=bucket, object_=name, generation=generation)),
+        logs_bucket=f"gs://{bucket}/{settings.logs_prefix.rstrip('/')}",
+        timeout=duration_pb2.Duration(seconds=settings.build_timeout),
+        tags=["lsdeploy", settings.service],
+    )
+    return cb.CreateBuildRequest(parent=settings.location, project_id=settings.project, build=build)
+
+
+def build_image(api, settings, bundle, progress) -> tuple:
+    """Upload and build; (image pinned by digest, build id). Raises EXIT_BUILD on failure."""
+    from google.api_core import exceptions as gexc
+    from google.cloud.devtools import cloudbuild_v1 as cb
+
+    ensure_repository(api, settings, progress)
+    source = upload(api, settings, bundle, progress)
+    request = build_request(settings, bundle, source)
+    try:
+        operation = api.clients.builds.create_build(request=request)
+    except gexc.GoogleAPICallError as exc:
+        raise google_error(exc, "cloudbuild", "starting a build in", settings.location, settings.project) from None
+    meta = cb.BuildOperationMetadata.deserialize(operation.metadata.value) \
+        if hasattr(operation.metadata, "value") else operation.metadata
+    build = meta.build
+    build_id = build.id
+    progress(f"building image (Cloud Build {build_id}); logs: {build.log_url}")
+    build_name = f"{settings.location}/builds/{build_id}"
+    streamer = LogStreamer(api.clients.storage, build.logs_bucket, build_id, progress)
+    deadline = time.monotonic() + settings.build_timeout + 300
+    while True:
+        build = api.call("cloudbuild", "reading build", build_name, settings,
+                         api.clients.builds.get_build, name=build_name)
+        streamer.poll()
+        if cb.Build.Status(build.status).name in TERMINAL_BUILD:
+            break
+        if time.monotonic() > deadline:
+            raise LsdeployError(f"build {build_id} did not finish in {settings.build_timeout + 300} s: see "
+                                f"{build.log_url}", EXIT_BUILD)
+        time.sleep(api.poll_interval)
+    streamer.poll()
+    status = cb.Build.Status(build.status).name
+    if status != "SUCCESS":
+        failing = [f"step {i} ({s.id or s.name})" for i, s in enumerate(build.steps)
+                   if cb.Build.Status(s.status).name in ("FAILURE", "TIMEOUT", "INTERNAL_ERROR")]
+        detail = build.failure_info.detail or build.status_detail or status
+        tail = " | ".join(streamer.tail(8))
+        raise LsdeployError(f"the image build failed ({status}) at {failing[0] if failing else 'the build'}: "
+                            f"{detail}; log tail: {tail or '(no log)'}; full log: {build.log_url}; "
+                            "nothing was deployed", EXIT_BUILD)
+    tagged = f"{settings.image}:{tag_name(settings, bundle)}"
+    digest = next((img.digest for img in build.results.images if img.name == tagged), None)
+    if not digest:
+        raise LsdeployError(f"build {build_id} succeeded but pushed no {tagged}; see {build.log_url}", EXIT_BUILD)
+    return f"{settings.image}@{digest}", build_id

@@ -1,0 +1,249 @@
+"""The Cloud Run service: what lsdeploy wants it to be, creating or updating it, and reading it back
+(its Ready state, revisions and traffic; a field-by-field diff for --dry-run).
+
+A fingerprint of the desired service (`spec_hash`) is kept in the annotation SPEC_ANNOTATION:
+when the live service carries the same one, is ready and serves its latest revision, a deploy
+sends no update at all.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ...errors import EXIT_DEPLOY, LsdeployError
+from .errors import OperationTimeout, google_error
+from .settings import INGRESS, MANAGED_LABEL, SPEC_ANNOTATION
+
+
+def desired_service(settings, image: str, secret_refs: dict, spec_hash: str = ""):
+    from google.cloud import run_v2
+    from google.protobuf import duration_pb2
+
+    env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=settings.state_uri)]
+    if settings.label_studio_url:
+        from ...labelstudio import without_userinfo
+
+        # without user info: a proxy password in the address would be a plain environment value
+        env.append(run_v2.EnvVar(name="LABEL_STUDIO_URL", value=without_userinfo(settings.label_studio_url)))
+    if settings.basic_auth:
+        env.append(run_v2.EnvVar(name="BASIC_AUTH_USER", value=settings.basic_auth_user))
+    env += [run_v2.EnvVar(name=k, value=v) for k, v in sorted(settings.env.items())]
+    for env_name, (secret, version) in sorted(secret_refs.items()):
+        env.append(run_v2.EnvVar(name=env_name, value_source=run_v2.EnvVarSource(
+            secret_key_ref=run_v2.SecretKeySelector(secret=secret, version=version))))
+    limits = {"cpu": settings.cpu, "memory": settings.memory}
+    if settings.gpu:
+        limits["nvidia.com/gpu"] = str(settings.gpu)
+    container = run_v2.Container(
+        image=image, env=env,
+        resources=run_v2.ResourceRequirements(limits=limits, cpu_idle=False, startup_cpu_boost=True),
+        # Ready only once /health answers: the model imported, the state store opened. Up to
+        # 4 minutes for big models (the period x threshold), checked every 2 s.
+        startup_probe=run_v2.Probe(http_get=run_v2.HTTPGetAction(path="/health"), initial_delay_seconds=0,
+                                   timeout_seconds=1, period_seconds=2, failure_threshold=120),
+    )
+    template = run_v2.RevisionTemplate(
+        containers=[container],
+        scaling=run_v2.RevisionScaling(min_instance_count=settings.min_instances,
+                                       max_instance_count=settings.max_instances),
+        max_instance_request_concurrency=settings.concurrency,
+        timeout=duration_pb2.Duration(seconds=settings.timeout),
+        labels={MANAGED_LABEL[0]: MANAGED_LABEL[1]},
+    )
+    if settings.service_account:
+        template.service_account = settings.service_account
+    if settings.gpu:
+        template.node_selector = run_v2.NodeSelector(accelerator=settings.gpu_type)
+        template.gpu_zonal_redundancy_disabled = True
+    labels = {MANAGED_LABEL[0]: MANAGED_LABEL[1], **settings.labels}
+    return run_v2.Service(
+        template=template, labels=labels, ingress=run_v2.IngressTraffic[INGRESS[settings.ingress]],
+        # Label Studio cannot send Google identity tokens: the service is public and the
+        # backend's own basic auth protects it.
+        invoker_iam_disabled=True,
+        annotations={SPEC_ANNOTATION: spec_hash} if spec_hash else {},
+        description=f"Label Studio ML backend {settings.service} (lsdeploy)",
+    )
+
+
+def spec_hash(service) -> str:
+    from google.cloud import run_v2
+
+    data = run_v2.Service.to_json(service, sort_keys=True, indent=None)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def get_service(api, settings):
+    return api.lookup("run", "reading service", settings.service_name, settings, api.clients.services.get_service)
+
+
+def apply_service(api, settings, desired, live, progress):
+    """Create or update; returns (service after the operation, True when it changed)."""
+    from google.api_core import exceptions as gexc
+
+    if up_to_date(live, desired):
+        return live, False
+    try:
+        if live is None:
+            progress(f"creating Cloud Run service {settings.service} in {settings.region}")
+            op = api.clients.services.create_service(parent=settings.location, service=desired,
+                                                     service_id=settings.service)
+        else:
+            progress(f"updating Cloud Run service {settings.service}")
+            desired.name = settings.service_name
+            op = api.clients.services.update_service(service=desired)
+    except gexc.GoogleAPICallError as exc:
+        verb = "creating" if live is None else "updating"
+        # the service sets invoker_iam_disabled (Label Studio sends no Google identity token): that
+        # needs run.services.setIamPolicy, which roles/run.developer lacks
+        raise google_error(exc, "run", f"{verb} service", settings.service_name, settings.project,
+                           run_role="roles/run.admin") from None
+    progress("waiting for the new revision to be ready")
+    try:
+        service = api.result(op, settings.ready_timeout, f"deploying {settings.service}")
+    except OperationTimeout:
+        after = get_service(api, settings)
+        revision = after.latest_created_revision.rsplit("/", 1)[-1] if after is not None else ""
+        raise LsdeployError(f"Cloud Run service {settings.service}: revision {revision or '(not created yet)'} is "
+                            f"still deploying after {settings.ready_timeout:.0f} s (--wait-timeout); Label Studio "
+                            f"was not changed: follow it with `label-studio-ml status {settings.service} "
+                            f"--gcp-project-id {settings.project} --gcp-region {settings.region}`, then deploy "
+                            "again to register it", EXIT_DEPLOY) from None
+    except gexc.GoogleAPICallError as exc:
+        after = get_service(api, settings)
+        message = getattr(exc, "message", None) or str(exc)
+        if after is not None:
+            _, condition = service_ready(after)
+            message = condition or message
+            serving = after.latest_ready_revision.rsplit("/", 1)[-1] or "none"
+        else:
+            serving = "none"
+        if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests)):
+            raise google_error(exc, "run", "deploying", settings.service_name, settings.project,
+                               run_role="roles/run.admin") from None
+        raise LsdeployError(f"Cloud Run could not start the new revision of {settings.service}: {message} "
+                            f"(traffic stays on the previous revision: {serving}); Label Studio was not "
+                            "changed", EXIT_DEPLOY) from None
+    return service, True
+
+
+def list_revisions(api, settings) -> list:
+    """The service's revisions, newest first."""
+    pager = api.call("run", "listing the revisions of", settings.service_name, settings,
+                     api.clients.revisions.list_revisions, parent=settings.service_name)
+    revisions = list(pager)
+    revisions.sort(key=lambda r: r.create_time.timestamp() if r.create_time else 0, reverse=True)
+    return revisions
+
+
+def traffic_targets(live) -> list:
+    """[{"revision", "percent", "tag"}] as Cloud Run reports the traffic (LATEST resolved)."""
+    latest = live.latest_ready_revision.rsplit("/", 1)[-1]
+    return [{"revision": t.revision or latest, "percent": t.percent, "tag": t.tag}
+            for t in live.traffic_statuses]
+
+
+def up_to_date(live, desired) -> bool:
+    """The live service already is `desired` (same spec fingerprint), ready and serving its latest
+    revision: a deploy sends no update."""
+    return live is not None and bool(desired.annotations.get(SPEC_ANNOTATION)) \
+        and live.annotations.get(SPEC_ANNOTATION) == desired.annotations.get(SPEC_ANNOTATION) \
+        and bool(live.latest_ready_revision) and live.latest_ready_revision == live.latest_created_revision \
+        and service_ready(live)[0] and serves_latest(live)
+
+
+def service_fields(service) -> dict:
+    """What a user tunes on the service, flattened for a field-by-field diff. Secret references show
+    as `secret-id:version`; plain environment values are compared but never shown."""
+    from google.cloud import run_v2
+
+    template = service.template
+    container = template.containers[0] if template.containers else run_v2.Container()
+    plain, secret_refs = {}, {}
+    for env in container.env:
+        ref = env.value_source.secret_key_ref
+        if ref.secret:
+            secret_refs[env.name] = f"{ref.secret.rsplit('/', 1)[-1]}:{ref.version or 'latest'}"
+        else:
+            plain[env.name] = hashlib.sha256(env.value.encode()).hexdigest()
+    limits = container.resources.limits
+    timeout = template.timeout
+    seconds = int(timeout.total_seconds()) if hasattr(timeout, "total_seconds") else int(getattr(timeout, "seconds", 0))
+    account = template.service_account or ""
+    if account.endswith("-compute@developer.gserviceaccount.com"):
+        account = ""  # Cloud Run fills in the default identity
+    ingress = {v: k for k, v in INGRESS.items()}.get(run_v2.IngressTraffic(service.ingress).name, str(service.ingress))
+    return {
+        "image": container.image,
+        "cpu": limits.get("cpu", ""),
+        "memory": limits.get("memory", ""),
+        "gpu": int(limits.get("nvidia.com/gpu", "0") or 0),
+        "gpu_type": template.node_selector.accelerator or "",
+        "min_instances": template.scaling.min_instance_count,
+        "max_instances": template.scaling.max_instance_count,
+        "concurrency": template.max_instance_request_concurrency,
+        "timeout": f"{seconds}s",
+        "service_account": account or "(default)",
+        "ingress": ingress,
+        "labels": {k: v for k, v in service.labels.items() if (k, v) != MANAGED_LABEL},
+        "env": plain,
+        "secrets": secret_refs,
+    }
+
+
+def service_changes(live, desired) -> list:
+    """[{"field", "live", "desired"}] between two services; `live` None lists every desired field."""
+    want = service_fields(desired)
+    have = service_fields(live) if live is not None else None
+    changes = []
+    for name, value in want.items():
+        if name == "env":
+            before = have["env"] if have else {}
+            for env_name in sorted(set(before) | set(value)):
+                if env_name not in before:
+                    changes.append({"field": f"env.{env_name}", "live": None, "desired": "set"})
+                elif env_name not in value:
+                    changes.append({"field": f"env.{env_name}", "live": "set", "desired": None})
+                elif before[env_name] != value[env_name]:
+                    changes.append({"field": f"env.{env_name}", "live": "set", "desired": "set (new value)"})
+        elif name == "secrets":
+            before = have["secrets"] if have else {}
+            for env_name in sorted(set(before) | set(value)):
+                if before.get(env_name) != value.get(env_name):
+                    changes.append({"field": f"secret.{env_name}", "live": before.get(env_name),
+                                    "desired": value.get(env_name)})
+        elif have is None or have[name] != value:
+            changes.append({"field": name, "live": have[name] if have else None, "desired": value})
+    return changes
+
+
+def serves_latest(service) -> bool:
+    """All traffic on the latest ready revision (not pinned elsewhere, as after a rollback)."""
+    from google.cloud import run_v2
+
+    latest = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
+    return [(t.type_, t.percent) for t in service.traffic] == [(latest, 100)]
+
+
+def revision_ready(revision) -> tuple:
+    from google.cloud import run_v2
+
+    for cond in revision.conditions:
+        if cond.type_ == "Ready":
+            ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+            return ok, "" if ok else cond.message
+    return False, "not reported yet"
+
+
+def service_ready(service) -> tuple:
+    """(ready, message) from the service's Ready condition."""
+    from google.cloud import run_v2
+
+    cond = service.terminal_condition
+    if cond and cond.type_ == "Ready":
+        ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+        return ok, "" if ok else cond.message
+    for cond in service.conditions:
+        if cond.type_ == "Ready":
+            ok = cond.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+            return ok, "" if ok else cond.message
+    return bool(service.latest_ready_revision), ""

@@ -1,0 +1,195 @@
+"""What a deploy of one service is: `GcpSettings`, checked before any Google call.
+
+`GcpSettings.validate()` refuses, with the fix, anything Cloud Run would refuse later (names,
+regions, the CPU and memory table in `resource_problem`, environment names lsdeploy sets itself).
+The resource names a service uses (buckets, repository, image, secrets) derive from it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ...errors import EXIT_USAGE, LsdeployError
+
+SERVICE_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
+REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
+PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION", "MODEL_STATE_URI", "BASIC_AUTH_USER",
+                "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
+SPEC_ANNOTATION = "lsdeploy.dev/spec-sha256"
+MANAGED_LABEL = ("managed-by", "lsdeploy")
+GPU_TYPES = ("nvidia-l4", "nvidia-rtx-pro-6000")
+
+INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_ONLY",
+           "internal-and-cloud-load-balancing": "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"}
+
+
+@dataclass
+class GcpSettings:
+    project: str
+    region: str
+    service: str
+    memory: str = "2Gi"
+    cpu: str = "1"
+    gpu: int = 0
+    gpu_type: str = "nvidia-l4"
+    min_instances: int = 1
+    max_instances: int = 3
+    concurrency: int = 8
+    timeout: int = 300
+    env: dict = field(default_factory=dict)
+    secret_env: dict = field(default_factory=dict)   # NAME -> "secret[:version]" (existing secrets)
+    service_account: Optional[str] = None
+    ingress: str = "all"                             # all | internal | internal-and-cloud-load-balancing
+    basic_auth: bool = True
+    basic_auth_user: str = "labelstudio"
+    labels: dict = field(default_factory=dict)
+    repository: str = "lsdeploy"
+    source_bucket: Optional[str] = None
+    state_bucket: Optional[str] = None
+    label_studio_url: Optional[str] = None
+    label_studio_api_key: Optional[str] = field(default=None, repr=False)
+    projects: list = field(default_factory=list)
+    title: Optional[str] = None
+    keep_images: int = 5                             # images (and their source bundles) kept per service
+    prune: bool = True                               # delete older ones after a deploy
+    build_timeout: int = 1800
+    ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
+    warmup_timeout: float = 120.0
+
+    def __post_init__(self):
+        if self.label_studio_api_key:  # as the Label Studio client does: a key read from a file ends with a line break
+            self.label_studio_api_key = self.label_studio_api_key.strip()
+
+    @property
+    def sources_bucket_name(self) -> str:
+        return self.source_bucket or f"{self.project}-lsdeploy-sources"
+
+    @property
+    def state_bucket_name(self) -> str:
+        return self.state_bucket or f"{self.project}-lsdeploy-state"
+
+    @property
+    def state_uri(self) -> str:
+        return f"gs://{self.state_bucket_name}/{self.service}"
+
+    @property
+    def location(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    @property
+    def service_name(self) -> str:
+        return f"{self.location}/services/{self.service}"
+
+    @property
+    def repository_name(self) -> str:
+        return f"{self.location}/repositories/{self.repository}"
+
+    @property
+    def image(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/{self.service}"
+
+    @property
+    def logs_prefix(self) -> str:
+        """Where the service's build logs go in the sources bucket."""
+        return f"build-logs/{self.service}/"
+
+    def secret_id(self, what: str) -> str:
+        return f"{self.service}-{what}"
+
+    def validate(self) -> None:
+        """Everything checkable before any API call; LsdeployError(EXIT_USAGE) names the fix."""
+        def bad(message):
+            raise LsdeployError(message, EXIT_USAGE)
+
+        if not self.project:
+            bad("no Google Cloud project: pass --gcp-project-id or set GCP_PROJECT")
+        if not PROJECT_RE.match(self.project):
+            bad(f"{self.project!r} is not a Google Cloud project id (6-30 characters: lowercase letters, digits, "
+                "hyphens; starts with a letter): pass the id, not the name or number, with --gcp-project-id")
+        if not REGION_RE.match(self.region or ""):
+            bad(f"{self.region!r} is not a Cloud Run region (like us-central1 or europe-west4): pass --gcp-region")
+        if not SERVICE_RE.match(self.service or ""):
+            bad(f"{self.service!r} is not a valid Cloud Run service name: it must start with a lowercase letter, use "
+                "only lowercase letters, digits and hyphens, not end with a hyphen, and have at most 49 characters; "
+                "pass --service")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?(Mi|Gi)$", self.memory or ""):
+            bad(f"--memory {self.memory!r}: use a size like 512Mi or 4Gi")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?$|^[0-9]+m$", self.cpu or ""):
+            bad(f"--cpu {self.cpu!r}: use a number of CPUs like 1, 2, 4 or 8")
+        if not 0 <= self.min_instances <= self.max_instances:
+            bad(f"--min-instances {self.min_instances} must be between 0 and --max-instances {self.max_instances}")
+        if not 1 <= self.concurrency <= 1000:
+            bad("--concurrency must be between 1 and 1000")
+        if not 1 <= self.timeout <= 3600:
+            bad("--timeout must be between 1 and 3600 seconds")
+        problem = resource_problem(_cpus(self.cpu), _mebibytes(self.memory), self.gpu)
+        if problem:
+            bad(f"--cpu {self.cpu} --memory {self.memory}{f' --gpu {self.gpu}' if self.gpu else ''}: {problem}")
+        if self.gpu and self.gpu_type not in GPU_TYPES:
+            bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
+        if self.ready_timeout <= 0:
+            bad(f"--wait-timeout {self.ready_timeout}: wait at least 1 second")
+        if self.keep_images < 1:
+            bad(f"--keep-images {self.keep_images}: keep at least 1 image (the serving one); pass --no-prune "
+                "to keep every image")
+        if self.ingress not in INGRESS:
+            bad(f"--ingress {self.ingress!r}: choose one of {', '.join(INGRESS)}")
+        for name in list(self.env) + list(self.secret_env):
+            if not ENV_NAME_RE.match(name):
+                bad(f"{name!r} is not an environment variable name")
+            if name in RESERVED_ENV:
+                bad(f"{name} is set by lsdeploy or Cloud Run; do not pass it with --env/--secret")
+        for key, value in self.labels.items():
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                bad(f"label {key}={value}: keys and values use lowercase letters, digits, _ and - "
+                    "(keys start with a letter, at most 63 characters)")
+        if self.projects and not (self.label_studio_url and self.label_studio_api_key):
+            bad("registering with Label Studio needs --label-studio-host and --label-studio-api-key "
+                "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+
+
+# Cloud Run's CPU and memory table (cloud.google.com/run/docs/configuring/services/cpu and
+# .../memory-limits): whole CPUs above 1, memory from 512Mi (second generation) to 32Gi, and
+# memory above a size needs a number of CPUs; a CPU count needs at least some memory.
+CPU_CHOICES = (1, 2, 4, 6, 8)
+MIN_CPUS_FOR_MEMORY = ((24 * 1024, 8), (16 * 1024, 6), (8 * 1024, 4), (4 * 1024, 2))  # more than MiB -> CPUs
+MIN_MEMORY_FOR_CPUS = {4: 2 * 1024, 6: 4 * 1024, 8: 4 * 1024}                          # CPUs -> at least MiB
+
+
+def resource_problem(cpus: float, mebibytes: float, gpus: int = 0) -> str:
+    """What Cloud Run would refuse in these limits, with the fix ("" when they are allowed)."""
+    if cpus < 1:
+        # below 1 CPU Cloud Run requires request-based billing (cpu_idle) and concurrency 1, while
+        # lsdeploy keeps CPU allocated so that training can run after a webhook is answered
+        return ("Cloud Run allows less than 1 CPU only with request-based billing and concurrency 1, and lsdeploy "
+                "keeps CPU always allocated for background training: pass --cpu 1 or more")
+    if cpus not in CPU_CHOICES:
+        return f"Cloud Run takes 1 CPU or a whole number of CPUs from {', '.join(map(str, CPU_CHOICES[1:]))}: " \
+               f"pass --cpu {next(c for c in CPU_CHOICES if c >= cpus) if cpus <= 8 else 8}"
+    if mebibytes < 512:
+        return "Cloud Run needs at least 512Mi of memory (second generation): pass --memory 512Mi or more"
+    if mebibytes > 32 * 1024:
+        return "Cloud Run allows at most 32Gi of memory: pass --memory 32Gi or less"
+    for above, need in MIN_CPUS_FOR_MEMORY:
+        if mebibytes > above and cpus < need:
+            return f"memory above {above // 1024}Gi needs at least {need} CPUs on Cloud Run: pass --cpu {need}"
+    least = MIN_MEMORY_FOR_CPUS.get(int(cpus), 0)
+    if mebibytes < least:
+        return f"{int(cpus)} CPUs need at least {least // 1024}Gi of memory on Cloud Run: pass --memory {least // 1024}Gi"
+    if gpus and (cpus < 4 or mebibytes < 16 * 1024):
+        return "a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi"
+    return ""
+
+
+def _cpus(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _mebibytes(value: str) -> float:
+    number = float(value[:-2])
+    return number * 1024 if value.endswith("Gi") else number
