@@ -18,6 +18,7 @@ Safety rules (docs/taskdata.md):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -122,8 +123,25 @@ def _belongs(key: Optional[str], url: Optional[str]) -> bool:
 
 
 def is_preload_needed(value: str) -> bool:
+    """Does this task value name a file to read rather than being the data itself? The kinds the
+    reference SDK preloads: Label Studio paths (`/data/...`, `upload/...`), cloud storage links,
+    http(s) URLs, and local paths that exist where TASK_DATA_ALLOW_LOCAL allows reading them."""
     value = value.strip()
-    return value.startswith(("http://", "https://", "/data/", "s3://", "gs://", "azure-blob://", "file://"))
+    if value.startswith(("http://", "https://", "/data/", "upload/", "/upload/", "s3://", "gs://",
+                         "azure-blob://", "file://")):
+        return True
+    return _local_allowed() and len(value) < 4096 and "\n" not in value and os.path.isfile(value)
+
+
+def _local_allowed() -> bool:
+    return os.environ.get("TASK_DATA_ALLOW_LOCAL", "").lower() in ("1", "true", "yes")
+
+
+def _label_studio_path(url: str) -> str:
+    """`upload/1/a.png` and `/upload/1/a.png`, as older tasks store them, are Label Studio's `/data/upload/...`."""
+    if url.startswith(("upload/", "/upload/")):
+        return "/data/" + url.lstrip("/")
+    return url
 
 
 def _origin(url: str) -> tuple:
@@ -246,11 +264,13 @@ def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Opti
     """Download `url` once into the cache and return the local path. When Label Studio refuses
     `token` (say an expired one from /setup), `fallback_token` (the backend's own key) is tried.
     A key is only sent to Label Studio's origin, and only when it belongs there (see _belongs)."""
+    url = _label_studio_path(url)
+    remote = url.startswith(("http://", "https://", "/data/", "s3://", "gs://", "azure-blob://"))
+    if not remote and _local_allowed():  # a file on this machine, where the operator allows it
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if os.path.exists(path):
+            return path
     if url.startswith("file://") or (not url.startswith(("http://", "https://", "/", "s3://", "gs://", "azure-blob://"))):
-        if os.environ.get("TASK_DATA_ALLOW_LOCAL", "").lower() in ("1", "true", "yes"):
-            path = url[len("file://"):] if url.startswith("file://") else url
-            if os.path.exists(path):
-                return path
         raise TaskDataError(
             f"task file {url!r} is a local path; set TASK_DATA_ALLOW_LOCAL=true to read local files"
         )
@@ -277,72 +297,93 @@ def get_local_path(url: str, label_studio_url: Optional[str] = None, token: Opti
 def _download(url: str, authorization: Optional[str], label_studio_url: Optional[str], target: str) -> None:
     """Download with redirects followed by hand: every hop is checked (scheme, internal address)
     and connected to the address that was checked; `authorization` goes only to Label Studio's
-    origin; at most MAX_REDIRECTS hops, all within TASK_DATA_DEADLINE."""
+    origin; at most MAX_REDIRECTS hops, all within TASK_DATA_DEADLINE. Through `requests`, so
+    the tests of a backend that mock it (`responses`, `requests-mock`) apply here too."""
+    import requests
+
     timeout = _seconds("TASK_DATA_TIMEOUT", DEFAULT_TIMEOUT)
     deadline = time.monotonic() + _seconds("TASK_DATA_DEADLINE", DEFAULT_DEADLINE)
     limit = int(os.environ.get("TASK_DATA_MAX_BYTES") or DEFAULT_MAX_BYTES)
     shown = _shown(url)
-    for _ in range(MAX_REDIRECTS + 1):
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise TaskDataError(f"task file {shown} redirects to {_shown(url)}: only http and https URLs are read")
-        on_label_studio = bool(label_studio_url) and _origin(url) == _origin(label_studio_url)
-        resp = _open(url, _addresses(url, label_studio_url), authorization if on_label_studio else None,
-                     timeout, deadline, shown)
-        try:
-            if resp.status in REDIRECTS and resp.headers.get("Location"):
-                url = urljoin(url, resp.headers["Location"])
-                continue
-            if resp.status in (401, 403):
-                raise TaskDataRefused(
-                    f"reading task file {shown} was refused ({resp.status}): "
-                    "check that the backend is connected to Label Studio with a valid key"
-                )
-            if resp.status >= 300:
-                raise TaskDataError(f"reading task file {shown} failed: HTTP {resp.status}")
-            _save(resp, target, limit, timeout, deadline, shown)
-            return
-        finally:
-            resp.close()  # closes the connection too: nothing is kept alive
+    with requests.Session() as session:
+        session.trust_env = False  # no proxy (it would look the host up again), no .netrc
+        adapter = _pinned_adapter_class()(label_studio_url)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        for _ in range(MAX_REDIRECTS + 1):
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise TaskDataError(f"task file {shown} redirects to {_shown(url)}: only http and https URLs are read")
+            on_label_studio = bool(label_studio_url) and _origin(url) == _origin(label_studio_url)
+            headers = {"User-Agent": "lsdeploy", "Accept-Encoding": "gzip, deflate"}
+            if authorization and on_label_studio:
+                headers["Authorization"] = authorization
+            wait = _remaining(deadline, timeout, shown)
+            try:
+                resp = session.get(url, headers=headers, allow_redirects=False, stream=True,
+                                   timeout=(wait, wait), verify=os.environ.get("REQUESTS_CA_BUNDLE") or True)
+            except requests.RequestException as exc:
+                raise TaskDataError(f"reading task file {shown} failed: {type(exc).__name__}") from None
+            try:
+                if resp.status_code in REDIRECTS and resp.headers.get("Location"):
+                    url = urljoin(url, resp.headers["Location"])
+                    continue
+                if resp.status_code in (401, 403):
+                    raise TaskDataRefused(
+                        f"reading task file {shown} was refused ({resp.status_code}): "
+                        "check that the backend is connected to Label Studio with a valid key"
+                    )
+                if resp.status_code >= 300:
+                    raise TaskDataError(f"reading task file {shown} failed: HTTP {resp.status_code}")
+                _save(resp.raw, target, limit, timeout, deadline, shown)
+                return
+            finally:
+                resp.close()  # closes the connection too: nothing is kept alive
     raise TaskDataError(f"task file {shown} redirects more than {MAX_REDIRECTS} times")
 
 
-def _open(url: str, addresses: list, authorization: Optional[str], timeout: float, deadline: float, shown: str):
-    """GET `url` from the first of `addresses` that answers, keeping the URL's host name for the
-    Host header, TLS SNI and certificate check. Proxy settings are not used: a proxy would look
-    the host up again."""
+@functools.lru_cache(maxsize=None)
+def _pinned_adapter_class():
+    """Made on first use: importing requests costs every server's start-up, most never download."""
+    import requests.adapters
     import urllib3
-    from urllib3.exceptions import HTTPError
 
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    headers = {"Host": netloc, "User-Agent": "lsdeploy", "Accept-Encoding": "gzip, deflate"}
-    if authorization:
-        headers["Authorization"] = authorization
-    elif parts.username is not None:
-        headers.update(urllib3.util.make_headers(basic_auth=f"{parts.username}:{parts.password or ''}"))
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    port = parts.port or {"http": 80, "https": 443}[parts.scheme]
-    if not addresses:
-        raise TaskDataError(f"reading task file {shown} failed: cannot resolve {parts.hostname!r}")
-    failure = None
-    for address in addresses:
-        wait = _remaining(deadline, timeout, shown)
-        if parts.scheme == "https":
-            import certifi
+    class PinnedAdapter(requests.adapters.HTTPAdapter):
+        """Connects to the addresses _addresses checked (one DNS lookup, at connect time, so a
+        mocked `send` needs none), in order until one answers, keeping the URL's host name for
+        the Host header, TLS SNI and the certificate check. One connection, never pooled."""
 
-            pool = urllib3.HTTPSConnectionPool(
-                address, port, server_hostname=parts.hostname, assert_hostname=parts.hostname,
-                cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where(),
-                maxsize=1, retries=False)
-        else:
-            pool = urllib3.HTTPConnectionPool(address, port, maxsize=1, retries=False)
-        try:
-            return pool.urlopen("GET", path, headers=headers, redirect=False, retries=False, preload_content=False,
-                                timeout=urllib3.Timeout(connect=wait, read=wait), release_conn=False)
-        except HTTPError as exc:
-            failure = exc
-            pool.close()
-    raise TaskDataError(f"reading task file {shown} failed: {type(failure).__name__}")
+        def __init__(self, trusted: Optional[str]):
+            super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+            self.trusted = trusted
+            self.candidates: Optional[list] = None
+            self.index = 0
+
+        def send(self, request, **kwargs):
+            self.candidates, self.index = None, 0
+            while True:
+                try:
+                    return super().send(request, **kwargs)
+                except requests.ConnectionError:
+                    if self.candidates is None or self.index + 1 >= len(self.candidates):
+                        raise
+                    self.index += 1  # the next checked address
+
+        def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+            parts = urlsplit(request.url)
+            if self.candidates is None:
+                self.candidates = _addresses(request.url, self.trusted)
+                if not self.candidates:
+                    raise TaskDataError(f"reading task file {_shown(request.url)} failed: "
+                                        f"cannot resolve {parts.hostname!r}")
+            request.headers["Host"] = parts.netloc.rsplit("@", 1)[-1]
+            address = self.candidates[self.index]
+            port = parts.port or {"http": 80, "https": 443}[parts.scheme]
+            if parts.scheme == "https":
+                return urllib3.HTTPSConnectionPool(address, port, server_hostname=parts.hostname,
+                                                   assert_hostname=parts.hostname, maxsize=1, retries=False)
+            return urllib3.HTTPConnectionPool(address, port, maxsize=1, retries=False)
+
+    return PinnedAdapter
 
 
 def _remaining(deadline: float, timeout: float, shown: str) -> float:
@@ -358,7 +399,11 @@ def _save(resp, target: str, limit: int, timeout: float, deadline: float, shown:
     too_big = f"task file {shown} is larger than TASK_DATA_MAX_BYTES={limit}"
     if (resp.headers.get("Content-Length") or "0").isdigit() and int(resp.headers.get("Content-Length") or 0) > limit:
         raise TaskDataError(too_big)
-    read = getattr(resp, "read1", None) or resp.read  # read1: one network read, so the deadline is kept
+    read1 = getattr(resp, "read1", None)  # one network read, so the deadline is kept
+
+    def read(amount):
+        return read1(amount, decode_content=True) if read1 else resp.read(amount, decode_content=True)
+
     sock = getattr(resp.connection, "sock", None)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".part-")
     size = 0
