@@ -13,11 +13,15 @@ import gc
 import logging
 import logging.config
 import os
+import re
+import shlex
 import socket
+import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from .errors import EXIT_USAGE, LsdeployError
@@ -32,7 +36,7 @@ GRACEFUL_TIMEOUT = 8
 class ServeSettings:
     directory: str
     port: int = 9090
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     workers: int = 1
     threads: int = 8
     model: Optional[str] = None
@@ -41,6 +45,44 @@ class ServeSettings:
     debug: bool = False
     graceful_timeout: int = GRACEFUL_TIMEOUT
     client_timeout: float = 30.0
+    check_requirements: bool = True  # DIR/requirements.txt must be installed before serving
+
+
+# Where these exist, the process runs in a container: Docker, Podman, Cloud Run (services and jobs), Kubernetes.
+CONTAINER_FILES = ("/.dockerenv", "/run/.containerenv")
+CONTAINER_ENV = ("K_SERVICE", "CLOUD_RUN_JOB", "KUBERNETES_SERVICE_HOST")
+
+
+def in_container(environ, exists=os.path.exists) -> bool:
+    return any(environ.get(name) for name in CONTAINER_ENV) or any(exists(path) for path in CONTAINER_FILES)
+
+
+def default_host(environ, exists=os.path.exists) -> str:
+    """Where `start` listens without --host / HOST: this machine only, except in a container,
+    whose port is published from outside (the rendered Dockerfile also sets HOST=0.0.0.0)."""
+    return "0.0.0.0" if in_container(environ, exists) else "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def exposure_warning(settings: "ServeSettings") -> Optional[str]:
+    """The warning `start` logs when anyone who reaches this machine may call the model."""
+    if settings.basic_auth or is_loopback(settings.host):
+        return None
+    return (f"listening on {settings.host}:{settings.port} without basic auth: anyone who can reach this address can call the model; "
+            "set BASIC_AUTH_USER and BASIC_AUTH_PASS, or --host 127.0.0.1 (HOST) when only this machine needs it")
 
 
 def server_command(directory: str, port: int, host: str = "0.0.0.0", model: Optional[str] = None) -> list[str]:
@@ -190,6 +232,116 @@ def check_port(host: str, port: int) -> None:
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise LsdeployError(f"cannot listen on {host}: no such address on this machine; use --host 0.0.0.0 or 127.0.0.1", EXIT_USAGE) from None
             raise LsdeployError(f"cannot listen on {host}:{port}: {exc.strerror}", EXIT_USAGE) from None
+
+
+# lsdeploy is what runs (and stands in for the reference SDK): a backend listing either needs nothing more.
+_NOT_CHECKED = {"lsdeploy", "label-studio-ml"}
+_ARCHIVES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+
+
+def _packaging():
+    """packaging's Requirement, InvalidRequirement, InvalidVersion and canonicalize_name:
+    the library when installed, otherwise pip's own copy."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+        from packaging.version import InvalidVersion
+    except ImportError:  # not among lsdeploy's dependencies; pip vendors it wherever pip installed anything
+        from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+        from pip._vendor.packaging.utils import canonicalize_name
+        from pip._vendor.packaging.version import InvalidVersion
+    return Requirement, InvalidRequirement, InvalidVersion, canonicalize_name
+
+
+def requirement_lines(text: str) -> list[str]:
+    """The requirement specifiers of a requirements file that name a package: without
+    comments, options (-r, -e, --index-url, a line's own --hash), URLs and local paths."""
+    lines = []
+    for line in text.replace("\\\n", "").splitlines():  # pip joins a line ending in a backslash to the next
+        line = re.sub(r"(^|\s)#.*", "", line).strip()
+        line = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
+        if (not line or line.startswith("-") or "://" in line or "/" in line or "\\" in line
+                or line.lower().endswith(_ARCHIVES)):
+            continue
+        lines.append(line)
+    return lines
+
+
+def unmet_requirements(path) -> list[str]:
+    """The requirements in `path` (a requirements.txt) that this Python does not satisfy, each
+    with why: `scikit-learn>=1.3,<2 (not installed)`, `numpy>=2 (1.26.4 installed)`. Lines whose
+    environment markers do not apply here are skipped, as are lsdeploy itself and whatever only
+    pip can judge (URLs, paths, options). ImportError when no copy of packaging is importable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LsdeployError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    lines = requirement_lines(text)
+    if not lines:
+        return []
+    from importlib import metadata
+
+    Requirement, InvalidRequirement, InvalidVersion, canonicalize_name = _packaging()
+
+    def problem(req) -> Optional[str]:
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+        try:
+            if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+                return f"{dist.version} installed"
+        except InvalidVersion:  # a legacy version string: pip installed it, pip may judge it
+            return None
+        for extra in sorted(req.extras):  # what the extra adds, one level deep
+            for line in dist.requires or []:
+                try:
+                    dep = Requirement(line)
+                except InvalidRequirement:
+                    continue
+                if dep.marker is None or not dep.marker.evaluate({"extra": extra}) or dep.marker.evaluate({"extra": ""}):
+                    continue
+                why = problem(Requirement(f"{dep.name}{dep.specifier}"))
+                if why:
+                    return f"its extra [{extra}] needs {dep.name}{dep.specifier}: {why}"
+        return None
+
+    unmet = []
+    for line in lines:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:  # something only pip understands
+            continue
+        if req.url or canonicalize_name(req.name) in _NOT_CHECKED:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        why = problem(req)
+        if why:
+            unmet.append(f"{line} ({why})")
+    return unmet
+
+
+def install_command(requirements) -> str:
+    """The command that installs `requirements` into the Python running this code."""
+    return f"{shlex.quote(sys.executable or 'python3')} -m pip install -r {shlex.quote(str(requirements))}"
+
+
+def check_requirements(directory) -> None:
+    """Fail before serving when DIR/requirements.txt is not installed here: otherwise the
+    server starts and a later request fails on a missing module."""
+    path = Path(directory) / "requirements.txt"
+    try:
+        unmet = unmet_requirements(path)
+    except ImportError:
+        logger.warning("%s not checked: neither packaging nor pip is installed (pip install packaging)", path)
+        return
+    if unmet:
+        raise LsdeployError(f"{path} is not satisfied in this Python: {'; '.join(unmet)}; install it with: "
+                            f"{install_command(path)} (or skip this check: --no-check-requirements, "
+                            "LSDEPLOY_CHECK_REQUIREMENTS=0)", EXIT_USAGE)
 
 
 def build_app(settings: ServeSettings, metrics_dir: Optional[str] = None):
@@ -358,11 +510,24 @@ def bounded_worker_class(client_timeout: float):
 
 def run(settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
+    if settings.debug and _reloader_child():
+        _serve_debug_child(settings)
+        return
     check_port(settings.host, settings.port)
+    if settings.check_requirements:
+        check_requirements(settings.directory)
+    if warning := exposure_warning(settings):
+        logger.warning(warning)
     if settings.debug:
-        app = build_app(settings)
+        app = build_app(settings)  # a broken backend fails here, once, before the reloader starts
         logger.warning("debug mode: Flask's reloading development server, not for production")
-        app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, threaded=True)
+        # The reloader runs the same command again as a child that serves (and is run again on
+        # each change) on the socket this process opens. The child's end of this pipe reads EOF
+        # when this process is gone, however it ended: the child then stops too.
+        read_end, _ = os.pipe()  # the write end is not inherited: only this process holds it
+        os.set_inheritable(read_end, True)
+        os.environ[_PARENT_PIPE] = str(read_end)
+        _run_debug_server(settings, app)
         return
     import shutil
 
@@ -378,6 +543,39 @@ def run(settings: ServeSettings) -> None:
         _serve(settings, app)
     finally:
         remove_metrics_dir()
+
+
+_PARENT_PIPE = "LSDEPLOY_RELOADER_PIPE"
+
+
+def _reloader_child() -> bool:
+    from werkzeug.serving import is_running_from_reloader
+
+    return is_running_from_reloader()
+
+
+def _serve_debug_child(settings: ServeSettings) -> None:
+    """The reloader's child: serve on the socket the parent opened (and checked)."""
+    import signal
+
+    pipe = os.environ.get(_PARENT_PIPE, "")
+    if pipe.isdigit():
+        def stop_with_parent():
+            try:
+                while os.read(int(pipe), 1):
+                    pass
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)  # the reloader's handler exits
+
+        threading.Thread(target=stop_with_parent, name="lsdeploy-parent", daemon=True).start()
+    _run_debug_server(settings, build_app(settings))
+
+
+def _run_debug_server(settings: ServeSettings, app) -> None:
+    # Flask's interactive debugger is left out: every exception already becomes a JSON 500 with
+    # its traceback, and its console would be one more door into this process.
+    app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, use_debugger=False, threaded=True)
 
 
 def _serve(settings: ServeSettings, app) -> None:

@@ -8,8 +8,10 @@ import click
 @click.argument("directory", type=click.Path(file_okay=False), default=".", metavar="DIR")
 @click.option("-p", "--port", type=click.IntRange(1, 65535), default=9090, envvar="PORT", show_envvar=True,
               help="Port to listen on.")
-@click.option("--host", default="0.0.0.0", envvar="HOST", show_envvar=True,
-              help="Address to listen on (127.0.0.1 for this machine only).")
+@click.option("--host", default=None, envvar="HOST", show_envvar=True,
+              help="Address to listen on. Default: 127.0.0.1 (this machine only); inside a container "
+                   "(/.dockerenv, /run/.containerenv, Cloud Run, Kubernetes) 0.0.0.0, every interface. "
+                   "A non-loopback address without basic auth is warned about at start.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, envvar="WORKERS", show_envvar=True,
               help="gunicorn worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, envvar="THREADS", show_envvar=True,
@@ -24,23 +26,29 @@ import click
               show_envvar=True, help="Seconds a client has to send each whole request (headers and body); also the longest it may stall reading an answer.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", envvar="LOG_LEVEL", show_envvar=True, help="Log level.")
+@click.option("--check-requirements/--no-check-requirements", default=True, envvar="LSDEPLOY_CHECK_REQUIREMENTS",
+              show_envvar=True, help="Before serving, check that DIR/requirements.txt is installed in this Python.")
 @click.option("--debug", is_flag=True, default=False, help="Flask's reloading development server, full tracebacks.")
 def start(directory, port, host, workers, threads, model, basic_auth_user, basic_auth_pass, client_timeout, log_level,
-          debug):
+          check_requirements, debug):
     """Serve the backend in DIR under gunicorn (the same command its container runs).
 
+    Listens on 127.0.0.1, this machine only, unless --host (HOST) says otherwise or it runs in
+    a container (then on 0.0.0.0). Refuses to start while DIR/requirements.txt is not installed.
     State is kept in SQLite under MODEL_DIR (default DIR/.lsdeploy), or in Cloud Storage when
     MODEL_STATE_URI=gs://BUCKET/PREFIX. Stops cleanly on SIGTERM: in-flight requests and queued
     training finish first (up to 8 s).
     """
+    import os
+
     from ..errors import EXIT_USAGE, LsdeployError
-    from ..serve import ServeSettings, run
+    from ..serve import ServeSettings, default_host, run
 
     if bool(basic_auth_user) != bool(basic_auth_pass):
         raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass "
                             "(BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
     run(ServeSettings(
-        directory=directory, port=port, host=host, workers=workers, threads=threads, model=model,
-        basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
-        log_level=log_level.upper(), debug=debug, client_timeout=client_timeout,
+        directory=directory, port=port, host=host or default_host(os.environ), workers=workers, threads=threads,
+        model=model, basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
+        log_level=log_level.upper(), debug=debug, client_timeout=client_timeout, check_requirements=check_requirements,
     ))
