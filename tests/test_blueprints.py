@@ -137,7 +137,7 @@ def test_rerendering_from_a_script_keeps_the_users_own_and_edited_files(tmp_path
     untouched = (directory / "_wsgi.py").read_text()
     (directory / "_wsgi.py").write_text("stale render\n")                  # an old render, not edited...
     manifest = json.loads((directory / ".lsdeploy" / "rendered.json").read_text())
-    manifest["_wsgi.py"] = hashlib.sha256(b"stale render\n").hexdigest()   # ...as the manifest knows
+    manifest["files"]["_wsgi.py"] = hashlib.sha256(b"stale render\n").hexdigest()  # ...as the manifest knows
     (directory / ".lsdeploy" / "rendered.json").write_text(json.dumps(manifest))
     script.write_text(script.read_text() + "# a change\n")
 
@@ -160,3 +160,29 @@ def test_rerendering_from_a_script_keeps_the_users_own_and_edited_files(tmp_path
     kept = []
     create(own, script=str(script), force=True, keep_edited=True, kept=kept)
     assert kept == ["Dockerfile"] and (own / "Dockerfile").read_text().startswith("FROM python:3.12-slim\nCOPY")
+
+
+def test_rendering_an_untouched_directory_again_writes_only_what_changed(tmp_path):
+    from lsdeploy.blueprints import MANIFEST, render
+
+    directory = tmp_path / "b"
+    assert render(directory).status == "created"
+    stamps = {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+    again = render(directory)
+    assert (again.status, again.written) == ("unchanged", [])
+    assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == stamps
+
+    # what an older lsdeploy rendered and nobody touched since: brought up to date
+    fresh = {name: (directory / name).read_bytes() for name in ("Dockerfile", "wheels/lsdeploy-0.1.0-py3-none-any.whl")}
+    manifest = json.loads((directory / MANIFEST).read_text())
+    (directory / "Dockerfile").write_text("# rendered by an older lsdeploy\n")
+    (directory / "wheels" / "lsdeploy-0.1.0-py3-none-any.whl").rename(directory / "wheels" / "lsdeploy-0.0.9-py3-none-any.whl")
+    files = manifest["files"]
+    files["Dockerfile"] = hashlib.sha256(b"# rendered by an older lsdeploy\n").hexdigest()
+    files["wheels/lsdeploy-0.0.9-py3-none-any.whl"] = files.pop("wheels/lsdeploy-0.1.0-py3-none-any.whl")
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    updated = render(directory)
+    assert (updated.status, updated.written) == ("updated", ["Dockerfile", "wheels/lsdeploy-0.1.0-py3-none-any.whl"])
+    assert {name: (directory / name).read_bytes() for name in fresh} == fresh
+    assert [p.name for p in (directory / "wheels").iterdir()] == ["lsdeploy-0.1.0-py3-none-any.whl"]
+    assert render(directory).status == "unchanged"  # the old wheel is forgotten, not missed

@@ -146,3 +146,72 @@ def test_basic_auth_needs_both(tmp_path):
 
 def test_version():
     assert run_cli("--version").stdout.startswith("label-studio-ml, version ")
+
+
+def test_readme_first_command_creates_a_backend_git_ignores():
+    import re
+    import shutil
+
+    command = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python3 -m venv"))
+    target = re.search(r"label-studio-ml create (\S+) && ", command).group(1)
+    assert command.endswith(f"label-studio-ml start {target} --port 9090")
+    if not (REPO / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q", f"{target}/model.py"], cwd=REPO)
+    assert ignored.returncode == 0, f"{target}/ is not ignored by git"
+
+
+def test_create_again_on_its_own_untouched_directory_is_a_no_op(tmp_path):
+    """The README's first command, run twice: create, start, then create again."""
+    from support import Server
+
+    target = tmp_path / "my-backend"
+    assert run_cli("create", target).returncode == 0
+    with Server(target) as server:  # leaves state and __pycache__ in DIR: not the user's changes
+        assert server.get("/health").status_code == 200
+    stamps = {p: p.stat().st_mtime_ns for p in target.rglob("*") if p.is_file()}
+    again = run_cli("create", target)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [f"{target} was created from the default blueprint and is unchanged: nothing to do",
+                                         f"next: label-studio-ml start {target} --port 9090"]
+    assert {p: p.stat().st_mtime_ns for p in target.rglob("*") if p.is_file()} == stamps
+
+    other = run_cli("create", target, "--blueprint", "text-classifier")
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: {target} was created from the default blueprint, not the text-classifier blueprint; "
+        "choose another directory, or pass --force to render over it")
+
+    (target / "model.py").write_text((target / "model.py").read_text() + "# mine\n")
+    (target / "README.md").unlink()
+    refused = run_cli("create", target)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {target} has changes since lsdeploy created it: README.md (deleted), model.py (edited); "
+        "pass --force to render over them (they are lost), or choose another directory")
+    assert (target / "model.py").read_text().endswith("# mine\n") and not (target / "README.md").exists()
+    assert run_cli("create", target, "--force").returncode == 0
+    assert (target / "README.md").exists() and not (target / "model.py").read_text().endswith("# mine\n")
+
+
+def test_create_says_how_to_install_what_the_backend_needs_beyond_lsdeploy(tmp_path):
+    import json
+
+    script = tmp_path / "src" / "my_model.py"
+    script.parent.mkdir()
+    script.write_text("from lsdeploy.model import LabelStudioMLBase\n\nclass Mine(LabelStudioMLBase):\n    pass\n")
+    (script.parent / "requirements.txt").write_text("not-installed-pkg-xyz>=1\nlsdeploy\n")
+    out = tmp_path / "out"
+    result = run_cli("create", out, "--from", script)
+    assert result.returncode == 0, result.stderr
+    install = f"{sys.executable} -m pip install -r {out / 'requirements.txt'}"
+    assert result.stdout.splitlines()[1:] == [
+        f"next: install its requirements (not-installed-pkg-xyz>=1 (not installed)): {install}",
+        f"then: label-studio-ml start {out} --port 9090"]
+    data = json.loads(run_cli("create", out, "--from", script, "--json").stdout)
+    assert data["status"] == "unchanged" and data["install"] == install
+    assert data["requirements"] == ["not-installed-pkg-xyz>=1"] and data["missing"] == ["not-installed-pkg-xyz>=1 (not installed)"]
+
+    # scikit-learn is installed in the test environment: create says so instead
+    classifier = run_cli("create", tmp_path / "tc", "--blueprint", "text-classifier")
+    assert "its requirements (scikit-learn>=1.3,<2) are installed in this Python" in classifier.stdout
+    plain = run_cli("create", tmp_path / "plain").stdout.splitlines()  # the default needs nothing more
+    assert plain[1:] == [f"next: label-studio-ml start {tmp_path / 'plain'} --port 9090"]

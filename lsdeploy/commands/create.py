@@ -16,17 +16,42 @@ import click
               help="Print the result as one JSON object.")
 def create(directory, blueprint, script, force, as_json):
     """Render a new backend into DIR: model.py, Dockerfile, docker-compose.yml, _wsgi.py,
-    README.md, requirements.txt, .dockerignore, label_config.xml and wheels/ (this lsdeploy)."""
-    from ..blueprints import create as render
+    README.md, requirements.txt, .dockerignore, label_config.xml and wheels/ (this lsdeploy).
 
-    written = render(directory, blueprint=blueprint, script=script, force=force)
+    Running it again on a DIR it created, with the same options, changes nothing (or brings
+    the files up to date with this lsdeploy) as long as you have not changed them; a DIR with
+    your changes needs --force."""
+    import os
+    import shlex
+
+    from ..blueprints import render
+    from ..serve import install_command, unmet_requirements
+
+    result = render(directory, blueprint=blueprint, script=script, force=force)
+    requirements = os.path.join(directory, "requirements.txt")
+    try:
+        missing = unmet_requirements(requirements) if result.requirements else []
+    except ImportError:  # nothing here can tell: say how to install them
+        missing = list(result.requirements)
+    install = install_command(requirements) if result.requirements else None
+    start = f"label-studio-ml start {shlex.quote(directory)} --port 9090"
     if as_json:
-        import os
-
         from . import emit_json
 
         emit_json({"directory": os.path.abspath(directory), "blueprint": blueprint, "from": script,
-                   "files": written, "start": f"label-studio-ml start {directory} --port 9090"})
+                   "status": result.status, "files": result.written, "requirements": result.requirements,
+                   "missing": missing, "install": install, "start": start})
         return
-    click.echo(f"created {directory} from the {blueprint} blueprint: {', '.join(written)}")
-    click.echo(f"next: label-studio-ml start {directory} --port 9090")
+    if result.status == "unchanged":
+        click.echo(f"{directory} was created from the {blueprint} blueprint and is unchanged: nothing to do")
+    elif result.status == "updated":
+        click.echo(f"updated {directory} to this lsdeploy (you had not changed it): {', '.join(result.written)}")
+    else:
+        click.echo(f"created {directory} from the {blueprint} blueprint: {', '.join(result.written)}")
+    if missing:
+        click.echo(f"next: install its requirements ({'; '.join(missing)}): {install}")
+        click.echo(f"then: {start}")
+        return
+    if result.requirements:
+        click.echo(f"its requirements ({', '.join(result.requirements)}) are installed in this Python")
+    click.echo(f"next: {start}")
