@@ -64,7 +64,7 @@ def test_status_of_a_healthy_service(cloud, backend):
     assert status.exists and status.ready and status.message == ""
     assert status.url == result.url and status.image == result.image
     assert status.image_digest == result.image.split("@")[1] and status.image_digest.startswith("sha256:")
-    assert status.traffic == [{"revision": result.revision, "percent": 100, "tag": ""}]
+    assert status.traffic == [{"revision": result.revision, "percent": 100, "tag": "", "image": result.image}]
     assert [r["revision"] for r in status.revisions] == [result.revision] and status.revisions[0]["ready"]
     assert status.updated.startswith("20")
     assert status.label_studio == [
@@ -127,16 +127,74 @@ def test_status_of_a_failing_revision(cloud, backend):
     assert status.exists and not status.ready
     assert "failed to start and listen on the port" in status.message
     assert status.latest_ready_revision == first.revision != status.latest_created_revision
-    assert status.traffic == [{"revision": first.revision, "percent": 100, "tag": ""}]
+    assert status.traffic == [{"revision": first.revision, "percent": 100, "tag": "", "image": first.image}]
+    assert status.image == first.image  # the failed revision's image serves nothing
     newest, oldest = status.revisions
     assert newest["revision"] == status.latest_created_revision and not newest["ready"]
     assert "failed to start" in newest["message"] and oldest == {**oldest, "revision": first.revision, "ready": True}
 
     done = run_cli("status", "failing", env=cli_env(cloud, "failing"))
     assert done.returncode == EXIT_DEPLOY
-    assert "service failing: NOT ready" in done.stdout and f"revision {newest['revision']} not ready" in done.stdout
+    assert "service failing: NOT ready" in done.stdout
+    assert f"  revision {newest['revision']}: not ready ({newest['message']})" in done.stdout.splitlines()
+    assert f"  revision {first.revision}: ready, serving 100%" in done.stdout.splitlines()
+    assert f"image: {first.image} (revision {first.revision})" in done.stdout.splitlines()
     data = json.loads(run_cli("status", "failing", "--json", env=cli_env(cloud, "failing")).stdout)
     assert data["ready"] is False and data["latest_created_revision"] == newest["revision"]
+
+
+def test_status_after_a_rollback_shows_the_serving_image_and_every_revision(cloud, backend):
+    """Issue 12.6: after a rollback the spec still names the newer image, but the older revision
+    serves: status shows the image that serves, and every revision with its Ready state."""
+    first = deploy(cloud, backend, settings_for("rolled"))
+    change(backend, "second")
+    second = deploy(cloud, backend, settings_for("rolled"))
+    provider_for(cloud).rollback(settings_for("rolled"))
+    assert live_traffic(cloud, "rolled") == {first.revision: 100} and first.image != second.image
+
+    status = provider_for(cloud).status(settings_for("rolled"))
+    assert status.image == first.image and status.image_digest == first.image.split("@")[1]
+    assert status.traffic == [{"revision": first.revision, "percent": 100, "tag": "", "image": first.image}]
+    assert [(r["revision"], r["ready"], r["image"]) for r in status.revisions] == [
+        (second.revision, True, second.image), (first.revision, True, first.image)]
+
+    text = run_cli("status", "rolled", env=cli_env(cloud, "rolled"))
+    assert text.returncode == 0, text.stderr
+    assert f"image: {first.image} (revision {first.revision})" in text.stdout.splitlines()
+    assert second.image not in text.stdout
+    assert f"  revision {second.revision}: ready" in text.stdout.splitlines()
+    assert f"  revision {first.revision}: ready, serving 100%" in text.stdout.splitlines()
+    data = json.loads(run_cli("status", "rolled", "--json", env=cli_env(cloud, "rolled")).stdout)
+    assert data["image"] == first.image and data["traffic"] == status.traffic
+    assert [(r["revision"], r["ready"]) for r in data["revisions"]] == [(second.revision, True), (first.revision, True)]
+
+
+def test_status_of_split_traffic_shows_each_serving_image(cloud, backend):
+    from google.cloud import run_v2
+    from google.protobuf import field_mask_pb2
+
+    first = deploy(cloud, backend, settings_for("split"))
+    change(backend, "second")
+    second = deploy(cloud, backend, settings_for("split"))
+    services = GcpClients.from_env(cloud.env, PROJECT).services
+    live = services.get_service(name=settings_for("split").service_name)
+    kind = run_v2.TrafficTargetAllocationType
+    live.traffic = [run_v2.TrafficTarget(type_=kind.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION, revision=first.revision,
+                                         percent=30),
+                    run_v2.TrafficTarget(type_=kind.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST, percent=70)]
+    services.update_service(request=run_v2.UpdateServiceRequest(
+        service=live, update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))).result(polling=FAST_POLLING)
+    assert live_traffic(cloud, "split") == {first.revision: 30, second.revision: 70}
+
+    status = provider_for(cloud).status(settings_for("split"))
+    assert status.traffic == [{"revision": first.revision, "percent": 30, "tag": "", "image": first.image},
+                              {"revision": second.revision, "percent": 70, "tag": "", "image": second.image}]
+    assert status.image == "" and status.image_digest == ""  # no one image serves all the traffic
+    lines = status.lines()
+    assert f"image: {first.image} (revision {first.revision}, 30%)" in lines
+    assert f"image: {second.image} (revision {second.revision}, 70%)" in lines
+    assert f"  revision {first.revision}: ready, serving 30%" in lines
+    assert f"  revision {second.revision}: ready, serving 70%" in lines
 
 
 def test_status_of_a_missing_service(cloud):

@@ -74,7 +74,7 @@ def _render(result, as_json: bool) -> None:
 @click.command()
 @gcp_options
 def status(**opts):
-    """What runs now: URL, ready state, revisions and traffic, image, last deploy, Label Studio state.
+    """What runs now: URL, ready state, serving image, traffic, every revision, last deploy, Label Studio state.
 
     Exit code 0 when the service is ready, 5 when it is not ready or not deployed.
     """

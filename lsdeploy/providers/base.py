@@ -140,8 +140,8 @@ class StatusResult:
     message: str = ""
     latest_ready_revision: str = ""
     latest_created_revision: str = ""
-    traffic: list = field(default_factory=list)      # [{"revision", "percent", "tag"}]
-    image: str = ""
+    traffic: list = field(default_factory=list)      # [{"revision", "percent", "tag", "image"}]
+    image: str = ""                                  # the image serving all traffic ("" when split or none)
     image_digest: str = ""
     updated: str = ""
     labels: dict = field(default_factory=dict)
@@ -155,13 +155,21 @@ class StatusResult:
         if not self.exists:
             return [f"service {self.service}: not deployed"]
         out = [f"service {self.service}: {'ready' if self.ready else 'NOT ready'}" +
-               (f" ({self.message})" if self.message else ""),
-               f"URL: {self.url}", f"image: {self.image}", f"last deploy: {self.updated}",
-               f"revisions: latest ready {self.latest_ready_revision}, latest created {self.latest_created_revision}"]
-        out += [f"  traffic {t['percent']}% -> {t['revision']}" for t in self.traffic]
+               (f" ({self.message})" if self.message else ""), f"URL: {self.url}"]
+        shares, images = {}, {}  # revision -> percent of the traffic, image
+        for target in self.traffic:
+            if target["percent"] and target["revision"]:
+                shares[target["revision"]] = shares.get(target["revision"], 0) + target["percent"]
+                images[target["revision"]] = target.get("image") or "(unknown)"
+        out += [f"image: {images[revision]} (revision {revision}" + (f", {share}%)" if len(shares) > 1 else ")")
+                for revision, share in shares.items()] or ["image: none (no revision serves traffic)"]
+        out += [f"last deploy: {self.updated}",
+                f"revisions: latest ready {self.latest_ready_revision}, latest created {self.latest_created_revision}"]
+        out += [f"  traffic {t['percent']}% -> {t['revision'] or '(no ready revision)'}" for t in self.traffic]
         for rev in self.revisions:
-            if not rev["ready"]:
-                out.append(f"  revision {rev['revision']} not ready: {rev['message']}")
+            state = "ready" if rev["ready"] else "not ready" + (f" ({rev['message']})" if rev["message"] else "")
+            share = shares.get(rev["revision"])
+            out.append(f"  revision {rev['revision']}: {state}" + (f", serving {share}%" if share else ""))
         for reg in self.label_studio:
             out.append(f"Label Studio project {reg['project']}: " + (
                 f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else reg["state_name"]) +

@@ -19,6 +19,8 @@ from .storage import delete_blobs, list_blobs
 
 
 def status(api, settings, open_label_studio) -> StatusResult:
+    """What runs now. The image is the one of the revision(s) that take traffic, read from the
+    revisions: the service's spec names the newest image, which serves nothing after a rollback."""
     live = get_service(api, settings)
     if live is None:
         return StatusResult(service=settings.service, exists=False)
@@ -29,36 +31,43 @@ def status(api, settings, open_label_studio) -> StatusResult:
         revisions.append({"revision": rev.name.rsplit("/", 1)[-1], "ready": rev_ready, "message": rev_message,
                           "image": rev.containers[0].image if rev.containers else "",
                           "created": rev.create_time.isoformat() if rev.create_time else ""})
-    image = live.template.containers[0].image if live.template.containers else ""
-    registrations = []
+    images = {rev["revision"]: rev["image"] for rev in revisions}
+    traffic = [{**target, "image": images.get(target["revision"], "")} for target in traffic_targets(live)]
+    serving = {target["image"] for target in traffic if target["percent"] and target["revision"]}
+    image = next(iter(serving)) if len(serving) == 1 else ""  # none when no revision or several images serve
     client = open_label_studio(settings)
-    if client is not None:
-        url = live.uri.rstrip("/")
-        for pid in settings.projects:
-            try:
-                found = [b for b in client.backends(pid) if str(b.get("url") or "").rstrip("/") == url]
-            except LsdeployError as exc:  # Label Studio down: the service's status still shows
-                registrations.append({"project": int(pid), "backend_id": None, "state": "",
-                                      "state_name": "unknown", "error_message": str(exc)})
-                continue
-            if not found:
-                registrations.append({"project": int(pid), "backend_id": None, "state": "",
-                                      "state_name": "not registered", "error_message": ""})
-            for backend in found:
-                from ...labelstudio import STATE_NAMES
-
-                state = backend.get("state") or ""
-                registrations.append({"project": int(pid), "backend_id": int(backend["id"]), "state": state,
-                                      "state_name": STATE_NAMES.get(state, state),
-                                      "error_message": backend.get("error_message") or ""})
     return StatusResult(
         service=settings.service, exists=True, url=live.uri, ready=ready, message=message,
         latest_ready_revision=live.latest_ready_revision.rsplit("/", 1)[-1],
         latest_created_revision=live.latest_created_revision.rsplit("/", 1)[-1],
-        traffic=traffic_targets(live), image=image,
-        image_digest=image.split("@", 1)[1] if "@" in image else "",
+        traffic=traffic, image=image, image_digest=image.split("@", 1)[1] if "@" in image else "",
         updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels),
-        revisions=revisions, label_studio=registrations)
+        revisions=revisions,
+        label_studio=_label_studio_states(client, settings.projects, live.uri) if client is not None else [])
+
+
+def _label_studio_states(client, projects, url: str) -> list:
+    """The backend serving `url` in each Label Studio project, with its state."""
+    from ...labelstudio import STATE_NAMES
+
+    url = url.rstrip("/")
+    registrations = []
+    for pid in projects:
+        try:
+            found = [b for b in client.backends(pid) if str(b.get("url") or "").rstrip("/") == url]
+        except LsdeployError as exc:  # Label Studio down: the service's status still shows
+            registrations.append({"project": int(pid), "backend_id": None, "state": "",
+                                  "state_name": "unknown", "error_message": str(exc)})
+            continue
+        if not found:
+            registrations.append({"project": int(pid), "backend_id": None, "state": "",
+                                  "state_name": "not registered", "error_message": ""})
+        for backend in found:
+            state = backend.get("state") or ""
+            registrations.append({"project": int(pid), "backend_id": int(backend["id"]), "state": state,
+                                  "state_name": STATE_NAMES.get(state, state),
+                                  "error_message": backend.get("error_message") or ""})
+    return registrations
 
 
 def rollback(api, settings, to_revision: Optional[str] = None, progress=_quiet) -> RollbackResult:
