@@ -15,9 +15,14 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 
 from ..errors import StateError
 from .base import StateStore, check_artifact_name, encode_value, safe_component
+from .sqlite_file import DatabaseFile, connect, explain
+
+_UPSERT = ("INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
+           "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value")
 
 
 class SQLiteStore(StateStore):
@@ -28,6 +33,11 @@ class SQLiteStore(StateStore):
     (under a file lock); a read compares that counter with the one its cache was filled at.
     So a read that starts after another worker's write returned always sees it, and the hot
     path (model_version on every /predict) costs a memory read instead of a query.
+
+    Every write first checks that the file at the path is still the one the store opened
+    (`DatabaseFile`): a write to a deleted or replaced file would answer success and vanish at
+    the next restart, so it raises StateError instead. SQLite errors are StateErrors naming the
+    problem and what to do, and `health()` reports the file's condition.
     """
 
     kind = "sqlite"
@@ -43,11 +53,9 @@ class SQLiteStore(StateStore):
             ) from None
         self.path = os.path.join(self.model_dir, "state.sqlite3")
         self._local = threading.local()
-        with self._connect() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS state (project TEXT NOT NULL, key TEXT NOT NULL, "
-                "value TEXT NOT NULL, PRIMARY KEY (project, key))"
-            )
+        self._open("rwc")  # the one connection that may create the file; later ones open it or fail
+        self._file = DatabaseFile(self.path)
+        self._problem: tuple = (None, 0.0)  # the problem health() last reported, and since when
         self._gen_file = open(os.path.join(self.model_dir, "state.generation"), "a+b")
         if os.fstat(self._gen_file.fileno()).st_size < 8:
             with self._gen_locked():
@@ -79,14 +87,43 @@ class SQLiteStore(StateStore):
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
+        self._file.check()  # never open (let alone create) another file at the path
+        return self._open("rw")
+
+    def _open(self, mode: str) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = connect(self.path, mode, timeout=30)
+            if mode == "rwc":
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS state (project TEXT NOT NULL, key TEXT NOT NULL, "
+                    "value TEXT NOT NULL, PRIMARY KEY (project, key))"
+                )
             conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot open state database {self.path}: {exc}") from None
+            raise StateError(explain(exc).message(self.path)) from None
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    def _read(self, sql: str, args: tuple):
+        try:
+            row = self._connect().execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise self._file.failed("read", exc) from None
+        self._file.succeeded("read")
+        return row
+
+    def _write(self, sql: str, args: tuple = (), done: bool = True) -> sqlite3.Cursor:
+        """A statement to the file this store opened (StateError otherwise); `done`: it ends
+        the write (committed), so writes work again."""
+        self._file.check()
+        try:
+            cursor = self._connect().execute(sql, args)
+        except sqlite3.Error as exc:
+            raise self._file.failed("write", exc) from None
+        if done:
+            self._file.succeeded("write")
+        return cursor
 
     def get(self, project, key, default=None):
         project = str(project)
@@ -95,9 +132,7 @@ class SQLiteStore(StateStore):
             if self._cache_gen == gen and (project, key) in self._cache:
                 text = self._cache[(project, key)]
                 return default if text is None else json.loads(text)
-        row = self._connect().execute(
-            "SELECT value FROM state WHERE project=? AND key=?", (project, key)
-        ).fetchone()
+        row = self._read("SELECT value FROM state WHERE project=? AND key=?", (project, key))
         text = None if row is None else row[0]
         with self._cache_lock:
             if self._cache_gen != gen:
@@ -106,15 +141,11 @@ class SQLiteStore(StateStore):
         return default if text is None else json.loads(text)
 
     def set(self, project, key, value, *, wait=None):  # local disk: always written at once
-        self._connect().execute(
-            "INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
-            "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
-            (str(project), key, encode_value(value)),
-        )
+        self._write(_UPSERT, (str(project), key, encode_value(value)))
         self._written()
 
     def create(self, project, key, value, *, wait=None):
-        cursor = self._connect().execute(
+        cursor = self._write(
             "INSERT INTO state (project, key, value) VALUES (?, ?, ?) ON CONFLICT(project, key) DO NOTHING",
             (str(project), key, encode_value(value)),
         )
@@ -122,26 +153,22 @@ class SQLiteStore(StateStore):
             self._written()
 
     def delete(self, project, key):
-        self._connect().execute("DELETE FROM state WHERE project=? AND key=?", (str(project), key))
+        self._write("DELETE FROM state WHERE project=? AND key=?", (str(project), key))
         self._written()
 
     def update(self, project, key, fn, default=None):
+        self._write("BEGIN IMMEDIATE", done=False)
         conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
-                "SELECT value FROM state WHERE project=? AND key=?", (str(project), key)
-            ).fetchone()
+            row = self._read("SELECT value FROM state WHERE project=? AND key=?", (str(project), key))
             new = fn(default if row is None else json.loads(row[0]))
-            conn.execute(
-                "INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT(project, key) DO UPDATE SET value=excluded.value",
-                (str(project), key, encode_value(new)),
-            )
+            self._write(_UPSERT, (str(project), key, encode_value(new)), done=False)
+            self._write("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # also after a failed COMMIT (a full disk): the next BEGIN must work
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         self._written()
         return new
 
@@ -177,6 +204,23 @@ class SQLiteStore(StateStore):
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def health(self) -> dict:
+        """Degraded, with what to do, when the database file was deleted or replaced, cannot be
+        written, has no room left, does not read as a database, or when the last read or write
+        failed: a stat, a statvfs and a short-lived connection (see DatabaseFile.diagnose)."""
+        body = {"store": self.kind, "status": "ok", "path": self.path}
+        problem = self._file.diagnose()
+        now = time.monotonic()
+        if problem is None:
+            self._problem = (None, now)
+            return body
+        error = problem.message(self.path)
+        if self._problem[0] != error:
+            self._problem = (error, now)
+        body.update(status="degraded", error=error, detail=problem.message(None),
+                    degraded_for_seconds=round(now - self._problem[1], 3))
+        return body
 
     def close(self):
         conn = getattr(self._local, "conn", None)
