@@ -13,10 +13,7 @@ import gc
 import logging
 import logging.config
 import os
-import re
-import shlex
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -234,110 +231,13 @@ def check_port(host: str, port: int) -> None:
             raise LsdeployError(f"cannot listen on {host}:{port}: {exc.strerror}", EXIT_USAGE) from None
 
 
-# lsdeploy is what runs (and stands in for the reference SDK): a backend listing either needs nothing more.
-_NOT_CHECKED = {"lsdeploy", "label-studio-ml"}
-_ARCHIVES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
-
-
-def _packaging():
-    """packaging's Requirement, InvalidRequirement, InvalidVersion and canonicalize_name:
-    the library when installed, otherwise pip's own copy."""
-    try:
-        from packaging.requirements import InvalidRequirement, Requirement
-        from packaging.utils import canonicalize_name
-        from packaging.version import InvalidVersion
-    except ImportError:  # not among lsdeploy's dependencies; pip vendors it wherever pip installed anything
-        from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
-        from pip._vendor.packaging.utils import canonicalize_name
-        from pip._vendor.packaging.version import InvalidVersion
-    return Requirement, InvalidRequirement, InvalidVersion, canonicalize_name
-
-
-def requirement_lines(text: str) -> list[str]:
-    """The requirement specifiers of a requirements file that name a package: without
-    comments, options (-r, -e, --index-url, a line's own --hash), URLs and local paths."""
-    lines = []
-    for line in text.replace("\\\n", "").splitlines():  # pip joins a line ending in a backslash to the next
-        line = re.sub(r"(^|\s)#.*", "", line).strip()
-        line = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
-        if (not line or line.startswith("-") or "://" in line or "/" in line or "\\" in line
-                or line.lower().endswith(_ARCHIVES)):
-            continue
-        lines.append(line)
-    return lines
-
-
-def unmet_requirements(path) -> list[str]:
-    """The requirements in `path` (a requirements.txt) that this Python does not satisfy, each
-    with why: `scikit-learn>=1.3,<2 (not installed)`, `numpy>=2 (1.26.4 installed)`. Lines whose
-    environment markers do not apply here are skipped, as are lsdeploy itself and whatever only
-    pip can judge (URLs, paths, options). ImportError when no copy of packaging is importable."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise LsdeployError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
-    lines = requirement_lines(text)
-    if not lines:
-        return []
-    from importlib import metadata
-
-    Requirement, InvalidRequirement, InvalidVersion, canonicalize_name = _packaging()
-
-    def problem(req) -> Optional[str]:
-        try:
-            dist = metadata.distribution(req.name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-        try:
-            if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
-                return f"{dist.version} installed"
-        except InvalidVersion:  # a legacy version string: pip installed it, pip may judge it
-            return None
-        for extra in sorted(req.extras):  # what the extra adds, one level deep
-            for line in dist.requires or []:
-                try:
-                    dep = Requirement(line)
-                except InvalidRequirement:
-                    continue
-                if dep.marker is None or not dep.marker.evaluate({"extra": extra}) or dep.marker.evaluate({"extra": ""}):
-                    continue
-                why = problem(Requirement(f"{dep.name}{dep.specifier}"))
-                if why:
-                    return f"its extra [{extra}] needs {dep.name}{dep.specifier}: {why}"
-        return None
-
-    unmet = []
-    for line in lines:
-        try:
-            req = Requirement(line)
-        except InvalidRequirement:  # something only pip understands
-            continue
-        if req.url or canonicalize_name(req.name) in _NOT_CHECKED:
-            continue
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        why = problem(req)
-        if why:
-            unmet.append(f"{line} ({why})")
-    return unmet
-
-
-def install_command(requirements) -> str:
-    """The command that installs `requirements` into the Python running this code."""
-    return f"{shlex.quote(sys.executable or 'python3')} -m pip install -r {shlex.quote(str(requirements))}"
-
-
 def check_requirements(directory) -> None:
     """Fail before serving when DIR/requirements.txt is not installed here: otherwise the
     server starts and a later request fails on a missing module."""
+    from .requirements import install_command, unmet_requirements
+
     path = Path(directory) / "requirements.txt"
-    try:
-        unmet = unmet_requirements(path)
-    except ImportError:
-        logger.warning("%s not checked: neither packaging nor pip is installed (pip install packaging)", path)
-        return
+    unmet = unmet_requirements(path)
     if unmet:
         raise LsdeployError(f"{path} is not satisfied in this Python: {'; '.join(unmet)}; install it with: "
                             f"{install_command(path)} (or skip this check: --no-check-requirements, "

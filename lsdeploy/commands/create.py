@@ -25,14 +25,11 @@ def create(directory, blueprint, script, force, as_json):
     import shlex
 
     from ..blueprints import render
-    from ..serve import install_command, unmet_requirements
+    from ..requirements import install_command, unmet_requirements
 
     result = render(directory, blueprint=blueprint, script=script, force=force)
     requirements = os.path.join(directory, "requirements.txt")
-    try:
-        missing = unmet_requirements(requirements) if result.requirements else []
-    except ImportError:  # nothing here can tell: say how to install them
-        missing = list(result.requirements)
+    missing = unmet_requirements(requirements) if result.requirements else []
     install = install_command(requirements) if result.requirements else None
     start = f"label-studio-ml start {shlex.quote(directory)} --port 9090"
     if as_json:
