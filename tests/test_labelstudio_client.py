@@ -196,3 +196,114 @@ def test_a_key_that_cannot_be_a_header_is_not_an_unreachable_label_studio(stub):
     assert err.value.exit_code == EXIT_USAGE and "cannot reach" not in message
     assert "cannot be sent in an HTTP header" in message and "LABEL_STUDIO_API_KEY" in message
     assert "abc123" not in message and label_studio.authorizations == []
+
+
+class FakeApi:
+    """Stands in for the requests.Session of a LabelStudio client: answers each (method, path) from
+    `routes` ((status, body), or a function of the JSON body giving one) and records what was sent
+    as (method, path, JSON body)."""
+
+    def __init__(self, routes: dict):
+        self.routes, self.sent = routes, []
+
+    def request(self, method, url, json=None, params=None, headers=None, timeout=None):
+        import urllib.parse
+
+        path = urllib.parse.urlsplit(url).path
+        self.sent.append((method, path, json))
+        answer = self.routes[(method, path)]
+        status, body = answer(json) if callable(answer) else answer
+        resp = response(status, body)
+        resp.headers["Content-Type"] = "application/json"
+        resp.url = url
+        return resp
+
+    def bodies(self, method, path) -> list:
+        return [body for m, p, body in self.sent if (m, p) == (method, path)]
+
+
+BACKEND = {"id": 5, "url": "http://b", "project": 7, "title": "mine", "is_interactive": True, "state": "CO",
+           "auth_method": "BASIC_AUTH", "basic_auth_user": "u", "model_version": "0.0.1",
+           "description": "set in the UI"}
+HOOK = {"id": 9, "url": "http://b/webhook", "project": 7, "headers": {"Authorization": "Basic dTpw"},
+        "is_active": True}
+
+
+def fake_label_studio(backends, project_version="0.0.1", routes=None):
+    return FakeApi({("GET", "/api/projects/7"): (200, {"id": 7, "model_version": project_version}),
+                    ("GET", "/api/ml/"): (200, backends), ("PATCH", "/api/ml/5"): (200, BACKEND),
+                    ("POST", "/api/ml/"): (201, {**BACKEND, "is_interactive": False, "auth_method": "NONE"}),
+                    ("GET", "/api/webhooks/"): (200, [HOOK]), ("PATCH", "/api/webhooks/9/"): (200, HOOK),
+                    **(routes or {})})
+
+
+def test_connect_again_changes_only_what_was_passed():
+    """Settings the user made in Label Studio (interactive, title, description, basic auth and the
+    webhook's header) stay when connect runs again without them; passed ones change."""
+    api = fake_label_studio([BACKEND])
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    # Label Studio checks a PATCH of a basic-auth backend with the credentials in it: "" is its stored password.
+    assert api.bodies("PATCH", "/api/ml/5") == [{"url": "http://b", "project": 7, "auth_method": "BASIC_AUTH",
+                                                 "basic_auth_user": "u", "basic_auth_pass": ""}]
+    assert api.bodies("PATCH", "/api/webhooks/9/") == []
+    assert (reg.is_interactive, reg.title, reg.basic_auth, reg.created) == (True, "mine", True, False)
+
+    api = fake_label_studio([BACKEND])
+    LabelStudio("http://ls", "legacy-key", session=api).register(
+        "http://b", [7], verify=False, interactive=False, title="renamed", basic_auth=("u", "p2"))
+    (body,) = api.bodies("PATCH", "/api/ml/5")
+    assert body == {"url": "http://b", "project": 7, "title": "renamed", "is_interactive": False,
+                    "auth_method": "BASIC_AUTH", "basic_auth_user": "u", "basic_auth_pass": "p2"}
+    (hook,) = api.bodies("PATCH", "/api/webhooks/9/")
+    assert hook["headers"] == {"Authorization": "Basic " + base64.b64encode(b"u:p2").decode()}
+
+
+def test_a_new_backend_gets_the_defaults():
+    api = fake_label_studio([])
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    (body,) = api.bodies("POST", "/api/ml/")
+    assert body == {"url": "http://b", "project": 7, "title": "lsdeploy http://b", "is_interactive": False,
+                    "auth_method": "NONE", "basic_auth_user": None}
+    assert reg.created and not reg.is_interactive
+
+
+def test_the_project_is_pointed_at_the_backends_model_version():
+    """Label Studio sets a new backend's title as the project's model_version; the Data Manager's
+    score column shows only predictions of that version, so connect points it at the backend's."""
+    api = fake_label_studio([BACKEND], project_version="mine",
+                            routes={("PATCH", "/api/projects/7"): (200, {"id": 7, "model_version": "0.0.1"})})
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    assert api.bodies("PATCH", "/api/projects/7") == [{"model_version": "0.0.1"}]
+    assert reg.project_model_version == "0.0.1"
+    assert "Settings > Annotation" in reg.note and "when the model retrains" in reg.note
+
+    # Label Studio takes a version only once it has a prediction of it: one task's is fetched first.
+    refused = (400, {"detail": "Validation error", "validation_errors": {"model_version": [
+        "Model version doesn't exist either as live model or as static predictions."]}})
+    answers = [refused, (200, {"id": 7, "model_version": "0.0.1"})]
+    api = fake_label_studio([BACKEND], project_version="mine", routes={
+        ("PATCH", "/api/projects/7"): lambda body: answers.pop(0),
+        ("GET", "/api/tasks/"): (200, {"tasks": [{"id": 31}]}), ("POST", "/api/dm/actions"): (200, {})})
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    assert api.bodies("POST", "/api/dm/actions") == [{"selectedItems": {"all": False, "included": [31]}}]
+    assert reg.project_model_version == "0.0.1" and not answers
+
+    # No task to predict: the project is left as it is and the note says what to do.
+    api = fake_label_studio([BACKEND], project_version="mine", routes={
+        ("PATCH", "/api/projects/7"): refused, ("GET", "/api/tasks/"): (200, {"tasks": []})})
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    assert reg.project_model_version == "mine"
+    assert "Prediction score column stays empty" in reg.note and "pick 0.0.1 in Settings > Annotation" in reg.note
+
+
+def test_a_project_using_another_backend_or_no_version_change_is_left_alone():
+    other = {**BACKEND, "id": 6, "url": "http://other", "title": "other model"}
+    api = fake_label_studio([BACKEND, other], project_version="other model")
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    assert api.bodies("PATCH", "/api/projects/7") == []
+    assert reg.project_model_version == "other model" and "another backend" in reg.note
+
+    api = fake_label_studio([BACKEND])
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False,
+                                                                         use_version=False)
+    assert api.bodies("PATCH", "/api/projects/7") == [] and reg.project_model_version == "" and not reg.note

@@ -31,13 +31,19 @@ def _project_option(fn):
 @label_studio_options()
 @_project_option
 @click.option("--title", envvar="LSDEPLOY_TITLE", show_envvar=True, default=None,
-              help="Backend title in Label Studio (a backend with this title is updated, not duplicated).")
+              help="Backend title in Label Studio (a backend with this title is updated, not duplicated); "
+                   "an existing backend keeps its title when not given.")
 @click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", show_envvar=True, default=None,
               help="User of the backend's basic auth (also sent by the project webhook).")
 @click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
               help="Password of the backend's basic auth (prefer the environment variable).")
-@click.option("--interactive/--no-interactive", envvar="LSDEPLOY_INTERACTIVE", show_envvar=True, default=False,
-              help="Use the backend for interactive pre-annotation.")
+@click.option("--interactive/--no-interactive", envvar="LSDEPLOY_INTERACTIVE", show_envvar=True, default=None,
+              help="Use the backend for interactive pre-annotation (a new backend: off; an existing one keeps "
+                   "what Label Studio has when neither is given).")
+@click.option("--scores/--no-scores", "use_version", envvar="LSDEPLOY_SCORES", show_envvar=True, default=True,
+              help="Point the project's predictions (Settings > Annotation > Prelabeling) at the backend's model "
+                   "version, so the Data Manager shows its prediction scores; --no-scores leaves that choice as "
+                   "Label Studio has it.")
 @click.option("--verify/--no-verify", envvar="LSDEPLOY_VERIFY", show_envvar=True, default=True,
               help="Check state, model version and a test prediction before reporting success.")
 @click.option("--timeout", type=float, default=30.0, envvar="LABEL_STUDIO_TIMEOUT", show_envvar=True,
@@ -45,7 +51,7 @@ def _project_option(fn):
 @click.option("--json", "as_json", is_flag=True, envvar="LSDEPLOY_JSON", show_envvar=True,
               help="Print the result as JSON.")
 def connect(url, label_studio_host, label_studio_api_key, projects, title, basic_auth_user, basic_auth_pass,
-            interactive, verify, timeout, as_json):
+            interactive, use_version, verify, timeout, as_json):
     """Register the backend at URL with Label Studio projects (create or update, never duplicate).
 
     The backend must be reachable from Label Studio's machine. With basic auth, the project
@@ -64,8 +70,11 @@ def connect(url, label_studio_host, label_studio_api_key, projects, title, basic
              f"{client.shown} ({client.key_kind})")
     registrations = client.register(
         url, project_ids, title=title, basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
-        interactive=interactive, verify=verify,
+        interactive=interactive, verify=verify, use_version=use_version,
     )
+    for reg in registrations:
+        if reg.note:
+            progress(f"project {reg.project}: {reg.note}")
     if as_json:
         emit_json({"label_studio": client.shown, "registrations": [r.to_dict() for r in registrations]})
         return

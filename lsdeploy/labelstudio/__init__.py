@@ -4,11 +4,15 @@ Functions other code calls (all raise `LabelStudioError`, an `LsdeployError`, wi
 EXIT_AUTH for a refused key, EXIT_USAGE for an unknown project, EXIT_REGISTER when Label Studio
 cannot register or reach the backend):
 
-    register(host, api_key, url, projects, *, title=None, basic_auth=None, interactive=False,
-             description=None, extra_params=None, verify=True, timeout=30.0) -> list[Registration]
+    register(host, api_key, url, projects, *, title=None, basic_auth=None, interactive=None,
+             description=None, extra_params=None, verify=True, use_version=True, timeout=30.0)
+             -> list[Registration]
         Create or update (never duplicate) the backend URL in each project, give the project
         webhook <url>/webhook the backend's basic-auth header, then check what Label Studio sees
         (state CO, a non-empty model version, a test prediction when the project has tasks).
+        On an existing backend, an option left None keeps what Label Studio has (the user may
+        have changed it in the UI). With use_version, the project is pointed at the backend's
+        model version, which the Data Manager's score column needs (`versions`).
         When a project fails, what this call created in earlier projects is removed again.
         When Label Studio reports only an HTTP status for a failed /health, /setup or /predict,
         the call is repeated from this machine to quote the backend's own `error`.
@@ -29,7 +33,8 @@ a JWT access token is sent as Bearer as it is; anything else is a legacy key sen
 `Authorization: Token ...`. The key never appears in repr(), messages or logs.
 
 Modules (imports point down): `client` (the client, keys, reads) -> `backends` (registering,
-verifying and removing backends and their webhooks) -> `errors` (LabelStudioError and wording).
+verifying and removing backends and their webhooks) -> `versions` (which predictions a project
+uses) -> `errors` (LabelStudioError and wording).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 duplicate) a backend in projects with its webhook, check what Label Studio sees of it, remove it.
 
 `BackendRegistry` is mixed into `client.LabelStudio`, which gives it `request`, `call`, `_json`,
-`get_project`, `shown` and `timeout`; this module imports nothing of the client (imports point
-down: client -> backends -> errors).
+`get_project`, `first_task`, `shown` and `timeout`; this module imports nothing of the client
+(imports point down: client -> backends -> versions -> errors).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
 
 from ..errors import EXIT_ERROR, EXIT_REGISTER, EXIT_USAGE
+from . import versions
 from .errors import LabelStudioError, _project_id, _reason
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Registration:
     webhook_id: Optional[int] = None
     error_message: str = ""
     test_prediction: Optional[dict] = None   # {"ok": bool, "detail": str}
+    project_model_version: str = ""   # the predictions the project uses (Settings > Annotation)
+    note: str = ""                    # what the user may have to do for the Data Manager's scores
 
     @property
     def connected(self) -> bool:
@@ -99,6 +102,7 @@ class BackendRegistry:
     attempts = 3         # tries when Label Studio's 1 s health check of the backend misses
     retry_pause = 1.0
 
+    # -- reads --------------------------------------------------------------------------------
     def backends(self, project) -> list:
         """Every ML backend of a project (Label Studio re-checks each one's health on this read)."""
         pid = _project_id(project)
@@ -115,13 +119,18 @@ class BackendRegistry:
 
     def webhooks(self, project) -> list:
         pid = _project_id(project)
-        return self.call("GET", "/api/webhooks/", f"listing the webhooks of project {pid}", params={"project": pid}) or []
+        return self.call("GET", "/api/webhooks/", f"listing the webhooks of project {pid}",
+                         params={"project": pid}) or []
+
     # -- register -----------------------------------------------------------------------------
     def register(self, url: str, projects: Iterable, *, title: Optional[str] = None,
-                 basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
+                 basic_auth: Optional[Sequence[str]] = None, interactive: Optional[bool] = None,
                  description: Optional[str] = None, extra_params: Optional[dict] = None,
-                 verify: bool = True) -> list:
-        """Create or update the backend `url` in each project; see the module docstring."""
+                 verify: bool = True, use_version: bool = True) -> list:
+        """Create or update the backend `url` in each project; see the package docstring. On an
+        existing backend, an option left None (title, basic_auth, interactive, description,
+        extra_params) keeps what Label Studio has; a new backend gets the defaults. With
+        `use_version`, each project is pointed at the backend's model version (see `versions`)."""
         url = _normal_url(url)
         if not url.startswith(("http://", "https://")):
             raise LabelStudioError(f"backend URL {url!r} must start with http:// or https://", EXIT_USAGE)
@@ -139,6 +148,10 @@ class BackendRegistry:
             try:
                 done.append(self._register_one(url, pid, title=title, basic_auth=basic_auth, interactive=interactive,
                                                description=description, extra_params=extra_params, verify=verify))
+                reg = done[-1]
+                if use_version and reg.model_version:
+                    reg.project_model_version, reg.note = versions.use_version(self, pid, reg.backend_id,
+                                                                                reg.model_version, self.attempts)
             except LabelStudioError as exc:
                 if not done:
                     raise
@@ -177,16 +190,22 @@ class BackendRegistry:
         existing = self.backends(pid)
         match = ([b for b in existing if _normal_url(b.get("url")) == url]
                  or ([b for b in existing if title and b.get("title") == title]))
-        body = {"url": url, "project": pid, "is_interactive": bool(interactive),
-                "title": title or (match[0].get("title") if match else None) or f"lsdeploy {url}"}
-        if description is not None:
-            body["description"] = description
-        if extra_params is not None:
-            body["extra_params"] = extra_params
+        # An existing backend keeps every setting that was not passed (the user may have changed it
+        # in Label Studio's UI); a PATCH without them leaves them as they are. A new one gets defaults.
+        body = {"url": url, "project": pid}
+        given = {"title": title, "is_interactive": interactive, "description": description,
+                 "extra_params": extra_params}
+        if not match:
+            given = {**given, "title": title or f"lsdeploy {url}", "is_interactive": bool(interactive)}
+        body.update({key: value for key, value in given.items() if value is not None})
         if basic_auth:
             body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
-        else:
+        elif not match:
             body.update(auth_method="NONE", basic_auth_user=None)
+        elif match[0].get("auth_method") == "BASIC_AUTH":
+            # Label Studio checks a PATCH with the credentials in it; an empty password means its
+            # stored one (which it never gives back).
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=match[0].get("basic_auth_user"), basic_auth_pass="")
         old_url = None
         if match:
             old_url = _normal_url(match[0].get("url"))
@@ -223,7 +242,8 @@ class BackendRegistry:
             if _normal_url(extra.get("url")) == url:
                 self.request("DELETE", f"/api/ml/{extra['id']}")
         try:
-            webhook_id = self._ensure_webhook(pid, url, basic_auth)
+            # basic auth not passed on an existing backend: its webhook keeps the headers it has
+            webhook_id = self._ensure_webhook(pid, url, basic_auth, keep_headers=bool(match) and not basic_auth)
         except LabelStudioError as exc:
             if created:  # a failed connect leaves nothing behind
                 self.request("DELETE", f"/api/ml/{backend_id}")
@@ -236,8 +256,8 @@ class BackendRegistry:
         registration = Registration(
             backend_id=backend_id, project=pid, url=url, title=data.get("title") or "", state=data.get("state") or "",
             model_version=data.get("model_version") or "", created=created,
-            is_interactive=bool(data.get("is_interactive")), basic_auth=bool(basic_auth), webhook_id=webhook_id,
-            error_message=data.get("error_message") or "",
+            is_interactive=bool(data.get("is_interactive")), basic_auth=data.get("auth_method") == "BASIC_AUTH",
+            webhook_id=webhook_id, error_message=data.get("error_message") or "",
         )
         if verify:
             checked = self.verify(backend_id)
@@ -246,7 +266,7 @@ class BackendRegistry:
                     break
                 time.sleep(self.retry_pause)  # a missed 1 s health check: Label Studio re-checks on read
                 checked = self.verify(backend_id)
-            checked.created, checked.webhook_id, checked.basic_auth = created, webhook_id, bool(basic_auth)
+            checked.created, checked.webhook_id = created, webhook_id
             registration = checked
             problem = None
             if not registration.connected:
@@ -339,12 +359,9 @@ class BackendRegistry:
                     body = {"project": uid, "schema": project.get("label_config"),
                             "extra_params": backend.get("extra_params")}
                 else:
-                    tasks = self.call("GET", "/api/tasks/", f"reading a task of project {pid}",
-                                      params={"project": pid, "page_size": 1})
-                    tasks = tasks.get("tasks") if isinstance(tasks, dict) else tasks
-                    if not tasks:
+                    first = self.first_task(pid)
+                    if not first:
                         return None
-                    first = tasks[0]
                     task = {"id": first["id"], "data": first.get("data") or {}, "meta": first.get("meta") or {},
                             "annotations": [], "predictions": [], "project": pid}
                     body = {"tasks": [task], "project": uid, "label_config": project.get("label_config"),
@@ -386,8 +403,9 @@ class BackendRegistry:
                 "/setup must answer {\"model_version\": \"<a non-empty string>\"}; check the model's model_version")
 
     # -- webhooks -----------------------------------------------------------------------------
-    def _ensure_webhook(self, pid: int, url: str, basic_auth) -> Optional[int]:
-        """The project webhook <url>/webhook, carrying the backend's basic-auth header."""
+    def _ensure_webhook(self, pid: int, url: str, basic_auth, keep_headers: bool = False) -> Optional[int]:
+        """The project webhook <url>/webhook, carrying the backend's basic-auth header (with
+        `keep_headers`, an existing webhook keeps the headers it has)."""
         hook_url = url + "/webhook"
         headers = {"Authorization": _basic_header(*basic_auth)} if basic_auth else {}
         hooks = [h for h in self.webhooks(pid) if _normal_url(h.get("url")) == hook_url]
@@ -405,6 +423,8 @@ class BackendRegistry:
                                        EXIT_REGISTER, resp.status_code)
             return int(self._json(resp)["id"])
         hook = hooks[0]
+        if keep_headers:
+            headers = hook.get("headers") or {}
         if (hook.get("headers") or {}) != headers or not hook.get("is_active", True):
             self.call("PATCH", f"/api/webhooks/{hook['id']}/", f"setting the headers of webhook {hook_url}",
                        json={"url": hook_url, "project": pid, "headers": headers, "is_active": True})

@@ -206,6 +206,14 @@ class LabelStudio(BackendRegistry):
                                    EXIT_ERROR, resp.status_code)
         return self._json(resp)
 
+    def first_task(self, project) -> Optional[dict]:
+        """The project's first task (None when it has none)."""
+        pid = _project_id(project)
+        tasks = self.call("GET", "/api/tasks/", f"reading a task of project {pid}",
+                          params={"project": pid, "page_size": 1})
+        tasks = tasks.get("tasks") if isinstance(tasks, dict) else tasks
+        return tasks[0] if tasks else None
+
     def annotated_tasks(self, project) -> list:
         """Every task of the project with at least one annotation, each with its `data` and
         `annotations` (GET /api/projects/{id}/export?exportType=JSON). `project` may be an id or
@@ -218,12 +226,12 @@ class LabelStudio(BackendRegistry):
 
 # -- plain functions (for `deploy` and other callers) -------------------------------------------
 def register(host: str, api_key: str, url: str, projects: Iterable, *, title: Optional[str] = None,
-             basic_auth: Optional[Sequence[str]] = None, interactive: bool = False,
+             basic_auth: Optional[Sequence[str]] = None, interactive: Optional[bool] = None,
              description: Optional[str] = None, extra_params: Optional[dict] = None, verify: bool = True,
-             timeout: float = DEFAULT_TIMEOUT) -> list:
+             use_version: bool = True, timeout: float = DEFAULT_TIMEOUT) -> list:
     return LabelStudio(host, api_key, timeout=timeout).register(
         url, projects, title=title, basic_auth=basic_auth, interactive=interactive, description=description,
-        extra_params=extra_params, verify=verify)
+        extra_params=extra_params, verify=verify, use_version=use_version)
 
 
 def unregister(host: str, api_key: str, projects: Iterable, *, url: Optional[str] = None,
