@@ -220,6 +220,13 @@ def test_quota_error(api_cloud, backend):
         deploy(api_cloud, backend, settings_for("quota"))
 
 
+def test_a_gpu_service_refused_for_quota_says_how_to_get_gpu_quota(api_cloud, backend):
+    api_cloud.quota("run", "CreateService", times=1)
+    with pytest.raises(LsdeployError, match="no Cloud Run GPU quota") as info:
+        deploy(api_cloud, backend, settings_for("gpu-quota", gpu=1, cpu="4", memory="16Gi"))
+    assert f"Nvidia L4 GPU allocation, per project per region' for {REGION}" in str(info.value)
+
+
 def test_own_dockerfile_is_built_and_run(cloud, backend):
     (backend / "Dockerfile").write_text(
         "FROM python:3.12-slim\nWORKDIR /srv\nCOPY wheels/ /tmp/wheels/\nRUN pip install /tmp/wheels/*.whl\n"
@@ -547,7 +554,7 @@ def test_copy_of_a_file_missing_from_the_context_fails_the_build(api_cloud, back
     ("4", "1Gi", 0, "4 CPUs need at least 2Gi"),
     ("8", "2Gi", 0, "8 CPUs need at least 4Gi"),
     ("1", "256Mi", 0, "at least 512Mi"),
-    ("4", "8Gi", 1, "GPU on Cloud Run needs at least 4 CPUs and 16Gi"),
+    ("4", "8Gi", 1, r"GPU \(nvidia-l4\) on Cloud Run needs at least 4 CPUs and 16Gi"),
 ])
 def test_cpu_and_memory_outside_cloud_runs_table_are_refused(cpu, memory, gpu, rule):
     settings = GcpSettings(project=PROJECT, region=REGION, service="sized", cpu=cpu, memory=memory, gpu=gpu)
@@ -558,8 +565,38 @@ def test_cpu_and_memory_outside_cloud_runs_table_are_refused(cpu, memory, gpu, r
 
 def test_cpu_and_memory_inside_the_table_are_accepted():
     for cpu, memory in [("1", "512Mi"), ("1", "4Gi"), ("2", "8Gi"), ("4", "16Gi"), ("6", "24Gi"), ("8", "32Gi"),
-                        ("1000m", "2Gi")]:
+                        ("1000m", "2Gi"), ("3", "4Gi"), ("5", "8Gi"), ("7", "16Gi")]:
         GcpSettings(project=PROJECT, region=REGION, service="sized", cpu=cpu, memory=memory).validate()
+
+
+@pytest.mark.parametrize("options, rule", [
+    (dict(gpu=2, cpu="8", memory="32Gi"), "exactly one GPU: pass --gpu 1"),
+    (dict(gpu=1, cpu="8", memory="32Gi", region="europe-west2"), "GPUs only in us-central1"),
+    (dict(gpu=1, cpu="8", memory="32Gi", gpu_type="nvidia-rtx-pro-6000"), "--gpu-type nvidia-l4"),
+    (dict(env={"LABEL_STUDIO_URL": "http://x"}, label_studio_url="https://ls.example.com"), "duplicate name"),
+    (dict(env={"TOKEN": "a"}, secret_env={"TOKEN": "s"}), "both --env and --secret"),
+])
+def test_gpu_rules_and_duplicate_env_names_are_refused_before_any_request(options, rule):
+    options = {"region": REGION, **options}
+    with pytest.raises(LsdeployError, match=rule) as info:
+        GcpSettings(project=PROJECT, service="gpu", **options).validate()
+    assert info.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("url, unreachable", [
+    ("http://localhost:8080", True), ("http://127.0.0.1:8080", True), ("http://10.1.2.3", True),
+    ("http://192.168.1.5:8080", True), ("http://label-studio:8080", True), ("https://ls.example.com", False),
+    ("http://34.1.2.3:8080", False),
+])
+def test_a_label_studio_url_cloud_run_cannot_reach_is_warned_about(url, unreachable):
+    from lsdeploy.providers.gcp import GcpProvider
+
+    lines = []
+    GcpProvider.warn_unreachable(GcpSettings(project=PROJECT, region=REGION, service="s", label_studio_url=url),
+                                 lines.append)
+    assert bool(lines) == unreachable
+    if unreachable:
+        assert "cannot reach Label Studio" in lines[0] and "tunnel" in lines[0] and "public URL" in lines[0]
 
 
 def test_cli_refuses_fractional_cpu_before_any_request(api_cloud, backend):

@@ -237,7 +237,15 @@ INVALID = {
         limits={"cpu": "500m", "memory": "512Mi"}, cpu_idle=True))], max_instance_request_concurrency=4), {},
         "concurrency 1"),
     "cpu not whole": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
-        limits={"cpu": "1.5", "memory": "2Gi"}, cpu_idle=False))]), {}, "1, 2, 4, 6 or 8"),
+        limits={"cpu": "1.5", "memory": "2Gi"}, cpu_idle=False))]), {}, "whole numbers up to 8"),
+    "cpu above 8": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "16", "memory": "32Gi"}, cpu_idle=False))]), {}, "whole numbers up to 8"),
+    "two gpus": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={**GPU, "nvidia.com/gpu": "2"}, cpu_idle=False))], node_selector=run_v2.NodeSelector(
+        accelerator="nvidia-l4")), {}, "Only 1 GPU per instance"),
+    "rtx pro 6000 minimum": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
+        limits={"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}, cpu_idle=False))],
+        node_selector=run_v2.NodeSelector(accelerator="nvidia-rtx-pro-6000")), {}, "at least 20 CPU"),
     "memory over 32Gi": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
         limits={"cpu": "8", "memory": "64Gi"}, cpu_idle=False))]), {}, "at most 32Gi"),
     "memory needs cpus": (dict(containers=[_container(resources=run_v2.ResourceRequirements(
@@ -265,6 +273,21 @@ def test_fractional_cpu_with_request_billing_and_concurrency_one(gcp_clients):
                                                                      cpu_idle=True))],
         max_instance_request_concurrency=1))
     assert create(gcp_clients, "small", svc).template.containers[0].resources.limits["cpu"] == "0.5"
+
+
+def test_cloud_run_has_gpus_only_in_its_gpu_regions(gcp_clients):
+    svc = run_v2.Service(template=run_v2.RevisionTemplate(
+        containers=[_container(resources=run_v2.ResourceRequirements(limits=GPU, cpu_idle=False))],
+        node_selector=run_v2.NodeSelector(accelerator="nvidia-l4")))
+    with pytest.raises(exceptions.BadRequest, match="GPU is not supported in region europe-west2"):
+        gcp_clients.services.create_service(parent="projects/demo-project/locations/europe-west2", service=svc,
+                                            service_id="gpu")
+
+
+def test_any_whole_cpu_up_to_8_is_accepted(gcp_clients):
+    svc = run_v2.Service(template=run_v2.RevisionTemplate(containers=[_container(
+        resources=run_v2.ResourceRequirements(limits={"cpu": "3", "memory": "4Gi"}, cpu_idle=False))]))
+    assert create(gcp_clients, "three", svc).template.containers[0].resources.limits["cpu"] == "3"
 
 
 def test_valid_gpu_service(gcp_clients):

@@ -62,7 +62,8 @@ def _option(*names, envvar, **kwargs):
          help="Label Studio project to register the backend with; repeat for several. Without it, nothing is registered.")
 @_option("--memory", envvar="LSDEPLOY_MEMORY", default="2Gi", help="Memory per instance.")
 @_option("--cpu", envvar="LSDEPLOY_CPU", default="1", help="CPUs per instance.")
-@_option("--gpu", envvar="LSDEPLOY_GPU", type=click.IntRange(0, 8), default=0, help="GPUs per instance.")
+@_option("--gpu", envvar="LSDEPLOY_GPU", type=click.IntRange(min=0), default=0,
+         help="GPUs per instance: 0 or 1 (Cloud Run gives one GPU, in its GPU regions).")
 @_option("--gpu-type", envvar="LSDEPLOY_GPU_TYPE", default="nvidia-l4", help="GPU type.")
 @_option("--min-instances", envvar="LSDEPLOY_MIN_INSTANCES", type=click.IntRange(0, 1000), default=1,
          help="Instances kept running (1 keeps Label Studio's 1 s health check off cold starts; 0 saves cost).")

@@ -58,6 +58,9 @@ OUTPUT_ONLY = ("uid", "generation", "create_time", "update_time", "delete_time",
                "latest_created_revision", "traffic_statuses", "uri", "urls", "satisfies_pzs", "reconciling", "etag")
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
 LIMIT_KEYS = {"cpu", "memory", "nvidia.com/gpu"}
+# Cloud Run's GPUs: one per instance, in these regions, each type with a CPU and memory minimum.
+GPU_REGIONS = ("us-central1", "us-east4", "europe-west1", "europe-west4", "asia-southeast1")
+GPU_MINIMUMS = {"nvidia-l4": (4, 16), "nvidia-rtx-pro-6000": (20, 80)}   # type -> (CPUs, GiB)
 MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
@@ -89,15 +92,16 @@ def cpu_memory_violations(cpu: float, memory: int, cpu_idle: bool, concurrency: 
             found.append(("cpu", "CPU less than 1 requires max_instance_request_concurrency 1."))
         if memory > gib or (memory > 512 * 2**20 and cpu < 0.5):
             found.append(("memory", f"Memory {memory // 2**20}Mi requires at least {1 if memory > gib else 0.5} CPU."))
-    elif cpu != int(cpu) or int(cpu) not in (1, 2, 4, 6, 8):
-        found.append(("cpu", f"Invalid value specified for cpu: {cpu:g}. Values of 1 or more must be 1, 2, 4, 6 or 8."))
+    elif cpu != int(cpu) or not 1 <= int(cpu) <= 8:
+        found.append(("cpu", f"Invalid value specified for cpu: {cpu:g}. Values of 1 or more must be whole numbers "
+                             f"up to 8."))
     if memory > 32 * gib:
         found.append(("memory", "Memory must be at most 32Gi."))
     for above, need in ((24, 8), (16, 6), (8, 4), (4, 2)):
         if memory > above * gib and cpu < need:
             found.append(("cpu", f"Memory over {above}Gi requires at least {need} CPU."))
             break
-    least = {4: 2, 6: 4, 8: 4}.get(int(cpu) if cpu == int(cpu) else 0, 0)
+    least = {4: 2, 5: 4, 6: 4, 7: 4, 8: 4}.get(int(cpu) if cpu == int(cpu) else 0, 0)
     if memory < least * gib:
         found.append(("memory", f"{int(cpu)} CPU requires at least {least}Gi of memory."))
     return found
@@ -197,7 +201,7 @@ class CloudRunFake:
                 state.proxy = None
 
     # ---- validation ------------------------------------------------------------------------------
-    def _validate(self, service, request_name: str, service_id: str, new: bool = True) -> None:
+    def _validate(self, service, request_name: str, service_id: str, new: bool = True, region: str = "") -> None:
         violations: list[tuple[str, str]] = []
         if new:
             if not SERVICE_ID.fullmatch(service_id) or len(service_id) > 49:
@@ -251,10 +255,23 @@ class CloudRunFake:
                     cpu, memory, container.resources.cpu_idle or not container.HasField("resources"),
                     template.max_instance_request_concurrency)]
             if "nvidia.com/gpu" in limits:
-                if cpu is not None and cpu < 4:
-                    violations.append((f"{where}.resources.limits.cpu", "A GPU requires at least 4 CPU."))
-                if memory is not None and memory < 16 * 2**30:
-                    violations.append((f"{where}.resources.limits.memory", "A GPU requires at least 16Gi of memory."))
+                accelerator = template.node_selector.accelerator
+                need_cpu, need_gib = GPU_MINIMUMS.get(accelerator, (4, 16))
+                if limits["nvidia.com/gpu"].strip() != "1":
+                    violations.append((f"{where}.resources.limits.nvidia.com/gpu",
+                                       f"Invalid value specified for nvidia.com/gpu: '{limits['nvidia.com/gpu']}'. "
+                                       "Only 1 GPU per instance is supported."))
+                if accelerator and accelerator not in GPU_MINIMUMS:
+                    violations.append((prefix + "template.node_selector.accelerator",
+                                       f"Unsupported accelerator type '{accelerator}'."))
+                if region and region not in GPU_REGIONS:
+                    violations.append((prefix + "template.node_selector.accelerator",
+                                       f"GPU is not supported in region {region}."))
+                if cpu is not None and cpu < need_cpu:
+                    violations.append((f"{where}.resources.limits.cpu", f"A GPU requires at least {need_cpu} CPU."))
+                if memory is not None and memory < need_gib * 2**30:
+                    violations.append((f"{where}.resources.limits.memory",
+                                       f"A GPU requires at least {need_gib}Gi of memory."))
                 if container.resources.cpu_idle:
                     violations.append((f"{where}.resources.cpu_idle",
                                        "A GPU requires CPU to be always allocated (cpu_idle must be false)."))
@@ -600,7 +617,7 @@ class CloudRunFake:
         return state
 
     def _create(self, parent: str, service_id: str, incoming, validate_only: bool, request_name: str):
-        self._validate(incoming, request_name, service_id)
+        self._validate(incoming, request_name, service_id, region=parent.split("/")[3] if parent.count("/") >= 3 else "")
         name = f"{parent}/services/{service_id}"
         if name in self.services:
             raise already_exists(f"Resource '{service_id}' already exists.")
@@ -678,7 +695,7 @@ class CloudRunFake:
         for f in OUTPUT_ONLY:
             updated.ClearField(f)
         updated.name = name
-        self._validate(updated, "UpdateServiceRequest", m.group(2), new=False)
+        self._validate(updated, "UpdateServiceRequest", m.group(2), new=False, region=m.group(1).split("/")[3])
         project = m.group(1).split("/")[1]
         self._defaults(updated, project)
         if request.validate_only:

@@ -35,7 +35,7 @@ from . import prune as pruning
 from . import service as cloudrun
 from .clients import GcpApi, GcpClients
 from .errors import auth_errors
-from .settings import SPEC_ANNOTATION, GcpSettings
+from .settings import SPEC_ANNOTATION, GcpSettings, unreachable_label_studio
 
 
 def _with_api(fn):
@@ -86,6 +86,16 @@ class GcpProvider(Provider):
         secrets.check_current_password(self.api, settings, bundle)
         return cloudbuild.build_image(self.api, settings, bundle, progress)
 
+    @staticmethod
+    def warn_unreachable(settings, progress) -> None:
+        """Label Studio and the backend call each other: an address Cloud Run cannot reach makes a
+        backend that cannot read task data (and, with --project, a connection check that fails)."""
+        why = unreachable_label_studio(settings.label_studio_url or "")
+        if why:
+            progress(f"warning: the service on Cloud Run cannot reach Label Studio at {settings.label_studio_url} ("
+                     f"{why}): pass --label-studio-host with a public URL, or expose the local Label Studio through "
+                     "a tunnel (ngrok, cloudflared) and pass its URL")
+
     def warm_up(self, url: str, settings, progress) -> None:
         """GET /health until it answers, so Label Studio's 1 s health check meets a started instance."""
         get = self._http_get
@@ -112,6 +122,7 @@ class GcpProvider(Provider):
         started = time.monotonic()
         settings.validate()
         self.check_secrets(settings, bundle)
+        self.warn_unreachable(settings, progress)
         checked = self.user_secrets(settings)  # before anything is built or written
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)

@@ -95,8 +95,8 @@ def apply_service(api, settings, desired, live, progress):
         verb = "creating" if live is None else "updating"
         # the service sets invoker_iam_disabled (Label Studio sends no Google identity token): that
         # needs run.services.setIamPolicy, which roles/run.developer lacks
-        raise google_error(exc, "run", f"{verb} service", settings.service_name, settings.project,
-                           run_role="roles/run.admin") from None
+        raise gpu_quota_note(settings, google_error(exc, "run", f"{verb} service", settings.service_name,
+                                                    settings.project, run_role="roles/run.admin")) from None
     progress("waiting for the new revision to be ready")
     try:
         service = api.result(op, settings.ready_timeout, f"deploying {settings.service}")
@@ -117,13 +117,22 @@ def apply_service(api, settings, desired, live, progress):
             serving = after.latest_ready_revision.rsplit("/", 1)[-1] or "none"
         else:
             serving = "none"
-        if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests)):
-            raise google_error(exc, "run", "deploying", settings.service_name, settings.project,
-                               run_role="roles/run.admin") from None
+        if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests, gexc.ResourceExhausted)):
+            raise gpu_quota_note(settings, google_error(exc, "run", "deploying", settings.service_name,
+                                                        settings.project, run_role="roles/run.admin")) from None
         raise LsdeployError(f"Cloud Run could not start the new revision of {settings.service}: {message} "
                             f"(traffic stays on the previous revision: {serving}); Label Studio was not "
                             "changed", EXIT_DEPLOY) from None
     return service, True
+
+
+def gpu_quota_note(settings, error):
+    """A quota refusal of a GPU service: projects have no Cloud Run GPU quota until it is requested."""
+    if settings.gpu and error.reason == "QUOTA":
+        error.args = (f"{error}; a new project has no Cloud Run GPU quota: request 'Total Nvidia L4 GPU allocation, "
+                      f"per project per region' for {settings.region} (IAM & Admin > Quotas, service Cloud Run Admin "
+                      "API), usually granted within a few days",)
+    return error
 
 
 def list_revisions(api, settings) -> list:

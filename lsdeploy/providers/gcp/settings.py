@@ -22,7 +22,11 @@ RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION", "MODEL_STA
                 "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
 SPEC_ANNOTATION = "lsdeploy.dev/spec-sha256"
 MANAGED_LABEL = ("managed-by", "lsdeploy")
-GPU_TYPES = ("nvidia-l4", "nvidia-rtx-pro-6000")
+# Cloud Run's GPU rules (cloud.google.com/run/docs/configuring/services/gpu): one GPU per instance,
+# in a few regions, each type with a CPU and memory minimum. A type whose minimum lies beyond what
+# lsdeploy can ask for (8 CPUs, 32Gi: the nvidia-rtx-pro-6000 needs 20 CPUs and 80Gi) is not offered.
+GPU_TYPES = {"nvidia-l4": (4, 16 * 1024)}           # type -> (CPUs, MiB) at least
+GPU_REGIONS = ("us-central1", "us-east4", "europe-west1", "europe-west4", "asia-southeast1")
 
 INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_ONLY",
            "internal-and-cloud-load-balancing": "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"}
@@ -127,11 +131,17 @@ class GcpSettings:
             bad("--concurrency must be between 1 and 1000")
         if not 1 <= self.timeout <= 3600:
             bad("--timeout must be between 1 and 3600 seconds")
-        problem = resource_problem(_cpus(self.cpu), _mebibytes(self.memory), self.gpu)
+        if self.gpu not in (0, 1):
+            bad(f"--gpu {self.gpu}: Cloud Run gives an instance exactly one GPU: pass --gpu 1 (or --gpu 0)")
+        if self.gpu and self.gpu_type not in GPU_TYPES:
+            bad(f"--gpu-type {self.gpu_type!r}: lsdeploy deploys {', '.join(GPU_TYPES)} on Cloud Run (other types need "
+                "more CPUs and memory than Cloud Run gives a service here): pass --gpu-type nvidia-l4")
+        if self.gpu and self.region not in GPU_REGIONS:
+            bad(f"--gpu 1 in {self.region}: Cloud Run has GPUs only in {', '.join(GPU_REGIONS)}: pass --gcp-region "
+                "with one of them (europe-west4 or us-central1, say)")
+        problem = resource_problem(_cpus(self.cpu), _mebibytes(self.memory), self.gpu, self.gpu_type)
         if problem:
             bad(f"--cpu {self.cpu} --memory {self.memory}{f' --gpu {self.gpu}' if self.gpu else ''}: {problem}")
-        if self.gpu and self.gpu_type not in GPU_TYPES:
-            bad(f"--gpu-type {self.gpu_type!r}: Cloud Run offers {', '.join(GPU_TYPES)}")
         if self.ready_timeout <= 0:
             bad(f"--wait-timeout {self.ready_timeout}: wait at least 1 second")
         if self.keep_images < 1:
@@ -139,7 +149,12 @@ class GcpSettings:
                 "to keep every image")
         if self.ingress not in INGRESS:
             bad(f"--ingress {self.ingress!r}: choose one of {', '.join(INGRESS)}")
+        for name in set(self.env) & set(self.secret_env):
+            bad(f"{name} is passed with both --env and --secret: keep one")
         for name in list(self.env) + list(self.secret_env):
+            if name == "LABEL_STUDIO_URL" and self.label_studio_url:
+                bad(f"--env/--secret LABEL_STUDIO_URL and --label-studio-host both set LABEL_STUDIO_URL on the "
+                    "service (Cloud Run refuses a duplicate name): pass the address once, with --label-studio-host")
             if not ENV_NAME_RE.match(name):
                 bad(f"{name!r} is not an environment variable name")
             if name in RESERVED_ENV:
@@ -154,14 +169,14 @@ class GcpSettings:
 
 
 # Cloud Run's CPU and memory table (cloud.google.com/run/docs/configuring/services/cpu and
-# .../memory-limits): whole CPUs above 1, memory from 512Mi (second generation) to 32Gi, and
-# memory above a size needs a number of CPUs; a CPU count needs at least some memory.
-CPU_CHOICES = (1, 2, 4, 6, 8)
+# .../memory-limits): any whole number of CPUs from 1 to 8, memory from 512Mi (second generation)
+# to 32Gi, and memory above a size needs a number of CPUs; a CPU count needs at least some memory.
+CPU_CHOICES = (1, 2, 3, 4, 5, 6, 7, 8)
 MIN_CPUS_FOR_MEMORY = ((24 * 1024, 8), (16 * 1024, 6), (8 * 1024, 4), (4 * 1024, 2))  # more than MiB -> CPUs
-MIN_MEMORY_FOR_CPUS = {4: 2 * 1024, 6: 4 * 1024, 8: 4 * 1024}                          # CPUs -> at least MiB
+MIN_MEMORY_FOR_CPUS = {4: 2 * 1024, 5: 4 * 1024, 6: 4 * 1024, 7: 4 * 1024, 8: 4 * 1024}  # CPUs -> at least MiB
 
 
-def resource_problem(cpus: float, mebibytes: float, gpus: int = 0) -> str:
+def resource_problem(cpus: float, mebibytes: float, gpus: int = 0, gpu_type: str = "nvidia-l4") -> str:
     """What Cloud Run would refuse in these limits, with the fix ("" when they are allowed)."""
     if cpus < 1:
         # below 1 CPU Cloud Run requires request-based billing (cpu_idle) and concurrency 1, while
@@ -169,7 +184,7 @@ def resource_problem(cpus: float, mebibytes: float, gpus: int = 0) -> str:
         return ("Cloud Run allows less than 1 CPU only with request-based billing and concurrency 1, and lsdeploy "
                 "keeps CPU always allocated for background training: pass --cpu 1 or more")
     if cpus not in CPU_CHOICES:
-        return f"Cloud Run takes 1 CPU or a whole number of CPUs from {', '.join(map(str, CPU_CHOICES[1:]))}: " \
+        return "Cloud Run takes a whole number of CPUs from 1 to 8: " \
                f"pass --cpu {next(c for c in CPU_CHOICES if c >= cpus) if cpus <= 8 else 8}"
     if mebibytes < 512:
         return "Cloud Run needs at least 512Mi of memory (second generation): pass --memory 512Mi or more"
@@ -181,8 +196,32 @@ def resource_problem(cpus: float, mebibytes: float, gpus: int = 0) -> str:
     least = MIN_MEMORY_FOR_CPUS.get(int(cpus), 0)
     if mebibytes < least:
         return f"{int(cpus)} CPUs need at least {least // 1024}Gi of memory on Cloud Run: pass --memory {least // 1024}Gi"
-    if gpus and (cpus < 4 or mebibytes < 16 * 1024):
-        return "a GPU on Cloud Run needs at least 4 CPUs and 16Gi of memory: pass --cpu 4 --memory 16Gi"
+    need_cpus, need_memory = GPU_TYPES.get(gpu_type, (4, 16 * 1024))
+    if gpus and (cpus < need_cpus or mebibytes < need_memory):
+        return (f"a GPU ({gpu_type}) on Cloud Run needs at least {need_cpus} CPUs and {need_memory // 1024}Gi of "
+                f"memory: pass --cpu {max(need_cpus, int(cpus))} --memory {max(need_memory, int(mebibytes)) // 1024}Gi")
+    return ""
+
+
+def unreachable_label_studio(url: str) -> str:
+    """Why Cloud Run can never reach this Label Studio address ("" when it may): a loopback or
+    private address, or a name that only means this machine."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url if "://" in url else f"http://{url}").hostname or "").lower()
+    if not host:
+        return ""
+    if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") or "." not in host:
+        return f"{host} names this machine or its local network"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if address.is_loopback:
+        return f"{host} is this machine (loopback)"
+    if address.is_private or address.is_link_local or address.is_unspecified:
+        return f"{host} is a private address"
     return ""
 
 
