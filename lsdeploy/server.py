@@ -41,6 +41,7 @@ from flask import Flask, Response, copy_current_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
+from .errors import StateError
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import LabelStudioMLBase, request_write
@@ -410,6 +411,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     def _label_config(exc: LabelConfigError):  # a label config the request carried (or the store kept)
         return error(str(exc), 400)
 
+    @app.errorhandler(StateError)
+    def _state(exc: StateError):  # the state store cannot be used: neither the request's fault nor a bug
+        logger.error("%s %s failed: %s", request.method, request.path, exc)
+        return error(str(exc), 503)
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         messages = {
@@ -554,7 +560,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         job = trainer.submit(Job(event, project_id, run))
         if job.done.wait(fit_wait):
             if job.error is not None:
-                return error(f"fit failed: {type(job.error).__name__}: {job.error}", 500)
+                status = 503 if isinstance(job.error, StateError) else 500
+                return error(f"fit failed: {type(job.error).__name__}: {job.error}", status)
             try:
                 json.dumps(job.result)
                 result = job.result
