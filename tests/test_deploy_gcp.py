@@ -214,6 +214,13 @@ def test_api_not_enabled_says_how_to_enable(api_cloud, backend):
     assert api_cloud.log.count(api="run") == 0
 
 
+def test_the_build_runs_in_the_services_region_over_rest(api_cloud, backend):
+    deploy(api_cloud, backend, settings_for("regional"))
+    create = api_cloud.log.filter(api="cloudbuild", method="CreateBuild")[-1]
+    assert create.path == f"/v1/projects/{PROJECT}/locations/{REGION}/builds" and "parent" not in create.query
+    assert [r.location for r in api_cloud.cloudbuild.builds.values()] == [REGION]
+
+
 def test_quota_error(api_cloud, backend):
     api_cloud.quota("artifactregistry", "GetTag", times=1)
     with pytest.raises(LsdeployError, match="quota"):

@@ -473,16 +473,28 @@ def test_build_pushes_an_image_found_by_tag_and_digest(gcp_fakes, gcp_clients):
 def test_regional_build_and_its_operation_name(gcp_fakes, gcp_clients):
     make_repo(gcp_clients)
     gcp_fakes.storage.put("src", "b.tgz", tarball({"Dockerfile": DOCKERFILE}))
-    operation = gcp_clients.builds.create_build(parent=PARENT, project_id=P,
-                                                build=docker_build("src", "b.tgz", [f"{IMAGE}:x"]))
+    operation = gcp_clients.builds.create_build(parent=PARENT, build=docker_build("src", "b.tgz", [f"{IMAGE}:x"]))
     build_id = operation.metadata.build.id
     assert operation.operation.name == f"{PARENT}/operations/{build_id}"
+    assert gcp_fakes.log.filter(api="cloudbuild", method="CreateBuild")[-1].path == f"/v1/{PARENT}/builds"
     assert operation.result(polling=FAST_POLLING).status == cloudbuild_v1.Build.Status.SUCCESS
     fetched = gcp_clients.builds.get_build(
         request={"name": f"projects/{P}/locations/{R}/builds/{build_id}", "project_id": P, "id": build_id})
     assert fetched.id == build_id
     with pytest.raises(exceptions.NotFound):  # a regional build is not a global one
         gcp_clients.builds.get_build(project_id=P, id=build_id)
+
+
+def test_the_legacy_build_path_builds_in_the_global_region_whatever_the_parent(gcp_fakes, gcp_clients):
+    # with project_id set, the REST client sends POST /v1/projects/P/builds?parent=...: Google
+    # documents that path as the global region's
+    make_repo(gcp_clients)
+    gcp_fakes.storage.put("src", "b.tgz", tarball({"Dockerfile": DOCKERFILE}))
+    operation = gcp_clients.builds.create_build(parent=PARENT, project_id=P,
+                                                build=docker_build("src", "b.tgz", [f"{IMAGE}:x"]))
+    assert gcp_fakes.log.filter(api="cloudbuild", method="CreateBuild")[-1].path == f"/v1/projects/{P}/builds"
+    assert operation.operation.name == f"operations/build/{P}/{operation.metadata.build.id}"
+    assert "/locations/global/" in operation.metadata.build.name
 
 
 def test_missing_source_is_rejected_at_create(gcp_fakes, gcp_clients):

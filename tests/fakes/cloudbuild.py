@@ -196,7 +196,10 @@ class CloudBuildFake:
 
     # ---- create ------------------------------------------------------------------------------
     def CreateBuild(self, request, ctx):
-        if request.parent:
+        if re.fullmatch(r"/v1/projects/[^/]+/builds", ctx.entry.path.split("?")[0]):
+            # the legacy path creates the build in the global region, whatever `parent` says
+            project, location = request.project_id, "global"
+        elif request.parent:
             m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)", request.parent)
             project, location = m.groups()
             if request.project_id and request.project_id != project:

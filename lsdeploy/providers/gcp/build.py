@@ -99,7 +99,9 @@ def build_request(settings, bundle, source) -> object:
         timeout=duration_pb2.Duration(seconds=settings.build_timeout),
         tags=["lsdeploy", settings.service],
     )
-    return cb.CreateBuildRequest(parent=settings.location, project_id=settings.project, build=build)
+    # parent alone: with project_id set too, the REST client picks the legacy path
+    # POST /v1/projects/P/builds, which builds in the global region (parent only becomes a query parameter)
+    return cb.CreateBuildRequest(parent=settings.location, build=build)
 
 
 def build_image(api, settings, bundle, progress) -> tuple:
