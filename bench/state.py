@@ -73,6 +73,24 @@ def setup_version(server: Server) -> str:
     return answer.json()["model_version"]
 
 
+TARGET = 0.95
+
+
+def verdict(ratio: float, round_ratios: list) -> str:
+    """What the throughput ratio says. Both servers share 2 cores with the client and whatever else
+    runs, so one round can swing by more than the 5 % the target allows: a miss counts as a
+    regression only when no round reached the target."""
+    if ratio >= TARGET:
+        return "meets the target"
+    if any(r >= TARGET for r in round_ratios):
+        spread = max(round_ratios) - min(round_ratios)
+        return (f"below the target overall, but {sum(r >= TARGET for r in round_ratios)} of {len(round_ratios)} "
+                f"rounds reached it (rounds spread {spread:.3f}): machine noise; run again on a quieter machine "
+                f"(uptime's load should be well under 1) or with more --rounds before reading it as a regression")
+    return ("below the target in every round: the Cloud Storage store is slower on the request path "
+            "(a regression: /predict should read the model version from memory, see docs/state.md)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -103,6 +121,7 @@ def main() -> None:
                                              "MODEL_STATE_REFRESH_SECONDS": str(args.refresh), **proxy.env})
     body = json.dumps(predict_body([text_task(i, f"sample {i}") for i in range(1, 6)])).encode()
     totals = {"sqlite": [0, 0], "gcs": [0, 0]}
+    round_ratios: list[float] = []
     storage_requests = 0
     delays = []
     hung: dict[str, list[float]] = {"/predict": [], "/health": []}
@@ -113,6 +132,7 @@ def main() -> None:
             setup_version(server)
             load(server.port, 0.5, args.clients, body)
         for _ in range(args.rounds):
+            answered_in_round = {}
             for name, server in (("sqlite", sqlite), ("gcs", gcs)):
                 before = proxy.count()
                 answered, failed = load(server.port, args.seconds, args.clients, body)
@@ -120,6 +140,9 @@ def main() -> None:
                     storage_requests += proxy.count() - before
                 totals[name][0] += answered
                 totals[name][1] += failed
+                answered_in_round[name] = answered
+            if answered_in_round["sqlite"]:
+                round_ratios.append(answered_in_round["gcs"] / answered_in_round["sqlite"])
 
         writer = GCSStore.from_uri(uri, environ={"STORAGE_EMULATOR_HOST": emulator.url,
                                                  "MODEL_DIR": str(work / "writer")})
@@ -173,7 +196,9 @@ def main() -> None:
     for name in ("sqlite", "gcs"):
         print(f"  {name:6s} {totals[name][0]:7d} requests  {rate[name]:8.1f} req/s  failed {totals[name][1]}")
     ratio = rate["gcs"] / rate["sqlite"] if rate["sqlite"] else float("nan")
-    print(f"  throughput ratio GCS / SQLite = {ratio:.3f} (target >= 0.95)")
+    print(f"  throughput ratio GCS / SQLite = {ratio:.3f} (target >= {TARGET}); per round: "
+          + ", ".join(f"{r:.3f}" for r in round_ratios))
+    print(f"  {verdict(ratio, round_ratios)}")
     per_request = storage_requests / max(totals["gcs"][0], 1)
     print(f"  storage requests by the GCS server during its {totals['gcs'][0]} /predict: {storage_requests} "
           f"({per_request:.4f} per request; {storage_requests / seconds:.2f}/s, background listings)")
