@@ -1,6 +1,7 @@
 """What `connect` sets in a real Label Studio, and what it leaves: the project's prediction choice
 that the Data Manager's "Prediction score" column needs (before, after, and after the model
-retrains), and backend settings made in Label Studio that a second connect keeps."""
+retrains), backend settings made in Label Studio that a second connect keeps, and training that
+Label Studio triggers twice when "Start model training on annotation submission" is on."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from labelstudio_server import tasks_of, wait_label_studio_version, wait_trained
+from lsdeploy.model import next_version
 from support import wait_for
 from test_labelstudio import NEGATIVE, POSITIVE, annotate, connect
 
@@ -164,3 +166,30 @@ def test_connect_again_without_basic_auth_keeps_it(ls_api, label_studio, project
     fits_done(server, 1, "ANNOTATION_CREATED")
     assert "POST /webhook 401" not in server.log()
 
+
+def test_training_on_submission_sends_each_annotation_twice_and_the_version_moves_once(ls_api, project, backend):
+    """With "Start model training on annotation submission" on, Label Studio sends START_TRAINING
+    for each annotation besides the project webhook's ANNOTATION_CREATED: two fits. The
+    text-classifier bumps its version only for the one that trained on something new, and a
+    START_TRAINING with no new annotation keeps the version."""
+    server = backend()
+    pid = project(POSITIVE[:2] + NEGATIVE[:2])
+    (reg,) = ls_api.register(server.url, [pid])
+    ls_api.call("PATCH", f"/api/projects/{pid}", "turning on training on annotation submission",
+                json={"start_training_on_annotation_update": True})
+    tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
+
+    annotate(ls_api, tasks[POSITIVE[0]], "Positive")
+    fits_done(server, 1, "ANNOTATION_CREATED")
+    fits_done(server, 1, "START_TRAINING")
+    assert served_version(server, pid) == next_version(reg.model_version)
+
+    annotate(ls_api, tasks[NEGATIVE[0]], "Negative")
+    fits_done(server, 2, "ANNOTATION_CREATED")
+    fits_done(server, 2, "START_TRAINING")
+    version = served_version(server, pid)
+    assert version == next_version(next_version(reg.model_version))
+
+    ls_api.train(reg.backend_id)  # nothing new to learn from
+    fits_done(server, 3, "START_TRAINING")
+    assert served_version(server, pid) == version
