@@ -249,10 +249,12 @@ def build_app(settings: ServeSettings, metrics_dir: Optional[str] = None):
     from .loader import load_model_class
     from .server import create_app
     from .state import default_store, set_default_store
+    from .state.reference import import_reference_state
 
     model_class = load_model_class(settings.directory, settings.model)
     os.environ.setdefault("MODEL_DIR", os.path.join(os.path.abspath(settings.directory), ".lsdeploy"))
     store = default_store()  # fails here, once, when the store is unusable
+    import_reference_state(store, os.environ.get("MODEL_DIR"), settings.directory)  # a ported backend's cache.db
     store.close()
     set_default_store(None)  # each worker opens its own after fork
     return create_app(model_class, basic_auth=settings.basic_auth, debug=settings.debug, metrics_dir=metrics_dir)
