@@ -15,6 +15,7 @@ from pathlib import Path
 from .artifactregistry import ArtifactRegistryFake
 from .cloudbuild import CloudBuildFake
 from .cloudrun import CloudRunFake
+from .iam import IamPropagation
 from .secretmanager import SecretManagerFake
 from .server import (ApiError, Fault, FakeServer, permission_denied_error, project_number, quota_error,
                      service_disabled_error)
@@ -156,13 +157,16 @@ class FakeGoogleCloud:
     operation_polls: how many polls a long-running operation (and a build) needs to finish.
     run_env: environment given to every revision process (e.g. STORAGE_EMULATOR_HOST), standing
         in for the network access a real Cloud Run container has.
+    iam_delay: seconds before an IAM binding written through SetIamPolicy takes effect (Google:
+        about 2 minutes, sometimes 7 or more); a revision created sooner cannot read the secret.
     """
 
     def __init__(self, runner: bool = False, storage_url: str | None = None, operation_polls: int = 2,
                  ready_delay: float = 0.2, startup_deadline: float = 120.0, run_env: dict | None = None,
                  workdir: str | Path | None = None, require_secret_access: bool = True,
-                 enforce_invoker: bool = True):
+                 enforce_invoker: bool = True, iam_delay: float = 0.0):
         self.server = FakeServer(operation_polls=operation_polls)
+        self.iam = IamPropagation(iam_delay)  # seconds before a new IAM binding takes effect
         self.storage_url = storage_url
         self.storage = EmulatorStorage(storage_url) if storage_url else MemoryStorage()
         self._own_workdir = workdir is None

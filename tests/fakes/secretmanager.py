@@ -12,7 +12,7 @@ import google_crc32c
 from google.cloud import secretmanager_v1 as sm
 from google.protobuf import empty_pb2
 
-from .server import (already_exists, etag_of, failed_precondition, has_role, invalid_argument, not_found, now_pb,
+from .server import (already_exists, etag_of, failed_precondition, invalid_argument, not_found, now_pb,
                      paginate, project_number, read_policy, routes_from_transport, write_policy, ApiError)
 
 Secret = sm.Secret.pb()
@@ -86,9 +86,10 @@ class SecretManagerFake:
 
     def can_access(self, secret: str, member: str) -> bool:
         """Whether `member` may read `secret`'s payloads (granted on the secret or on the project)."""
-        policy = self.policies.get(self.canonical(secret))
-        return member in self.project_accessors or (policy is not None and has_role(
-            policy, member, ("roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner")))
+        name = self.canonical(secret)
+        policy = self.policies.get(name)
+        return member in self.project_accessors or (policy is not None and self.cloud.iam.effective(
+            name, policy, member, ("roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner")))
 
     def all_values(self) -> list[bytes]:
         """Every payload ever stored (tests check none of them leaks into plain env values)."""
@@ -224,7 +225,9 @@ class SecretManagerFake:
         secret = self._secret(request.resource)
         from google.iam.v1 import policy_pb2
 
-        self.policies[secret.name] = write_policy(self.policies.get(secret.name, policy_pb2.Policy()), request)
+        before = self.policies.get(secret.name, policy_pb2.Policy())
+        self.policies[secret.name] = write_policy(before, request)
+        self.cloud.iam.record(secret.name, before, self.policies[secret.name])
         return self.policies[secret.name]
 
     def TestIamPermissions(self, request, ctx):

@@ -89,6 +89,12 @@ class GcpApi:
         self.clients = clients
         self.polling = polling
         self.poll_interval = poll_interval
+        self.last_grant = None  # time.monotonic() of this run's latest IAM grant (IAM takes minutes to apply)
+
+    def granted(self) -> None:
+        import time
+
+        self.last_grant = time.monotonic()
 
     def call(self, api, action, resource, settings, fn, *args, **kwargs):
         from google.api_core import exceptions as gexc

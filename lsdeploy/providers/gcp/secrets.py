@@ -208,6 +208,7 @@ def grant_accessor(api, settings, secret_name: str, member: str) -> None:
     policy.bindings.add(role=role, members=[member])
     api.call("secretmanager", "granting the service access to", secret_name, settings,
              api.clients.secrets.set_iam_policy, request={"resource": secret_name, "policy": policy})
+    api.granted()
 
 
 def own_secrets(api, settings) -> list:

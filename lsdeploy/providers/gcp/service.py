@@ -8,10 +8,18 @@ sends no update at all.
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 
 from ...errors import EXIT_DEPLOY, LsdeployError
 from .errors import OperationTimeout, google_error
 from .settings import INGRESS, MANAGED_LABEL, SPEC_ANNOTATION
+
+# On the revision template: the failed revision this one replaces (a template change makes Cloud
+# Run create a new revision; the service's spec fingerprint stays the same).
+RETRY_ANNOTATION = "lsdeploy.dev/retry-of"
+# What Cloud Run says when a revision's identity may not read what it needs (a secret, ...).
+PERMISSION_FAILURE = re.compile(r"Permission denied|permission denied|PERMISSION_DENIED|does not have .*permission")
 
 
 def desired_service(settings, image: str, secret_refs: dict, spec_hash: str = ""):
@@ -77,11 +85,60 @@ def get_service(api, settings):
 
 
 def apply_service(api, settings, desired, live, progress):
-    """Create or update; returns (service after the operation, True when it changed)."""
-    from google.api_core import exceptions as gexc
+    """Create or update; returns (service after the operation, True when it changed).
 
+    After a revision that never became ready the same spec would make no new revision (Cloud Run
+    creates one only when the template changes), so the template names the failed revision
+    (RETRY_ANNOTATION). When a new revision fails on a permission this deploy just granted, IAM
+    has not propagated yet: wait and deploy again, for up to settings.iam_wait seconds after the grant."""
     if up_to_date(live, desired):
         return live, False
+    failed = failed_revision(live)
+    if failed:
+        progress(f"the latest revision {failed} never became ready: deploying a new revision")
+        desired.template.annotations[RETRY_ANNOTATION] = failed
+    attempt = 0
+    while True:
+        try:
+            return _send(api, settings, desired, live, progress), True
+        except RevisionNotReady as exc:
+            waited = time.monotonic() - api.last_grant if api.last_grant is not None else None
+            refused = PERMISSION_FAILURE.search(exc.condition)
+            if not (refused and waited is not None and waited < settings.iam_wait):
+                raise
+            attempt += 1
+            pause = min(30.0, api.poll_interval * 2 ** attempt)
+            progress(f"revision {exc.revision} was refused a permission granted {waited:.0f} s ago "
+                     f"({exc.condition[refused.start():][:200]}); IAM changes take minutes to reach Cloud Run: "
+                     f"deploying again in {pause:.3g} s (attempt "
+                     f"{attempt + 1}, waiting up to {settings.iam_wait:.0f} s after the grant)")
+            time.sleep(pause)
+            live = get_service(api, settings)
+            desired.template.annotations[RETRY_ANNOTATION] = exc.revision
+
+
+class RevisionNotReady(LsdeployError):
+    """The new revision never became ready; traffic stays on the previous one."""
+
+    def __init__(self, message, revision: str, condition: str):
+        super().__init__(message, EXIT_DEPLOY)
+        self.revision = revision
+        self.condition = condition
+
+
+def failed_revision(live) -> str:
+    """The latest revision when it never became ready (traffic stayed on an older one), else ""."""
+    if live is None or not live.latest_created_revision or live.latest_created_revision == live.latest_ready_revision:
+        return ""
+    if live.reconciling:
+        return ""  # still deploying: not failed (yet)
+    return live.latest_created_revision.rsplit("/", 1)[-1]
+
+
+def _send(api, settings, desired, live, progress):
+    """One create or update, waited for; RevisionNotReady when its revision fails."""
+    from google.api_core import exceptions as gexc
+
     try:
         if live is None:
             progress(f"creating Cloud Run service {settings.service} in {settings.region}")
@@ -99,7 +156,7 @@ def apply_service(api, settings, desired, live, progress):
                                                     settings.project, run_role="roles/run.admin")) from None
     progress("waiting for the new revision to be ready")
     try:
-        service = api.result(op, settings.ready_timeout, f"deploying {settings.service}")
+        return api.result(op, settings.ready_timeout, f"deploying {settings.service}")
     except OperationTimeout:
         after = get_service(api, settings)
         revision = after.latest_created_revision.rsplit("/", 1)[-1] if after is not None else ""
@@ -111,19 +168,20 @@ def apply_service(api, settings, desired, live, progress):
     except gexc.GoogleAPICallError as exc:
         after = get_service(api, settings)
         message = getattr(exc, "message", None) or str(exc)
+        revision = ""
         if after is not None:
             _, condition = service_ready(after)
             message = condition or message
             serving = after.latest_ready_revision.rsplit("/", 1)[-1] or "none"
+            revision = after.latest_created_revision.rsplit("/", 1)[-1]
         else:
             serving = "none"
         if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests, gexc.ResourceExhausted)):
             raise gpu_quota_note(settings, google_error(exc, "run", "deploying", settings.service_name,
                                                         settings.project, run_role="roles/run.admin")) from None
-        raise LsdeployError(f"Cloud Run could not start the new revision of {settings.service}: {message} "
-                            f"(traffic stays on the previous revision: {serving}); Label Studio was not "
-                            "changed", EXIT_DEPLOY) from None
-    return service, True
+        raise RevisionNotReady(f"Cloud Run could not start the new revision of {settings.service}: {message} "
+                               f"(traffic stays on the previous revision: {serving}); Label Studio was not "
+                               "changed", revision, message) from None
 
 
 def gpu_quota_note(settings, error):

@@ -64,6 +64,7 @@ class GcpSettings:
     build_timeout: int = 1800
     ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
     warmup_timeout: float = 120.0
+    iam_wait: float = 600.0                          # retry a revision refused a just-granted permission this long
 
     def __post_init__(self):
         if self.label_studio_api_key:  # as the Label Studio client does: a key read from a file ends with a line break

@@ -58,6 +58,7 @@ def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet) -> 
         bucket.set_iam_policy(policy)
     except gexc.GoogleAPICallError as exc:
         raise google_error(exc, "storage", "granting the service access to", where, settings.project) from None
+    api.granted()
     progress(f"granted {role} on {where} to {member.split(':', 1)[-1]}")
 
 
