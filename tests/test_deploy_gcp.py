@@ -430,10 +430,10 @@ def test_reference_sdk_backend_with_its_own_dockerfile_deploys_unchanged(api_clo
 class PolicyBucket:
     """A bucket whose IAM policy lives in memory (fake-gcs-server has no IAM endpoint)."""
 
-    def __init__(self, name, fail=None):
+    def __init__(self, name, fail=None, fail_set=None):
         from google.api_core.iam import Policy
 
-        self.name, self.fail, self.sets = name, fail, 0
+        self.name, self.fail, self.fail_set, self.sets = name, fail, fail_set, 0
         self.policy = Policy(version=3)
         self.policy.bindings = [{"role": "roles/storage.admin", "members": {"user:owner@example.com"}}]
 
@@ -443,6 +443,8 @@ class PolicyBucket:
         return self.policy
 
     def set_iam_policy(self, policy):
+        if self.fail_set:
+            raise self.fail_set
         self.sets += 1
         self.policy = policy
         return policy
@@ -460,15 +462,44 @@ def test_state_bucket_access_is_granted_once(api_cloud):
     assert lines == ["granted roles/storage.objectUser on gs://state-x to 123-compute@developer.gserviceaccount.com"]
 
 
-def test_state_bucket_access_refused_names_the_role(api_cloud):
+def test_state_bucket_grant_refused_names_the_role_and_the_command(api_cloud):
     from google.api_core import exceptions as gexc
 
     provider = provider_for(api_cloud)
-    bucket = PolicyBucket("state-y", fail=gexc.Forbidden("caller does not have storage.buckets.getIamPolicy access"))
+    bucket = PolicyBucket("state-y", fail_set=gexc.Forbidden("caller does not have storage.buckets.setIamPolicy access"))
     with pytest.raises(LsdeployError) as info:
         provider.grant_bucket_access(settings_for("y"), bucket, "serviceAccount:a@b", lambda m: None)
     assert "gs://state-y" in str(info.value) and "\n" not in str(info.value)
     assert "roles/storage.admin" in str(info.value)
+    assert "gcloud storage buckets add-iam-policy-binding gs://state-y --member serviceAccount:a@b --role " \
+           "roles/storage.objectUser" in str(info.value)
+
+
+def test_an_identity_that_may_not_read_the_bucket_policy_gets_a_note_not_a_failure(api_cloud):
+    # docs/ci.md's least-privilege recipe grants the runtime identity on the state bucket by hand
+    from google.api_core import exceptions as gexc
+
+    provider, lines = provider_for(api_cloud), []
+    bucket = PolicyBucket("state-z", fail=gexc.Forbidden("caller does not have storage.buckets.getIamPolicy access"))
+    provider.grant_bucket_access(settings_for("z"), bucket, "serviceAccount:a@b", lines.append)
+    assert bucket.sets == 0 and len(lines) == 1 and lines[0].startswith("note:")
+    assert "gcloud storage buckets add-iam-policy-binding gs://state-z --member serviceAccount:a@b" in lines[0]
+
+
+def test_buckets_are_created_with_uniform_access_and_public_access_prevention(gcs_emulator):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs_storage
+
+    from lsdeploy.providers.gcp.storage import new_bucket
+
+    client = gcs_storage.Client(project=PROJECT, credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": gcs_emulator.url})
+    bucket = new_bucket(client, "ubla-bucket")
+    assert bucket.iam_configuration.uniform_bucket_level_access_enabled is True
+    assert bucket.iam_configuration.public_access_prevention == "enforced"
+    # what create_bucket sends (fake-gcs-server does not keep iamConfiguration, so read the request body)
+    assert bucket._properties["iamConfiguration"] == {
+        "uniformBucketLevelAccess": {"enabled": True}, "publicAccessPrevention": "enforced"}
 
 
 def test_deploy_grants_state_bucket_access_where_storage_has_iam(cloud, backend):

@@ -16,7 +16,7 @@ def ensure_bucket(api, settings, name: str, progress):
         if bucket is None:
             progress(f"creating Cloud Storage bucket gs://{name} in {settings.region}")
             try:
-                bucket = client.create_bucket(name, location=settings.region)
+                bucket = client.create_bucket(new_bucket(client, name), location=settings.region)
             except gexc.Conflict:
                 bucket = client.bucket(name)
                 if client.lookup_bucket(name) is None:
@@ -34,13 +34,26 @@ def ensure_bucket(api, settings, name: str, progress):
         raise google_error(exc, "storage", "using bucket", f"gs://{name}", settings.project) from None
 
 
-def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet) -> None:
-    """roles/storage.objectUser for the service's identity on the state bucket: every instance
-    reads and writes model state there (MODEL_STATE_URI)."""
+def new_bucket(client, name: str):
+    """A bucket as lsdeploy creates it: uniform bucket-level access (organization policies commonly
+    require it, and lsdeploy grants only through IAM) and public access prevention enforced."""
+    bucket = client.bucket(name)
+    bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+    bucket.iam_configuration.public_access_prevention = "enforced"
+    return bucket
+
+
+def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet,
+                        role: str = "roles/storage.objectUser", why: str = "the service") -> None:
+    """`role` for `member` on a bucket (by default the service's identity on the state bucket:
+    every instance reads and writes model state there, MODEL_STATE_URI). The policy is read first
+    and written only when the member lacks the role; an identity that may not read the policy
+    (the least-privilege set-up of docs/ci.md, where the grant is made by hand) gets a note with
+    the command instead of a failed deploy."""
     from google.api_core import exceptions as gexc
 
-    role = "roles/storage.objectUser"
     where = f"gs://{bucket.name}"
+    command = (f"gcloud storage buckets add-iam-policy-binding {where} --member {member} --role {role}")
     try:
         policy = bucket.get_iam_policy(requested_policy_version=3)
     except gexc.NotFound:
@@ -48,6 +61,10 @@ def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet) -> 
             progress(f"the storage emulator has no IAM: not granting {role} on {where}")
             return
         raise LsdeployError(f"reading the IAM policy of {where} failed: the bucket was not found", EXIT_DEPLOY) from None
+    except gexc.Forbidden:
+        progress(f"note: the deploying identity may not read the IAM policy of {where} (storage.buckets.getIamPolicy)"
+                 f"; {why} needs {role} there: if it is not granted yet, run `{command}`")
+        return
     except gexc.GoogleAPICallError as exc:
         raise google_error(exc, "storage", "reading the IAM policy of", where, settings.project) from None
     for binding in policy.bindings:
@@ -57,7 +74,10 @@ def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet) -> 
     try:
         bucket.set_iam_policy(policy)
     except gexc.GoogleAPICallError as exc:
-        raise google_error(exc, "storage", "granting the service access to", where, settings.project) from None
+        error = google_error(exc, "storage", f"granting {role} to {member} on", where, settings.project)
+        if error.reason == "PERMISSION_DENIED":
+            error.args = (f"{error} (or run `{command}` once)",)
+        raise error from None
     api.granted()
     progress(f"granted {role} on {where} to {member.split(':', 1)[-1]}")
 
