@@ -2,13 +2,13 @@
 import hashlib
 import json
 import re
-import time
 import zipfile
 
 import pytest
 
 from lsdeploy.blueprints import available
-from support import Server, annotation_event, predict_body, text_task, wait_for
+from labelstudio_server import wait_trained
+from support import Server, annotation_event, predict_body, text_task
 
 TEXTS = {
     "Positive": ["I love this, wonderful and great", "great product, love it", "wonderful, excellent, great job",
@@ -54,24 +54,17 @@ def test_text_classifier_learns_from_annotations_and_survives_restart(created):
                 resp = server.post("/webhook", json=annotation_event(annotation_id, annotation_id, text, label))
                 assert resp.status_code in (201, 202)
 
-        def trained():
-            after = _choices(server, probe)
-            return after if after[0][2] != "0.0.1" and [c for c, _, _ in after] == ["Positive", "Negative"] else None
-
-        after = wait_for(trained, timeout=60, message="predictions from the retrained model")
+        # Every annotation trained (each webhook is one fit, on either worker), none queued.
+        wait_trained(lambda path: server.get(path, timeout=10), annotation_id, "ANNOTATION_CREATED")
+        after = _choices(server, probe)
+        assert [c for c, _, _ in after] == ["Positive", "Negative"] and after[0][2] != "0.0.1"
         assert all(score > 0.5 for _, score, _ in after)
         version = after[0][2]
-        # START_TRAINING retrains from the kept dataset and bumps the version again.
+        # START_TRAINING retrains from the kept dataset; with nothing new the version stays.
         resp = server.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": predict_body([])["label_config"]}})
         assert resp.status_code in (201, 202)
-        wait_for(lambda: _choices(server, probe)[0][2] != version, timeout=60, message="START_TRAINING retrain")
-
-        def settled():  # no fit left on either worker: the version holds still for a second
-            first = _choices(server, probe)[0][2]
-            time.sleep(1)
-            return first if _choices(server, probe)[0][2] == first else None
-
-        version = wait_for(settled, timeout=60, message="training to settle")
+        wait_trained(lambda path: server.get(path, timeout=10), 1, "START_TRAINING")
+        assert _choices(server, probe) == after
     with Server(directory) as server:  # a restart keeps the trained model
         restarted = _choices(server, probe)
         assert [c for c, _, _ in restarted] == ["Positive", "Negative"] and restarted[0][2] == version

@@ -598,3 +598,23 @@ def test_extra_params_reach_setup_and_existing_instances(model_dir):
     assert len(Configured.setups) == 4
     resp = other.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
     assert resp.status_code == 201 and len(Configured.setups) == 4  # the up-to-date instance trains
+
+
+class Checked(Configured):
+    """Overrides set_extra_params to refuse what it cannot use, as reference backends may."""
+
+    def set_extra_params(self, extra_params):
+        if not isinstance(extra_params.get("threshold", 0.5), float):
+            raise ValueError("threshold must be a number between 0 and 1")
+        super().set_extra_params(extra_params)
+
+
+def test_a_models_own_set_extra_params_is_called(model_dir):
+    Configured.setups = []
+    client = create_app(Checked, store=SQLiteStore(str(model_dir))).test_client()
+    body = {"project": "5.1", "schema": TEXT_CONFIG}
+    assert client.post("/setup", json={**body, "extra_params": {"threshold": 0.6}}).status_code == 200
+    resp = client.post("/setup", json={**body, "extra_params": {"threshold": "high"}})
+    assert resp.status_code == 500 and "threshold must be a number" in resp.json["error"]
+    resp = client.post("/predict", json=predict_body([text_task(1, "a")], project="5.1"))
+    assert resp.json["results"][0]["score"] == 0.6 and Configured.setups[-1] == {"threshold": 0.6}
