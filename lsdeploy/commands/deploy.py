@@ -88,6 +88,9 @@ def _option(*names, envvar, **kwargs):
 @_option("--basic-auth-user", envvar="BASIC_AUTH_USER", default="labelstudio", help="Basic auth user.")
 @_option("--label", "labels", envvar="LSDEPLOY_LABELS", multiple=True, metavar="KEY=VALUE",
          help="Label on the service; repeatable (the environment variable takes several separated by commas).")
+@_option("--build-region", envvar="LSDEPLOY_BUILD_REGION", default=None,
+         help="Where Cloud Build runs (default: the service's region; when Cloud Build refuses it for this project, "
+              "the nearest region it allows, once). The image stays in the service's region.")
 @_option("--repository", envvar="LSDEPLOY_REPOSITORY", default="lsdeploy", help="Artifact Registry repository.")
 @_option("--source-bucket", envvar="LSDEPLOY_SOURCE_BUCKET", default=None,
          help="Bucket for source bundles and build logs (default: PROJECT-lsdeploy-sources).")
@@ -110,8 +113,8 @@ def _option(*names, envvar, **kwargs):
 @_option("--json", "as_json", envvar="LSDEPLOY_JSON", is_flag=True, help="Print the result as one JSON object.")
 def gcp(directory, script, blueprint, project, region, service, label_studio_host, label_studio_api_key, projects,
         memory, cpu, gpu, gpu_type, min_instances, max_instances, concurrency, timeout, env, secret_env,
-        service_account, ingress, basic_auth, basic_auth_user, labels, repository, source_bucket, state_bucket,
-        title, preview, keep_images, prune, wait_timeout, dry_run, as_json):
+        service_account, ingress, basic_auth, basic_auth_user, labels, build_region, repository, source_bucket,
+        state_bucket, title, preview, keep_images, prune, wait_timeout, dry_run, as_json):
     """Build DIR with Cloud Build, serve it on Cloud Run, and register it with Label Studio.
 
     An unchanged DIR redeploys with no upload, no build and no new revision. --dry-run shows what
@@ -134,7 +137,7 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         labels=_pairs(labels, "--label", _from_environment("labels")), repository=repository,
         source_bucket=source_bucket, state_bucket=state_bucket, label_studio_url=label_studio_host,
         label_studio_api_key=label_studio_api_key, projects=project_ids, title=title, keep_images=keep_images,
-        prune=prune, ready_timeout=wait_timeout,
+        prune=prune, ready_timeout=wait_timeout, build_region=build_region,
     )
     # 1. everything checkable before any Google API call
     progress(f"validating {directory}")

@@ -102,6 +102,8 @@ class DeployResult:
     pruned: list = field(default_factory=list)         # old images, source bundles and build logs deleted
     prune_error: str = ""                              # why pruning stopped (the deploy itself succeeded)
     seconds: float = 0.0
+    build_region: Optional[str] = None                 # where Cloud Build ran (when it built)
+    build_region_note: str = ""                        # why it ran elsewhere than the service's region
 
     @property
     def backend_ids(self) -> list:
@@ -115,7 +117,8 @@ class DeployResult:
     def lines(self) -> list:
         out = [f"URL:       {self.url}",
                f"revision:  {self.revision}" + ("" if self.new_revision else " (unchanged)"),
-               f"image:     {self.image}" + ("" if self.built else " (reused, no build)"),
+               f"image:     {self.image}" + ("" if self.built else " (reused, no build)")
+               + (f" (built in {self.build_region}: {self.build_region_note})" if self.build_region_note else ""),
                f"state:     {self.state_uri}"]
         if self.basic_auth_user:
             out.append(f"basic auth user: {self.basic_auth_user} (password in Secret Manager)")

@@ -38,7 +38,7 @@ from google.protobuf import duration_pb2
 
 from .artifactregistry import PushError
 from .runner import bundle_files, dockerfile_instructions
-from .server import (ApiError, Route, compile_template, invalid_argument, not_found, now_pb, paginate,
+from .server import (ApiError, Route, compile_template, failed_precondition, invalid_argument, not_found, now_pb, paginate,
                      project_number, routes_from_transport)
 
 Build = cb.Build.pb()
@@ -142,6 +142,11 @@ class BuildRecord:
     operation: str = ""
 
 
+# Where Cloud Build still runs builds for a restricted project (cloud.google.com/build/docs/locations)
+OPEN_BUILD_REGIONS = ("us-central1", "us-west2", "europe-west1", "asia-east1", "australia-southeast1",
+                      "southamerica-east1")
+
+
 class CloudBuildFake:
     api = "cloudbuild"
 
@@ -150,6 +155,8 @@ class CloudBuildFake:
         self.builds: dict[str, BuildRecord] = {}
         self.failures: list[PlannedFailure] = []
         self.polls_to_finish: int | None = None  # polls a build needs (default: the server's operation_polls)
+        # restrict_regions(): like a new or low-usage project, builds only in these regions (None: anywhere)
+        self.open_regions: tuple[str, ...] | None = None
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.rest",
@@ -194,6 +201,10 @@ class CloudBuildFake:
             raise not_found("Requested entity was not found.")
         return record
 
+    def restrict_regions(self, regions=OPEN_BUILD_REGIONS) -> None:
+        """Refuse regional builds elsewhere, as Cloud Build does for some new or low-usage projects."""
+        self.open_regions = tuple(regions)
+
     # ---- create ------------------------------------------------------------------------------
     def CreateBuild(self, request, ctx):
         if re.fullmatch(r"/v1/projects/[^/]+/builds", ctx.entry.path.split("?")[0]):
@@ -206,6 +217,8 @@ class CloudBuildFake:
                 raise invalid_argument("project_id does not match the parent.", "project_id")
         else:
             project, location = request.project_id, "global"
+        if self.open_regions is not None and location != "global" and location not in self.open_regions:
+            raise failed_precondition("due to quota restrictions, cannot run builds in this region")
         build = Build()
         build.CopyFrom(request.build)
         self._validate(build)

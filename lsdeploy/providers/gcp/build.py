@@ -12,9 +12,11 @@ from typing import Optional
 from ...errors import EXIT_BUILD, LsdeployError
 from .errors import google_error
 from .logs import LogStreamer
-from .settings import MANAGED_LABEL
+from .settings import MANAGED_LABEL, OPEN_BUILD_REGIONS, nearest_build_region
 from .storage import ensure_bucket
 
+# Cloud Build's refusal of a region for a restricted project (FAILED_PRECONDITION)
+RESTRICTED_REGION = "due to quota restrictions, cannot run builds in this region"
 TERMINAL_BUILD = {"SUCCESS", "FAILURE", "INTERNAL_ERROR", "TIMEOUT", "CANCELLED", "EXPIRED"}
 
 
@@ -77,7 +79,7 @@ def upload(api, settings, bundle, progress) -> tuple:
     return bucket.name, name, int(blob.generation or 0)
 
 
-def build_request(settings, bundle, source) -> object:
+def build_request(settings, bundle, source, region: Optional[str] = None) -> object:
     from google.cloud.devtools import cloudbuild_v1 as cb
     from google.protobuf import duration_pb2
 
@@ -101,27 +103,49 @@ def build_request(settings, bundle, source) -> object:
     )
     # parent alone: with project_id set too, the REST client picks the legacy path
     # POST /v1/projects/P/builds, which builds in the global region (parent only becomes a query parameter)
-    return cb.CreateBuildRequest(parent=settings.location, build=build)
+    return cb.CreateBuildRequest(parent=settings.build_location(region), build=build)
+
+
+def start_build(api, settings, bundle, source, progress) -> tuple:
+    """CreateBuild in --build-region, else the service's region; when Cloud Build refuses that
+    region for this project (some new or low-usage projects may build only in a few regions), once
+    in the nearest open region. (operation, build region, note)."""
+    from google.api_core import exceptions as gexc
+
+    region, note = settings.build_region or settings.region, ""
+    while True:
+        location = settings.build_location(region)
+        try:
+            return api.clients.builds.create_build(request=build_request(settings, bundle, source, region)), region, note
+        except gexc.GoogleAPICallError as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            fallback = nearest_build_region(region)
+            if RESTRICTED_REGION in message and not settings.build_region and not note and fallback != region:
+                note = (f"Cloud Build may not run builds in {region} for project {settings.project} (quota "
+                        f"restrictions); built in {fallback} instead (pass --build-region to choose)")
+                progress(f"note: {note}")
+                region = fallback
+                continue
+            error = google_error(exc, "cloudbuild", "starting a build in", location, settings.project)
+            if RESTRICTED_REGION in message:
+                error.args = (f"{error}; Cloud Build runs builds for this project only in some regions: pass "
+                              f"--build-region with one of {', '.join(OPEN_BUILD_REGIONS)}",)
+            raise error from None
 
 
 def build_image(api, settings, bundle, progress) -> tuple:
-    """Upload and build; (image pinned by digest, build id). Raises EXIT_BUILD on failure."""
-    from google.api_core import exceptions as gexc
+    """Upload and build; (image pinned by digest, build id, build region, note). Raises EXIT_BUILD on failure."""
     from google.cloud.devtools import cloudbuild_v1 as cb
 
     ensure_repository(api, settings, progress)
     source = upload(api, settings, bundle, progress)
-    request = build_request(settings, bundle, source)
-    try:
-        operation = api.clients.builds.create_build(request=request)
-    except gexc.GoogleAPICallError as exc:
-        raise google_error(exc, "cloudbuild", "starting a build in", settings.location, settings.project) from None
+    operation, region, note = start_build(api, settings, bundle, source, progress)
     meta = cb.BuildOperationMetadata.deserialize(operation.metadata.value) \
         if hasattr(operation.metadata, "value") else operation.metadata
     build = meta.build
     build_id = build.id
     progress(f"building image (Cloud Build {build_id}); logs: {build.log_url}")
-    build_name = f"{settings.location}/builds/{build_id}"
+    build_name = f"{settings.build_location(region)}/builds/{build_id}"
     streamer = LogStreamer(api.clients.storage, build.logs_bucket, build_id, progress)
     deadline = time.monotonic() + settings.build_timeout + 300
     while True:
@@ -148,4 +172,4 @@ def build_image(api, settings, bundle, progress) -> tuple:
     digest = next((img.digest for img in build.results.images if img.name == tagged), None)
     if not digest:
         raise LsdeployError(f"build {build_id} succeeded but pushed no {tagged}; see {build.log_url}", EXIT_BUILD)
-    return f"{settings.image}@{digest}", build_id
+    return f"{settings.image}@{digest}", build_id, region, note

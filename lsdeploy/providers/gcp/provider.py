@@ -82,7 +82,7 @@ class GcpProvider(Provider):
     prune = _with_api(pruning.prune)
 
     def build(self, settings, bundle, progress) -> tuple:
-        """Upload and build; (image pinned by digest, build id). Raises EXIT_BUILD on failure."""
+        """Upload and build; (image pinned by digest, build id, build region, note). Raises EXIT_BUILD on failure."""
         secrets.check_current_password(self.api, settings, bundle)
         return cloudbuild.build_image(self.api, settings, bundle, progress)
 
@@ -126,11 +126,12 @@ class GcpProvider(Provider):
         checked = self.user_secrets(settings)  # before anything is built or written
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)
-        build_id = None
+        build_id = build_region = None
+        build_note = ""
         if image:
             progress(f"image for bundle {bundle.short_digest} exists: no upload, no build")
         else:
-            image, build_id = self.build(settings, bundle, progress)
+            image, build_id, build_region, build_note = self.build(settings, bundle, progress)
             progress(f"built {image}")
 
         refs = self.secret_refs(settings, progress, checked=checked)
@@ -186,7 +187,7 @@ class GcpProvider(Provider):
             state_uri=settings.state_uri, basic_auth_user=settings.basic_auth_user if settings.basic_auth else None,
             secrets=sorted({ref[0] for ref in secret_refs.values()}),
             registrations=[r.to_dict() for r in registrations], pruned=pruned, prune_error=prune_error,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(time.monotonic() - started, 3), build_region=build_region, build_region_note=build_note,
         )
 
     def register(self, settings, url, password) -> list:

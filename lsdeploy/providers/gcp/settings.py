@@ -64,6 +64,7 @@ class GcpSettings:
     build_timeout: int = 1800
     ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
     warmup_timeout: float = 120.0
+    build_region: Optional[str] = None               # --build-region: where Cloud Build runs (default: region)
     iam_wait: float = 600.0                          # retry a revision refused a just-granted permission this long
 
     def __post_init__(self):
@@ -85,6 +86,9 @@ class GcpSettings:
     @property
     def location(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
+
+    def build_location(self, region: Optional[str] = None) -> str:
+        return f"projects/{self.project}/locations/{region or self.build_region or self.region}"
 
     @property
     def service_name(self) -> str:
@@ -118,6 +122,8 @@ class GcpSettings:
                 "hyphens; starts with a letter): pass the id, not the name or number, with --gcp-project-id")
         if not REGION_RE.match(self.region or ""):
             bad(f"{self.region!r} is not a Cloud Run region (like us-central1 or europe-west4): pass --gcp-region")
+        if self.build_region is not None and not REGION_RE.match(self.build_region):
+            bad(f"{self.build_region!r} is not a Cloud Build region (like us-central1): pass --build-region")
         if not SERVICE_RE.match(self.service or ""):
             bad(f"{self.service!r} is not a valid Cloud Run service name: it must start with a lowercase letter, use "
                 "only lowercase letters, digits and hyphens, not end with a hyphen, and have at most 49 characters; "
@@ -202,6 +208,23 @@ def resource_problem(cpus: float, mebibytes: float, gpus: int = 0, gpu_type: str
         return (f"a GPU ({gpu_type}) on Cloud Run needs at least {need_cpus} CPUs and {need_memory // 1024}Gi of "
                 f"memory: pass --cpu {max(need_cpus, int(cpus))} --memory {max(need_memory, int(mebibytes)) // 1024}Gi")
     return ""
+
+
+# Where Cloud Build runs for projects it restricts ("due to quota restrictions, cannot run builds in
+# this region"), and the nearest of them for a region's prefix.
+OPEN_BUILD_REGIONS = ("us-central1", "us-west2", "europe-west1", "asia-east1", "australia-southeast1",
+                      "southamerica-east1")
+NEAREST_BUILD_REGION = (("us-west", "us-west2"), ("northamerica", "us-central1"), ("us-", "us-central1"),
+                        ("southamerica", "southamerica-east1"), ("europe", "europe-west1"), ("me-", "europe-west1"),
+                        ("africa", "europe-west1"), ("australia", "australia-southeast1"), ("asia", "asia-east1"))
+
+
+def nearest_build_region(region: str) -> str:
+    """The open Cloud Build region nearest to `region` (its continent's)."""
+    if region in OPEN_BUILD_REGIONS:
+        return region
+    return next((open_region for prefix, open_region in NEAREST_BUILD_REGION if region.startswith(prefix)),
+                "us-central1")
 
 
 def unreachable_label_studio(url: str) -> str:
