@@ -476,12 +476,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                 raise BadRequest("'extra_params' must be a JSON object")
             # Stored before the model is got: a new instance's setup() sees them, and an instance
             # set up with other ones is replaced (see ModelPool.get). A model that overrides
-            # set_extra_params (to check or transform them) gets its call, as under the reference.
-            if pool.store.get(project_id, "extra_params") != extra:
-                if model_class.set_extra_params is LabelStudioMLBase.set_extra_params:
-                    request_write(pool.store.set, project_id, "extra_params", extra)
-                else:
-                    pool.get(project_id, schema).set_extra_params(extra)
+            # set_extra_params (to check or transform them) gets its call on every /setup that
+            # carries them, as under the reference; otherwise unchanged ones cost no write.
+            if model_class.set_extra_params is not LabelStudioMLBase.set_extra_params:
+                pool.get(project_id, schema).set_extra_params(extra)
+            elif pool.store.get(project_id, "extra_params") != extra:
+                request_write(pool.store.set, project_id, "extra_params", extra)
         model = pool.get(project_id, schema)
         return reply({"model_version": model.model_version})
 
