@@ -7,7 +7,7 @@ import click
 @click.command()
 @click.argument("directory", type=click.Path(file_okay=False), metavar="DIR")
 @click.option("--blueprint", "-b", default="default", envvar="LSDEPLOY_BLUEPRINT", show_envvar=True,
-              help="Blueprint to render: default, text-classifier.")
+              help="Blueprint to render: default, text-classifier, interactive-ner.")
 @click.option("--from", "script", default=None, envvar="LSDEPLOY_FROM", show_envvar=True, metavar="SCRIPT.py[:CLASS]",
               help="Build the backend around an existing model script instead of the blueprint's model.py.")
 @click.option("--force", is_flag=True, envvar="LSDEPLOY_FORCE", show_envvar=True,
