@@ -232,6 +232,29 @@ def test_no_matches(ner):
     assert [(r["result"], r["score"], r["model_version"]) for r in results] == [([], 0.0, "0.0.1")] * 2
 
 
+def test_matcher_finds_every_occurrence_a_plain_search_finds(directory):
+    """The one-pass matcher (Aho-Corasick) against str.startswith at every offset: random texts and
+    phrases over a small alphabet, so occurrences overlap and phrases share prefixes and suffixes."""
+    import random
+
+    from lsdeploy.loader import import_file
+
+    Matcher = import_file(directory / "model.py").Matcher
+    rng = random.Random(7)
+    for _ in range(300):
+        phrases = list({"".join(rng.choices("abAB ", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 12))})
+        text = "".join(rng.choices("abAB ", k=rng.randint(0, 40)))
+        for match_case in (True, False):
+            fold = (lambda x: x) if match_case else str.lower
+            expected = sorted((i, i + len(p), n) for n, p in enumerate(phrases) for i in range(len(text))
+                              if fold(text).startswith(fold(p), i))
+            assert sorted(Matcher(phrases, match_case).find(text)) == expected, (phrases, text, match_case)
+    # lower case one for one: "İ" lowers to two characters, so it stays itself and offsets hold
+    text = "İstanbul, istanbul, ISTANBUL"
+    assert Matcher(["istanbul"], False).find(text) == [(10, 18, 0), (20, 28, 0)]
+    assert Matcher(["İstanbul"], True).find(text) == [(0, 8, 0)]
+
+
 # -- learning from annotations -----------------------------------------------------------------------
 def test_fit_then_batch_prediction_and_the_version_rule(ner):
     first = "Alice works at Acme in Paris."
