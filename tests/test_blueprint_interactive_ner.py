@@ -94,32 +94,19 @@ def directory(tmp_path_factory):
     return target
 
 
-@pytest.fixture
-def client(directory, tmp_path, monkeypatch):
-    from lsdeploy import create_app
-    from lsdeploy.loader import load_model_class
-    from lsdeploy.state import SQLiteStore, set_default_store
-
-    monkeypatch.setenv("FIT_WAIT_SECONDS", "30")  # fits answer 201 with their result, even on a loaded machine
-    set_default_store(None)
-    app = create_app(load_model_class(directory), store=SQLiteStore(str(tmp_path / "state")))
-    yield app.test_client()
-    set_default_store(None)
-
-
 class Backend:
     """Flask's test client or a real server, behind the same calls."""
 
     def __init__(self, post):
-        self._post = post
+        self.post = post  # post(path, payload) -> response
 
     def predict(self, payload):
-        resp = self._post("/predict", payload)
-        assert resp.status_code == 200, resp.text if hasattr(resp, "text") else resp.data
+        resp = self.post("/predict", payload)
+        assert resp.status_code == 200, _json(resp)
         return _json(resp)["results"]
 
     def fit(self, payload):
-        resp = self._post("/webhook", payload)
+        resp = self.post("/webhook", payload)
         assert resp.status_code == 201, _json(resp)
         return _json(resp)["result"]
 
@@ -128,9 +115,23 @@ def _json(resp):
     return resp.json() if callable(getattr(resp, "json", None)) else resp.get_json()
 
 
-@pytest.fixture
-def ner(client):
-    return Backend(lambda path, payload: client.post(path, json=payload))
+@pytest.fixture(params=["test-client", "server"])
+def ner(request, directory, tmp_path, monkeypatch):
+    """The backend with a fresh state store, through Flask's test client, then as a real
+    `label-studio-ml start` process."""
+    monkeypatch.setenv("FIT_WAIT_SECONDS", "30")  # fits answer 201 with their result, even on a loaded machine
+    if request.param == "server":
+        with Server(directory, env={"MODEL_DIR": str(tmp_path / "state")}) as server:
+            yield Backend(server.post)
+        return
+    from lsdeploy import create_app
+    from lsdeploy.loader import load_model_class
+    from lsdeploy.state import SQLiteStore, set_default_store
+
+    set_default_store(None)
+    client = create_app(load_model_class(directory), store=SQLiteStore(str(tmp_path / "state"))).test_client()
+    yield Backend(lambda path, payload: client.post(path, json=payload))
+    set_default_store(None)
 
 
 # -- the blueprint -----------------------------------------------------------------------------------
@@ -205,9 +206,9 @@ def test_unicode_offsets_are_code_points(ner):
         assert text[s:e] == t
 
 
-def test_extra_params_turn_off_case_and_whole_words(client, ner):
-    resp = client.post("/setup", json={"project": "1.1796207230", "schema": CONFIG, "hostname": "http://127.0.0.1:1",
-                                       "access_token": "x", "extra_params": {"match_case": False, "whole_word": False}})
+def test_extra_params_turn_off_case_and_whole_words(ner):
+    resp = ner.post("/setup", {"project": "1.1796207230", "schema": CONFIG, "hostname": "http://127.0.0.1:1",
+                               "access_token": "x", "extra_params": {"match_case": False, "whole_word": False}})
     assert resp.status_code == 200
     text = "Apple sells apples; APPLE. 東京タワーと東京"
     (prediction,) = ner.predict(body([task(1, text)], {"result": [region(text, "Apple", "ORG"),
