@@ -19,7 +19,7 @@ TEXTS = {
 
 
 def test_blueprints_are_listed():
-    assert available() == ["default", "text-classifier"]
+    assert available() == ["default", "interactive-ner", "text-classifier"]
 
 
 def test_default_blueprint_serves_one_prediction_per_task(created):
