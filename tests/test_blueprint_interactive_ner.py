@@ -273,6 +273,9 @@ def test_fit_then_batch_prediction_and_the_version_rule(ner):
     # idempotent: the same event again, the same annotation updated without change, another
     # annotation that agrees: nothing new learned, the version stays
     assert ner.fit(taught) == {"learned": False, "spans": 3, "model_version": "0.1.0"}
+    # START_TRAINING without Label Studio's address (no /setup yet) keeps what webhooks taught
+    assert ner.fit({"action": "START_TRAINING", "project": {"id": 1, "label_config": CONFIG}}) == {
+        "learned": False, "spans": 3, "model_version": "0.1.0"}
     assert ner.fit({**taught, "action": "ANNOTATION_UPDATED"})["model_version"] == "0.1.0"
     assert ner.fit(event(11, "Alice!", [region("Alice!", "Alice", "PER")]))["learned"] is False
     # an interactive request teaches nothing

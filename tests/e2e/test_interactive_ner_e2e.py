@@ -102,6 +102,12 @@ def test_interactive_ner_with_label_studio(label_studio, ls_api, project, backen
     version = server.get(f"/versions?project={pid}", timeout=10).json()["model_version"]
     assert version != first_version
     wait_label_studio_version(ls_api, backend_id, version)
+    # "Start training": the backend re-reads the project's annotations from Label Studio; they are
+    # what the webhook taught, so the model and its version stay.
+    ls_api.train(backend_id)
+    wait_trained(lambda path: server.get(path, timeout=10), 1, "START_TRAINING")
+    assert server.get(f"/versions?project={pid}", timeout=10).json()["model_version"] == version
+    assert "could not read annotations" not in server.log()
 
     # Batch pre-annotation of new tasks: the learned spans, with the new model version.
     new_ids = import_tasks(ls_api, pid, NEW)
