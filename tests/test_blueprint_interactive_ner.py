@@ -303,6 +303,18 @@ def test_fit_then_batch_prediction_and_the_version_rule(ner):
     assert ner.fit(skipped)["learned"] is False
 
 
+def test_annotations_created_in_bulk(ner):
+    """ANNOTATIONS_CREATED ("Create annotations from predictions"): lists of annotations and tasks."""
+    texts = {1: "Ada met Grace.", 2: "Grace left Rome."}
+    bulk = {"action": "ANNOTATIONS_CREATED", "project": {"id": 1, "label_config": CONFIG},
+            "task": [task(2, texts[2]), task(1, texts[1])],
+            "annotation": [{"id": 21, "task": 1, "result": [region(texts[1], "Ada", "PER")]},
+                           {"id": 22, "task": 2, "result": [region(texts[2], "Rome", "LOC")]}]}
+    assert ner.fit(bulk) == {"learned": True, "spans": 2, "model_version": "0.1.0"}
+    (prediction,) = ner.predict(body([task(3, "Rome, said Ada.")]))
+    assert [(t, labels) for _, _, t, labels, _ in spans(prediction)] == [("Rome", ["LOC"]), ("Ada", ["PER"])]
+
+
 def test_ties_go_to_the_newest_annotation_and_replays_do_not_reorder(ner):
     ner.fit(event(1, "Jordan", [region("Jordan", "Jordan", "PER")]))
     assert ner.fit(event(2, "Jordan", [region("Jordan", "Jordan", "LOC")]))["model_version"] == "0.2.0"

@@ -72,7 +72,8 @@ def test_interactive_ner_with_label_studio(label_studio, ls_api, project, backen
     start = TEXT.index("Babbage")
     region = {"id": "u1", "from_name": "label", "to_name": "text", "type": "labels", "origin": "manual",
               "value": {"start": start, "end": start + 7, "text": "Babbage", "labels": ["PER"]}}
-    ls_api.call("POST", f"/api/tasks/{task['id']}/drafts", "saving a draft", json={"result": [region], "lead_time": 2.0})
+    ls_api.call("POST", f"/api/tasks/{task['id']}/drafts", "saving a draft",
+                json={"result": [region], "lead_time": 2.0})
     before = len(recorded(directory))
     answer = ls_api.call("POST", f"/api/ml/{backend_id}/interactive-annotating", "interactive annotating",
                          json={"task": task["id"], "context": {"result": [region]}})
