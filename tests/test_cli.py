@@ -60,7 +60,7 @@ def test_create_refuses_non_empty_dir_without_force(tmp_path):
 
 def test_create_unknown_blueprint(tmp_path):
     result = run_cli("create", tmp_path / "x", "--blueprint", "nope")
-    assert result.returncode == 2 and "choose one of: default, text-classifier" in result.stderr
+    assert result.returncode == 2 and "choose one of: default, interactive-ner, text-classifier" in result.stderr
 
 
 def test_create_from_script(tmp_path):
