@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +36,9 @@ HEAVY = ("torch", "torchvision", "torchmetrics", "transformers", "tensorflow", "
          "docling", "easyocr", "paddlepaddle", "paddleocr", "paddlex", "accelerate", "flair", "gliner",
          "segment-anything", "mobile-sam", "sam2", "openmim", "mmdet", "mmcv", "onnxruntime", "cuda-python")
 PYTEST_TIMEOUT = 900
+# Examples' tests mock the API calls, but their models build the client first, which wants a key
+# (llm_interactive: OpenAI). The same placeholders on both sides; nothing is ever sent with them.
+DUMMY_KEYS = {"OPENAI_API_KEY": "sk-bench-placeholder-not-a-key"}
 
 
 def requirement_names(path: Path) -> list[tuple[str, str]]:
@@ -102,37 +106,64 @@ def reference_requirements(checkout: Path, dest: Path) -> Path:
     return dest
 
 
-def pytest_counts(python: Path, directory: Path, log: Path, env=None) -> tuple[int, int, str]:
-    """(passed, failed or errored, note) of the example's own tests in `directory`."""
+@dataclass
+class Outcome:
+    """One side's run of an example's tests."""
+
+    passed: int = 0
+    failed: int = 0  # failures and errors
+    failing: frozenset = frozenset()  # the ids of the tests that failed
+    note: str = ""
+    ran: bool = True
+
+    def cell(self) -> str:
+        return f"{self.passed} passed / {self.failed} failed" if self.ran else "not run"
+
+
+def pytest_outcome(python: Path, directory: Path, log: Path, env=None) -> Outcome:
+    """The example's own tests in `directory`, counted from pytest's JUnit report."""
     report = directory / ".bench-junit.xml"
     report.unlink(missing_ok=True)
     try:
         proc = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
                    cwd=directory, env=env, timeout=PYTEST_TIMEOUT, log=log)
     except subprocess.TimeoutExpired:
-        return 0, 0, f"timed out after {PYTEST_TIMEOUT}s"
+        return Outcome(note=f"timed out after {PYTEST_TIMEOUT}s", ran=False)
     if not report.is_file():
         tail = (proc.stdout or proc.stderr).strip().splitlines()[-1:] or ["?"]
-        return 0, 0, f"no report: {tail[0]}"
+        return Outcome(note=f"no report: {tail[0]}", ran=False)
     root = ET.parse(report).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    tests = sum(int(s.get("tests", 0)) for s in suites)
-    failed = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-    skipped = sum(int(s.get("skipped", 0)) for s in suites)
-    note = f"{skipped} skipped" if skipped else ""
-    if tests == 0 and proc.returncode not in (0, 5):
-        note = (proc.stdout or proc.stderr).strip().splitlines()[-1:][0] if (proc.stdout or proc.stderr) else "?"
-    return tests - failed - skipped, failed, note
+    passed, failing, skipped, first = 0, set(), 0, ""
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname') or ''}::{case.get('name') or '?'}"
+        problem = case.find("failure")
+        problem = problem if problem is not None else case.find("error")
+        if problem is not None:
+            failing.add(name)
+            if not first:  # the first failure, in a few words
+                message = problem.get("message") or ""
+                if message in ("", "collection failure"):  # the traceback's last `E   ` line says why
+                    lines = [l[1:].strip() for l in (problem.text or "").splitlines() if l.startswith("E ")]
+                    message = lines[-1] if lines else message or "?"
+                message = " ".join(message.split())
+                first = f"first failure {case.get('name')}: {message[:90]}"
+        elif case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
+    note = "; ".join(filter(None, [f"{skipped} skipped" if skipped else "", first]))
+    return Outcome(passed, len(failing), frozenset(failing), note)
 
 
 def test_env(work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LSDEPLOY_", "VIRTUAL_ENV", "PYTHONPATH"))}
     env["MODEL_DIR"] = str(work / "model-dir")  # both SDKs keep their state here, never in a shared place
+    env.update(DUMMY_KEYS)
     os.makedirs(env["MODEL_DIR"], exist_ok=True)
     return env
 
 
-def bench_reference(checkout: Path, example: Path, work: Path) -> tuple[int, int, str]:
+def bench_reference(checkout: Path, example: Path, work: Path) -> Outcome:
     log = work / "reference.log"
     python = make_venv(work / "venv-reference", log)
     if not (work / "venv-reference" / ".installed").exists():
@@ -144,10 +175,10 @@ def bench_reference(checkout: Path, example: Path, work: Path) -> tuple[int, int
     copy = work / "reference"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(example, copy)
-    return pytest_counts(python, copy, log, env=test_env(work / "reference-state"))
+    return pytest_outcome(python, copy, log, env=test_env(work / "reference-state"))
 
 
-def bench_lsdeploy(example: Path, work: Path) -> tuple[int, int, str]:
+def bench_lsdeploy(example: Path, work: Path) -> Outcome:
     log = work / "lsdeploy.log"
     python = make_venv(work / "venv-lsdeploy", log)
     fresh = not (work / "venv-lsdeploy" / ".installed").exists()
@@ -158,17 +189,17 @@ def bench_lsdeploy(example: Path, work: Path) -> tuple[int, int, str]:
     shutil.copytree(example, copy)
     proc = run([python, "-m", "lsdeploy.cli", "port", copy], cwd=work, log=log)
     if proc.returncode != 0:
-        return 0, 0, f"port failed: {(proc.stderr or proc.stdout).strip()}"
+        return Outcome(note=f"port failed: {(proc.stderr or proc.stdout).strip()}", ran=False)
     not_ported = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
     if fresh:
         # lsdeploy on the command line too, so requirements.txt's lsdeploy[sdk] resolves to this checkout
         pip_install(python, [REPO, "-r", copy / "requirements.txt", "-r", copy / "requirements-test.txt"]
                     if (copy / "requirements-test.txt").is_file() else [REPO, "-r", copy / "requirements.txt"], log)
         (work / "venv-lsdeploy" / ".installed").touch()
-    passed, failed, note = pytest_counts(python, copy, log, env=test_env(work / "lsdeploy-state"))
+    outcome = pytest_outcome(python, copy, log, env=test_env(work / "lsdeploy-state"))
     if not_ported:
-        note = "; ".join(filter(None, [note, f"{len(not_ported)} not ported"]))
-    return passed, failed, note
+        outcome.note = "; ".join(filter(None, [outcome.note, f"port listed {len(not_ported)} not ported"]))
+    return outcome
 
 
 def main() -> None:
@@ -202,12 +233,19 @@ def main() -> None:
                 results.append(bench_reference(args.checkout, example, work) if side == "reference"
                                else bench_lsdeploy(example, work))
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                results.append((0, 0, f"{side}: {exc}"))
-        (rp, rf, rnote), (lp, lf, lnote) = results
-        notes = "; ".join(filter(None, [f"reference: {rnote}" if rnote else "", f"lsdeploy: {lnote}" if lnote else ""]))
-        rows.append((name, f"{rp} passed / {rf} failed", f"{lp} passed / {lf} failed", notes))
-        print(f"{name}: reference {rp}/{rf}, lsdeploy {lp}/{lf} ({time.monotonic() - started:.0f}s)",
-              file=sys.stderr, flush=True)
+                results.append(Outcome(note=str(exc), ran=False))
+        reference, lsdeploy = results
+        notes = [f"reference: {reference.note}" if reference.note else "",
+                 f"lsdeploy: {lsdeploy.note}" if lsdeploy.note else ""]
+        if reference.ran and lsdeploy.ran and (reference.failed or lsdeploy.failed):
+            if reference.failing == lsdeploy.failing:
+                notes.insert(0, "the same tests fail on both")
+            else:
+                only = sorted(lsdeploy.failing - reference.failing)
+                notes.insert(0, f"fail on lsdeploy only: {', '.join(only) or 'none'}")
+        rows.append((name, reference.cell(), lsdeploy.cell(), "; ".join(filter(None, notes))))
+        print(f"{name}: reference {reference.cell()}, lsdeploy {lsdeploy.cell()} "
+              f"({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
     header = ("example", "reference SDK", "lsdeploy (ported)", "notes")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
