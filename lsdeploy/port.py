@@ -175,7 +175,9 @@ def _port_python(rel: str, source: str, unported: list) -> tuple[str, bool, list
     base_names = {"label_studio_ml.model.LabelStudioMLBase"}  # names bound to the reference's LabelStudioMLBase
     module_names = set()  # REFERENCE when `import label_studio_ml[.x]` binds the package's own name
 
-    def replace_at(line: int, col: int, old: str, new: str) -> None:
+    def replace_at(line: int, col: int, old: str, new: str, chars: bool = False) -> None:
+        if not chars:  # ast's column offsets count UTF-8 bytes
+            col = len(text_lines[line - 1].encode("utf-8")[:col].decode("utf-8", errors="replace"))
         edits.append(_Edit(line, col, col + len(old), new))
 
     for node in ast.walk(tree):
@@ -201,9 +203,9 @@ def _port_python(rel: str, source: str, unported: list) -> tuple[str, bool, list
                     unported.append(Unported(rel, node.lineno, f"{what}: not ported; lsdeploy provides only "
                                                                f"label_studio_ml.{{{','.join(PORTED_MODULES)}}}"))
                     continue
-                match = re.compile(r"from\s+(label_studio_ml)\b").search(text_lines[node.lineno - 1], node.col_offset)
+                match = re.compile(r"\bfrom\s+(label_studio_ml)\b").search(text_lines[node.lineno - 1])
                 if match:
-                    replace_at(node.lineno, match.start(1), REFERENCE, "lsdeploy")
+                    replace_at(node.lineno, match.start(1), REFERENCE, "lsdeploy", chars=True)
                 if missing:
                     unported.append(Unported(rel, node.lineno, f"lsdeploy.{parts[1]} has no {', '.join(missing)}: "
                                                                "replace it in your code"))
@@ -267,12 +269,7 @@ def _port_python(rel: str, source: str, unported: list) -> tuple[str, bool, list
             and isinstance(first.value.value, str)
         indent = " " * first.col_offset
         block = "".join(f"{indent}{line}\n" for line in TRAIN_EVENTS_LINES)
-        if docstring and len(node.body) > 1:
-            inserts.append((first.end_lineno + 1, block))
-        elif docstring:  # a class that is only a docstring
-            inserts.append((first.end_lineno + 1, block))
-        else:
-            inserts.append((first.lineno, block))
+        inserts.append((first.end_lineno + 1 if docstring else first.lineno, block))  # after a docstring
     if not edits and not inserts:
         return source, uses_sdk, classes, imports_reference
     return _apply_edits(source, edits, inserts), uses_sdk, classes, imports_reference

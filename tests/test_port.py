@@ -479,7 +479,7 @@ def test_every_import_form_of_the_reference_is_rewritten(tmp_path):
 
         class First(ml_model.LabelStudioMLBase):
             def predict(self, tasks, **kwargs):
-                return label_studio_ml.utils.DATA_UNDEFINED_NAME, utils.is_skipped, ml_api.init_app
+                return "naïve", label_studio_ml.utils.DATA_UNDEFINED_NAME, utils.is_skipped, ml_api.init_app
 
 
         class Second(LabelStudioMLBase):
@@ -514,7 +514,7 @@ def test_every_import_form_of_the_reference_is_rewritten(tmp_path):
             # The reference SDK's training events (set by label-studio-ml port): fit sees no other event.
             TRAIN_EVENTS = {events}
             def predict(self, tasks, **kwargs):
-                return lsdeploy.utils.DATA_UNDEFINED_NAME, utils.is_skipped, ml_api.init_app
+                return "naïve", lsdeploy.utils.DATA_UNDEFINED_NAME, utils.is_skipped, ml_api.init_app
 
 
         class Second(LabelStudioMLBase):
