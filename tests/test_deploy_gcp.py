@@ -804,7 +804,7 @@ def test_no_basic_auth_service_account_gpu_and_ingress(api_cloud, backend):
 
 def test_no_basic_auth_grants_the_state_bucket_to_the_compute_default_identity(api_cloud, backend):
     """Without a secret or --service-account the service runs as PROJECT_NUMBER-compute@...: the
-    default state bucket (in the project) tells the project number."""
+    preflight's Service Usage answer tells the project number (the bucket's own is not asked)."""
     provider = provider_for(api_cloud)
     state = PolicyBucket(f"{PROJECT}-lsdeploy-state")
     state.project_number = 424242
@@ -814,9 +814,26 @@ def test_no_basic_auth_grants_the_state_bucket_to_the_compute_default_identity(a
     lines = []
     provider.deploy(settings_for("open", basic_auth=False, state_bucket=None), SourceBundle.from_directory(backend),
                     lines.append)
-    member = "serviceAccount:424242-compute@developer.gserviceaccount.com"
+    member = f"serviceAccount:{api_cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"
     assert {"role": "roles/storage.objectUser", "members": {member}} in state.policy.bindings
     assert not [line for line in lines if line.startswith("note:")]
+
+
+def test_a_secret_of_another_project_is_granted_to_the_service_projects_runtime_account(api_cloud, backend):
+    from google.cloud import secretmanager_v1 as sm
+
+    clients = GcpClients.from_env(api_cloud.env, PROJECT)
+    secret = clients.secrets.create_secret(parent="projects/shared-secrets", secret_id="token", secret=sm.Secret(
+        replication=sm.Replication(automatic=sm.Replication.Automatic())))
+    clients.secrets.add_secret_version(parent=secret.name, payload=sm.SecretPayload(data=b"s3cret"))
+    result = deploy(api_cloud, backend, settings_for("crossed", basic_auth=False,
+                                                     secret_env={"TOKEN": "projects/shared-secrets/secrets/token"}))
+    runtime = f"serviceAccount:{api_cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"
+    assert api_cloud.secretmanager.can_access("projects/shared-secrets/secrets/token", runtime)
+    assert not api_cloud.secretmanager.can_access(
+        "projects/shared-secrets/secrets/token",
+        f"serviceAccount:{api_cloud.project_number('shared-secrets')}-compute@developer.gserviceaccount.com")
+    assert result.revision
 
 
 def test_cli_failing_preview_names_rule_and_path_and_calls_no_google_api(api_cloud, backend):

@@ -27,6 +27,7 @@ def test_a_rerun_after_a_failed_revision_makes_a_new_revision(make_gcp_fakes, gc
 
 def test_a_revision_refused_a_just_granted_secret_is_deployed_again_once_iam_applies(make_gcp_fakes, gcs_emulator, backend):
     cloud = make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=1.0)
+    cloud.iam.only = ("/secrets/",)  # the build's grants apply at once here
     lines = []
     result = deploy(cloud, backend, settings_for("fresh"), lines)
     waits = [line for line in lines if "IAM changes take minutes" in line]
@@ -38,6 +39,7 @@ def test_a_revision_refused_a_just_granted_secret_is_deployed_again_once_iam_app
 
 def test_waiting_for_iam_is_bounded(make_gcp_fakes, gcs_emulator, backend):
     cloud = make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=3600)
+    cloud.iam.only = ("/secrets/",)
     with pytest.raises(LsdeployError, match="Permission denied on secret") as info:
         deploy(cloud, backend, settings_for("never", iam_wait=0.5))
     assert info.value.exit_code == EXIT_DEPLOY and "traffic stays on the previous revision" in str(info.value)

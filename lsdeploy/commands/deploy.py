@@ -88,6 +88,9 @@ def _option(*names, envvar, **kwargs):
 @_option("--basic-auth-user", envvar="BASIC_AUTH_USER", default="labelstudio", help="Basic auth user.")
 @_option("--label", "labels", envvar="LSDEPLOY_LABELS", multiple=True, metavar="KEY=VALUE",
          help="Label on the service; repeatable (the environment variable takes several separated by commas).")
+@_option("--build-service-account", envvar="LSDEPLOY_BUILD_SERVICE_ACCOUNT", default=None,
+         help="Identity Cloud Build runs as (default: lsdeploy-builder, created once with only the grants a build "
+              "needs; `compute`: the Compute Engine default account; or an account's email).")
 @_option("--build-region", envvar="LSDEPLOY_BUILD_REGION", default=None,
          help="Where Cloud Build runs (default: the service's region; when Cloud Build refuses it for this project, "
               "the nearest region it allows, once). The image stays in the service's region.")
@@ -110,11 +113,17 @@ def _option(*names, envvar, **kwargs):
 @_option("--dry-run", "dry_run", envvar="LSDEPLOY_DRY_RUN", is_flag=True,
          help="Show what the deploy would do (Dockerfile, bundle, build, field-by-field changes, pruning) "
               "and change nothing.")
+@_option("--check", "check", envvar="LSDEPLOY_CHECK", is_flag=True,
+         help="Only check that the project is ready (APIs enabled, permissions held), change nothing, and exit 0 "
+              "when it is.")
+@_option("--enable-apis", "enable_apis", envvar="LSDEPLOY_ENABLE_APIS", is_flag=True,
+         help="Enable the APIs the deploy needs when some are not (Service Usage), and wait for them.")
 @_option("--json", "as_json", envvar="LSDEPLOY_JSON", is_flag=True, help="Print the result as one JSON object.")
 def gcp(directory, script, blueprint, project, region, service, label_studio_host, label_studio_api_key, projects,
         memory, cpu, gpu, gpu_type, min_instances, max_instances, concurrency, timeout, env, secret_env,
-        service_account, ingress, basic_auth, basic_auth_user, labels, build_region, repository, source_bucket,
-        state_bucket, title, preview, keep_images, prune, wait_timeout, dry_run, as_json):
+        service_account, ingress, basic_auth, basic_auth_user, labels, build_service_account, build_region,
+        repository, source_bucket,
+        state_bucket, title, preview, keep_images, prune, wait_timeout, dry_run, check, enable_apis, as_json):
     """Build DIR with Cloud Build, serve it on Cloud Run, and register it with Label Studio.
 
     An unchanged DIR redeploys with no upload, no build and no new revision. --dry-run shows what
@@ -137,7 +146,8 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         labels=_pairs(labels, "--label", _from_environment("labels")), repository=repository,
         source_bucket=source_bucket, state_bucket=state_bucket, label_studio_url=label_studio_host,
         label_studio_api_key=label_studio_api_key, projects=project_ids, title=title, keep_images=keep_images,
-        prune=prune, ready_timeout=wait_timeout, build_region=build_region,
+        prune=prune, ready_timeout=wait_timeout, build_region=build_region, enable_apis=enable_apis,
+        build_service_account=build_service_account,
     )
     # 1. everything checkable before any Google API call
     progress(f"validating {directory}")
@@ -163,6 +173,9 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
     settings.validate()
     progress(f"model class {_model_class_name(directory, progress)}; service {settings.service} in "
              f"{settings.project}/{settings.region}")
+    if check:
+        _check(GcpProvider(GcpClients.from_env(dict(os.environ), settings.project)), settings, enable_apis, as_json)
+        return
     if label_studio_host and label_studio_api_key:
         from ..labelstudio import LabelStudio
 
@@ -193,6 +206,20 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         return
     for line in result.lines():
         click.echo(line)
+
+
+def _check(provider, settings, enable_apis: bool, as_json: bool) -> None:
+    """--check: the preflight report; exit 0 when the project is ready, else the deploy's exit code."""
+    from ..errors import EXIT_AUTH, EXIT_DEPLOY
+
+    readiness = provider.check(settings, enable=enable_apis, progress=progress)
+    if as_json:
+        emit_json(readiness.to_dict())
+    else:
+        for line in readiness.lines():
+            click.echo(line)
+    if not readiness.ready:
+        raise SystemExit(EXIT_AUTH if readiness.missing else EXIT_DEPLOY)
 
 
 def _model_class_name(directory: str, progress) -> str:

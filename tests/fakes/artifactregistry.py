@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from google.cloud import artifactregistry_v1 as ar
 from google.protobuf import empty_pb2
 
+from .iam import Policies
 from .server import (already_exists, failed_precondition, invalid_argument, not_found, now_pb, paginate,
                      routes_from_transport)
 
@@ -94,8 +95,30 @@ class ArtifactRegistryFake:
         for method in ("GetRepository", "CreateRepository", "ListRepositories", "DeleteRepository",
                        "ListDockerImages", "GetDockerImage", "ListPackages", "GetPackage", "DeletePackage",
                        "ListVersions", "GetVersion", "DeleteVersion", "BatchDeleteVersions", "ListTags", "GetTag",
-                       "CreateTag", "UpdateTag", "DeleteTag"):
+                       "CreateTag", "UpdateTag", "DeleteTag", "GetIamPolicy", "SetIamPolicy", "TestIamPermissions"):
             server.handle(self.api, method)(getattr(self, method))
+        self.policies = Policies(cloud)  # repository name -> google.iam.v1.Policy
+
+    # ---- IAM on repositories ----------------------------------------------------------------
+    def _repository(self, name: str):
+        if name not in self.repositories:
+            raise not_found("Requested entity was not found.")
+        return name
+
+    def GetIamPolicy(self, request, ctx):
+        return self.policies.get(self._repository(request.resource))
+
+    def SetIamPolicy(self, request, ctx):
+        return self.policies.set(self._repository(request.resource), request)
+
+    def TestIamPermissions(self, request, ctx):
+        self._repository(request.resource)
+        return self.policies.test(request.permissions)
+
+    def can_push(self, repository: str, member: str) -> bool:
+        """Whether `member` may push to `repository` (roles/artifactregistry.writer or above, propagated)."""
+        return self.policies.grants(repository, member, (
+            "roles/artifactregistry.writer", "roles/artifactregistry.repoAdmin", "roles/artifactregistry.admin"))
 
     # ---- used by the other fakes and by tests ------------------------------------------------
     def add_repository(self, project: str, location: str, repository_id: str, fmt: str = "DOCKER"):

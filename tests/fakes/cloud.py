@@ -16,7 +16,10 @@ from .artifactregistry import ArtifactRegistryFake
 from .cloudbuild import CloudBuildFake
 from .cloudrun import CloudRunFake
 from .iam import IamPropagation
+from .iamadmin import IamAdminFake
+from .resourcemanager import ResourceManagerFake
 from .secretmanager import SecretManagerFake
+from .serviceusage import ServiceUsageFake
 from .server import (ApiError, Fault, FakeServer, permission_denied_error, project_number, quota_error,
                      service_disabled_error)
 
@@ -25,6 +28,9 @@ ENDPOINT_VARIABLES = {
     "cloudbuild": "CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDBUILD",
     "artifactregistry": "CLOUDSDK_API_ENDPOINT_OVERRIDES_ARTIFACTREGISTRY",
     "secretmanager": "CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER",
+    "serviceusage": "CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE",
+    "cloudresourcemanager": "CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER",
+    "iam": "CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM",
 }
 
 # The IAM permission each method checks (what a PERMISSION_DENIED names).
@@ -62,6 +68,22 @@ PERMISSIONS = {
     ("secretmanager", "AccessSecretVersion"): "secretmanager.versions.access",
     ("secretmanager", "GetSecretVersion"): "secretmanager.versions.get",
     ("secretmanager", "ListSecretVersions"): "secretmanager.versions.list",
+    ("secretmanager", "GetIamPolicy"): "secretmanager.secrets.getIamPolicy",
+    ("secretmanager", "SetIamPolicy"): "secretmanager.secrets.setIamPolicy",
+    ("serviceusage", "BatchGetServices"): "serviceusage.services.get",
+    ("serviceusage", "GetService"): "serviceusage.services.get",
+    ("serviceusage", "ListServices"): "serviceusage.services.list",
+    ("serviceusage", "EnableService"): "serviceusage.services.enable",
+    ("serviceusage", "BatchEnableServices"): "serviceusage.services.enable",
+    ("cloudresourcemanager", "GetProject"): "resourcemanager.projects.get",
+    ("cloudresourcemanager", "GetIamPolicy"): "resourcemanager.projects.getIamPolicy",
+    ("cloudresourcemanager", "SetIamPolicy"): "resourcemanager.projects.setIamPolicy",
+    ("iam", "GetServiceAccount"): "iam.serviceAccounts.get",
+    ("iam", "CreateServiceAccount"): "iam.serviceAccounts.create",
+    ("iam", "GetIamPolicy"): "iam.serviceAccounts.getIamPolicy",
+    ("iam", "SetIamPolicy"): "iam.serviceAccounts.setIamPolicy",
+    ("artifactregistry", "GetIamPolicy"): "artifactregistry.repositories.getIamPolicy",
+    ("artifactregistry", "SetIamPolicy"): "artifactregistry.repositories.setIamPolicy",
 }
 
 
@@ -167,6 +189,11 @@ class FakeGoogleCloud:
                  enforce_invoker: bool = True, iam_delay: float = 0.0):
         self.server = FakeServer(operation_polls=operation_polls)
         self.iam = IamPropagation(iam_delay)  # seconds before a new IAM binding takes effect
+        self.deployer: set[str] | None = None  # the caller's permissions (None: all); see restrict_deployer()
+        self.caller = "user:deployer@example.com"  # who the caller is, for bindings on resources
+        # organization policy iam.automaticIamGrantsForDefaultServiceAccounts: off in organizations
+        # created since 3 May 2024 (the compute default account then holds no role)
+        self.automatic_default_grants = True
         self.storage_url = storage_url
         self.storage = EmulatorStorage(storage_url) if storage_url else MemoryStorage()
         self._own_workdir = workdir is None
@@ -177,6 +204,9 @@ class FakeGoogleCloud:
         self.cloudbuild = CloudBuildFake(self)
         self.run = CloudRunFake(self, runner=runner, ready_delay=ready_delay, startup_deadline=startup_deadline,
                                 require_secret_access=require_secret_access, enforce_invoker=enforce_invoker)
+        self.serviceusage = ServiceUsageFake(self)
+        self.iamadmin = IamAdminFake(self)
+        self.resourcemanager = ResourceManagerFake(self)
         self.run.extra_env = dict(run_env or ({"STORAGE_EMULATOR_HOST": storage_url} if storage_url else {}))
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -232,6 +262,26 @@ class FakeGoogleCloud:
         """403 PERMISSION_DENIED (reason IAM_PERMISSION_DENIED) naming the permission the call needs."""
         return self.fault(api, method, lambda entry: permission_denied_error(
             permission or permission_for(entry.api, entry.method), resource_of(entry.request)), times, match)
+
+    def fresh_project(self) -> "FakeGoogleCloud":
+        """A project as a new user gets it in an organization created after May 2024: only the default
+        APIs enabled, Cloud Build running as the Compute Engine default account, which has no role
+        (no automatic grants), and builds only in Cloud Build's open regions."""
+        self.serviceusage.disable("run.googleapis.com", "cloudbuild.googleapis.com", "artifactregistry.googleapis.com",
+                                  "secretmanager.googleapis.com", "iam.googleapis.com")
+        self.cloudbuild.default_identity = "compute"
+        self.automatic_default_grants = False
+        self.cloudbuild.restrict_regions()
+        return self
+
+    def restrict_deployer(self, permissions) -> Fault:
+        """The caller holds only `permissions`: every other call answers 403 IAM_PERMISSION_DENIED
+        naming the permission it needs, and testIamPermissions answers only these."""
+        self.deployer = set(permissions)
+        return self.fault(None, None, lambda entry: permission_denied_error(
+            permission_for(entry.api, entry.method), resource_of(entry.request)),
+            match=lambda entry: self.deployer is not None and entry.method not in ("TestIamPermissions", "GetOperation")
+            and (entry.api, entry.method) in PERMISSIONS and PERMISSIONS[(entry.api, entry.method)] not in self.deployer)
 
     def disable_api(self, api: str, times: int | None = None) -> Fault:
         """Every call to `api` answers 403 with reason SERVICE_DISABLED, like an API not enabled."""

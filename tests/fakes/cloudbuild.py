@@ -36,10 +36,10 @@ from google.cloud.devtools import cloudbuild_v1 as cb
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
-from .artifactregistry import PushError
+from .artifactregistry import PushError, parse_image
 from .runner import bundle_files, dockerfile_instructions
-from .server import (ApiError, Route, compile_template, failed_precondition, invalid_argument, not_found, now_pb, paginate,
-                     project_number, routes_from_transport)
+from .server import (ApiError, Route, compile_template, failed_precondition, invalid_argument, not_found, now_pb,
+                     paginate, permission_denied_error, project_number, routes_from_transport)
 
 Build = cb.Build.pb()
 BuildStep = cb.BuildStep.pb()
@@ -140,6 +140,7 @@ class BuildRecord:
     pushed: list = field(default_factory=list)  # artifactregistry Images pushed
     cache_from: list = field(default_factory=list)  # (ref, found?) for every --cache-from
     operation: str = ""
+    identity: str = ""  # the service account the build runs as
 
 
 # Where Cloud Build still runs builds for a restricted project (cloud.google.com/build/docs/locations)
@@ -157,6 +158,8 @@ class CloudBuildFake:
         self.polls_to_finish: int | None = None  # polls a build needs (default: the server's operation_polls)
         # restrict_regions(): like a new or low-usage project, builds only in these regions (None: anywhere)
         self.open_regions: tuple[str, ...] | None = None
+        # who builds without build.service_account: "legacy" (NUMBER@cloudbuild...) or "compute" (new projects)
+        self.default_identity = "legacy"
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.rest",
@@ -219,6 +222,7 @@ class CloudBuildFake:
             project, location = request.project_id, "global"
         if self.open_regions is not None and location != "global" and location not in self.open_regions:
             raise failed_precondition("due to quota restrictions, cannot run builds in this region")
+        identity = self._identity(request.build, project)
         build = Build()
         build.CopyFrom(request.build)
         self._validate(build)
@@ -253,7 +257,7 @@ class CloudBuildFake:
                          f"?project={project_number(project)}")
         for step in build.steps:
             step.status = Status.QUEUED
-        record = BuildRecord(build, location, bundle)
+        record = BuildRecord(build, location, bundle, identity=identity)
         record.final = self._execute(record, substitutions)
         self.builds[build_id] = record
 
@@ -424,8 +428,47 @@ class CloudBuildFake:
         final.failure_info.detail = detail
         return final
 
+    def _identity(self, build, project: str) -> str:
+        """The account the build runs as: build.service_account (it must exist, and the caller must be
+        allowed to act as it), else the project's default build account: the legacy Cloud Build
+        account, or in newer projects (`default_identity = "compute"`) the Compute Engine default one."""
+        number = project_number(project)
+        if build.service_account:
+            m = re.fullmatch(r"projects/([^/]+)/serviceAccounts/([^/]+@[^/]+)", build.service_account)
+            if not m:
+                raise invalid_argument(f"invalid value for 'build.service_account': {build.service_account}; use "
+                                       "projects/PROJECT/serviceAccounts/EMAIL", "build.service_account")
+            email = m.group(2)
+            iam = self.cloud.iamadmin
+            try:
+                iam._email(f"projects/{m.group(1)}/serviceAccounts/{email}")
+            except ApiError:
+                raise invalid_argument(f"invalid value for 'build.service_account': service account {email} does "
+                                       "not exist", "build.service_account") from None
+            if not iam.holds(email, "iam.serviceAccounts.actAs"):
+                raise permission_denied_error("iam.serviceAccounts.actAs",
+                                              f"projects/-/serviceAccounts/{email}")
+            return email
+        if self.default_identity == "compute":
+            return f"{number}-compute@developer.gserviceaccount.com"
+        return f"{number}@cloudbuild.gserviceaccount.com"
+
+    def _may_push(self, record, repository: str) -> bool:
+        identity = getattr(record, "identity", "")
+        if identity.endswith("@cloudbuild.gserviceaccount.com"):
+            return True  # the legacy Cloud Build account holds roles/cloudbuild.builds.builder
+        if identity.endswith("-compute@developer.gserviceaccount.com") and self.cloud.automatic_default_grants:
+            return True  # Editor on the project, granted automatically before May 2024
+        return self.cloud.artifactregistry.can_push(repository, f"serviceAccount:{identity}")
+
     def _push(self, record, image_ref, local):
         digest, bundle, dockerfile = local
+        parts = parse_image(image_ref)
+        if parts is not None:
+            repository = f"projects/{parts['project']}/locations/{parts['location']}/repositories/{parts['repo']}"
+            if repository in self.cloud.artifactregistry.repositories and not self._may_push(record, repository):
+                raise PushError(f'denied: Permission "artifactregistry.repositories.uploadArtifacts" denied on '
+                                f'resource "{repository}" (or it may not exist)')
         image = self.cloud.artifactregistry.push(image_ref, digest, bundle or b"", dockerfile, record.build.id)
         record.pushed.append(image)
         return image

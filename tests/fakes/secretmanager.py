@@ -12,8 +12,9 @@ import google_crc32c
 from google.cloud import secretmanager_v1 as sm
 from google.protobuf import empty_pb2
 
+from .iam import Policies
 from .server import (already_exists, etag_of, failed_precondition, invalid_argument, not_found, now_pb,
-                     paginate, project_number, read_policy, routes_from_transport, write_policy, ApiError)
+                     paginate, project_number, routes_from_transport, ApiError)
 
 Secret = sm.Secret.pb()
 SecretVersion = sm.SecretVersion.pb()
@@ -28,7 +29,7 @@ class SecretManagerFake:
         self.cloud = cloud
         self.secrets: dict[str, object] = {}  # canonical name -> Secret
         self.versions: dict[str, list] = {}  # canonical secret name -> [(SecretVersion, bytes)]
-        self.policies: dict[str, object] = {}  # canonical secret name -> google.iam.v1.Policy
+        self.policies = Policies(cloud)  # canonical secret name -> google.iam.v1.Policy
         self.project_accessors: set[str] = set()  # members granted secretAccessor on the whole project
         server = cloud.server
         server.add_routes(routes_from_transport(
@@ -87,9 +88,8 @@ class SecretManagerFake:
     def can_access(self, secret: str, member: str) -> bool:
         """Whether `member` may read `secret`'s payloads (granted on the secret or on the project)."""
         name = self.canonical(secret)
-        policy = self.policies.get(name)
-        return member in self.project_accessors or (policy is not None and self.cloud.iam.effective(
-            name, policy, member, ("roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner")))
+        return member in self.project_accessors or self.policies.grants(
+            name, member, ("roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner"))
 
     def all_values(self) -> list[bytes]:
         """Every payload ever stored (tests check none of them leaks into plain env values)."""
@@ -142,7 +142,7 @@ class SecretManagerFake:
         name = self.canonical(request.name)
         del self.secrets[name]
         del self.versions[name]
-        self.policies.pop(name, None)
+        self.policies.by_name.pop(name, None)
         return empty_pb2.Empty()
 
     def UpdateSecret(self, request, ctx):
@@ -216,22 +216,11 @@ class SecretManagerFake:
 
     # ---- IAM -------------------------------------------------------------------------------
     def GetIamPolicy(self, request, ctx):
-        secret = self._secret(request.resource)
-        from google.iam.v1 import policy_pb2
-
-        return read_policy(self.policies.get(secret.name, policy_pb2.Policy()))
+        return self.policies.get(self._secret(request.resource).name)
 
     def SetIamPolicy(self, request, ctx):
-        secret = self._secret(request.resource)
-        from google.iam.v1 import policy_pb2
-
-        before = self.policies.get(secret.name, policy_pb2.Policy())
-        self.policies[secret.name] = write_policy(before, request)
-        self.cloud.iam.record(secret.name, before, self.policies[secret.name])
-        return self.policies[secret.name]
+        return self.policies.set(self._secret(request.resource).name, request)
 
     def TestIamPermissions(self, request, ctx):
         self._secret(request.resource)
-        from google.iam.v1 import iam_policy_pb2
-
-        return iam_policy_pb2.TestIamPermissionsResponse(permissions=list(request.permissions))
+        return self.policies.test(request.permissions)

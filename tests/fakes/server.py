@@ -57,6 +57,9 @@ SERVICE_TITLES = {
     "cloudbuild": ("cloudbuild.googleapis.com", "Cloud Build API"),
     "artifactregistry": ("artifactregistry.googleapis.com", "Artifact Registry API"),
     "secretmanager": ("secretmanager.googleapis.com", "Secret Manager API"),
+    "serviceusage": ("serviceusage.googleapis.com", "Service Usage API"),
+    "cloudresourcemanager": ("cloudresourcemanager.googleapis.com", "Cloud Resource Manager API"),
+    "iam": ("iam.googleapis.com", "Identity and Access Management (IAM) API"),
 }
 
 
@@ -170,7 +173,7 @@ class LoggedRequest:
         return not self.method.startswith(READ_ONLY_PREFIXES)
 
 
-READ_ONLY_PREFIXES = ("Get", "List", "Access", "TestIamPermissions", "WaitOperation")
+READ_ONLY_PREFIXES = ("Get", "List", "BatchGet", "Access", "TestIamPermissions", "WaitOperation")
 
 
 class RequestLog:

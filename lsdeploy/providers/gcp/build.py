@@ -10,6 +10,7 @@ import time
 from typing import Optional
 
 from ...errors import EXIT_BUILD, LsdeployError
+from . import identity
 from .errors import google_error
 from .logs import LogStreamer
 from .settings import MANAGED_LABEL, OPEN_BUILD_REGIONS, nearest_build_region
@@ -79,7 +80,10 @@ def upload(api, settings, bundle, progress) -> tuple:
     return bucket.name, name, int(blob.generation or 0)
 
 
-def build_request(settings, bundle, source, region: Optional[str] = None) -> object:
+def build_request(settings, bundle, source, region: Optional[str] = None, account: str = "") -> object:
+    """The build of a bundle; `account` (projects/P/serviceAccounts/EMAIL) is the identity it runs as,
+    logging only to the logs bucket (which Cloud Build requires with a chosen account, and which the
+    deploy streams)."""
     from google.cloud.devtools import cloudbuild_v1 as cb
     from google.protobuf import duration_pb2
 
@@ -101,22 +105,27 @@ def build_request(settings, bundle, source, region: Optional[str] = None) -> obj
         timeout=duration_pb2.Duration(seconds=settings.build_timeout),
         tags=["lsdeploy", settings.service],
     )
+    if account:
+        build.service_account = account
+        build.options = cb.BuildOptions(logging=cb.BuildOptions.LoggingMode.GCS_ONLY)
     # parent alone: with project_id set too, the REST client picks the legacy path
     # POST /v1/projects/P/builds, which builds in the global region (parent only becomes a query parameter)
     return cb.CreateBuildRequest(parent=settings.build_location(region), build=build)
 
 
-def start_build(api, settings, bundle, source, progress) -> tuple:
+def start_build(api, settings, bundle, source, progress, account: str = "", region: Optional[str] = None,
+                note: str = "") -> tuple:
     """CreateBuild in --build-region, else the service's region; when Cloud Build refuses that
     region for this project (some new or low-usage projects may build only in a few regions), once
     in the nearest open region. (operation, build region, note)."""
     from google.api_core import exceptions as gexc
 
-    region, note = settings.build_region or settings.region, ""
+    region = region or settings.build_region or settings.region
     while True:
         location = settings.build_location(region)
         try:
-            return api.clients.builds.create_build(request=build_request(settings, bundle, source, region)), region, note
+            request = build_request(settings, bundle, source, region, account)
+            return api.clients.builds.create_build(request=request), region, note
         except gexc.GoogleAPICallError as exc:
             message = getattr(exc, "message", None) or str(exc)
             fallback = nearest_build_region(region)
@@ -133,13 +142,49 @@ def start_build(api, settings, bundle, source, progress) -> tuple:
             raise error from None
 
 
-def build_image(api, settings, bundle, progress) -> tuple:
-    """Upload and build; (image pinned by digest, build id, build region, note). Raises EXIT_BUILD on failure."""
-    from google.cloud.devtools import cloudbuild_v1 as cb
+class BuildFailed(LsdeployError):
+    """The build ran and failed; `detail` is Cloud Build's failure detail."""
 
+    def __init__(self, message, detail: str):
+        super().__init__(message, EXIT_BUILD)
+        self.detail = detail
+
+
+def build_image(api, settings, bundle, progress) -> tuple:
+    """Upload and build; (image pinned by digest, build id, build region, note). Raises EXIT_BUILD on
+    failure. A push refused to the build's account just after it was granted the repository (IAM
+    takes minutes to apply) is built again, backing off, for up to settings.iam_wait seconds."""
+    account = identity.prepare(api, settings, progress)
     ensure_repository(api, settings, progress)
     source = upload(api, settings, bundle, progress)
-    operation, region, note = start_build(api, settings, bundle, source, progress)
+    identity.grant_build_access(api, settings, api.clients.storage.bucket(source[0]), account.rsplit("/", 1)[-1],
+                                progress)
+    region, note, attempt = None, "", 0
+    while True:
+        operation, region, note = start_build(api, settings, bundle, source, progress, account, region, note)
+        try:
+            build, build_id = wait_build(api, settings, operation, region, progress)
+            break
+        except BuildFailed as exc:
+            waited = api.just_granted("build", exc.detail)
+            if not ("uploadArtifacts" in exc.detail and waited is not None and waited < settings.iam_wait):
+                raise
+            attempt += 1
+            pause = min(30.0, api.poll_interval * 2 ** attempt)
+            progress(f"the build's service account was refused the push it was granted {waited:.0f} s ago; IAM changes "
+                     f"take minutes to apply: building again in {pause:.3g} s (attempt {attempt + 1})")
+            time.sleep(pause)
+    tagged = f"{settings.image}:{tag_name(settings, bundle)}"
+    digest = next((img.digest for img in build.results.images if img.name == tagged), None)
+    if not digest:
+        raise LsdeployError(f"build {build_id} succeeded but pushed no {tagged}; see {build.log_url}", EXIT_BUILD)
+    return f"{settings.image}@{digest}", build_id, region, note
+
+
+def wait_build(api, settings, operation, region, progress) -> tuple:
+    """Follow a started build, streaming its log; (the successful Build, its id) or BuildFailed."""
+    from google.cloud.devtools import cloudbuild_v1 as cb
+
     meta = cb.BuildOperationMetadata.deserialize(operation.metadata.value) \
         if hasattr(operation.metadata, "value") else operation.metadata
     build = meta.build
@@ -165,11 +210,7 @@ def build_image(api, settings, bundle, progress) -> tuple:
                    if cb.Build.Status(s.status).name in ("FAILURE", "TIMEOUT", "INTERNAL_ERROR")]
         detail = build.failure_info.detail or build.status_detail or status
         tail = " | ".join(streamer.tail(8))
-        raise LsdeployError(f"the image build failed ({status}) at {failing[0] if failing else 'the build'}: "
-                            f"{detail}; log tail: {tail or '(no log)'}; full log: {build.log_url}; "
-                            "nothing was deployed", EXIT_BUILD)
-    tagged = f"{settings.image}:{tag_name(settings, bundle)}"
-    digest = next((img.digest for img in build.results.images if img.name == tagged), None)
-    if not digest:
-        raise LsdeployError(f"build {build_id} succeeded but pushed no {tagged}; see {build.log_url}", EXIT_BUILD)
-    return f"{settings.image}@{digest}", build_id, region, note
+        raise BuildFailed(f"the image build failed ({status}) at {failing[0] if failing else 'the build'}: "
+                          f"{detail}; log tail: {tail or '(no log)'}; full log: {build.log_url}; "
+                          "nothing was deployed", detail)
+    return build, build_id

@@ -24,6 +24,9 @@ class GcpClients:
     secrets: object
     storage: object
     storage_emulated: bool = False  # fake-gcs-server: no bucket IAM endpoint
+    service_usage: object = None    # which APIs are enabled (preflight); None: not checked
+    projects: object = None         # Resource Manager: the deployer's permissions (preflight)
+    iam: object = None              # IamRest: service accounts (the build's identity)
 
     @classmethod
     def from_env(cls, environ: dict, project: str) -> "GcpClients":
@@ -34,7 +37,8 @@ class GcpClients:
             from google.api_core.client_options import ClientOptions
             from google.auth.credentials import AnonymousCredentials
             from google.auth.exceptions import DefaultCredentialsError
-            from google.cloud import artifactregistry_v1, run_v2, secretmanager_v1, storage
+            from google.cloud import (artifactregistry_v1, resourcemanager_v3, run_v2, secretmanager_v1,
+                                      service_usage_v1, storage)
             from google.cloud.devtools import cloudbuild_v1
         except ImportError as exc:
             raise LsdeployError(f"the Google Cloud clients are not installed ({exc.name}): pip install "
@@ -78,7 +82,44 @@ class GcpClients:
             secrets=secretmanager_v1.SecretManagerServiceClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER")),
             storage=storage_client,
             storage_emulated=bool(emulator),
+            service_usage=service_usage_v1.ServiceUsageClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE")),
+            projects=resourcemanager_v3.ProjectsClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER")),
+            iam=IamRest.from_options(options("CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM")),
         )
+
+
+class IamRest:
+    """IAM v1 over REST (service accounts; Google's Python client of this API speaks gRPC only).
+    Errors are google.api_core exceptions, like the other clients'."""
+
+    def __init__(self, session, endpoint: str = "https://iam.googleapis.com"):
+        self.session = session
+        self.endpoint = endpoint.rstrip("/")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "IamRest":
+        from google.auth.transport.requests import AuthorizedSession
+
+        endpoint = options["client_options"].api_endpoint if "client_options" in options else "https://iam.googleapis.com"
+        return cls(AuthorizedSession(options["credentials"]), endpoint)
+
+    def _call(self, method: str, path: str, body=None) -> dict:
+        from google.api_core import exceptions as gexc
+
+        response = self.session.request(method, f"{self.endpoint}/v1/{path}", json=body, timeout=60)
+        if response.status_code >= 400:
+            raise gexc.from_http_response(response)
+        return response.json() if response.content else {}
+
+    def get_service_account(self, name: str) -> dict:
+        return self._call("GET", name)
+
+    def create_service_account(self, project: str, account_id: str, display_name: str, description: str) -> dict:
+        return self._call("POST", f"projects/{project}/serviceAccounts", {
+            "accountId": account_id, "serviceAccount": {"displayName": display_name, "description": description}})
+
+    def test_iam_permissions(self, resource: str, permissions: list) -> list:
+        return self._call("POST", f"{resource}:testIamPermissions", {"permissions": permissions}).get("permissions", [])
 
 
 class GcpApi:
@@ -89,12 +130,30 @@ class GcpApi:
         self.clients = clients
         self.polling = polling
         self.poll_interval = poll_interval
-        self.last_grant = None  # time.monotonic() of this run's latest IAM grant (IAM takes minutes to apply)
+        self.last_grants = {}  # "runtime" / "build" -> time.monotonic() of this run's latest IAM grant to it
+        self.granted_on = {}   # "runtime" / "build" -> names of what was granted (secret ids, buckets, repositories)
+        self.project_number = None  # the service project's number, once preflight has read it
 
-    def granted(self) -> None:
+    def granted(self, identity: str, resource: str) -> None:
+        """An IAM grant to the service's ("runtime") or the build's ("build") identity on `resource`
+        was written now: IAM takes minutes to apply it."""
         import time
 
-        self.last_grant = time.monotonic()
+        self.last_grants[identity] = time.monotonic()
+        self.granted_on.setdefault(identity, set()).add(resource.rstrip("/").rsplit("/", 1)[-1])
+
+    def just_granted(self, identity: str, message: str):
+        """Seconds since this run granted `identity` something that `message` names; None when it did not."""
+        if any(name and name in message for name in self.granted_on.get(identity, ())):
+            return self.since_grant(identity)
+        return None
+
+    def since_grant(self, identity: str):
+        """Seconds since this run's latest grant to `identity`, None when it made none."""
+        import time
+
+        granted = self.last_grants.get(identity)
+        return None if granted is None else time.monotonic() - granted
 
     def call(self, api, action, resource, settings, fn, *args, **kwargs):
         from google.api_core import exceptions as gexc

@@ -17,6 +17,8 @@ API_TITLES = {
     "artifactregistry": ("Artifact Registry API", "artifactregistry.googleapis.com"),
     "secretmanager": ("Secret Manager API", "secretmanager.googleapis.com"),
     "storage": ("Cloud Storage JSON API", "storage.googleapis.com"),
+    "serviceusage": ("Service Usage API", "serviceusage.googleapis.com"),
+    "cloudresourcemanager": ("Cloud Resource Manager API", "cloudresourcemanager.googleapis.com"),
 }
 # The role to grant for a refused permission, by permission prefix (most specific first).
 ROLES = [

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 from ...errors import EXIT_DEPLOY, LsdeployError
 from ..base import DeployResult, DestroyResult, PlanResult, Provider, RollbackResult, StatusResult, _quiet
 from . import build as cloudbuild
-from . import ops, secrets, storage
+from . import ops, preflight, secrets, storage
 from . import prune as pruning
 from . import service as cloudrun
 from .clients import GcpApi, GcpClients
@@ -86,6 +86,13 @@ class GcpProvider(Provider):
         secrets.check_current_password(self.api, settings, bundle)
         return cloudbuild.build_image(self.api, settings, bundle, progress)
 
+    @auth_errors
+    def check(self, settings, enable: bool = False, progress=_quiet) -> "preflight.Readiness":
+        """Is the project ready for a deploy (APIs enabled, permissions held)? Sends only reads, and
+        with `enable` the enabling of missing APIs. `deploy gcp --check`."""
+        settings.validate()
+        return preflight.preflight(self.api, settings, enable=enable, progress=progress)
+
     @staticmethod
     def warn_unreachable(settings, progress) -> None:
         """Label Studio and the backend call each other: an address Cloud Run cannot reach makes a
@@ -123,6 +130,10 @@ class GcpProvider(Provider):
         settings.validate()
         self.check_secrets(settings, bundle)
         self.warn_unreachable(settings, progress)
+        readiness = self.check(settings, enable=settings.enable_apis, progress=progress)  # before any write
+        for note in readiness.notes:
+            progress(f"note: {note}")
+        preflight.require(readiness)
         checked = self.user_secrets(settings)  # before anything is built or written
         progress(f"checking for an image of bundle {bundle.short_digest}")
         image = self.find_image(settings, bundle)

@@ -114,6 +114,8 @@ def secret_refs(api, settings, progress=_quiet, apply: bool = True,
     and the service's identity may read them; without it nothing is written and versions that
     a deploy would add show as "new". `checked`: user_secrets() already read."""
     refs = SecretRefs()
+    if settings.service_account or api.project_number:
+        refs.member = member_for(settings, api.project_number or "")
     owned = []
     if apply and (settings.basic_auth or settings.label_studio_api_key or settings.secret_env):
         progress("storing secrets in Secret Manager")
@@ -134,13 +136,22 @@ def secret_refs(api, settings, progress=_quiet, apply: bool = True,
         refs.refs[env_name] = (version.split("/versions/")[0], version.rsplit("/", 1)[-1])
     user = []
     for env_name, (full, version, number) in (user_secrets(api, settings) if checked is None else checked).items():
-        refs.member = refs.member or member_for(settings, number)
+        if full.split("/")[1] == settings.project:
+            # the runtime account is the service project's: a secret of another project names another number
+            refs.member = refs.member or member_for(settings, number)
         refs.refs[env_name] = (full, version)
         user.append(full)
     if apply:
         for secret_name in refs.stored:
             grant_accessor(api, settings, secret_name, refs.member)
         for secret_name in user:
+            if refs.member is None:
+                progress(f"note: the service's identity (the compute default service account of project "
+                         f"{settings.project}) needs roles/secretmanager.secretAccessor on {secret_name}: run `gcloud "
+                         f"secrets add-iam-policy-binding {secret_name} --member serviceAccount:PROJECT_NUMBER-compute"
+                         "@developer.gserviceaccount.com --role roles/secretmanager.secretAccessor` (or pass "
+                         "--service-account)")
+                continue
             try:
                 grant_accessor(api, settings, secret_name, refs.member)
             except GoogleApiError as exc:
@@ -208,7 +219,7 @@ def grant_accessor(api, settings, secret_name: str, member: str) -> None:
     policy.bindings.add(role=role, members=[member])
     api.call("secretmanager", "granting the service access to", secret_name, settings,
              api.clients.secrets.set_iam_policy, request={"resource": secret_name, "policy": policy})
-    api.granted()
+    api.granted("runtime", secret_name)
 
 
 def own_secrets(api, settings) -> list:

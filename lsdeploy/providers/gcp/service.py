@@ -102,7 +102,7 @@ def apply_service(api, settings, desired, live, progress):
         try:
             return _send(api, settings, desired, live, progress), True
         except RevisionNotReady as exc:
-            waited = time.monotonic() - api.last_grant if api.last_grant is not None else None
+            waited = api.just_granted("runtime", exc.condition)
             refused = PERMISSION_FAILURE.search(exc.condition)
             if not (refused and waited is not None and waited < settings.iam_wait):
                 raise

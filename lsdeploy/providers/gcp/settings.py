@@ -64,7 +64,9 @@ class GcpSettings:
     build_timeout: int = 1800
     ready_timeout: float = 900.0                     # --wait-timeout: for the new revision to be ready
     warmup_timeout: float = 120.0
+    build_service_account: Optional[str] = None      # None: lsdeploy-builder (created once); "compute"; an email
     build_region: Optional[str] = None               # --build-region: where Cloud Build runs (default: region)
+    enable_apis: bool = False                        # --enable-apis: enable the missing APIs (preflight)
     iam_wait: float = 600.0                          # retry a revision refused a just-granted permission this long
 
     def __post_init__(self):
@@ -160,7 +162,7 @@ class GcpSettings:
             bad(f"{name} is passed with both --env and --secret: keep one")
         for name in list(self.env) + list(self.secret_env):
             if name == "LABEL_STUDIO_URL" and self.label_studio_url:
-                bad(f"--env/--secret LABEL_STUDIO_URL and --label-studio-host both set LABEL_STUDIO_URL on the "
+                bad("--env/--secret LABEL_STUDIO_URL and --label-studio-host both set LABEL_STUDIO_URL on the "
                     "service (Cloud Run refuses a duplicate name): pass the address once, with --label-studio-host")
             if not ENV_NAME_RE.match(name):
                 bad(f"{name!r} is not an environment variable name")

@@ -44,7 +44,8 @@ def new_bucket(client, name: str):
 
 
 def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet,
-                        role: str = "roles/storage.objectUser", why: str = "the service") -> None:
+                        role: str = "roles/storage.objectUser", why: str = "the service",
+                        identity: str = "runtime") -> None:
     """`role` for `member` on a bucket (by default the service's identity on the state bucket:
     every instance reads and writes model state there, MODEL_STATE_URI). The policy is read first
     and written only when the member lacks the role; an identity that may not read the policy
@@ -78,7 +79,7 @@ def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet,
         if error.reason == "PERMISSION_DENIED":
             error.args = (f"{error} (or run `{command}` once)",)
         raise error from None
-    api.granted()
+    api.granted(identity, bucket.name)
     progress(f"granted {role} on {where} to {member.split(':', 1)[-1]}")
 
 
