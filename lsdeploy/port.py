@@ -462,6 +462,25 @@ def _port_dockerfile(text: str, rendered: str, unported: list) -> str:
     return rendered.replace(anchor, anchor + block, 1)
 
 
+def _port_dockerignore(text: str, wheel: str) -> str:
+    """A backend's .dockerignore that lets the new Dockerfile's inputs (wheels/, requirements.txt)
+    into the build and keeps lsdeploy's local state (.lsdeploy) out. The reference examples'
+    `**` followed by exceptions would leave wheels/ out, and the image build would fail."""
+    from .bundle import IgnoreRules
+
+    rules = IgnoreRules(text.splitlines(), ".dockerignore", dialect="docker")
+    rules.fixed = []  # as Docker reads the file, without the source bundle's own exclusions
+    add = [line for line, needed in (("!wheels", rules.excluded(wheel, False)),
+                                     ("!requirements.txt", rules.excluded("requirements.txt", False)),
+                                     (".lsdeploy", not rules.excluded(".lsdeploy/state.sqlite3", False))) if needed]
+    if not add:
+        return text
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + ("# The Dockerfile installs wheels/ and requirements.txt; .lsdeploy is local state "
+                   "(label-studio-ml port)\n") + "\n".join(add) + "\n"
+
+
 def _short(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -628,6 +647,18 @@ def plan(directory) -> PortPlan:
             current = directory / target
             if not current.is_file() or current.read_bytes() != data:
                 result.changes[target] = data
+        ignore = directory / ".dockerignore"
+        if ignore.is_file():
+            text = ignore.read_text(encoding="utf-8", errors="replace")
+            new = _port_dockerignore(text, wheel_name)
+            if new != text:
+                result.changes[".dockerignore"] = new.encode("utf-8")
+        else:  # the blueprint's: no state, secrets, virtualenvs or VCS data in the image
+            from .blueprints import FILES, Blueprint
+
+            blueprint = Blueprint.load("default")
+            result.changes[".dockerignore"] = blueprint.render(FILES[".dockerignore"],
+                                                               **blueprint.context(directory)).encode("utf-8")
     result.uses_reference |= bool(result.changes)
     result.unported.sort(key=lambda u: (u.path, u.line))
     if result.changes:
@@ -646,6 +677,9 @@ def _manifest(directory: Path, manifest: dict, result: PortPlan, wheel: str | No
             del files[old]
         data = result.changes.get(wheel)
         files[wheel] = _sha256(data if data is not None else (directory / wheel).read_bytes())
+    ignore = result.changes.get(".dockerignore")
+    if ignore is not None and not (directory / ".dockerignore").exists():
+        files[".dockerignore"] = _sha256(ignore)  # the blueprint's, as create renders it
     dockerfile = result.changes.get("Dockerfile")
     if dockerfile is not None:
         from .blueprints import render_dockerfile

@@ -244,6 +244,8 @@ FILES = {
               - "9090:9090"
     """),
     "README.md": "# keyword sentiment\n",
+    # the reference examples' own: everything out, then exceptions
+    ".dockerignore": "# Exclude everything\n**\n\n!Dockerfile\n!docker-compose.yml\n!*.py\n!requirements*.txt\n!*.sh\n",
 }
 
 
@@ -306,6 +308,16 @@ def test_a_ported_reference_backend_passes_its_own_tests_under_lsdeploy(tmp_path
     assert 'CMD ["label-studio-ml", "start", "/app"]' in dockerfile and "label-studio-ml-backend" not in dockerfile
     wheels = [p.name for p in (backend / "wheels").iterdir()]
     assert len(wheels) == 1 and wheels[0].startswith("lsdeploy-") and wheels[0].endswith(".whl")
+    # the image build gets wheels/ (the reference's `**` would leave it out) and never local state
+    from lsdeploy.bundle import IgnoreRules
+
+    assert (backend / ".dockerignore").read_text() == FILES[".dockerignore"] + (
+        "# The Dockerfile installs wheels/ and requirements.txt; .lsdeploy is local state (label-studio-ml port)\n"
+        "!wheels\n")  # .lsdeploy stays out through `**`
+    docker = IgnoreRules((backend / ".dockerignore").read_text().splitlines(), dialect="docker")
+    docker.fixed = []  # as Docker reads it
+    assert not docker.excluded(f"wheels/{wheels[0]}", False) and not docker.excluded("requirements.txt", False)
+    assert docker.excluded(".lsdeploy/state.sqlite3", False) and not docker.excluded("model.py", False)
     # rendered.json: the wheel it wrote; a Dockerfile with extra packages is the user's (a later render keeps it)
     manifest = json.loads((backend / ".lsdeploy" / "rendered.json").read_text())
     assert list(manifest["files"]) == [f"wheels/{wheels[0]}"]
@@ -362,7 +374,7 @@ def test_dry_run_prints_a_unified_diff_and_changes_nothing(tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     assert data["status"] == "would change" and data["dry_run"] is True
-    assert "model.py" in data["files"] and data["diff"].startswith("--- a/Dockerfile")
+    assert "model.py" in data["files"] and data["diff"].startswith("--- a/.dockerignore")
     assert snapshot(backend) == before
 
 
@@ -533,15 +545,18 @@ def test_every_import_form_of_the_reference_is_rewritten(tmp_path):
     assert namespace["Second"].TRAIN_EVENTS == ("START_TRAINING",)
 
 
-def test_a_dockerfile_without_system_packages_is_the_blueprints_and_recorded_as_rendered(tmp_path):
+def test_a_dockerfile_without_system_packages_and_a_missing_dockerignore_are_the_blueprints(tmp_path):
     from lsdeploy.blueprints import render_dockerfile
 
     plain = DOCKERFILE.replace("        git libgl1 tesseract-ocr; \\\n", "        ; \\\n")
-    backend = reference_backend(tmp_path / "plain", Dockerfile=plain)
+    backend = reference_backend(tmp_path / "plain", **{"Dockerfile": plain, ".dockerignore": None})
     assert run_cli("port", backend).returncode == 0
     assert (backend / "Dockerfile").read_text() == render_dockerfile(backend)
+    assert (backend / ".dockerignore").read_text() == \
+        (Path(render_dockerfile.__code__.co_filename).parent.parent / "blueprints/_common/dockerignore.j2").read_text()
     manifest = json.loads((backend / ".lsdeploy" / "rendered.json").read_text())
-    assert sorted(manifest["files"]) == ["Dockerfile", f"wheels/{next((backend / 'wheels').iterdir()).name}"]
+    assert sorted(manifest["files"]) == [".dockerignore", "Dockerfile",
+                                         f"wheels/{next((backend / 'wheels').iterdir()).name}"]
 
 
 @pytest.mark.parametrize("target, message", [
@@ -553,3 +568,17 @@ def test_errors_are_one_line_naming_the_problem_and_the_fix(tmp_path, target, me
     done = run_cli("port", tmp_path / target)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr and done.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("before, added", [
+    ("**\n!*.py\n!requirements*.txt\n", ["!wheels"]),  # the reference examples' style
+    ("data\n*.txt\n", ["!requirements.txt", ".lsdeploy"]),
+    ("**\n!*.py\n!wheels\n", ["!requirements.txt"]),
+    (".git\n.lsdeploy\n", []),
+])
+def test_the_dockerignore_lets_the_new_dockerfiles_inputs_in_and_local_state_out(before, added):
+    from lsdeploy.port import _port_dockerignore
+
+    after = _port_dockerignore(before, "wheels/lsdeploy-0.1.0-py3-none-any.whl")
+    assert after.startswith(before)
+    assert [line for line in after[len(before):].splitlines() if not line.startswith("#")] == added
