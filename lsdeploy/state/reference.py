@@ -84,6 +84,6 @@ def import_reference_state(store: StateStore, *directories: Optional[str]) -> Op
         copied += 1
     record = {"source": path, "keys": len(rows), "copied": copied, "at": time.time()}
     store.create(MARKER_PROJECT, MARKER_KEY, record)
-    logger.info("imported the reference SDK's state from %s: %d of %d keys (the others were set already)",
-                path, copied, len(rows))
+    logger.info("imported the reference SDK's state from %s: %d of %d keys%s", path, copied, len(rows),
+                "" if copied == len(rows) else " (the others had values in lsdeploy's store, which are kept)")
     return record
