@@ -18,7 +18,7 @@ COMMANDS = {
     "start": ("lsdeploy.commands.start", "start", "Serve a backend directory under gunicorn."),
     "connect": ("lsdeploy.commands.connect", "connect", "Register a running backend with Label Studio projects."),
     "disconnect": ("lsdeploy.commands.connect", "disconnect", "Remove a backend (and its webhook) from Label Studio."),
-    "port": ("lsdeploy.commands.port", "port", "Port a backend written for label_studio_ml to lsdeploy, in place."),
+    "port": ("lsdeploy.commands.port", "port", "Port a label_studio_ml backend to lsdeploy, in place."),
     "preview": ("lsdeploy.commands.preview", "preview", "Run a backend once and validate its predictions."),
     "deploy": ("lsdeploy.commands.deploy", "deploy", "Deploy a backend to a cloud provider."),
     "status": ("lsdeploy.commands.ops", "status", "Show what a deployed backend (Cloud Run) runs now."),
