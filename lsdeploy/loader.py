@@ -62,7 +62,8 @@ def import_file(path: Path):
         sys.modules.pop(name, None)
         if (exc.name or "").split(".")[0] == "label_studio_ml":
             raise ModelLoadError(
-                f"{path} imports label_studio_ml: change those imports to lsdeploy "
+                f"{path} imports label_studio_ml: port the backend with `label-studio-ml port {path.parent}` "
+                "(--dry-run shows the changes first), or change those imports to lsdeploy yourself "
                 "(from lsdeploy.model import LabelStudioMLBase; from lsdeploy.response import ModelResponse)"
             ) from None
         hint = f"pip install -r {path.parent / 'requirements.txt'}" if (path.parent / "requirements.txt").exists() \

@@ -87,7 +87,7 @@ def test_create_from_script(tmp_path):
     ({"model.py": "import json\n"}, "no LabelStudioMLBase subclass in"),
     ({"model.py": "from lsdeploy.model import LabelStudioMLBase\nclass A(LabelStudioMLBase): pass\n"
                   "class B(LabelStudioMLBase): pass\n"}, "2 candidate model classes (model.py:A, model.py:B); choose one with --model model.py:A"),
-    ({"model.py": "from label_studio_ml.model import LabelStudioMLBase\n"}, "change those imports to lsdeploy"),
+    ({"model.py": "from label_studio_ml.model import LabelStudioMLBase\n"}, "imports label_studio_ml: port the backend with `label-studio-ml port "),
     ({"model.py": "import not_installed_pkg_xyz\n"}, "no module named 'not_installed_pkg_xyz'"),
     ({"notes.txt": "hi"}, "no model.py"),
 ])
