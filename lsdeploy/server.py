@@ -4,12 +4,14 @@ Speaks what Label Studio 1.23 sends (see README "HTTP API"):
 GET /health, GET /, POST /setup, POST /predict, POST /webhook, GET /versions, POST /train,
 GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
 
-- One model instance per (project, label config), reused across requests (`ModelPool`);
+- One model instance per (project, label config), reused across requests (`lsdeploy.pool`);
   `setup()` runs once per instance.
-- Training runs on a background thread per worker process (`Trainer`): a webhook is answered
-  with the fit result when fit finishes within FIT_WAIT_SECONDS (default 0.5 s), otherwise with
-  202 and a job id while training goes on. Label Studio gives a webhook 1 s. On shutdown the
-  worker finishes queued training before it exits (within gunicorn's graceful timeout).
+- Training runs on a background thread per worker process (`lsdeploy.training`): a webhook is
+  answered with the fit result when fit finishes within FIT_WAIT_SECONDS (default 0.5 s),
+  otherwise with 202 and a job id while training goes on. Label Studio gives a webhook 1 s. The
+  queue is bounded (TRAINING_QUEUE_MAX_JOBS, TRAINING_QUEUE_MAX_BYTES per worker): past it, 503
+  with Retry-After. On shutdown the worker finishes queued training before it exits (within
+  gunicorn's graceful timeout).
 - Fits of one project are serialized across the workers sharing a store (`StateStore.lock`).
 - Limits (see docs/hardening.md): a body over MAX_REQUEST_BYTES (16 MiB) or a /predict batch of
   more than MAX_TASKS tasks (10,000) is a JSON 413 naming the setting; a client that does not send
@@ -26,27 +28,25 @@ import base64
 import binascii
 import hmac
 import io
-import itertools
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import traceback
-from collections import OrderedDict
 from typing import Optional
 
 from flask import Flask, Response, copy_current_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
-from .errors import StateError
+from .errors import EXIT_USAGE, LsdeployError, StateError
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
+from .pool import ModelPool
+from .training import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_JOBS, Job, QueueFull, Trainer
 from .model import LabelStudioMLBase, request_write
 from .response import ModelResponse, PredictionValue, is_pydantic
-from .state import StateStore, default_store
+from .state import StateStore
 
 logger = logging.getLogger("lsdeploy.server")
 access_log = logging.getLogger("lsdeploy.access")
@@ -83,141 +83,17 @@ def project_id_of(value) -> str:
     return str(value).split(".", 1)[0]
 
 
-class ModelPool:
-    """Model instances by (project, label config), least recently used evicted first."""
-
-    def __init__(self, model_class, store: Optional[StateStore], size: int = 32):
-        self.model_class = model_class
-        self._store = store
-        self.size = max(1, size)
-        self._models: "OrderedDict[tuple, LabelStudioMLBase]" = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-
-    @property
-    def store(self) -> StateStore:
-        return self._store or default_store()
-
-    def get(self, project_id: str, label_config: Optional[str]) -> LabelStudioMLBase:
-        if label_config is None:
-            label_config = self.store.get(project_id, "label_config")
-        key = (project_id, label_config or "")
-        # An instance is set up with the project's extra_params; when they change (a /setup here,
-        # or in another worker or instance), the next request gets a new instance whose setup()
-        # sees them. One store read, from memory, like the model version each answer carries.
-        extra = self.store.get(project_id, "extra_params")
-        with self._lock:
-            model = self._models.get(key)
-            if model is not None and model._lsdeploy_extra == extra:
-                self._models.move_to_end(key)
-                return model
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # one setup() per instance even when requests race
-            with self._lock:
-                model = self._models.get(key)
-            if model is None or model._lsdeploy_extra != extra:
-                try:
-                    model = self._create(project_id, label_config, extra)
-                except BaseException:
-                    with self._lock:  # a refused config leaves nothing behind (its key holds the config)
-                        if self._key_locks.get(key) is key_lock:
-                            del self._key_locks[key]
-                    raise
-                with self._lock:
-                    self._models[key] = model
-                    while len(self._models) > self.size:
-                        old, _ = self._models.popitem(last=False)
-                        self._key_locks.pop(old, None)
-        return model
-
-    def latest(self, project_id: str) -> Optional[LabelStudioMLBase]:
-        """The project's most recently used instance, unless its extra_params are out of date."""
-        with self._lock:
-            for (pid, _), model in reversed(self._models.items()):
-                if pid == project_id:
-                    break
-            else:
-                return None
-        return model if model._lsdeploy_extra == self.store.get(project_id, "extra_params") else None
-
-    def _create(self, project_id, label_config, extra):
-        cls = self.model_class
-        # The instance must see its store during __init__ (which calls setup()).
-        model = cls.__new__(cls)
-        model._store = self._store
-        model._lsdeploy_extra = extra
-        model.__init__(project_id=project_id, label_config=label_config)
-        return model
-
-
-class Job:
-    _ids = itertools.count(1)
-
-    def __init__(self, event: str, project_id: str, run):
-        self.id = f"{os.getpid()}-{next(self._ids)}"
-        self.event = event
-        self.project_id = project_id
-        self.run = run
-        self.done = threading.Event()
-        self.result = None
-        self.error: Optional[BaseException] = None
-
-
-class Trainer:
-    """Runs fit() jobs one after another on a background thread of this process."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
-        self._pid = None
-        self._lock = threading.Lock()
-        self._pending = 0
-
-    def submit(self, job: Job) -> Job:
-        with self._lock:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="lsdeploy-trainer", daemon=True)
-                self._pid = os.getpid()
-                self._thread.start()
-            self._pending += 1
-            self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
-        self._queue.put(job)
-        return job
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def _loop(self):
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            started = time.monotonic()
-            try:
-                job.result = job.run()
-                status = "ok"
-            except BaseException as exc:  # noqa: BLE001 - reported, never kills the thread
-                job.error = exc
-                status = "error"
-                logger.error("fit failed for project %r on %s: %s: %s", job.project_id, job.event,
-                             type(exc).__name__, exc)
-                logger.debug("fit traceback:\n%s", traceback.format_exc())
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
-                self.metrics.inc("lsdeploy_fit_total", event=job.event, status=status)
-                self.metrics.observe("lsdeploy_fit_duration_seconds", time.monotonic() - started)
-                job.done.set()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait for queued training to finish (on shutdown). True when nothing is left."""
-        deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self._pending == 0
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LsdeployError(f"{name}={raw!r} must be a whole number, at least 1", EXIT_USAGE)
+    return value
 
 
 def _env_float(name: str, default: float) -> float:
@@ -260,10 +136,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     metrics.describe("lsdeploy_fit_total", "counter", "fit() runs by event and outcome")
     metrics.describe("lsdeploy_fit_duration_seconds", "histogram", "fit() duration")
     metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training jobs queued or running (all workers)")
+    metrics.describe("lsdeploy_fit_refused_total", "counter", "Training events refused with 503: the queue was full")
     metrics.describe("lsdeploy_info", "gauge", "Server version and model class")
     metrics.constant("lsdeploy_info", 1, version=__version__, model_class=model_class.__name__)
     pool = ModelPool(model_class, store, int(os.environ.get("MODEL_CACHE_SIZE", 32)))
-    trainer = Trainer(metrics)
+    trainer = Trainer(metrics, max_jobs=_env_int("TRAINING_QUEUE_MAX_JOBS", DEFAULT_QUEUE_JOBS),
+                      max_bytes=_env_int("TRAINING_QUEUE_MAX_BYTES", DEFAULT_QUEUE_BYTES))
     fit_wait = _env_float("FIT_WAIT_SECONDS", 0.5)
     app.extensions["lsdeploy"] = {"pool": pool, "trainer": trainer, "metrics": metrics, "model_class": model_class}
 
@@ -561,7 +439,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             with store.lock(project_id):
                 return model.process_event(event, payload, None, {})
 
-        job = trainer.submit(Job(event, project_id, run))
+        try:
+            job = trainer.submit(Job(event, project_id, run, size=int(request.environ.get("CONTENT_LENGTH") or 0)))
+        except QueueFull as exc:
+            answer = error(str(exc), 503)
+            answer.headers["Retry-After"] = str(exc.retry_after)
+            return answer
         if job.done.wait(fit_wait):
             if job.error is not None:
                 status = 503 if isinstance(job.error, StateError) else 500

@@ -177,3 +177,15 @@ def annotation_event(task_id, annotation_id, text, label, project=1, label_confi
         "task": text_task(task_id, text, project),
         "project": {"id": project, "title": "test", "label_config": label_config},
     }
+
+
+def worker_pid(server) -> int:
+    """The pid of a Server's (first) gunicorn worker."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    return int(wait_for(lambda: children.read_text().split(), timeout=30, message="a gunicorn worker")[0])
+
+
+def memory_kb(pid: int) -> dict:
+    """{"VmRSS": kB, "VmHWM": kB} of a process."""
+    fields = (line.split(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(value.split()[0]) for name, value in fields if name in ("VmRSS", "VmHWM")}

@@ -4,12 +4,11 @@ import signal
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from support import Server, TEXT_CONFIG, predict_body, text_task, wait_for
+from support import Server, TEXT_CONFIG, memory_kb, predict_body, text_task, wait_for, worker_pid
 
 COUNTER_MODEL = textwrap.dedent('''
     import time
@@ -241,28 +240,18 @@ def test_batches_and_bodies_are_bounded_by_default(counter_dir):
         assert server.get("/health").status_code == 200
 
 
-def _worker_pid(server) -> int:
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-    return int(wait_for(lambda: children.read_text().split(), timeout=30, message="a gunicorn worker")[0])
-
-
-def _memory_kb(pid: int) -> dict:
-    fields = (line.split(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {name: int(value.split()[0]) for name, value in fields if name in ("VmRSS", "VmHWM")}
-
-
 def test_hostile_batch_leaves_worker_memory_bounded(counter_dir):
     """15 MB of empty tasks ({"tasks": [{}, {}, ...]}, 5,000,000 of them) once made a worker grow
     by 1.5 GB building as many predictions. Now it is refused after parsing (which costs at most
     about 25 times the body) and the memory is given back."""
     with Server(counter_dir, "--threads", "2") as server:
-        pid = _worker_pid(server)
+        pid = worker_pid(server)
         assert server.post("/predict", json=predict_body([text_task(1, "warm up")])).status_code == 200
-        before = _memory_kb(pid)
+        before = memory_kb(pid)
         body = b'{"tasks": [' + b",".join([b"{}"] * 5_000_000) + b"]}"
         resp = server.post("/predict", data=body, headers={"Content-Type": "application/json"}, timeout=120)
         assert resp.status_code == 413 and "MAX_TASKS" in resp.json()["error"]
-        after = _memory_kb(pid)
+        after = memory_kb(pid)
         peak_growth_mb = (after["VmHWM"] - before["VmHWM"]) / 1024
         assert peak_growth_mb < 40 * len(body) / 1e6, f"worker peak grew {peak_growth_mb:.0f} MB"
         assert (after["VmRSS"] - before["VmRSS"]) / 1024 < 100, (before, after)
