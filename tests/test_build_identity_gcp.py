@@ -89,6 +89,11 @@ def test_a_deployer_that_may_not_act_as_the_build_account_is_told_before_any_bui
         "serviceusage.services.get", "iam.serviceAccounts.get", "iam.serviceAccounts.create",
         "artifactregistry.repositories.getIamPolicy", "artifactregistry.repositories.setIamPolicy",
         "storage.buckets.getIamPolicy", "storage.buckets.setIamPolicy"})
+    from google.iam.v1 import policy_pb2
+
+    compute = f"{api_cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"  # the runtime: allowed
+    api_cloud.iamadmin.policies.by_name[f"serviceAccounts/{compute}"] = policy_pb2.Policy(bindings=[
+        policy_pb2.Binding(role="roles/iam.serviceAccountUser", members=[api_cloud.caller])])
     with pytest.raises(LsdeployError) as info:
         deploy(api_cloud, backend, settings_for("no-act-as"))
     message = str(info.value)

@@ -93,3 +93,27 @@ def test_cli_check_lists_what_is_missing_and_exits_0_once_ready(api_cloud, backe
     assert done.returncode == EXIT_AUTH
     assert "roles/cloudbuild.builds.editor (cloudbuild.builds.create)" in done.stdout
     assert api_cloud.log.count(api="cloudbuild") == 0
+
+
+def test_a_deployer_that_may_not_act_as_the_runtime_account_is_told_before_any_write(api_cloud, backend):
+    api_cloud.restrict_deployer(set(PERMISSION_ROLES) | {"serviceusage.services.get"})
+    runtime = api_cloud.iamadmin.add_account(PROJECT, "runner")
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("runner", service_account=runtime))
+    assert info.value.exit_code == EXIT_AUTH
+    assert f"may not deploy a service that runs as {runtime} (iam.serviceAccounts.actAs)" in str(info.value)
+    assert f"gcloud iam service-accounts add-iam-policy-binding {runtime}" in str(info.value)
+    assert api_cloud.log.mutating() == []
+
+
+def test_cloud_run_refuses_a_revision_whose_account_the_caller_may_not_act_as(api_cloud):
+    from google.api_core import exceptions
+    from google.cloud import run_v2
+
+    from fakes.fixtures import make_clients
+
+    api_cloud.restrict_deployer({"run.services.create"})
+    with pytest.raises(exceptions.Forbidden, match="iam.serviceaccounts.actAs"):
+        make_clients(api_cloud.url).services.create_service(
+            parent=f"projects/{PROJECT}/locations/us-central1", service_id="svc", service=run_v2.Service(
+                template=run_v2.RevisionTemplate(containers=[run_v2.Container(image="us-docker.pkg.dev/x/y/z")])))

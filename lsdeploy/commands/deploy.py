@@ -219,7 +219,7 @@ def _check(provider, settings, enable_apis: bool, as_json: bool) -> None:
         for line in readiness.lines():
             click.echo(line)
     if not readiness.ready:
-        raise SystemExit(EXIT_AUTH if readiness.missing else EXIT_DEPLOY)
+        raise SystemExit(EXIT_AUTH if readiness.missing or readiness.act_as else EXIT_DEPLOY)
 
 
 def _model_class_name(directory: str, progress) -> str:

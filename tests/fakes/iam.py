@@ -7,8 +7,12 @@ so a test can make a just-granted permission fail the first revision like the re
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
+
+from .errors import ApiError, invalid_argument
+from .server import etag_of
 
 
 class IamPropagation:
@@ -41,6 +45,46 @@ class IamPropagation:
         return False
 
 
+def read_policy(stored):
+    from google.iam.v1 import policy_pb2
+
+    policy = policy_pb2.Policy()
+    policy.CopyFrom(stored)
+    if not policy.etag:
+        policy.etag = b"ACAB"  # what an empty policy's etag looks like
+    return policy
+
+
+def write_policy(stored, request):
+    """SetIamPolicy: etag check (read-modify-write), role and member syntax, update_mask."""
+    from google.iam.v1 import policy_pb2
+
+    policy = request.policy
+    if policy.etag and stored.etag and policy.etag != stored.etag:
+        raise ApiError("ABORTED", "There were concurrent policy changes. Please retry the whole read-modify-write "
+                                  "with exponential backoff.")
+    for binding in policy.bindings:
+        if not binding.role.startswith(("roles/", "projects/", "organizations/")):
+            raise invalid_argument(f"Role {binding.role} is not supported for this resource.", "policy.bindings")
+        for member in binding.members:
+            if not (member in ("allUsers", "allAuthenticatedUsers") or re.fullmatch(
+                    r"(user|serviceAccount|group|domain|principal|principalSet):.+", member)):
+                raise invalid_argument(f"Invalid member: {member}", "policy.bindings.members")
+    updated = policy_pb2.Policy()
+    if request.update_mask.paths:
+        updated.CopyFrom(stored)
+        request.update_mask.MergeMessage(policy, updated, replace_repeated_field=True)
+    else:
+        updated.CopyFrom(policy)
+    updated.version = updated.version or 1
+    updated.etag = etag_of(updated).strip('"').encode()[:8]
+    return updated
+
+
+def has_role(policy, member: str, roles: tuple[str, ...]) -> bool:
+    return any(b.role in roles and member in b.members for b in policy.bindings)
+
+
 class Policies:
     """The IAM policies of one kind of resource: Get/SetIamPolicy (read-modify-write with etags,
     new bindings propagating through `cloud.iam`) and TestIamPermissions answering what the caller
@@ -53,14 +97,10 @@ class Policies:
     def get(self, name: str):
         from google.iam.v1 import policy_pb2
 
-        from .server import read_policy
-
         return read_policy(self.by_name.get(name, policy_pb2.Policy()))
 
     def set(self, name: str, request):
         from google.iam.v1 import policy_pb2
-
-        from .server import write_policy
 
         before = self.by_name.get(name, policy_pb2.Policy())
         self.by_name[name] = write_policy(before, request)

@@ -72,6 +72,13 @@ class IamAdminFake:
                 name=f"projects/{project}/serviceAccounts/{email}", email=email, project_id=project,
                 unique_id=str(10**20 + int(m.group(1))), display_name="Compute Engine default service account")
 
+    def add_account(self, project: str, account_id: str) -> str:
+        """Create a service account directly (test set-up), bypassing the API and its log; its email."""
+        email = f"{account_id}@{project}.iam.gserviceaccount.com"
+        self.accounts[email] = ServiceAccount(name=f"projects/{project}/serviceAccounts/{email}", email=email,
+                                              project_id=project, unique_id=str(10**20 + len(self.accounts)))
+        return email
+
     def holds(self, email: str, permission: str) -> bool:
         """Whether the caller holds `permission` on the account."""
         if self.cloud.deployer is None or permission in self.cloud.deployer:

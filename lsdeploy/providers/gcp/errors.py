@@ -18,6 +18,7 @@ API_TITLES = {
     "secretmanager": ("Secret Manager API", "secretmanager.googleapis.com"),
     "storage": ("Cloud Storage JSON API", "storage.googleapis.com"),
     "serviceusage": ("Service Usage API", "serviceusage.googleapis.com"),
+    "iam": ("Identity and Access Management (IAM) API", "iam.googleapis.com"),
     "cloudresourcemanager": ("Cloud Resource Manager API", "cloudresourcemanager.googleapis.com"),
 }
 # The role to grant for a refused permission, by permission prefix (most specific first).
@@ -25,6 +26,8 @@ ROLES = [
     ("run.services.setIamPolicy", "roles/run.admin"),
     ("run.", "roles/run.developer"),
     ("iam.serviceAccounts.actAs", "roles/iam.serviceAccountUser"),
+    ("iam.serviceAccounts.create", "roles/iam.serviceAccountAdmin"),
+    ("iam.serviceAccounts.get", "roles/iam.serviceAccountUser"),
     ("cloudbuild.", "roles/cloudbuild.builds.editor"),
     ("artifactregistry.repositories.create", "roles/artifactregistry.admin"),
     ("artifactregistry.packages.delete", "roles/artifactregistry.repoAdmin"),
@@ -40,7 +43,7 @@ ROLES = [
 
 DEFAULT_ROLES = {"run": "roles/run.developer", "cloudbuild": "roles/cloudbuild.builds.editor",
                  "artifactregistry": "roles/artifactregistry.writer", "secretmanager": "roles/secretmanager.admin",
-                 "storage": "roles/storage.objectAdmin"}
+                 "storage": "roles/storage.objectAdmin", "iam": "roles/iam.serviceAccountUser"}
 
 
 class OperationTimeout(LsdeployError):

@@ -59,11 +59,12 @@ class Readiness:
     disabled_apis: list = field(default_factory=list)     # service names
     enabled_now: list = field(default_factory=list)       # enabled by this run (--enable-apis)
     missing: dict = field(default_factory=dict)           # role -> [permissions]
+    act_as: list = field(default_factory=list)            # service accounts the deployer may not act as
     notes: list = field(default_factory=list)             # what could not be checked, and why
 
     @property
     def ready(self) -> bool:
-        return not self.disabled_apis and not self.missing
+        return not self.disabled_apis and not self.missing and not self.act_as
 
     def enable_command(self) -> str:
         return f"gcloud services enable {' '.join(self.disabled_apis)} --project {self.project}"
@@ -78,6 +79,11 @@ class Readiness:
             roles = "; ".join(f"{role} ({', '.join(sorted(perms))})" for role, perms in sorted(self.missing.items()))
             out.append(f"the deploying identity lacks permissions in project {self.project}: grant {roles} "
                        f"(gcloud projects add-iam-policy-binding {self.project} --member YOUR_IDENTITY --role ROLE)")
+        for email in self.act_as:
+            out.append(f"the deploying identity may not deploy a service that runs as {email} "
+                       f"(iam.serviceAccounts.actAs): grant it roles/iam.serviceAccountUser on that account (gcloud iam "
+                       f"service-accounts add-iam-policy-binding {email} --project {self.project} --member "
+                       "YOUR_IDENTITY --role roles/iam.serviceAccountUser)")
         return out
 
     def lines(self) -> list:
@@ -88,6 +94,8 @@ class Readiness:
             out.append("enabled now: " + ", ".join(self.enabled_now))
         out.append("permissions: " + ("all held" if not self.missing else "missing: " + "; ".join(
             f"{role} ({', '.join(sorted(perms))})" for role, perms in sorted(self.missing.items()))))
+        if self.act_as:
+            out.append("may not act as: " + ", ".join(self.act_as))
         out += [f"note: {note}" for note in self.notes]
         out += [f"to do: {problem}" for problem in self.problems()]
         out.append("ready to deploy" if self.ready else "not ready: fix the above and run --check again")
@@ -97,6 +105,7 @@ class Readiness:
         return {"project": self.project, "project_number": self.project_number, "ready": self.ready,
                 "disabled_apis": self.disabled_apis, "enabled_now": self.enabled_now,
                 "missing_roles": {role: sorted(perms) for role, perms in sorted(self.missing.items())},
+                "act_as_missing": self.act_as,
                 "notes": self.notes, "problems": self.problems()}
 
 
@@ -109,13 +118,16 @@ def preflight(api, settings, enable: bool = False, progress=lambda m: None) -> R
         _check_permissions(api, settings, found)
     if found.project_number:
         api.project_number = found.project_number
+    if getattr(api.clients, "iam", None) is not None and not found.disabled_apis:
+        _check_act_as(api, settings, found)
     return found
 
 
 def require(readiness: Readiness) -> None:
     """One line naming everything missing; exit 3 when a permission is, else 5."""
     if not readiness.ready:
-        raise LsdeployError("; ".join(readiness.problems()), EXIT_AUTH if readiness.missing else EXIT_DEPLOY)
+        raise LsdeployError("; ".join(readiness.problems()),
+                        EXIT_AUTH if readiness.missing or readiness.act_as else EXIT_DEPLOY)
 
 
 def _check_apis(api, settings, found, enable, progress) -> None:
@@ -243,3 +255,22 @@ def _on_secrets(api, settings, missing: set) -> set:
         except gexc.GoogleAPICallError:
             left |= wanted
     return (missing - set(SECRET_PERMISSIONS) - {"secretmanager.secrets.create"}) | left
+
+
+def _check_act_as(api, settings, found) -> None:
+    """The service runs as --service-account or the compute default account: deploying it needs
+    iam.serviceAccounts.actAs on that account (roles/iam.serviceAccountUser)."""
+    from google.api_core import exceptions as gexc
+
+    email = settings.service_account or (
+        f"{found.project_number}-compute@developer.gserviceaccount.com" if found.project_number else "")
+    if not email:
+        return
+    try:
+        held = api.clients.iam.test_iam_permissions(f"projects/{settings.project}/serviceAccounts/{email}",
+                                                    ["iam.serviceAccounts.actAs"])
+    except gexc.GoogleAPICallError as exc:
+        found.notes.append(f"could not test iam.serviceAccounts.actAs on {email} ({type(exc).__name__})")
+        return
+    if "iam.serviceAccounts.actAs" not in held:
+        found.act_as.append(email)
