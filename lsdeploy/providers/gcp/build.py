@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from ...errors import EXIT_BUILD, LsdeployError
+from ...errors import EXIT_BUILD, EXIT_DEPLOY, LsdeployError
 from . import identity
-from .errors import google_error
+from .errors import GoogleApiError, google_error
 from .logs import LogStreamer
 from .settings import MANAGED_LABEL, OPEN_BUILD_REGIONS, nearest_build_region
 from .storage import ensure_bucket
@@ -135,11 +135,12 @@ def start_build(api, settings, bundle, source, progress, account: str = "", regi
                 progress(f"note: {note}")
                 region = fallback
                 continue
-            error = google_error(exc, "cloudbuild", "starting a build in", location, settings.project)
             if RESTRICTED_REGION in message:
-                error.args = (f"{error}; Cloud Build runs builds for this project only in some regions: pass "
-                              f"--build-region with one of {', '.join(OPEN_BUILD_REGIONS)}",)
-            raise error from None
+                raise GoogleApiError(f"Cloud Build API: refused to run builds in {region} for project "
+                                     f"{settings.project} ({RESTRICTED_REGION}): it runs this project's builds only "
+                                     f"in some regions: pass --build-region with one of "
+                                     f"{', '.join(OPEN_BUILD_REGIONS)}", EXIT_DEPLOY, "QUOTA") from None
+            raise google_error(exc, "cloudbuild", "starting a build in", location, settings.project) from None
 
 
 class BuildFailed(LsdeployError):
