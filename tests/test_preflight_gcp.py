@@ -117,3 +117,14 @@ def test_cloud_run_refuses_a_revision_whose_account_the_caller_may_not_act_as(ap
         make_clients(api_cloud.url).services.create_service(
             parent=f"projects/{PROJECT}/locations/us-central1", service_id="svc", service=run_v2.Service(
                 template=run_v2.RevisionTemplate(containers=[run_v2.Container(image="us-docker.pkg.dev/x/y/z")])))
+
+
+def test_a_dry_run_refuses_an_unready_project_like_the_deploy_and_enables_nothing(api_cloud, backend):
+    from gcp_support import provider_for
+
+    from lsdeploy.bundle import SourceBundle
+
+    api_cloud.serviceusage.disable("secretmanager.googleapis.com")
+    with pytest.raises(LsdeployError, match="gcloud services enable secretmanager.googleapis.com"):
+        provider_for(api_cloud).plan(settings_for("planned", enable_apis=True), SourceBundle.from_directory(backend))
+    assert api_cloud.log.mutating() == [] and api_cloud.serviceusage.disabled == {"secretmanager.googleapis.com"}

@@ -211,6 +211,7 @@ class GcpProvider(Provider):
         """What `deploy(settings, bundle)` would do; sends only reads (Get/List/Access)."""
         settings.validate()
         self.check_secrets(settings, bundle)  # deploy would refuse this bundle: so does its plan
+        preflight.require(self.check(settings))  # and a project it is not ready for (enabling nothing)
         image = self.find_image(settings, bundle)
         if image is None:
             secrets.check_current_password(self.api, settings, bundle)
