@@ -94,6 +94,9 @@ def next_version(version: Optional[str]) -> str:
     return f"{version}.1" if version else "1"
 
 
+_WHOLE_DATA = object()  # preload_task_data without a value: the task's whole data
+
+
 class LabelStudioMLBase:
     """Base class of an ML backend. One instance serves one project and label config."""
 
@@ -272,14 +275,17 @@ class LabelStudioMLBase:
             fallback_token=taskdata.env_token(),
         )
 
-    def preload_task_data(self, task: Dict, value=None, read_file=True):
-        """Replace URLs in task data (or in `value`) with file contents (or local paths)."""
-        return self._preload(task, task.get("data") if value is None else value, read_file)
+    def preload_task_data(self, task: Dict, value=_WHOLE_DATA, read_file=True):
+        """Replace URLs in `value` (without it: the task's data) with file contents (or local
+        paths). As under the reference SDK, dicts are filled in place and returned, and an
+        explicit None (`task["data"].get(missing_key)`) comes back as None."""
+        return self._preload(task, task.get("data") if value is _WHOLE_DATA else value, read_file)
 
     def _preload(self, task: Dict, value, read_file: bool):
-        # A None inside the data stays None (passing it back as `value` meant "the whole data").
         if isinstance(value, dict):
-            return {k: self._preload(task, v, read_file) for k, v in value.items()}
+            for key, item in value.items():
+                value[key] = self._preload(task, item, read_file)
+            return value
         if isinstance(value, list):
             return [self._preload(task, v, read_file) for v in value]
         if isinstance(value, str) and taskdata.is_preload_needed(value):

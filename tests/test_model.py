@@ -167,10 +167,18 @@ def test_preload_task_data_keeps_none_and_plain_values(model_dir, tmp_path, monk
     downloaded.write_text("file text")
     asked = []
     monkeypatch.setattr(model, "get_local_path", lambda url, task_id=None, **kw: asked.append((url, task_id)) or str(downloaded))
-    task = {"id": 7, "data": {"text": "hi", "meta": None, "tags": [None, 3, {"deep": None}],
-                              "doc": "/data/upload/1/a.txt"}}
+    def new_task():
+        return {"id": 7, "data": {"text": "hi", "meta": None, "tags": [None, 3, {"deep": None}],
+                                  "doc": "/data/upload/1/a.txt"}}
+
+    task = new_task()
     assert model.preload_task_data(task) == {"text": "hi", "meta": None, "tags": [None, 3, {"deep": None}],
                                              "doc": "file text"}
-    assert model.preload_task_data(task, read_file=False)["doc"] == str(downloaded)
+    assert model.preload_task_data(new_task(), read_file=False)["doc"] == str(downloaded)
     assert model.preload_task_data(task, task["data"]["tags"]) == [None, 3, {"deep": None}]
     assert asked == [("/data/upload/1/a.txt", 7)] * 2
+    # an explicit None is a missing value, as the reference's examples pass it (data.get(key))
+    assert model.preload_task_data(task, task["data"].get("image")) is None
+    # a dict is filled in place, as the reference does: callers may read task["data"] afterwards
+    data = {"doc": "/data/upload/1/a.txt", "n": 1}
+    assert model.preload_task_data(task, data) is data and data == {"doc": "file text", "n": 1}
