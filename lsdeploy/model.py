@@ -243,7 +243,8 @@ class LabelStudioMLBase:
             import json
 
             extra_params = json.loads(extra_params) if extra_params.strip() else {}
-        self.set("extra_params", extra_params or {})
+        if self.get("extra_params") != (extra_params or {}):  # Label Studio sends them on every /setup
+            self.set("extra_params", extra_params or {})
 
     @property
     def extra_params(self) -> dict:

@@ -44,6 +44,9 @@ class ModelPool:
                 return model
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # one setup() per instance even when requests race
+            # Read again under the lock: a request that read them before a /setup changed them
+            # must not replace the instance another request just set up with the new ones.
+            extra = self.store.get(project_id, "extra_params")
             with self._lock:
                 model = self._models.get(key)
             if model is None or model._lsdeploy_extra != extra:

@@ -611,10 +611,17 @@ class Checked(Configured):
 
 def test_a_models_own_set_extra_params_is_called(model_dir):
     Configured.setups = []
-    client = create_app(Checked, store=SQLiteStore(str(model_dir))).test_client()
+    store = SQLiteStore(str(model_dir))
+    client = create_app(Checked, store=store).test_client()
     body = {"project": "5.1", "schema": TEXT_CONFIG}
     assert client.post("/setup", json={**body, "extra_params": {"threshold": 0.6}}).status_code == 200
+    # the override runs on an instance set up before them; the next one sees them
+    assert Configured.setups == [{}, {"threshold": 0.6}]
+    generation = store._generation()
+    for _ in range(3):  # Label Studio sends the same ones on every /setup: no write, no new setup()
+        assert client.post("/setup", json={**body, "extra_params": {"threshold": 0.6}}).status_code == 200
+    assert store._generation() == generation and len(Configured.setups) == 2
     resp = client.post("/setup", json={**body, "extra_params": {"threshold": "high"}})
     assert resp.status_code == 500 and "threshold must be a number" in resp.json["error"]
     resp = client.post("/predict", json=predict_body([text_task(1, "a")], project="5.1"))
-    assert resp.json["results"][0]["score"] == 0.6 and Configured.setups[-1] == {"threshold": 0.6}
+    assert resp.json["results"][0]["score"] == 0.6 and Configured.setups == [{}, {"threshold": 0.6}]
