@@ -128,3 +128,18 @@ def test_a_dry_run_refuses_an_unready_project_like_the_deploy_and_enables_nothin
     with pytest.raises(LsdeployError, match="gcloud services enable secretmanager.googleapis.com"):
         provider_for(api_cloud).plan(settings_for("planned", enable_apis=True), SourceBundle.from_directory(backend))
     assert api_cloud.log.mutating() == [] and api_cloud.serviceusage.disabled == {"secretmanager.googleapis.com"}
+
+
+def test_with_application_default_credentials_the_project_is_the_quota_project(monkeypatch):
+    # a user's ADC: Service Usage, Resource Manager and IAM refuse calls without a quota project
+    import google.auth
+    from google.oauth2.credentials import Credentials
+
+    from lsdeploy.providers.gcp import GcpClients
+
+    monkeypatch.setattr(google.auth, "default", lambda scopes=None: (Credentials(token="t"), None))
+    clients = GcpClients.from_env({}, PROJECT)
+    assert clients.service_usage._transport._credentials.quota_project_id == PROJECT
+    assert clients.projects._transport._credentials.quota_project_id == PROJECT
+    assert clients.iam.session.credentials.quota_project_id == PROJECT
+    assert clients.iam.endpoint == "https://iam.googleapis.com"

@@ -65,6 +65,14 @@ class GcpClients:
             creds = AnonymousCredentials() if endpoint.startswith("http://") else credentials()
             return {"credentials": creds, "transport": "rest", "client_options": ClientOptions(api_endpoint=endpoint)}
 
+        def project_options(variable):
+            # with a user's Application Default Credentials, Google bills Service Usage, Resource
+            # Manager and IAM calls to a quota project, and refuses them without one: the deploy's
+            opts = options(variable)
+            if "client_options" not in opts and hasattr(opts["credentials"], "with_quota_project"):
+                opts["credentials"] = opts["credentials"].with_quota_project(project)
+            return opts
+
         run_opts = options("CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN")
         emulator = (environ.get("STORAGE_EMULATOR_HOST") or "").strip()
         if emulator:
@@ -82,9 +90,11 @@ class GcpClients:
             secrets=secretmanager_v1.SecretManagerServiceClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER")),
             storage=storage_client,
             storage_emulated=bool(emulator),
-            service_usage=service_usage_v1.ServiceUsageClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE")),
-            projects=resourcemanager_v3.ProjectsClient(**options("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER")),
-            iam=IamRest.from_options(options("CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM")),
+            service_usage=service_usage_v1.ServiceUsageClient(
+                **project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE")),
+            projects=resourcemanager_v3.ProjectsClient(
+                **project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER")),
+            iam=IamRest.from_options(project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM")),
         )
 
 
@@ -100,8 +110,9 @@ class IamRest:
     def from_options(cls, options: dict) -> "IamRest":
         from google.auth.transport.requests import AuthorizedSession
 
-        endpoint = options["client_options"].api_endpoint if "client_options" in options else "https://iam.googleapis.com"
-        return cls(AuthorizedSession(options["credentials"]), endpoint)
+        client_options = options.get("client_options")
+        return cls(AuthorizedSession(options["credentials"]),
+                   getattr(client_options, "api_endpoint", None) or "https://iam.googleapis.com")
 
     def _call(self, method: str, path: str, body=None) -> dict:
         from google.api_core import exceptions as gexc
