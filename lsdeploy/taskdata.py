@@ -307,7 +307,7 @@ def _download(url: str, authorization: Optional[str], label_studio_url: Optional
     shown = _shown(url)
     with requests.Session() as session:
         session.trust_env = False  # no proxy (it would look the host up again), no .netrc
-        adapter = _pinned_adapter_class()(label_studio_url)
+        adapter = _pinned_adapter_class()(label_studio_url, deadline, timeout, shown)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         for _ in range(MAX_REDIRECTS + 1):
@@ -352,9 +352,10 @@ def _pinned_adapter_class():
         mocked `send` needs none), in order until one answers, keeping the URL's host name for
         the Host header, TLS SNI and the certificate check. One connection, never pooled."""
 
-        def __init__(self, trusted: Optional[str]):
+        def __init__(self, trusted: Optional[str], deadline: float, timeout: float, shown: str):
             super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
             self.trusted = trusted
+            self.deadline, self.timeout, self.shown = deadline, timeout, shown
             self.candidates: Optional[list] = None
             self.index = 0
 
@@ -366,7 +367,9 @@ def _pinned_adapter_class():
                 except requests.ConnectionError:
                     if self.candidates is None or self.index + 1 >= len(self.candidates):
                         raise
-                    self.index += 1  # the next checked address
+                    self.index += 1  # the next checked address, within what is left of the deadline
+                    wait = _remaining(self.deadline, self.timeout, self.shown)
+                    kwargs["timeout"] = (wait, wait)
 
         def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
             parts = urlsplit(request.url)

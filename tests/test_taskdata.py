@@ -349,3 +349,31 @@ def test_https_checks_the_certificate_for_the_name_while_connecting_to_the_addre
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_deadline_holds_across_addresses_that_never_answer(tmp_path, monkeypatch):
+    """A host with four addresses that drop the connection attempt (each waits out the connect
+    timeout): the next address is tried only within what is left of TASK_DATA_DEADLINE."""
+    import urllib3.connection
+    from urllib3.exceptions import ConnectTimeoutError
+
+    tried = []
+
+    def blackholed(self):
+        tried.append(self.host)
+        time.sleep(min(self.timeout, 5))  # what a dropped SYN costs: the whole connect timeout
+        raise ConnectTimeoutError(self, f"connection to {self.host} timed out")
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "_new_conn", blackholed)
+    monkeypatch.setenv("TASK_DATA_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("TASK_DATA_TIMEOUT", "0.6")
+    monkeypatch.setenv("TASK_DATA_DEADLINE", "1")
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: [
+        info for address in ("127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14")
+        for info in real(address, port, *a, **k)] if host == "many.example" else real(host, port, *a, **k))
+    started = time.monotonic()
+    with pytest.raises(TaskDataError, match="took longer than TASK_DATA_DEADLINE"):
+        get_local_path("http://many.example:8080/a.txt", cache_dir=str(tmp_path))
+    assert time.monotonic() - started < 2.0, tried  # 4 x 0.6 s before
+    assert 1 <= len(tried) <= 2
