@@ -285,3 +285,19 @@ def test_dry_run_refuses_a_bundle_holding_a_secret_as_deploy_does(cloud, backend
         assert SECRET_KEY not in str(info.value) and password not in str(info.value)
         (backend / name).unlink()
     assert cloud.log.mutating() == []
+
+
+def test_deploy_output_carries_connects_note_for_label_studio():
+    """What connect tells the user to do in Label Studio (the Data Manager's score column) is said
+    by deploy too, under its registration."""
+    from lsdeploy.providers.base import DeployResult
+
+    note = "the Data Manager shows the scores of model version 0.0.1 (Settings > Annotation > Prelabeling)"
+    result = DeployResult(provider="gcp", project="p", region="us-central1", service="s", url="https://s.run.app",
+                          revision="s-00001-abc", image="img@sha256:0", bundle_digest="0", built=True,
+                          registrations=[{"backend_id": 4, "project": 2, "state": "CO", "note": note},
+                                         {"backend_id": 5, "project": 3, "state": "CO", "note": ""}])
+    lines = result.lines()
+    first = lines.index("Label Studio backend 4 in project 2: CO")
+    assert lines[first + 1] == f"  note: {note}"
+    assert lines[lines.index("Label Studio backend 5 in project 3: CO") + 1:][:1] != ["  note: "]

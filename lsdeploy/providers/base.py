@@ -125,6 +125,8 @@ class DeployResult:
         for reg in self.registrations:
             out.append(f"Label Studio backend {reg['backend_id']} in project {reg['project']}: "
                        f"{reg.get('state_name') or reg.get('state')}")
+            if reg.get("note"):  # what to do in Label Studio (the Data Manager's scores), as connect says it
+                out.append(f"  note: {reg['note']}")
         if not self.registrations:
             out.append("Label Studio: not registered (pass --project to register)")
         if self.pruned:
