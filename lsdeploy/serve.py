@@ -471,13 +471,46 @@ def _serve_debug_child(settings: ServeSettings) -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # the reloader's handler exits
 
         threading.Thread(target=stop_with_parent, name="lsdeploy-parent", daemon=True).start()
-    _run_debug_server(settings, build_app(settings))
+    try:
+        app = build_app(settings)
+    except LsdeployError as exc:
+        # A file saved half-edited: say why in one line, answer every request with it, and keep
+        # watching the backend's files; the next save restarts this child with the fixed code.
+        logger.error("%s; fix it and save: the server reloads", exc)
+        app = _broken_app(str(exc))
+    _run_debug_server(settings, app)
+
+
+def _broken_app(message: str):
+    from flask import Flask, jsonify
+
+    app = Flask("lsdeploy-broken")
+    body = {"status": 500, "error": f"the backend does not load: {message}; fix it and save (--debug reloads)"}
+
+    @app.route("/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def broken(path):
+        return jsonify(body), 500
+
+    return app
+
+
+class _NoRequestLines(logging.Filter):
+    """werkzeug's own line per request (with the query string): lsdeploy logs each request already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return '"%s" %s %s' not in str(record.msg)
 
 
 def _run_debug_server(settings: ServeSettings, app) -> None:
     # Flask's interactive debugger is left out: every exception already becomes a JSON 500 with
-    # its traceback, and its console would be one more door into this process.
-    app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, use_debugger=False, threaded=True)
+    # its traceback, and its console would be one more door into this process. The reloader also
+    # watches the backend's own Python files, which a failed import left out of sys.modules.
+    logging.getLogger("werkzeug").addFilter(_NoRequestLines())
+    watched = [str(path) for path in Path(settings.directory).rglob("*.py")
+               if not {".venv", "venv", ".lsdeploy", "__pycache__", "wheels"} & set(path.parts)]
+    app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, use_debugger=False, threaded=True,
+            extra_files=watched)
 
 
 def _serve(settings: ServeSettings, app) -> None:

@@ -97,6 +97,28 @@ def test_debug_server_stops_when_its_parent_is_killed(debug_server):
     assert port_free(port)
 
 
+def test_debug_keeps_serving_across_a_broken_save_and_reloads_the_fix(debug_server, tmp_path):
+    """A file saved half-edited does not end --debug: every request says why in JSON, and the next
+    save that fixes it is served."""
+    proc, url, port, log = debug_server
+    model = tmp_path / "model.py"
+    good = model.read_text()
+    model.write_text(good + "\nclass Broken(LabelStudioMLBase) pass\n")
+
+    def broken():
+        assert proc.poll() is None, f"start --debug exited with {proc.returncode}:\n{log.read_text()}"
+        answer = requests.get(url + "/health", timeout=2)
+        return answer.status_code == 500 and "does not load" in answer.json()["error"] and answer.json()
+
+    body = wait_for(broken, timeout=60, message="the broken save to be reported")
+    assert "syntax error" in body["error"] and "fix it and save" in body["error"]
+    model.write_text(good)
+    wait_for(lambda: requests.get(url + "/health", timeout=2).json()["status"] == "UP", timeout=60,
+             message="the fixed save to be served")
+    assert "Traceback" not in log.read_text()
+    assert '"GET /health HTTP/1.1"' not in log.read_text()  # werkzeug's own request lines are left out
+
+
 def test_debug_with_a_broken_backend_is_one_line(tmp_path):
     (tmp_path / "model.py").write_text("import json\n")
     result = run_cli("start", tmp_path, "--debug", "--port", free_port(), "--host", "127.0.0.1", timeout=60)
