@@ -21,12 +21,20 @@ _NOT_CHECKED = {"lsdeploy", "label-studio-ml"}
 _ARCHIVES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
 
+_INCLUDE = re.compile(r"^(?:-r\s*|--requirement(?:\s*=\s*|\s+))(\S+)$")
+MAX_INCLUDE_DEPTH = 5
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Lines as pip reads them: a line ending in a backslash joined to the next, comments gone."""
+    return [re.sub(r"(^|\s)#.*", "", line).strip() for line in text.replace("\\\n", "").splitlines()]
+
+
 def requirement_lines(text: str) -> list[str]:
     """The requirement specifiers of a requirements file that name a package: without
     comments, options (-r, -e, --index-url, a line's own --hash), URLs and local paths."""
     lines = []
-    for line in text.replace("\\\n", "").splitlines():  # pip joins a line ending in a backslash to the next
-        line = re.sub(r"(^|\s)#.*", "", line).strip()
+    for line in _logical_lines(text):
         line = re.split(r"\s+--?[A-Za-z]", line, maxsplit=1)[0]
         if (not line or line.startswith("-") or "://" in line or "/" in line or "\\" in line
                 or line.lower().endswith(_ARCHIVES)):
@@ -40,13 +48,7 @@ def unmet_requirements(path) -> list[str]:
     with why: `scikit-learn>=1.3,<2 (not installed)`, `numpy>=2 (1.26.4 installed)`. Lines whose
     environment markers do not apply here are skipped, as are lsdeploy itself and whatever only
     pip can judge (URLs, paths, options)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise LsdeployError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
-    lines = requirement_lines(text)
+    lines = _lines_with_includes(Path(path), 0, set())
     if not lines:
         return []
     # Imported here: about 30 ms, paid only by a backend that lists requirements.
@@ -83,14 +85,43 @@ def unmet_requirements(path) -> list[str]:
             req = Requirement(line)
         except InvalidRequirement:  # something only pip understands
             continue
-        if req.url or canonicalize_name(req.name) in _NOT_CHECKED:
+        if req.url or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
             continue
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
+        if canonicalize_name(req.name) in _NOT_CHECKED:
+            # lsdeploy is what runs: its version is not in question, the extras it names are
+            # (`lsdeploy[sdk]`, which port writes, needs label-studio-sdk installed).
+            if not req.extras or canonicalize_name(req.name) != "lsdeploy":
+                continue
+            try:
+                metadata.distribution("lsdeploy")
+            except metadata.PackageNotFoundError:  # run from a source tree
+                continue
+            req = Requirement(f"lsdeploy[{','.join(sorted(req.extras))}]")
         why = problem(req)
         if why:
             unmet.append(f"{line} ({why})")
     return unmet
+
+
+def _lines_with_includes(path: Path, depth: int, seen: set) -> list[str]:
+    """requirement_lines of `path` and of the files it includes with -r (relative to it), as
+    pip follows them, at most MAX_INCLUDE_DEPTH deep; a file missing here is pip's to report."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LsdeployError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    seen.add(path.resolve())
+    lines = requirement_lines(text)
+    if depth < MAX_INCLUDE_DEPTH:
+        for line in _logical_lines(text):
+            match = _INCLUDE.match(line)
+            if match and "://" not in match.group(1):
+                included = path.parent / match.group(1)
+                if included.resolve() not in seen:
+                    lines += _lines_with_includes(included, depth + 1, seen)
+    return lines
 
 
 def install_command(requirements) -> str:

@@ -166,6 +166,25 @@ def test_an_extras_own_requirements_are_checked(tmp_path):
     assert unmet_requirements(path) == expected
 
 
+def test_included_files_and_lsdeploys_own_extras_are_checked(tmp_path):
+    """`-r base.txt` as the reference examples write it (requirements-base.txt), followed like pip
+    (relative, cycles cut); `lsdeploy[sdk]`, which port writes, needs its extra's packages."""
+    (tmp_path / "deps").mkdir()
+    (tmp_path / "requirements.txt").write_text("-r requirements-base.txt\n--requirement=deps/more.txt\nflask\n")
+    (tmp_path / "requirements-base.txt").write_text("gunicorn\nnot-in-base-xyz\n-r requirements.txt\n")
+    (tmp_path / "deps" / "more.txt").write_text("-rdeeper.txt\n")
+    (tmp_path / "deps" / "deeper.txt").write_text("not-deep-xyz>=2\n")
+    assert unmet_requirements(tmp_path / "requirements.txt") == ["not-in-base-xyz (not installed)",
+                                                                  "not-deep-xyz>=2 (not installed)"]
+    (tmp_path / "sdk.txt").write_text("lsdeploy[sdk]\nlsdeploy>=0.0.1\nlabel-studio-ml\n")
+    try:
+        metadata.distribution("label-studio-sdk")
+        expected = []
+    except metadata.PackageNotFoundError:
+        expected = ["lsdeploy[sdk] (its extra [sdk] needs label-studio-sdk>=1.0: not installed)"]
+    assert unmet_requirements(tmp_path / "sdk.txt") == expected
+
+
 def test_start_refuses_unmet_requirements_in_one_line(tmp_path):
     (tmp_path / "model.py").write_text(MINIMAL_MODEL)
     (tmp_path / "requirements.txt").write_text(REQUIREMENTS)
