@@ -582,3 +582,20 @@ def test_the_dockerignore_lets_the_new_dockerfiles_inputs_in_and_local_state_out
     after = _port_dockerignore(before, "wheels/lsdeploy-0.1.0-py3-none-any.whl")
     assert after.startswith(before)
     assert [line for line in after[len(before):].splitlines() if not line.startswith("#")] == added
+
+
+def test_requirements_in_utf16_are_read_and_other_encodings_named(tmp_path):
+    """PowerShell's `pip freeze > requirements.txt` writes UTF-16 with a BOM, which pip reads: port
+    reads it too (and writes UTF-8). A file in another encoding is one line naming it."""
+    (tmp_path / "model.py").write_text("from label_studio_ml.model import LabelStudioMLBase\n\n\n"
+                                       "class M(LabelStudioMLBase):\n    pass\n")
+    (tmp_path / "requirements.txt").write_bytes("label-studio-ml @ git+https://example.invalid/x.git\nnumpy\n"
+                                                .encode("utf-16"))
+    done = run_cli("port", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "requirements.txt").read_text(encoding="utf-8").splitlines() == ["lsdeploy", "numpy"]
+
+    (tmp_path / "requirements-test.txt").write_bytes("pytest\n# caf\xe9\n".encode("latin-1"))
+    done = run_cli("port", tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "requirements-test.txt is not UTF-8 text: save it as UTF-8 and run port again" in done.stderr

@@ -17,6 +17,7 @@ are not the backend, Dockerfile steps the new one lacks) is listed with file:lin
 """
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import json
@@ -101,6 +102,18 @@ def _read_manifest(directory: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _text(path: Path, rel: str) -> str:
+    """A file's text: UTF-8 (a BOM allowed) or UTF-16 with its BOM (what PowerShell's `pip freeze >`
+    writes; pip reads both). Anything else is one line saying what to do. Written back as UTF-8."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise LsdeployError(f"{rel} is not UTF-8 text: save it as UTF-8 and run port again", EXIT_USAGE) from None
+
+
 def plan(directory) -> PortPlan:
     """What porting `directory` would change; nothing is written."""
     directory = Path(directory)
@@ -124,8 +137,9 @@ def plan(directory) -> PortPlan:
     classes = []
     for rel, path in python_files:
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            source = _text(path, rel)
+        except LsdeployError as exc:  # listed, not guessed: it may import label_studio_ml
+            result.unported.append(Unported(rel, 1, str(exc)))
             continue
         new, uses_sdk, found, imports_reference = _port_python(rel, source, result.unported)
         result.uses_sdk |= uses_sdk
@@ -140,7 +154,7 @@ def plan(directory) -> PortPlan:
     # requirements files (top level)
     requirement_files = sorted(p.name for p in directory.glob("requirements*.txt") if p.is_file())
     for name in requirement_files:
-        text = (directory / name).read_text(encoding="utf-8")
+        text = _text(directory / name, name)
         if any(_installs_reference(line) for line in text.splitlines()):
             result.uses_reference = True
         new = _port_requirements(text, result.uses_sdk)
@@ -149,7 +163,7 @@ def plan(directory) -> PortPlan:
     if result.uses_sdk:
         current = result.changes.get("requirements.txt")
         text = current.decode("utf-8") if current is not None else \
-            ((directory / "requirements.txt").read_text(encoding="utf-8") if (directory / "requirements.txt").is_file() else "")
+            (_text(directory / "requirements.txt", "requirements.txt") if (directory / "requirements.txt").is_file() else "")
         if not _has_sdk_requirement(text):
             if text and not text.endswith("\n"):
                 text += "\n"
