@@ -307,3 +307,20 @@ def test_a_project_using_another_backend_or_no_version_change_is_left_alone():
     (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False,
                                                                          use_version=False)
     assert api.bodies("PATCH", "/api/projects/7") == [] and reg.project_model_version == "" and not reg.note
+
+
+def test_a_project_on_another_version_moves_only_with_scores():
+    """A project on a version that need not be this model's (predictions the team imported, say
+    `human-v1`) is left as it is unless --scores says otherwise; the note says how."""
+    moved = {("PATCH", "/api/projects/7"): (200, {"id": 7, "model_version": "0.0.1"})}
+    api = fake_label_studio([BACKEND], project_version="human-v1", routes=dict(moved))
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False)
+    assert api.bodies("PATCH", "/api/projects/7") == [] and reg.project_model_version == "human-v1"
+    assert "model version 'human-v1'" in reg.note and "pass --scores" in reg.note
+
+    api = fake_label_studio([BACKEND], project_version="human-v1", routes=dict(moved))
+    (reg,) = LabelStudio("http://ls", "legacy-key", session=api).register("http://b", [7], verify=False,
+                                                                         use_version=True)
+    assert api.bodies("PATCH", "/api/projects/7") == [{"model_version": "0.0.1"}]
+    assert reg.project_model_version == "0.0.1"
+

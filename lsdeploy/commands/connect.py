@@ -40,10 +40,11 @@ def _project_option(fn):
 @click.option("--interactive/--no-interactive", envvar="LSDEPLOY_INTERACTIVE", show_envvar=True, default=None,
               help="Use the backend for interactive pre-annotation (a new backend: off; an existing one keeps "
                    "what Label Studio has when neither is given).")
-@click.option("--scores/--no-scores", "use_version", envvar="LSDEPLOY_SCORES", show_envvar=True, default=True,
+@click.option("--scores/--no-scores", "use_version", envvar="LSDEPLOY_SCORES", show_envvar=True, default=None,
               help="Point the project's predictions (Settings > Annotation > Prelabeling) at the backend's model "
-                   "version, so the Data Manager shows its prediction scores; --no-scores leaves that choice as "
-                   "Label Studio has it.")
+                   "version, so the Data Manager shows its prediction scores. Without either, only a project on "
+                   "no version or on this backend's title is moved; --scores moves one on another version too "
+                   "(after the model retrained); --no-scores leaves the choice as Label Studio has it.")
 @click.option("--verify/--no-verify", envvar="LSDEPLOY_VERIFY", show_envvar=True, default=True,
               help="Check state, model version and a test prediction before reporting success.")
 @click.option("--timeout", type=float, default=30.0, envvar="LABEL_STUDIO_TIMEOUT", show_envvar=True,

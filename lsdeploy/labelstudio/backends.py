@@ -126,11 +126,13 @@ class BackendRegistry:
     def register(self, url: str, projects: Iterable, *, title: Optional[str] = None,
                  basic_auth: Optional[Sequence[str]] = None, interactive: Optional[bool] = None,
                  description: Optional[str] = None, extra_params: Optional[dict] = None,
-                 verify: bool = True, use_version: bool = True) -> list:
+                 verify: bool = True, use_version: Optional[bool] = None) -> list:
         """Create or update the backend `url` in each project; see the package docstring. On an
         existing backend, an option left None (title, basic_auth, interactive, description,
-        extra_params) keeps what Label Studio has; a new backend gets the defaults. With
-        `use_version`, each project is pointed at the backend's model version (see `versions`)."""
+        extra_params) keeps what Label Studio has; a new backend gets the defaults. Each project
+        on no model version or on the backend's title is pointed at the backend's model version
+        (`use_version` None), any project but one using another backend (True), none (False);
+        see `versions`."""
         url = _normal_url(url)
         if not url.startswith(("http://", "https://")):
             raise LabelStudioError(f"backend URL {url!r} must start with http:// or https://", EXIT_USAGE)
@@ -149,9 +151,9 @@ class BackendRegistry:
                 done.append(self._register_one(url, pid, title=title, basic_auth=basic_auth, interactive=interactive,
                                                description=description, extra_params=extra_params, verify=verify))
                 reg = done[-1]
-                if use_version and reg.model_version:
-                    reg.project_model_version, reg.note = versions.use_version(self, pid, reg.backend_id,
-                                                                                reg.model_version, self.attempts)
+                if use_version is not False and reg.model_version:
+                    reg.project_model_version, reg.note = versions.use_version(
+                        self, pid, reg.backend_id, reg.model_version, self.attempts, force=bool(use_version))
             except LabelStudioError as exc:
                 if not done:
                     raise

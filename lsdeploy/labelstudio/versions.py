@@ -23,19 +23,26 @@ from .errors import _reason
 SETTING = "Settings > Annotation > Prelabeling"
 
 
-def use_version(client, pid: int, backend_id: int, version: str, attempts: int = 3) -> tuple:
+def use_version(client, pid: int, backend_id: int, version: str, attempts: int = 3, force: bool = False) -> tuple:
     """Point project `pid` at `version`, the model version of backend `backend_id`. Returns
     (the version the project uses now, a note for the user: what to do for the Data Manager's
-    scores now or after the model retrains). A project that uses another backend's live
-    predictions is left as it is. Label Studio stores no prediction when its 1 s health check of
-    the backend misses: up to `attempts` tries."""
+    scores now or after the model retrains). Only a project on no version or on this backend's
+    title (what Label Studio sets when a backend is added) is moved, unless `force`: another
+    version may be imported predictions the team labels from. A project that uses another
+    backend's live predictions is always left as it is. Label Studio stores no prediction when
+    its 1 s health check of the backend misses: up to `attempts` tries."""
     current = client.get_project(pid).get("model_version") or ""
     if current == version:
         return current, _after_retraining(version)
-    others = {b.get("title") for b in client.backends(pid) if int(b.get("id", 0)) != int(backend_id)}
-    if current and current in others:
+    titles = {int(b.get("id", 0)): b.get("title") for b in client.backends(pid)}
+    mine = titles.pop(int(backend_id), None)
+    if current and current in titles.values():
         return current, (f"the project uses the live predictions of another backend, {current!r} ({SETTING}): "
                          "left as it is")
+    if current and current != mine and not force:
+        return current, (f"the project shows the predictions of model version {current!r} ({SETTING}), left as "
+                         f"it is: pass --scores to point it at this model's version {version} (after it "
+                         "retrained, that is how to see the new scores)")
     resp = _set(client, pid, version)
     for _ in range(attempts):  # Label Studio takes a version once it has a prediction of it
         if resp.status_code != 400 or "doesn't exist" not in _reason(resp) or not _store_one_prediction(client, pid):
@@ -51,7 +58,7 @@ def use_version(client, pid: int, backend_id: int, version: str, attempts: int =
 
 def _after_retraining(version: str) -> str:
     return (f"the Data Manager shows the scores of model version {version} ({SETTING}); Label Studio keeps that "
-            "version when the model retrains: then pick the new one there, or run connect again")
+            "version when the model retrains: then pick the new one there, or run connect --scores again")
 
 
 def _set(client, pid: int, version: str):

@@ -91,8 +91,11 @@ def test_scores_show_after_connect_and_follow_a_retrained_model_after_connect_ag
     assert ls_api.get_project(pid)["model_version"] == reg.model_version
     assert dm_scores(ls_api, pid) == pytest.approx(first)
 
-    # connect again points the project at the new version.
+    # connect again leaves a version it cannot tell from imported predictions; --scores moves it.
     done = connect(label_studio, server.url, pid)
+    assert done.returncode == 0, done.stderr
+    assert ls_api.get_project(pid)["model_version"] == reg.model_version and "pass --scores" in done.stderr
+    done = connect(label_studio, server.url, pid, args=["--scores"])
     assert done.returncode == 0, done.stderr
     assert ls_api.get_project(pid)["model_version"] == retrained
     assert dm_scores(ls_api, pid) == pytest.approx(second)
