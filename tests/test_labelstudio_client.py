@@ -324,3 +324,51 @@ def test_a_project_on_another_version_moves_only_with_scores():
     assert api.bodies("PATCH", "/api/projects/7") == [{"model_version": "0.0.1"}]
     assert reg.project_model_version == "0.0.1"
 
+
+
+def test_a_redirect_to_another_host_never_gets_the_token_or_a_password():
+    """A 307/308 re-sends the body: the personal access token being refreshed, a backend's basic-auth
+    password. Only the same host (or http to https on it) is followed; elsewhere it is an error."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"access": "x"}')
+
+        def log_message(self, *args):
+            pass
+
+    elsewhere = ThreadingHTTPServer(("127.0.0.2", 0), Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.2:{elsewhere.server_port}/api/token/refresh/"
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    try:
+        pat = jwt({"token_type": "refresh", "exp": 4102444800, "jti": "abc"})
+        client = LabelStudio(f"http://127.0.0.1:{origin.server_port}", pat, timeout=10)
+        with pytest.raises(LsdeployError):
+            client.authorization()
+        assert received == []
+    finally:
+        for server in (origin, elsewhere):
+            server.shutdown()
+            server.server_close()

@@ -40,12 +40,29 @@ def key_kind(api_key: str) -> str:
 
 
 
+def _session_class():
+    """requests.Session that follows a 307/308 (which re-sends the body: a personal access token
+    to refresh, a backend's basic-auth password) only on the same host, or from http to https on
+    it; requests itself drops only the Authorization header on another host."""
+    import requests
+    from urllib.parse import urljoin, urlsplit
+
+    class SameHostSession(requests.Session):
+        def get_redirect_target(self, resp):
+            target = super().get_redirect_target(resp)
+            if target and resp.status_code in (307, 308) and resp.request.body is not None:
+                old, new = urlsplit(resp.url), urlsplit(urljoin(resp.url, target))
+                if new.hostname != old.hostname or (new.scheme != old.scheme and new.scheme != "https"):
+                    return None  # answered as it is: the caller reports the redirect
+            return target
+
+    return SameHostSession
+
+
 class LabelStudio(BackendRegistry):
     """A Label Studio REST client bound to one host and key. Thread-safe for token refresh."""
 
     def __init__(self, host: str, api_key: str, timeout: float = DEFAULT_TIMEOUT, session=None):
-        import requests
-
         if not host:
             raise LabelStudioError("no Label Studio address: pass --label-studio-host or set LABEL_STUDIO_URL",
                                    EXIT_USAGE)
@@ -65,7 +82,7 @@ class LabelStudio(BackendRegistry):
         self.__access: Optional[str] = None
         self.__access_expires = 0.0
         self._lock = threading.Lock()
-        self._session = session or requests.Session()
+        self._session = session or _session_class()()
 
     def __repr__(self):
         return f"LabelStudio(host={self.shown!r}, key=<{self.key_kind}>)"
