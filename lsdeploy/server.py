@@ -42,11 +42,11 @@ from . import __version__, taskdata
 from .errors import EXIT_USAGE, LsdeployError, StateError
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
-from .pool import ModelPool
-from .training import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_JOBS, Job, QueueFull, Trainer
 from .model import LabelStudioMLBase, request_write
+from .pool import ModelPool
 from .response import ModelResponse, PredictionValue, is_pydantic
 from .state import StateStore
+from .training import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_JOBS, Job, QueueFull, Trainer
 
 logger = logging.getLogger("lsdeploy.server")
 access_log = logging.getLogger("lsdeploy.access")
