@@ -11,17 +11,17 @@ from lsdeploy.errors import EXIT_DEPLOY, LsdeployError
 
 def test_a_rerun_after_a_failed_revision_makes_a_new_revision(make_gcp_fakes, gcs_emulator, backend):
     cloud = make_gcp_fakes(storage_url=gcs_emulator.url)
-    cloud.run.never_ready("stuck", message="The user-provided container failed to start and listen on the port.",
+    cloud.run.never_ready("iamstuck", message="The user-provided container failed to start and listen on the port.",
                           times=1)
     with pytest.raises(LsdeployError, match="failed to start"):
-        deploy(cloud, backend, settings_for("stuck"))
+        deploy(cloud, backend, settings_for("iamstuck"))
     lines = []
-    result = deploy(cloud, backend, settings_for("stuck"), lines)   # same code, same settings
-    assert result.revision.startswith("stuck-00002-") and result.new_revision
+    result = deploy(cloud, backend, settings_for("iamstuck"), lines)   # same code, same settings
+    assert result.revision.startswith("iamstuck-00002-") and result.new_revision
     assert any("never became ready: deploying a new revision" in line for line in lines), lines
     assert cloud.log.count(api="cloudbuild", method="CreateBuild") == 1  # the image is reused
     cloud.log.clear()
-    again = deploy(cloud, backend, settings_for("stuck"))            # and then it is unchanged again
+    again = deploy(cloud, backend, settings_for("iamstuck"))            # and then it is unchanged again
     assert again.revision == result.revision and cloud.log.mutating() == []
 
 
@@ -29,11 +29,11 @@ def test_a_revision_refused_a_just_granted_secret_is_deployed_again_once_iam_app
     cloud = make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=1.0)
     cloud.iam.only = ("/secrets/",)  # the build's grants apply at once here
     lines = []
-    result = deploy(cloud, backend, settings_for("fresh"), lines)
+    result = deploy(cloud, backend, settings_for("regranted"), lines)
     waits = [line for line in lines if "IAM changes take minutes" in line]
     assert waits and "Permission denied on secret" in waits[0] and "attempt 2" in waits[0], lines
-    assert not result.revision.startswith("fresh-00001-")  # the first one was refused
-    assert cloud.run.services[f"projects/{PROJECT}/locations/europe-west4/services/fresh"].message \
+    assert not result.revision.startswith("regranted-00001-")  # the first one was refused
+    assert cloud.run.services[f"projects/{PROJECT}/locations/europe-west4/services/regranted"].message \
         .latest_ready_revision.endswith(result.revision)
 
 

@@ -24,7 +24,7 @@ def api_cloud(make_gcp_fakes, gcs_emulator):
 def test_disabled_apis_stop_the_deploy_before_any_write_naming_them_and_the_command(api_cloud, backend):
     api_cloud.serviceusage.disable(*FRESH_DISABLED)
     with pytest.raises(LsdeployError) as info:
-        deploy(api_cloud, backend, settings_for("fresh"))
+        deploy(api_cloud, backend, settings_for("unready"))
     message = str(info.value)
     assert info.value.exit_code == EXIT_DEPLOY and "\n" not in message
     assert "Cloud Run Admin API, Cloud Build API, Artifact Registry API, Secret Manager API" in message
