@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +92,32 @@ def render_dockerfile(directory: Path, blueprint: str = "default") -> str:
 MANIFEST = os.path.join(".lsdeploy", "rendered.json")
 
 
-def _sha256(data: bytes) -> str:
+def file_digest(data: bytes) -> str:
+    """How rendered.json records a file's content (create, `deploy --from`, port)."""
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(directory) -> dict:
+    """DIR's rendered.json as written (create's options and files; port adds its own entry);
+    {} when there is none or it is not a JSON object."""
+    try:
+        data = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_rendered(directory, target: str, data: bytes) -> None:
+    """Write a rendered file into DIR; a new wheel replaces the other lsdeploy wheels in wheels/."""
+    path = Path(directory) / target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if target.startswith("wheels/"):
+        for old in path.parent.glob("lsdeploy-*.whl"):  # another version's wheel
+            if old.name != path.name:
+                old.unlink()
+    path.write_bytes(data)
 
 
 @dataclass
@@ -112,12 +133,7 @@ class Rendered:
 
 def _read_manifest(directory: Path) -> tuple[dict, dict | None]:
     """(rendered file -> sha256, the options create was given: None when unknown)."""
-    try:
-        data = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}, None
-    if not isinstance(data, dict):
-        return {}, None
+    data = read_manifest(directory)
     if isinstance(data.get("files"), dict):
         options = data.get("options")
         return dict(data["files"]), options if isinstance(options, dict) else None
@@ -168,7 +184,7 @@ def _refuse_changed(directory: Path, files: dict, recorded: dict | None, options
         path = directory / name
         if not path.is_file():
             changed.append(f"{name} (deleted)")
-        elif _sha256(path.read_bytes()) != digest:
+        elif file_digest(path.read_bytes()) != digest:
             changed.append(f"{name} (edited)")
     if changed:
         raise LsdeployError(f"{directory} has changes since lsdeploy created it: {', '.join(changed)}; pass --force to "
@@ -219,19 +235,15 @@ def render(directory, blueprint: str = "default", script: str | None = None, for
         path = directory / target
         current = path.read_bytes() if path.is_file() else None
         if keep_edited and target in FILES and current is not None and current != data \
-                and files.get(target) != _sha256(current):
+                and files.get(target) != file_digest(current):
             kept.append(target)  # the user's own or edited file
             if target in files:
                 record[target] = files[target]
             continue
-        record[target] = _sha256(data)
+        record[target] = file_digest(data)
         if current == data and not force:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if target.startswith("wheels/"):
-            for old in path.parent.glob("lsdeploy-*.whl"):  # another version's wheel
-                old.unlink()
-        path.write_bytes(data)
+        write_rendered(directory, target, data)
         written.append(target)
     if source is not None and source.name not in planned and (fresh or force):
         written.append(source.name)  # the script is in DIR already

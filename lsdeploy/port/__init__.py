@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import codecs
 import difflib
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..blueprints import FILES, MANIFEST, Blueprint, file_digest, read_manifest, render_dockerfile, write_rendered
 from ..errors import EXIT_USAGE, LsdeployError
-from .names import MANIFEST, REFERENCE, _REFERENCE_IN_TEXT, SDK_REQUIREMENT, _SKIP_DIRS, Unported
+from .names import REFERENCE, _REFERENCE_IN_TEXT, SDK_REQUIREMENT, _SKIP_DIRS, Unported
 from .python import _port_python
 from .files import _check_compose, _check_text, _dockerfile_installs_reference, _has_sdk_requirement, _installs_reference, _is_rendered, _port_dockerfile, _port_dockerignore, _port_requirements
 
@@ -70,13 +70,7 @@ class PortPlan:
 
     def apply(self) -> list[str]:
         for name, data in self.changes.items():
-            path = self.directory / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if name.startswith("wheels/"):
-                for old in path.parent.glob("lsdeploy-*.whl"):  # another version's wheel
-                    if old.name != path.name:
-                        old.unlink()
-            path.write_bytes(data)
+            write_rendered(self.directory, name, data)
         return self.written
 
 
@@ -88,18 +82,6 @@ def _walk(directory: Path):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(files):
             yield Path(root) / name
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_manifest(directory: Path) -> dict:
-    try:
-        data = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _text(path: Path, rel: str) -> str:
@@ -124,7 +106,7 @@ def plan(directory) -> PortPlan:
         raise LsdeployError(f"{directory} is not a directory; pass the backend's directory (the one with model.py)",
                             EXIT_USAGE)
     result = PortPlan(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     result.was_ported = isinstance(manifest.get("port"), dict)
     python_files, texts = [], []
     for path in _walk(directory):
@@ -182,8 +164,6 @@ def plan(directory) -> PortPlan:
         if path.parent == directory and base == "Dockerfile":
             if _dockerfile_installs_reference(text, directory):
                 result.uses_reference = True
-                from ..blueprints import render_dockerfile
-
                 new = _port_dockerfile(text, render_dockerfile(directory), result.unported)
                 result.changes["Dockerfile"] = new.encode("utf-8")
                 wants_wheel = True
@@ -214,7 +194,6 @@ def plan(directory) -> PortPlan:
             if new != text:
                 result.changes[".dockerignore"] = new.encode("utf-8")
         else:  # the blueprint's: no state, secrets, virtualenvs or VCS data in the image
-            from ..blueprints import FILES, Blueprint
 
             blueprint = Blueprint.load("default")
             result.changes[".dockerignore"] = blueprint.render(FILES[".dockerignore"],
@@ -236,16 +215,14 @@ def _manifest(directory: Path, manifest: dict, result: PortPlan, wheel: str | No
         for old in [f for f in files if f.startswith("wheels/")]:
             del files[old]
         data = result.changes.get(wheel)
-        files[wheel] = _sha256(data if data is not None else (directory / wheel).read_bytes())
+        files[wheel] = file_digest(data if data is not None else (directory / wheel).read_bytes())
     ignore = result.changes.get(".dockerignore")
     if ignore is not None and not (directory / ".dockerignore").exists():
-        files[".dockerignore"] = _sha256(ignore)  # the blueprint's, as create renders it
+        files[".dockerignore"] = file_digest(ignore)  # the blueprint's, as create renders it
     dockerfile = result.changes.get("Dockerfile")
     if dockerfile is not None:
-        from ..blueprints import render_dockerfile
-
         if dockerfile.decode("utf-8") == render_dockerfile(directory):
-            files["Dockerfile"] = _sha256(dockerfile)
+            files["Dockerfile"] = file_digest(dockerfile)
         else:
             files.pop("Dockerfile", None)
     data = {"options": manifest.get("options"), "files": files,

@@ -1,7 +1,6 @@
 """What port knows of the reference SDK, and what it reports (`Unported`)."""
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -16,7 +15,6 @@ TRAIN_EVENTS_LINES = (
     "TRAIN_EVENTS = (" + ", ".join(f'"{e}"' for e in REFERENCE_TRAIN_EVENTS) + ")",
 )
 SDK_REQUIREMENT = "lsdeploy[sdk]"
-MANIFEST = os.path.join(".lsdeploy", "rendered.json")
 RENDERED_MARK = "# Rendered by lsdeploy"
 _SKIP_DIRS = {".git", ".venv", "venv", "env", "__pycache__", ".lsdeploy", "wheels", "node_modules", "site-packages",
               ".pytest_cache", ".mypy_cache", "data"}
