@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from labelstudio_server import tasks_of, wait_label_studio_version, wait_trained
+from labelstudio_server import tasks_of, wait_label_studio_version
 from lsdeploy.model import next_version
 from support import wait_for
-from test_labelstudio import NEGATIVE, POSITIVE, annotate, connect
+from test_labelstudio import NEGATIVE, POSITIVE, annotate, connect, trained_version
 
 pytestmark = pytest.mark.e2e
 
@@ -44,14 +44,6 @@ def predictions_of(ls_api, pid, version) -> dict:
     return wait_for(attempt, timeout=120, interval=1.0, message=f"predictions of {version} for project {pid}")
 
 
-def served_version(server, pid) -> str:
-    return server.get(f"/versions?project={pid}", timeout=10).json()["model_version"]
-
-
-def fits_done(server, fits: int, event: str) -> None:
-    wait_trained(lambda path: server.get(path, timeout=10), fits, event)
-
-
 def test_scores_show_after_connect_and_follow_a_retrained_model_after_connect_again(ls_api, label_studio, project,
                                                                                     backend):
     server = backend()
@@ -82,8 +74,7 @@ def test_scores_show_after_connect_and_follow_a_retrained_model_after_connect_ag
         annotate(ls_api, tasks[text], "Positive")
     for text in NEGATIVE[:2]:
         annotate(ls_api, tasks[text], "Negative")
-    fits_done(server, 4, "ANNOTATION_CREATED")
-    retrained = served_version(server, pid)
+    retrained = trained_version(server, pid, 4, "ANNOTATION_CREATED")
     assert retrained != reg.model_version
     wait_label_studio_version(ls_api, reg.backend_id, retrained)
     second = predictions_of(ls_api, pid, retrained)
@@ -166,7 +157,7 @@ def test_connect_again_without_basic_auth_keeps_it(ls_api, label_studio, project
     assert hook["headers"]["Authorization"].startswith("Basic ")
     tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
     annotate(ls_api, tasks[POSITIVE[0]], "Positive")
-    fits_done(server, 1, "ANNOTATION_CREATED")
+    trained_version(server, pid, 1, "ANNOTATION_CREATED")
     assert "POST /webhook 401" not in server.log()
 
 
@@ -183,16 +174,13 @@ def test_training_on_submission_sends_each_annotation_twice_and_the_version_move
     tasks = {t["data"]["text"]: t["id"] for t in tasks_of(ls_api, pid)}
 
     annotate(ls_api, tasks[POSITIVE[0]], "Positive")
-    fits_done(server, 1, "ANNOTATION_CREATED")
-    fits_done(server, 1, "START_TRAINING")
-    assert served_version(server, pid) == next_version(reg.model_version)
+    trained_version(server, pid, 1, "ANNOTATION_CREATED")
+    assert trained_version(server, pid, 1, "START_TRAINING") == next_version(reg.model_version)
 
     annotate(ls_api, tasks[NEGATIVE[0]], "Negative")
-    fits_done(server, 2, "ANNOTATION_CREATED")
-    fits_done(server, 2, "START_TRAINING")
-    version = served_version(server, pid)
+    trained_version(server, pid, 2, "ANNOTATION_CREATED")
+    version = trained_version(server, pid, 2, "START_TRAINING")
     assert version == next_version(next_version(reg.model_version))
 
     ls_api.train(reg.backend_id)  # nothing new to learn from
-    fits_done(server, 3, "START_TRAINING")
-    assert served_version(server, pid) == version
+    assert trained_version(server, pid, 3, "START_TRAINING") == version
