@@ -7,6 +7,7 @@ import pytest
 
 from lsdeploy import create_app
 from lsdeploy.state import SQLiteStore
+from labelstudio_server import wait_trained
 from support import TEXT_CONFIG, Server, annotation_event, predict_body, text_task
 
 MODEL = '''
@@ -79,9 +80,6 @@ def test_flask_request_in_model_code_under_gunicorn(tmp_path, fit_wait):
     directory, _ = load_peeker(tmp_path)
     with Server(directory, env={"FIT_WAIT_SECONDS": fit_wait, "MODEL_DIR": str(tmp_path / "state")}) as server:
         exercise(lambda path, body: server.post(path, body))
-        from support import wait_for
-
-        wait_for(lambda: server.get("/metrics").text.count('lsdeploy_fit_total{event="ANNOTATION_CREATED",status="ok"} 1'),
-                 timeout=60, message="the fit to finish")
-        assert "fit failed" not in server.log()
+        counts = wait_trained(lambda path: server.get(path, timeout=10), 1, "ANNOTATION_CREATED", timeout=60)
+        assert counts.get("ok") == 1 and "fit failed" not in server.log()
     assert SQLiteStore(str(tmp_path / "state")).get("3", "fit_saw") == 77
