@@ -372,8 +372,9 @@ def test_the_deadline_holds_across_addresses_that_never_answer(tmp_path, monkeyp
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: [
         info for address in ("127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14")
         for info in real(address, port, *a, **k)] if host == "many.example" else real(host, port, *a, **k))
-    started = time.monotonic()
     with pytest.raises(TaskDataError, match="took longer than TASK_DATA_DEADLINE"):
         get_local_path("http://many.example:8080/a.txt", cache_dir=str(tmp_path))
-    assert time.monotonic() - started < 2.0, tried  # 4 x 0.6 s before
-    assert 1 <= len(tried) <= 2
+    # 0.6 s for the first address, at most the 0.4 s left for the second, then the deadline: never
+    # the third and fourth (before: all four, 2.4 s). Counted, not timed: a loaded machine only
+    # makes each wait longer, which leaves fewer addresses, not more.
+    assert 1 <= len(tried) <= 2, tried
