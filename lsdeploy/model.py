@@ -11,8 +11,10 @@ changing `label_studio_ml` to `lsdeploy` in its imports. Differences a user can 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import taskdata
@@ -97,6 +99,20 @@ def next_version(version: Optional[str]) -> str:
 _WHOLE_DATA = object()  # preload_task_data without a value: the task's whole data
 
 
+_delivery = threading.local()
+
+
+@contextlib.contextmanager
+def delivery_context(info: dict):
+    """While fit() runs for a queued event: what `LabelStudioMLBase.delivery` answers."""
+    previous = getattr(_delivery, "info", None)
+    _delivery.info = info
+    try:
+        yield
+    finally:
+        _delivery.info = previous
+
+
 class LabelStudioMLBase:
     """Base class of an ML backend. One instance serves one project and label config."""
 
@@ -131,6 +147,15 @@ class LabelStudioMLBase:
         """Called for every event in TRAIN_EVENTS (annotations, START_TRAINING, ...)."""
         if _update_fn:
             return _update_fn(event, data, helper=self, **additional_params)
+
+    @property
+    def delivery(self) -> Optional[Dict]:
+        """Inside fit() for a training event: {"job_id", "attempt", "sequence", "event",
+        "queued_at"}. Delivery is at least once (a fit cut short by a crash or a stop runs again,
+        attempt + 1): a fit that must not count an event twice keys its work on job_id. None
+        outside such a fit."""
+        info = getattr(_delivery, "info", None)
+        return dict(info) if info is not None else None
 
     def process_event(self, event, data, job_id=None, additional_params=None):
         if event in self.TRAIN_EVENTS:

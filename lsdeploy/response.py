@@ -11,7 +11,7 @@ serializes with their own `model_dump()`.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 
 class PredictionValue:
@@ -144,3 +144,70 @@ class ModelResponse:
 
     def __repr__(self):
         return f"ModelResponse({self.serialize()!r})"
+
+
+def serialize(response, model) -> list:
+    """Apply the reference SDK's rules for model_version and return the `results` list."""
+    if response is None:
+        response = []
+    if type(response) is list and all(type(p) is dict for p in response):
+        version = None
+        for prediction in response:  # the common case: plain dicts, no wrapping
+            if not prediction.get("model_version"):
+                version = version or str(model.model_version)
+                prediction["model_version"] = version
+        return response
+    if type(response) is ModelResponse:
+        results = _serialize_response(response, model)
+        if results is not None:
+            return results
+    if isinstance(response, dict):
+        if "predictions" not in response:
+            raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
+        response = ModelResponse(**response)
+    if not isinstance(response, (ModelResponse, list, tuple)) and is_pydantic(response) \
+            and hasattr(response, "predictions"):
+        return _serialize_foreign(response, model)
+    if isinstance(response, (list, tuple)):
+        response = ModelResponse(predictions=list(response))
+    if not isinstance(response, ModelResponse):
+        raise TypeError(f"predict() must return a list of predictions or a ModelResponse, not {type(response).__name__}")
+    if response.has_model_version():
+        response.update_predictions_version()
+    else:
+        response.set_version(model.model_version)
+    return response.serialize()["predictions"]
+
+
+def _serialize_foreign(response, model) -> list:
+    """A ModelResponse of label-studio-sdk or the reference SDK (pydantic): its model version is
+    set as the reference sets it, on the caller's own objects, then it is serialized as ours."""
+    ours = ModelResponse(predictions=list(response.predictions or []), model_version=response.model_version)
+    results = serialize(ours, model)
+    if not response.model_version:
+        response.model_version = ours.model_version
+    return results
+
+
+def _serialize_response(response: ModelResponse, model) -> Optional[list]:
+    """`serialize` of a ModelResponse holding PredictionValues and dicts (what blueprints and
+    most backends return), in one pass; None for anything else (nested lists, subclasses)."""
+    version = response.model_version
+    if version:
+        version = str(version)
+    else:
+        version = response.model_version = str(model.model_version)
+    results = []
+    for prediction in response.predictions:
+        kind = type(prediction)
+        if kind is PredictionValue:
+            if not prediction.model_version:
+                prediction.model_version = version
+            results.append(prediction.serialize())
+        elif kind is dict:
+            if not prediction.get("model_version"):
+                prediction["model_version"] = version
+            results.append(prediction)
+        else:
+            return None
+    return results

@@ -522,16 +522,21 @@ def _serve(settings: ServeSettings, app) -> None:
         from .state import default_store
 
         default_store()  # open this worker's store before its first request
+        app.extensions["lsdeploy"]["trainer"].start()  # resume what a stopped or dead worker left queued
         gc.freeze()  # see below: the same for what the worker itself set up
 
     def worker_exit(server, worker):
         ext = app.extensions["lsdeploy"]
         for handler in logging.getLogger().handlers:
             handler.flush()
-        if ext["trainer"].pending:
-            logger.info("finishing %d queued training job(s) before exit", ext["trainer"].pending)
-        if not ext["trainer"].drain(max(graceful - 1, 1)):
-            logger.error("exiting with %d training job(s) unfinished", ext["trainer"].pending)
+        # The running fit may finish within the grace period; queued events stay in the store.
+        left = ext["trainer"].stop(max(graceful - 1, 1))
+        if not left["finished"]:
+            logger.warning("training job %s did not finish within the grace period: it runs again, as its next "
+                           "attempt, when a worker starts", left["running"])
+        if left["queued"]:
+            logger.info("%d training event(s) left queued in the state store, not lost: they train when a "
+                        "worker starts", left["queued"])
 
     def child_exit(server, worker):  # in the master, after a worker exited
         app.extensions["lsdeploy"]["metrics"].retire(worker.pid)

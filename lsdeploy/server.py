@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hmac
 import io
 import json
@@ -35,7 +36,7 @@ import time
 import traceback
 from typing import Optional
 
-from flask import Flask, Response, copy_current_request_context, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
@@ -44,9 +45,11 @@ from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import LabelStudioMLBase, request_write
 from .pool import ModelPool
-from .response import ModelResponse, PredictionValue, is_pydantic
+from .response import serialize
 from .state import StateStore
-from .training import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_JOBS, Job, QueueFull, Trainer
+from . import jobs
+from .jobs import DONE_KEPT, JobQueue, QueueFull, job_id, parse_job_id
+from .training import DEFAULT_POLL_SECONDS, Trainer
 
 logger = logging.getLogger("lsdeploy.server")
 access_log = logging.getLogger("lsdeploy.access")
@@ -81,6 +84,57 @@ def project_id_of(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadRequest("'project' must be a string like \"3.1700000000\", a number, or an object with an id")
     return str(value).split(".", 1)[0]
+
+
+def training_event(kind: str, data: dict) -> tuple:
+    """(event, project id, label config or None, the data fit() gets) of a training request:
+    a webhook (`kind` "webhook") or the legacy /train call ("train"). BadRequest when it is not
+    one. The trainer calls it again on the stored body when the event's turn comes."""
+    if kind == "train":
+        project_id = project_id_of(data.get("project"))
+        label_config = data.get("label_config")
+        if data.get("annotations") is not None and not isinstance(data["annotations"], list):
+            raise BadRequest("'annotations' must be a list")
+        if data.get("params") is not None and not isinstance(data["params"], dict):
+            raise BadRequest("'params' must be an object")
+        payload = {"annotations": data.get("annotations") or [],
+                   "project": {"id": project_id, "label_config": label_config},
+                   "params": data.get("params") or {}}
+        event = "START_TRAINING"
+    else:
+        event = data.get("action")
+        if not isinstance(event, str) or not event:
+            raise BadRequest("not a Label Studio event: the body needs an 'action' string such as ANNOTATION_CREATED")
+        project = data.get("project")
+        project_id = project_id_of(project)
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        payload = {k: v for k, v in data.items() if k != "action"}
+    if label_config is not None and not isinstance(label_config, str):
+        raise BadRequest("'project.label_config' must be the label config XML string")
+    return event, project_id, label_config, payload
+
+
+def job_view(job: str, project_id: str, entry: dict) -> dict:
+    """GET /jobs/<id>: a queue entry as the API shows it (times in ISO 8601, UTC)."""
+    def when(seconds):
+        if not seconds:
+            return None
+        return datetime.datetime.fromtimestamp(float(seconds), datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+    state = entry.get("state")
+    view = {"job": job, "project": project_id, "state": state, "event": entry.get("event"),
+            "sequence": entry.get("seq"), "attempts": entry.get("attempts", 0),
+            "queued_at": when(entry.get("queued_at")), "started_at": when(entry.get("started_at")),
+            "finished_at": when(entry.get("finished_at"))}
+    if "position" in entry:
+        view["position"] = entry["position"]  # events ahead of it in the project's queue
+    if entry.get("error"):
+        view["error"] = entry["error"]
+    if state == "retrying":
+        view["next_attempt_at"] = when(entry.get("not_before"))
+    if entry.get("result") is not None:
+        view["result"] = entry["result"]
+    return view
 
 
 def _env_int(name: str, default: int) -> int:
@@ -135,13 +189,18 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     metrics.describe("lsdeploy_predictions_total", "counter", "Predictions returned")
     metrics.describe("lsdeploy_fit_total", "counter", "fit() runs by event and outcome")
     metrics.describe("lsdeploy_fit_duration_seconds", "histogram", "fit() duration")
-    metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training jobs queued or running (all workers)")
+    metrics.describe("lsdeploy_fit_queue_depth", "gauge", "Training events queued or running (the whole store)")
+    metrics.describe("lsdeploy_fit_failed_jobs", "gauge", "Training events kept as failed (the whole store)")
     metrics.describe("lsdeploy_fit_refused_total", "counter", "Training events refused with 503: the queue was full")
     metrics.describe("lsdeploy_info", "gauge", "Server version and model class")
     metrics.constant("lsdeploy_info", 1, version=__version__, model_class=model_class.__name__)
     pool = ModelPool(model_class, store, int(os.environ.get("MODEL_CACHE_SIZE", 32)))
-    trainer = Trainer(metrics, max_jobs=_env_int("TRAINING_QUEUE_MAX_JOBS", DEFAULT_QUEUE_JOBS),
-                      max_bytes=_env_int("TRAINING_QUEUE_MAX_BYTES", DEFAULT_QUEUE_BYTES))
+    queue = JobQueue(lambda: pool.store,
+                     max_jobs=_env_int("TRAINING_QUEUE_MAX_JOBS", jobs.DEFAULT_MAX_JOBS),
+                     max_bytes=_env_int("TRAINING_QUEUE_MAX_BYTES", jobs.DEFAULT_MAX_BYTES),
+                     max_attempts=_env_int("TRAINING_MAX_ATTEMPTS", jobs.DEFAULT_MAX_ATTEMPTS),
+                     retry_seconds=_env_float("TRAINING_RETRY_SECONDS", jobs.DEFAULT_RETRY_SECONDS))
+    trainer = Trainer(queue, None, metrics, poll_seconds=_env_float("TRAINING_POLL_SECONDS", DEFAULT_POLL_SECONDS))
     fit_wait = _env_float("FIT_WAIT_SECONDS", 0.5)
     app.extensions["lsdeploy"] = {"pool": pool, "trainer": trainer, "metrics": metrics, "model_class": model_class}
 
@@ -393,71 +452,94 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest("'params.context' must be an object or null")
         model = pool.get(project_id_of(data.get("project")), label_config)
         response = model.predict(tasks, context=context, **params)
-        results = _serialize(response, model)
+        results = serialize(response, model)
         metrics.add(_PREDICTIONS, len(results))
         return reply({"results": results})
 
     @app.post("/webhook")
     def webhook():
         data = body_json()
-        event = data.get("action")
-        if not isinstance(event, str) or not event:
-            raise BadRequest("not a Label Studio event: the body needs an 'action' string such as ANNOTATION_CREATED")
-        project = data.get("project")
-        project_id = project_id_of(project)
+        event, project_id, label_config, _ = training_event("webhook", data)
         if event not in model_class.TRAIN_EVENTS:
             return reply({"status": "skipped", "event": event,
                           "reason": f"{model_class.__name__}.TRAIN_EVENTS does not include {event}"})
-        label_config = project.get("label_config") if isinstance(project, dict) else None
-        payload = {k: v for k, v in data.items() if k != "action"}
-        return _run_fit(event, project_id, label_config, payload)
+        return queue_fit("webhook", event, project_id, label_config)
 
     @app.post("/train")
     def train():
         """Legacy training call: {annotations, project, label_config, params}."""
-        data = body_json()
-        project_id = project_id_of(data.get("project"))
-        label_config = data.get("label_config")
-        if data.get("annotations") is not None and not isinstance(data["annotations"], list):
-            raise BadRequest("'annotations' must be a list")
-        if data.get("params") is not None and not isinstance(data["params"], dict):
-            raise BadRequest("'params' must be an object")
-        payload = {"annotations": data.get("annotations") or [],
-                   "project": {"id": project_id, "label_config": label_config},
-                   "params": data.get("params") or {}}
-        return _run_fit("START_TRAINING", project_id, label_config, payload)
+        event, project_id, label_config, _ = training_event("train", body_json())
+        return queue_fit("train", event, project_id, label_config)
 
-    def _run_fit(event, project_id, label_config, payload):
-        if label_config is not None and not isinstance(label_config, str):
-            raise BadRequest("'project.label_config' must be the label config XML string")
-        model = pool.latest(project_id) if label_config is None else None
-        model = model or pool.get(project_id, label_config)
-        store = pool.store
-
-        @copy_current_request_context  # fit() may read flask.request, on the training thread too
-        def run():
-            with store.lock(project_id):
-                return model.process_event(event, payload, None, {})
-
+    def queue_fit(kind, event, project_id, label_config):
+        """Store the event in the project's durable queue, then wait FIT_WAIT_SECONDS for its fit."""
+        # The model the event will train, built now: a config it refuses is a 400 here, not a failed job.
+        if label_config is not None or pool.latest(project_id) is None:
+            pool.get(project_id, label_config)
+        body = request.get_data()  # what body_json read: the request as received
         try:
-            job = trainer.submit(Job(event, project_id, run, size=int(request.environ.get("CONTENT_LENGTH") or 0)))
+            job, outcome = trainer.submit(project_id, kind, event, body)
         except QueueFull as exc:
+            metrics.inc("lsdeploy_fit_refused_total", event=event)
             answer = error(str(exc), 503)
             answer.headers["Retry-After"] = str(exc.retry_after)
             return answer
-        if job.done.wait(fit_wait):
-            if job.error is not None:
-                status = 503 if isinstance(job.error, StateError) else 500
-                return error(f"fit failed: {type(job.error).__name__}: {job.error}", status)
+        finished = outcome.done.wait(fit_wait)
+        trainer.forget(job)
+        if not finished:
+            return reply({"status": "training", "job": job,
+                          "detail": f"fit runs in the background, in order after the project's earlier events; "
+                                    f"see GET /jobs/{job}"}, 202)
+        if outcome.status == "done":
             try:
-                json.dumps(job.result)
-                result = job.result
+                json.dumps(outcome.result)
+                result = outcome.result
             except (TypeError, ValueError):
-                result = repr(job.result)
-            return reply({"status": "ok", "result": result, "job": job.id,
-                          "model_version": model.model_version}, 201)
-        return reply({"status": "training", "job": job.id,
-                      "detail": f"fit is running in the background ({trainer.pending} job(s) queued in this worker)"}, 202)
+                result = repr(outcome.result)
+            return reply({"status": "ok", "result": result, "job": job, "model_version": outcome.model_version}, 201)
+        message = f"fit failed: {type(outcome.error).__name__}: {outcome.error}"
+        if outcome.status == "retrying":
+            return reply({"status": "retrying", "job": job, "error": message,
+                          "retry_in_seconds": round(outcome.retry_in, 1)}, 202)
+        status = 503 if isinstance(outcome.error, StateError) else 500
+        return reply({"status": status, "error": message, "job": job}, status)
+
+    def run_fit(project_id, entry, body):
+        """The trainer's call for one queued event: the model of its label config, and fit()
+        within a request context holding the event as received (model code may read
+        flask.request there, as under the reference SDK)."""
+        kind = entry.get("kind") or "webhook"
+        event, project_id, label_config, payload = training_event(kind, json.loads(body))
+        model = pool.latest(project_id) if label_config is None else None
+        model = model or pool.get(project_id, label_config)
+        path = "/train" if kind == "train" else "/webhook"
+        with app.test_request_context(path, method="POST", data=body, content_type="application/json"):
+            result = model.process_event(event, payload, job_id(project_id, entry["id"]), {})
+        return result, model.model_version
+
+    trainer.run_fit = run_fit
+
+    @app.get("/jobs/<path:job>")
+    def job_status(job):
+        project_id, token, entry = find_job(job)
+        return reply(job_view(job, project_id, entry))
+
+    @app.post("/jobs/<path:job>/retry")
+    def job_retry(job):
+        project_id, token, entry = find_job(job)
+        if entry.get("state") != "failed":
+            raise BadRequest(f"job {job} is {entry.get('state')}, not failed: only a failed job can be retried", 409)
+        entry = trainer.queue.retry(project_id, token) or entry
+        trainer.start()
+        return reply(job_view(job, project_id, entry), 202)
+
+    def find_job(job):
+        parsed = parse_job_id(job)
+        entry = trainer.queue.lookup(*parsed, fresh=True) if parsed else None
+        if entry is None:
+            raise BadRequest(f"no training job {job!r}: use the 'job' a webhook answered; finished jobs are kept "
+                             f"for the last {DONE_KEPT} events of a project", 404)
+        return parsed[0], parsed[1], entry
 
     @app.get("/versions")
     def versions():
@@ -469,6 +551,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     @app.get("/metrics")
     def prometheus():
+        try:  # the queue as the store holds it: every worker and instance, counted once
+            queued, failed = trainer.queue.depth()
+            metrics.constant("lsdeploy_fit_queue_depth", queued)
+            metrics.constant("lsdeploy_fit_failed_jobs", failed)
+        except Exception as exc:  # noqa: BLE001 - /metrics answers while the store fails
+            logger.warning("training queue depth unavailable for /metrics: %s", exc)
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
     @app.get("/openapi.json")
@@ -541,70 +629,3 @@ def _direct_handler():
     if found is None or found.filters or found.level > logging.INFO or not hasattr(found, "write_line"):
         return None
     return found
-
-
-def _serialize(response, model) -> list:
-    """Apply the reference SDK's rules for model_version and return the `results` list."""
-    if response is None:
-        response = []
-    if type(response) is list and all(type(p) is dict for p in response):
-        version = None
-        for prediction in response:  # the common case: plain dicts, no wrapping
-            if not prediction.get("model_version"):
-                version = version or str(model.model_version)
-                prediction["model_version"] = version
-        return response
-    if type(response) is ModelResponse:
-        results = _serialize_response(response, model)
-        if results is not None:
-            return results
-    if isinstance(response, dict):
-        if "predictions" not in response:
-            raise TypeError("predict() returned a dict without 'predictions'; return a list or a ModelResponse")
-        response = ModelResponse(**response)
-    if not isinstance(response, (ModelResponse, list, tuple)) and is_pydantic(response) \
-            and hasattr(response, "predictions"):
-        return _serialize_foreign(response, model)
-    if isinstance(response, (list, tuple)):
-        response = ModelResponse(predictions=list(response))
-    if not isinstance(response, ModelResponse):
-        raise TypeError(f"predict() must return a list of predictions or a ModelResponse, not {type(response).__name__}")
-    if response.has_model_version():
-        response.update_predictions_version()
-    else:
-        response.set_version(model.model_version)
-    return response.serialize()["predictions"]
-
-
-def _serialize_foreign(response, model) -> list:
-    """A ModelResponse of label-studio-sdk or the reference SDK (pydantic): its model version is
-    set as the reference sets it, on the caller's own objects, then it is serialized as ours."""
-    ours = ModelResponse(predictions=list(response.predictions or []), model_version=response.model_version)
-    results = _serialize(ours, model)
-    if not response.model_version:
-        response.model_version = ours.model_version
-    return results
-
-
-def _serialize_response(response: ModelResponse, model) -> Optional[list]:
-    """`_serialize` of a ModelResponse holding PredictionValues and dicts (what blueprints and
-    most backends return), in one pass; None for anything else (nested lists, subclasses)."""
-    version = response.model_version
-    if version:
-        version = str(version)
-    else:
-        version = response.model_version = str(model.model_version)
-    results = []
-    for prediction in response.predictions:
-        kind = type(prediction)
-        if kind is PredictionValue:
-            if not prediction.model_version:
-                prediction.model_version = version
-            results.append(prediction.serialize())
-        elif kind is dict:
-            if not prediction.get("model_version"):
-                prediction["model_version"] = version
-            results.append(prediction)
-        else:
-            return None
-    return results

@@ -1,118 +1,253 @@
-"""Training jobs: fit() runs on a background thread of each worker process, one job after
-another, in a bounded queue (jobs and bytes); a full queue is refused with QueueFull, which the
-server answers 503 with Retry-After."""
+"""The trainer: one background thread per worker process drains the durable training queue
+(`lsdeploy.jobs`) of every project that has one, running fit() for each event in order.
+
+A webhook stores its event (`JobQueue.enqueue`) and wakes this process's trainer; the trainer
+takes the project's training lock without waiting (`StateStore.try_lock`) and, while it holds
+it, claims the head, runs it and finishes it, one event after another. A worker that cannot take
+the lock leaves the project to the holder, which re-reads the queue after every event and once
+more after letting the lock go, so no event waits for a holder that has just finished. Every
+trainer also looks at every project's queue every TRAINING_POLL_SECONDS: what a dead process or
+instance left, and retries that came due, are picked up without a new webhook.
+
+A webhook waits FIT_WAIT_SECONDS for its own event (`Trainer.wait`), so a quick fit is answered
+with its result; otherwise the event trains in the background and `GET /jobs/<id>` tells how it
+went. On shutdown (`Trainer.stop`) the running fit may finish within the grace period; whatever
+is queued stays queued for the next start, and the log says how many.
+"""
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import os
-import queue
+import socket
 import threading
 import time
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
+from .jobs import JobQueue, job_id
 from .metrics import Metrics
+from .model import delivery_context
 
 logger = logging.getLogger("lsdeploy.server")
 
+DEFAULT_POLL_SECONDS = 2.0  # TRAINING_POLL_SECONDS
 
-class Job:
-    _ids = itertools.count(1)
 
-    def __init__(self, event: str, project_id: str, run, size: int = 0):
-        self.id = f"{os.getpid()}-{next(self._ids)}"
-        self.event = event
-        self.project_id = project_id
-        self.run = run
-        self.size = size  # bytes of the request that carried it (what a queued job holds in memory, about)
+class Outcome:
+    """What a waiting webhook learns about its event in this process."""
+
+    def __init__(self):
         self.done = threading.Event()
+        self.status: Optional[str] = None  # "done", "retrying" or "failed"
         self.result = None
         self.error: Optional[BaseException] = None
-
-
-class QueueFull(Exception):
-    """The training queue is at its bound: the caller answers 503 with Retry-After."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-DEFAULT_QUEUE_JOBS = 1000                 # TRAINING_QUEUE_MAX_JOBS, per worker process
-DEFAULT_QUEUE_BYTES = 32 * 1024 * 1024    # TRAINING_QUEUE_MAX_BYTES, per worker process
+        self.retry_in = 0.0
+        self.model_version: Optional[str] = None
 
 
 class Trainer:
-    """Runs fit() jobs one after another on a background thread of this process. The queue is
-    bounded in jobs and in the bytes of the requests they came in (a job holds its event in
-    memory until it ran): past either bound, submit raises QueueFull. An empty queue takes any
-    one job, so an event larger than the byte bound still trains."""
+    """See the module docstring. `run_fit(project, entry, body)` builds the model and runs its
+    fit() for one event (the server supplies it); it returns (result, model_version)."""
 
-    def __init__(self, metrics: Metrics, max_jobs: int = DEFAULT_QUEUE_JOBS, max_bytes: int = DEFAULT_QUEUE_BYTES):
+    def __init__(self, queue: JobQueue, run_fit: Callable, metrics: Metrics,
+                 poll_seconds: float = DEFAULT_POLL_SECONDS):
+        self.queue = queue
+        self.run_fit = run_fit
         self.metrics = metrics
-        self.max_jobs = max_jobs
-        self.max_bytes = max_bytes
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
+        self.poll_seconds = max(0.05, poll_seconds)
         self._pid = None
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._bytes = 0
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
         self._seconds_per_fit = 1.0  # a moving average, for Retry-After
+        self._reset()
 
-    def submit(self, job: Job) -> Job:
-        with self._lock:
-            if self._pending and (self._pending + 1 > self.max_jobs or self._bytes + job.size > self.max_bytes):
-                self.metrics.inc("lsdeploy_fit_refused_total", event=job.event)
-                wait = max(1, min(300, round(self._seconds_per_fit * self._pending)))
-                raise QueueFull(
-                    f"training queue full ({self._pending} job(s), {self._bytes} bytes queued in this worker; "
-                    f"bounds TRAINING_QUEUE_MAX_JOBS={self.max_jobs}, TRAINING_QUEUE_MAX_BYTES={self.max_bytes}): "
-                    f"send the event again in about {wait} s, or raise the bounds (memory allowing)", wait)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="lsdeploy-trainer", daemon=True)
+    def _reset(self):
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._hints: set = set()  # projects this process queued to: looked at before polling finds them
+        self._waiters: dict[str, Outcome] = {}
+        self._lock = threading.Lock()
+        self._running: Optional[str] = None  # the job id whose fit runs now
+        self._runner = f"{socket.gethostname()}-{os.getpid()}"
+
+    # -- the request path ------------------------------------------------------------------
+    def start(self) -> None:
+        """Start this process's trainer thread (again after a fork); idempotent."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._pid != os.getpid():
+                self._reset()
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="lsdeploy-trainer", daemon=True)
                 self._thread.start()
-            self._pending += 1
-            self._bytes += job.size
-            self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
-        self._queue.put(job)
-        return job
+
+    def submit(self, project: str, kind: str, event: str, body: bytes) -> tuple:
+        """Queue an event durably, then wake the trainer: (job id, Outcome to wait on)."""
+        self.start()
+        token = self.queue.new_token()
+        public = job_id(project, token)
+        outcome = Outcome()
+        with self._lock:  # before the event is queued: the trainer may run it at once
+            self._waiters[public] = outcome
+        try:
+            self.queue.enqueue(project, kind, event, body, self._seconds_per_fit, token=token)
+        except BaseException:
+            self.forget(public)
+            raise
+        with self._lock:
+            self._hints.add(project)
+        self._wake.set()
+        return public, outcome
+
+    def forget(self, public_id: str) -> None:
+        """The webhook stopped waiting for this job."""
+        with self._lock:
+            self._waiters.pop(public_id, None)
 
     @property
-    def pending(self) -> int:
-        return self._pending
+    def seconds_per_fit(self) -> float:
+        return self._seconds_per_fit
 
-    def _loop(self):
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            started = time.monotonic()
-            try:
-                job.result = job.run()
-                status = "ok"
-            except BaseException as exc:  # noqa: BLE001 - reported, never kills the thread
-                job.error = exc
-                status = "error"
-                logger.error("fit failed for project %r on %s: %s: %s", job.project_id, job.event,
-                             type(exc).__name__, exc)
-                logger.debug("fit traceback:\n%s", traceback.format_exc())
-            finally:
-                took = time.monotonic() - started
-                with self._lock:
-                    self._pending -= 1
-                    self._bytes -= job.size
-                    self._seconds_per_fit = 0.8 * self._seconds_per_fit + 0.2 * took
-                    self.metrics.set("lsdeploy_fit_queue_depth", self._pending)
-                self.metrics.inc("lsdeploy_fit_total", event=job.event, status=status)
-                self.metrics.observe("lsdeploy_fit_duration_seconds", took)
-                job.done.set()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait for queued training to finish (on shutdown). True when nothing is left."""
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no event is queued or running in the store (all projects); True then."""
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+        while True:
+            if self.queue.depth()[0] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.05)
-        return self._pending == 0
+
+    # -- shutdown --------------------------------------------------------------------------
+    def stop(self, grace: float) -> dict:
+        """Take no new event; let the running fit finish within `grace` seconds. What is queued
+        stays in the store for the next start. Returns {"finished": bool, "running": job id or
+        None, "queued": events left queued (all projects)}."""
+        self._stop.set()
+        self._wake.set()
+        finished = True
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(max(0.0, grace))
+            finished = not self._thread.is_alive()
+        try:
+            queued = self.queue.depth()[0]
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            queued = None
+        return {"finished": finished, "running": None if finished else self._running, "queued": queued}
+
+    # -- the thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        wait = 0.0  # look at once: a restarted server resumes what was left
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                wait = self._pass()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the store is unreachable: try again later
+                failures += 1
+                wait = min(30.0, self.poll_seconds * 2 ** min(failures, 4))
+                log = logger.warning if failures == 1 else logger.debug
+                log("training queue unavailable (%s: %s): trying again in %.0f s", type(exc).__name__, exc, wait)
+
+    def _pass(self) -> float:
+        """Drain every project with runnable events; seconds until the next look."""
+        with self._lock:
+            hints = set(self._hints)
+        projects = hints | set(self.queue.projects())
+        wait = self.poll_seconds
+        for project in sorted(projects):
+            if self._stop.is_set():
+                break
+            due = self._drain(project)
+            if due is None:
+                with self._lock:
+                    self._hints.discard(project)
+            else:
+                wait = min(wait, max(due, 0.05))
+        return wait
+
+    def _drain(self, project: str) -> Optional[float]:
+        """Run the project's events while this process holds its lock; seconds until its head
+        is due (or worth another look), None when its queue is empty."""
+        for _ in range(100):  # a bound, against a lock that is released and retaken forever
+            due = self.queue.runnable_in(project)
+            if due is None or due > 0:
+                return due
+            with self.queue.store.try_lock(project) as held:
+                if not held:
+                    return self.poll_seconds  # another worker or instance drains it
+                while not self._stop.is_set():
+                    entry = self.queue.claim(project, self._runner)
+                    if entry is None:
+                        break
+                    self._run(project, entry)
+            if self._stop.is_set():
+                return None
+            # The lock is free: an event queued while it was held, by a worker whose own try
+            # failed, is seen now (its write came before that try, which came before this read).
+        return 0.0
+
+    def _run(self, project: str, entry: dict) -> None:
+        public = job_id(project, entry["id"])
+        event, attempt = entry.get("event"), int(entry.get("attempts") or 1)
+        if entry.get("interrupted_runner"):
+            logger.warning("job %s (%s) runs again, attempt %d: its run by %s did not finish", public, event,
+                           attempt, entry["interrupted_runner"])
+        with self._lock:
+            outcome = self._waiters.pop(public, None)
+            self._running = public
+        started = time.monotonic()
+        try:
+            body = self.queue.store.get_event(project, entry["id"])
+            if body is None:
+                raise LookupError("the event's body is missing from the state store")
+            with delivery_context({"job_id": public, "attempt": attempt, "sequence": entry.get("seq"),
+                                   "event": event, "queued_at": entry.get("queued_at")}):
+                result, version = self.run_fit(project, entry, body)
+        except BaseException as exc:  # noqa: BLE001 - recorded, retried; never kills the thread
+            took = time.monotonic() - started
+            self._count(event, "error", took)
+            message = f"{type(exc).__name__}: {exc}"
+            status, delay = self.queue.failed(project, entry["id"], message)
+            if status == "retrying":
+                logger.error("fit failed for job %s (%s, attempt %d of %d): %s; retrying in %.0f s", public, event,
+                             attempt, self.queue.max_attempts, message, delay)
+            else:
+                logger.error("fit failed for job %s (%s, attempt %d of %d): %s; kept as failed (GET /jobs/%s)",
+                             public, event, attempt, self.queue.max_attempts, message, public)
+            logger.debug("fit traceback:\n%s", traceback.format_exc())
+            if outcome is not None:
+                outcome.status, outcome.error, outcome.retry_in = status, exc, delay
+                outcome.done.set()
+            return
+        finally:
+            with self._lock:
+                self._running = None
+        took = time.monotonic() - started
+        self._seconds_per_fit = 0.8 * self._seconds_per_fit + 0.2 * took
+        self._count(event, "ok", took)
+        self.queue.finish(project, entry["id"], _summary(result))
+        if outcome is not None:
+            outcome.status, outcome.result, outcome.model_version = "done", result, version
+            outcome.done.set()
+
+    def _count(self, event, status, took) -> None:
+        self.metrics.inc("lsdeploy_fit_total", event=event, status=status)
+        self.metrics.observe("lsdeploy_fit_duration_seconds", took)
+
+
+def _summary(result) -> Optional[str]:
+    """What the done list keeps of a fit's result: its JSON, cut short."""
+    if result is None:
+        return None
+    try:
+        return json.dumps(result)[:500]
+    except (TypeError, ValueError):
+        return repr(result)[:500]

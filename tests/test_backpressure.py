@@ -43,13 +43,13 @@ def test_a_full_queue_answers_503_with_retry_after_and_takes_events_again_once_d
     assert [hook(client, i).status_code for i in (1, 2, 3)] == [202, 202, 202]
     refused = hook(client, 4)
     assert refused.status_code == 503 and refused.is_json
-    assert refused.json["error"].startswith("training queue full (3 job(s), ")
+    assert refused.json["error"].startswith("training queue of project '1' is full (3 event(s), ")
     assert "TRAINING_QUEUE_MAX_JOBS=3" in refused.json["error"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 300
     assert 'lsdeploy_fit_refused_total{event="ANNOTATION_CREATED"} 1' in client.get("/metrics").get_data(as_text=True)
 
     Gated.gate.set()
-    assert app.extensions["lsdeploy"]["trainer"].drain(20)
+    assert app.extensions["lsdeploy"]["trainer"].wait_idle(20)
     assert Gated.fits == [1, 2, 3]  # the refused one never reached fit: Label Studio was told
     assert hook(client, 5).status_code in (201, 202)
 
@@ -62,7 +62,7 @@ def test_the_byte_bound_counts_the_requests_and_an_empty_queue_takes_any_one(gat
     refused = hook(client, 2, padding=1000)
     assert refused.status_code == 503 and "TRAINING_QUEUE_MAX_BYTES=100000" in refused.json["error"]
     Gated.gate.set()
-    assert app.extensions["lsdeploy"]["trainer"].drain(20)
+    assert app.extensions["lsdeploy"]["trainer"].wait_idle(20)
     assert hook(client, 3, padding=60_000).status_code in (201, 202)
 
 

@@ -96,8 +96,8 @@ def test_document_is_served_and_shipped(fuzz_server):
     served = fuzz_server.get("/openapi.json").json()
     assert served == json.loads(openapi_document())
     assert set(served["paths"]) == {"/", "/health", "/setup", "/predict", "/webhook", "/train", "/versions",
-                                    "/metrics", "/openapi.json"}
-    assert len(shipped_operations()) == 9
+                                    "/metrics", "/openapi.json", "/jobs/{job}", "/jobs/{job}/retry"}
+    assert len(shipped_operations()) == 11
 
 
 def test_fuzz_every_operation(fuzz_server):

@@ -219,16 +219,84 @@ def test_slow_fit_answers_202_and_finishes_in_background(model_dir, monkeypatch)
     assert time.monotonic() - started < 2.5
     assert resp.status_code == 202 and resp.json["status"] == "training"
     trainer = client.application.extensions["lsdeploy"]["trainer"]
-    assert trainer.drain(20)
+    assert trainer.wait_idle(20)
     assert len(Echo.fits) == 1
     pool = client.application.extensions["lsdeploy"]["pool"]
     assert pool.store.get("9", "n") == 1
 
 
-def test_failing_fit_is_json_500(client):
+def test_failing_fit_is_json_500_when_no_retry_is_left(client, monkeypatch):
+    monkeypatch.setenv("TRAINING_MAX_ATTEMPTS", "1")
+    client = create_app(Echo, store=client.application.extensions["lsdeploy"]["pool"].store).test_client()
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}, "fail": True})
     assert resp.status_code == 500 and resp.json["error"] == "fit failed: RuntimeError: training exploded"
     assert client.get("/health").status_code == 200
+
+
+class FlakyFit(LabelStudioMLBase):
+    """fit() raises on its first `fail_times` deliveries, then trains; records what it was told."""
+
+    fail_times = 1
+    seen = []
+
+    def fit(self, event, data, **kwargs):
+        FlakyFit.seen.append((kwargs.get("job_id"), self.delivery["attempt"], self.delivery["job_id"]))
+        if len(FlakyFit.seen) <= FlakyFit.fail_times:
+            raise RuntimeError("storage hiccup")
+        self.set("trained", data["annotation"]["id"])
+        return {"ok": True}
+
+
+def test_a_fit_that_fails_is_retried_then_succeeds_and_the_job_says_so(model_dir, monkeypatch):
+    monkeypatch.setenv("FIT_WAIT_SECONDS", "20")
+    monkeypatch.setenv("TRAINING_RETRY_SECONDS", "0.2")
+    FlakyFit.fail_times, FlakyFit.seen = 1, []
+    app = create_app(FlakyFit, store=SQLiteStore(str(model_dir)))
+    client = app.test_client()
+    resp = client.post("/webhook", json=annotation_event(1, 7, "good", "Positive", project=4))
+    assert resp.status_code == 202 and resp.json["status"] == "retrying", resp.json
+    assert resp.json["error"] == "fit failed: RuntimeError: storage hiccup" and resp.json["retry_in_seconds"] == 0.2
+    job = resp.json["job"]
+    assert job.startswith("4-")
+    assert app.extensions["lsdeploy"]["trainer"].wait_idle(20)
+    assert [attempt for _, attempt, _ in FlakyFit.seen] == [1, 2]
+    assert all(given == job and seen == job for given, _, seen in FlakyFit.seen)  # job_id= and self.delivery
+    view = client.get(f"/jobs/{job}").json
+    assert view["state"] == "done" and view["attempts"] == 2 and view["event"] == "ANNOTATION_CREATED"
+    assert app.extensions["lsdeploy"]["pool"].store.get("4", "trained") == 7
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'lsdeploy_fit_total{event="ANNOTATION_CREATED",status="error"} 1' in metrics
+    assert 'lsdeploy_fit_total{event="ANNOTATION_CREATED",status="ok"} 1' in metrics
+    assert "lsdeploy_fit_queue_depth 0" in metrics
+
+
+def test_a_fit_that_keeps_failing_is_kept_as_failed_and_can_be_retried(model_dir, monkeypatch):
+    monkeypatch.setenv("FIT_WAIT_SECONDS", "0")
+    monkeypatch.setenv("TRAINING_RETRY_SECONDS", "0.05")
+    monkeypatch.setenv("TRAINING_MAX_ATTEMPTS", "3")
+    FlakyFit.fail_times, FlakyFit.seen = 3, []
+    app = create_app(FlakyFit, store=SQLiteStore(str(model_dir)))
+    client = app.test_client()
+    first = client.post("/webhook", json=annotation_event(1, 7, "good", "Positive", project=4)).json["job"]
+    second = client.post("/webhook", json=annotation_event(2, 8, "bad", "Negative", project=4)).json["job"]
+    assert app.extensions["lsdeploy"]["trainer"].wait_idle(20)
+    failed = client.get(f"/jobs/{first}").json
+    assert failed["state"] == "failed" and failed["attempts"] == 3
+    assert failed["error"] == "RuntimeError: storage hiccup"
+    assert client.get(f"/jobs/{second}").json["state"] == "done"  # the queue went on after it
+    assert "lsdeploy_fit_failed_jobs 1" in client.get("/metrics").get_data(as_text=True)
+    assert client.post(f"/jobs/{second}/retry").status_code == 409
+    again = client.post(f"/jobs/{first}/retry")
+    assert again.status_code == 202 and again.json["state"] == "queued" and again.json["sequence"] == 3
+    assert app.extensions["lsdeploy"]["trainer"].wait_idle(20)
+    assert client.get(f"/jobs/{first}").json["state"] == "done"
+    assert app.extensions["lsdeploy"]["pool"].store.get("4", "trained") == 7
+
+
+@pytest.mark.parametrize("job", ["4-0123456789abcdef", "nothing", "4-", "4-a/b"])
+def test_an_unknown_job_is_a_json_404(client, job):
+    resp = client.get(f"/jobs/{job}")
+    assert resp.status_code == 404 and resp.is_json and "no training job" in resp.json["error"]
 
 
 def test_legacy_train_endpoint(client):

@@ -10,6 +10,14 @@ from typing import Any, Callable, Iterator
 MISSING = object()  # "no value" where None is a value
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+EVENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EVENT_KEY = "lsdeploy.event."
+
+
+def check_event_id(event_id: str) -> str:
+    if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
+        raise ValueError(f"event id {event_id!r} is not allowed: letters, digits, '_' or '-', at most 64")
+    return event_id
 
 
 def check_artifact_name(name: str) -> str:
@@ -83,6 +91,40 @@ class StateStore:
     def lock(self, project: str) -> Iterator[None]:
         """Serialize training for a project across the processes that share this store."""
         yield
+
+    # -- what the durable training queue (lsdeploy.jobs) needs -------------------------------
+    @contextlib.contextmanager
+    def try_lock(self, project: str) -> Iterator[bool]:
+        """The project's training lock without waiting: yields True when this process now holds
+        it (exclusive across threads, processes and instances sharing the store), False at once
+        when another holds it or it cannot be taken. This default waits for `lock()`."""
+        with self.lock(project):
+            yield True
+
+    def read(self, project: str, key: str, default: Any = None) -> Any:
+        """A fresh read: reflects every write completed before the call, by any process or
+        instance (`get` may serve a snapshot a little older)."""
+        return self.get(project, key, default)
+
+    def degraded(self) -> str | None:
+        """Why writes cannot be expected to land now (storage known to be unreachable), or None;
+        cheap, for the request path (health() is the full check)."""
+        return None
+
+    def projects(self, key: str) -> list:
+        """The projects that have a value for `key` (a store that cannot list them: none)."""
+        return []
+
+    def put_event(self, project: str, event_id: str, data: bytes) -> None:
+        """Store a queued event's body (the request as received) durably before returning."""
+        self.set(project, _EVENT_KEY + check_event_id(event_id), data.decode("utf-8"))
+
+    def get_event(self, project: str, event_id: str) -> bytes | None:
+        text = self.read(project, _EVENT_KEY + check_event_id(event_id))
+        return None if text is None else text.encode("utf-8")
+
+    def delete_event(self, project: str, event_id: str) -> None:
+        self.delete(project, _EVENT_KEY + check_event_id(event_id))
 
     def health(self) -> dict:
         return {"store": self.kind, "status": "ok"}

@@ -18,7 +18,7 @@ import threading
 import time
 
 from ..errors import StateError
-from .base import StateStore, check_artifact_name, encode_value, safe_component
+from .base import StateStore, check_artifact_name, check_event_id, encode_value, safe_component
 from .sqlite_file import DatabaseFile, connect, explain
 
 _UPSERT = ("INSERT INTO state (project, key, value) VALUES (?, ?, ?) "
@@ -99,6 +99,12 @@ class SQLiteStore(StateStore):
                     "CREATE TABLE IF NOT EXISTS state (project TEXT NOT NULL, key TEXT NOT NULL, "
                     "value TEXT NOT NULL, PRIMARY KEY (project, key))"
                 )
+                # Queued training events (lsdeploy.jobs): bodies apart from the keys, so a queued
+                # event never enters a process's read cache and writing one invalidates nothing.
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS events (project TEXT NOT NULL, id TEXT NOT NULL, "
+                    "body BLOB NOT NULL, PRIMARY KEY (project, id))"
+                )
             conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StateError(explain(exc).message(self.path)) from None
@@ -172,6 +178,24 @@ class SQLiteStore(StateStore):
         self._written()
         return new
 
+    def projects(self, key):
+        try:
+            rows = self._connect().execute("SELECT DISTINCT project FROM state WHERE key=?", (key,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._file.failed("read", exc) from None
+        return [row[0] for row in rows]
+
+    def put_event(self, project, event_id, data):
+        self._write("INSERT OR REPLACE INTO events (project, id, body) VALUES (?, ?, ?)",
+                    (str(project), check_event_id(event_id), sqlite3.Binary(data)))
+
+    def get_event(self, project, event_id):
+        row = self._read("SELECT body FROM events WHERE project=? AND id=?", (str(project), check_event_id(event_id)))
+        return None if row is None else bytes(row[0])
+
+    def delete_event(self, project, event_id):
+        self._write("DELETE FROM events WHERE project=? AND id=?", (str(project), check_event_id(event_id)))
+
     def _artifact_path(self, project, name):
         return os.path.join(self.model_dir, "artifacts", safe_component(project), check_artifact_name(name))
 
@@ -202,6 +226,23 @@ class SQLiteStore(StateStore):
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def try_lock(self, project):
+        lock_dir = os.path.join(self.model_dir, "locks")
+        os.makedirs(lock_dir, exist_ok=True)
+        # flock belongs to the open file: another thread of this process, with its own open,
+        # is refused like another process.
+        with open(os.path.join(lock_dir, safe_component(project) + ".lock"), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 

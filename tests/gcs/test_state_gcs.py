@@ -798,9 +798,11 @@ def test_storage_outage_keeps_predict_answering(own_emulator, servers):
     wait_for(lambda: b.get("/health").json()["store"]["status"] == "degraded", timeout=30, message="degraded")
     health = b.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "DEGRADED"
-    # Writes sent during the outage are retried until storage is back.
-    webhook(a, "START_TRAINING")
-    webhook(a, "ANNOTATION_CREATED", annotation={"id": 2, "result": []}, task=text_task(1, "x"))
+    # A training event sent during the outage cannot be stored: it is refused at once, not
+    # acknowledged and then lost.
+    refused = a.post("/webhook", {"action": "ANNOTATION_CREATED", "project": PROJECT,
+                                  "annotation": {"id": 2, "result": []}, "task": text_task(1, "x")})
+    assert refused.status_code == 503 and "not acknowledged" in refused.json()["error"], refused.text
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         for server in (a, b):
@@ -808,8 +810,12 @@ def test_storage_outage_keeps_predict_answering(own_emulator, servers):
             assert result["n"] == 1 and result["model_version"] == version
         time.sleep(0.1)
     own_emulator.start()
+    wait_for(lambda: b.get("/health").json()["store"]["status"] == "ok", timeout=30)
+    wait_for(lambda: a.get("/health").json()["store"]["status"] == "ok", timeout=30)
+    webhook(a, "START_TRAINING")  # sent again once storage answers
+    webhook(a, "ANNOTATION_CREATED", annotation={"id": 2, "result": []}, task=text_task(1, "x"))
     wait_for(lambda: predict(b)["n"] == 2 and predict(b)["model_version"] == "0.1.0", timeout=90,
-             message="the writes made during the outage")
+             message="the events sent again after the outage")
     wait_for(lambda: b.get("/health").json()["store"]["status"] == "ok", timeout=30)
     assert predict(a)["n"] == 2
 

@@ -1,5 +1,5 @@
 """gs://BUCKET/PREFIX as the store talks to it: the client, retries and timeouts, object names,
-small uploads and downloads, and what a refused request means in one line."""
+uploads, downloads and deletions of single objects, and what a refused request means in one line."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 from ...errors import StateError
 from .errors import ROLE_HINT, Outage, describe
-from .names import decode_body, parse_state_name, project_dir, state_name
+from .names import decode_body, event_name, parse_state_name, project_dir, state_name
 
 logger = logging.getLogger("lsdeploy.state.gcs")
 
@@ -98,6 +98,9 @@ class StateBucket:
     def lease_object(self, project: str) -> str:
         return f"{self.prefix}locks/{project_dir(project)}.json"
 
+    def event_object(self, project: str, event_id: str) -> str:
+        return f"{self.prefix}queue/{event_name(project, event_id)}"
+
     # -- state objects -------------------------------------------------------------------
     def list_state(self, retry) -> dict:
         """{key: generation} of every state object (one listing request per 1000 objects)."""
@@ -131,12 +134,35 @@ class StateBucket:
         try:
             return self.download_state(key, retry=self.retry, timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001
-            self.outage.note(exc)
-            raise StateError(f"cannot read {what} from {self.uri}: {describe(exc)} "
-                             f"(retried for {self.write_timeout:.0f} s)") from None
+            raise self.read_error(what, exc) from None
+
+    # -- single objects, with the write retries --------------------------------------------
+    def download(self, name: str, what: str) -> Optional[bytes]:
+        """An object's bytes, or None when there is none; StateError when storage does not answer."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self.bucket.blob(name).download_as_bytes(retry=self.retry, timeout=self.timeout)
+        except gexc.NotFound:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise self.read_error(what, exc) from None
+
+    def remove(self, name: str, what: str) -> None:
+        """Delete an object; a missing one is fine; StateError when storage refuses or does not answer."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.bucket.blob(name).delete(retry=self.retry, timeout=self.timeout)
+        except gexc.NotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self.write_error(f"deletion of {what}", exc, needs="storage.objects.delete") from None
 
     def upload(self, name: str, data: bytes, what: str, if_generation_match=None, retry=None):
-        """Upload a small object (multipart, so a precondition is honoured); the blob written.
+        """Upload an object; the blob written. Up to 8 MiB the client sends one multipart
+        request, where a precondition is honoured (state objects stay below 4 MiB for that);
+        above, a resumable upload (queued event bodies: no precondition, their names are unique).
         PreconditionFailed is the caller's; any other failure is a StateError."""
         from google.api_core import exceptions as gexc
 
@@ -151,16 +177,28 @@ class StateBucket:
         return blob
 
     # -- errors --------------------------------------------------------------------------
-    def write_error(self, what: str, exc: BaseException) -> StateError:
+    def write_error(self, what: str, exc: BaseException, needs: str = "storage.objects.create") -> StateError:
+        """A write that failed, in one line; an unreachable storage also degrades the store."""
         from google.api_core import exceptions as gexc
 
         if isinstance(exc, gexc.Forbidden):
             return StateError(f"cannot write {what} to {self.uri}{self.who()}: permission denied, needs "
-                              f"storage.objects.create; {ROLE_HINT} {self.bucket_name!r}")
+                              f"{needs}; {ROLE_HINT} {self.bucket_name!r}")
         if isinstance(exc, gexc.NotFound):
             return StateError(f"cannot write {what}: bucket {self.bucket_name!r} does not exist any more")
         self.outage.note(exc)
         return StateError(f"cannot write {what} to {self.uri}: {describe(exc)} "
+                          f"(retried for {self.write_timeout:.0f} s, MODEL_STATE_WRITE_TIMEOUT_SECONDS)")
+
+    def read_error(self, what: str, exc: BaseException) -> StateError:
+        """A read that failed, in one line; an unreachable storage also degrades the store."""
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, gexc.Forbidden):
+            return StateError(f"cannot read {what} from {self.uri}{self.who()}: permission denied, needs "
+                              f"storage.objects.get; {ROLE_HINT} {self.bucket_name!r}")
+        self.outage.note(exc)
+        return StateError(f"cannot read {what} from {self.uri}: {describe(exc)} "
                           f"(retried for {self.write_timeout:.0f} s, MODEL_STATE_WRITE_TIMEOUT_SECONDS)")
 
     def read_refused(self, exc: BaseException) -> StateError:

@@ -1,6 +1,13 @@
-"""One fit per project at a time: a thread lock in this process, plus a best-effort lease object
-across instances (``locks/p-<project>.json``, created with if_generation_match=0, renewed while
-held, taken over when expired, deleted at the end)."""
+"""One fit per project at a time: a thread lock in this process, plus a lease object across
+instances (``locks/p-<project>.json``, created with if_generation_match=0, renewed while held,
+taken over when expired, deleted at the end).
+
+`hold` (lock()) waits for the lease and is best effort: when storage cannot be reached, or the
+lease is not free after ``lock_wait`` seconds, training goes ahead without it. `try_hold`
+(try_lock(), for the training queue) never waits and never goes on without the lease: anything
+but taking it at once (another thread, process or instance holds it, or storage does not answer
+within a few seconds) yields False.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +24,8 @@ from .snapshot import Snapshot
 
 logger = logging.getLogger("lsdeploy.state.gcs")
 
+TRY_SECONDS = 2.0  # how long try_hold retries a storage request that fails transiently
+
 
 class TrainingLocks:
     def __init__(self, objects: StateBucket, snapshot: Snapshot, owner: str, lease_seconds: float,
@@ -31,6 +40,11 @@ class TrainingLocks:
     def after_fork(self) -> None:
         self._guard = threading.Lock()
         self._local: dict[str, threading.Lock] = {}
+        self._unavailable = False  # try_hold warned that storage does not answer
+
+    def _local_lock(self, project: str) -> threading.Lock:
+        with self._guard:
+            return self._local.setdefault(project, threading.Lock())
 
     @contextlib.contextmanager
     def hold(self, project) -> Iterator[None]:
@@ -38,69 +52,127 @@ class TrainingLocks:
         training goes ahead without it (with a warning): the lease avoids duplicate work;
         update() is what keeps state correct."""
         project = str(project)
-        with self._guard:
-            local = self._local.setdefault(project, threading.Lock())
-        with local:
+        with self._local_lock(project):
             lease = self._acquire(project)
             try:
-                # The previous holder's writes finished before it let go: see them before fit
-                # reads anything (a fit is not on the request path, so it may wait for storage).
-                self.snapshot.refresh()
-            except Exception as exc:  # noqa: BLE001 - degraded: fit sees the last known state
-                logger.warning("training project %r on the last known state: cannot refresh it (%s)",
-                               project, describe(exc))
-            try:
+                self._catch_up(project)
                 yield
             finally:
                 if lease is not None:
                     lease.release()
 
+    @contextlib.contextmanager
+    def try_hold(self, project) -> Iterator[bool]:
+        """Yields True while this process holds the project's lock and lease (after a refresh,
+        renewed in the background, released at the end); False at once when another thread,
+        process or instance holds either, or when storage does not answer (a warning the first
+        time, until a lease request succeeds again)."""
+        project = str(project)
+        local = self._local_lock(project)
+        if not local.acquire(blocking=False):
+            yield False
+            return
+        lease = None
+        try:
+            lease = self._acquire_now(project)
+        finally:
+            if lease is None:
+                local.release()
+        if lease is None:
+            yield False
+            return
+        try:
+            try:  # unlike hold(): no fit on a state older than what the previous holder wrote
+                self.snapshot.refresh()
+                caught_up = True
+            except Exception as exc:  # noqa: BLE001 - storage failed between the lease and the listing
+                logger.warning("training of project %r waits: cannot read the latest state (%s)",
+                               project, describe(exc))
+                caught_up = False
+            yield caught_up
+        finally:
+            lease.release()
+            local.release()
+
+    def _catch_up(self, project: str) -> None:
+        """The previous holder's writes finished before it let go: see them before fit reads
+        anything (a fit is not on the request path, so it may wait for storage)."""
+        try:
+            self.snapshot.refresh()
+        except Exception as exc:  # noqa: BLE001 - degraded: fit sees the last known state
+            logger.warning("training project %r on the last known state: cannot refresh it (%s)",
+                           project, describe(exc))
+
     def lease_body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_seconds}).encode()
 
-    def _acquire(self, project: str) -> Optional["Lease"]:
-        from google.api_core import exceptions as gexc
-
+    def _take(self, project: str, retry, timeout) -> tuple[Optional["Lease"], Optional[dict]]:
+        """One try: (the lease, None) when it was free or expired and is now ours; (None, the
+        holder's lease) while another holder's is unexpired. PreconditionFailed or NotFound:
+        another instance moved between our read and our write. Other storage errors raise."""
         objects = self.objects
         name = objects.lease_object(project)
+        generation = 0
+        holder = objects.bucket.get_blob(name, timeout=timeout, retry=retry)
+        if holder is not None:
+            info = json.loads(holder.download_as_bytes(timeout=timeout, retry=retry,
+                                                       if_generation_match=holder.generation))
+            if float(info.get("expires", 0)) > time.time():
+                return None, info
+            generation = holder.generation
+        blob = objects.bucket.blob(name)
+        blob.upload_from_string(self.lease_body(), content_type="application/json", if_generation_match=generation,
+                                retry=retry, timeout=timeout)
+        return Lease(self, blob, int(blob.generation)), None
+
+    def _acquire(self, project: str) -> Optional["Lease"]:
+        """The lease, waiting up to `lock_wait` for it; None: train without it."""
+        from google.api_core import exceptions as gexc
+
         deadline = time.monotonic() + self.lock_wait
         waited = False
         while True:
-            body = self.lease_body()
-            blob = objects.bucket.blob(name)
             try:
-                holder = blob.bucket.get_blob(name, timeout=objects.timeout, retry=objects.retry_for(10.0))
-                if holder is None:
-                    generation = 0
-                else:
-                    info = json.loads(holder.download_as_bytes(timeout=objects.timeout, retry=objects.retry_for(10.0),
-                                                               if_generation_match=holder.generation))
-                    if float(info.get("expires", 0)) > time.time():
-                        if not waited:
-                            logger.info("waiting for the training lease of project %r (held by %s)",
-                                        project, info.get("owner"))
-                            waited = True
-                        if time.monotonic() > deadline:
-                            logger.warning("training lease of project %r still held by %s after %.0f s: training "
-                                           "without it", project, info.get("owner"), self.lock_wait)
-                            return None
-                        time.sleep(random.uniform(0.1, 0.4))
-                        continue
-                    generation = holder.generation
-                blob.upload_from_string(body, content_type="application/json", if_generation_match=generation,
-                                        retry=objects.retry_for(10.0), timeout=objects.timeout)
+                lease, holder = self._take(project, self.objects.retry_for(10.0), self.objects.timeout)
             except (gexc.PreconditionFailed, gexc.NotFound):  # another instance moved first
-                if time.monotonic() > deadline:
-                    logger.warning("training lease of project %r still contended after %.0f s: training without it",
-                                   project, self.lock_wait)
-                    return None
-                time.sleep(random.uniform(0.05, 0.2))
-                continue
+                lease, holder = None, None
             except Exception as exc:  # noqa: BLE001 - best effort
                 logger.warning("training lease of project %r unavailable (%s): training without it",
                                project, describe(exc))
                 return None
-            return Lease(self, blob, int(blob.generation))
+            if lease is not None:
+                return lease
+            if holder is not None and not waited:
+                logger.info("waiting for the training lease of project %r (held by %s)", project, holder.get("owner"))
+                waited = True
+            if time.monotonic() > deadline:
+                logger.warning("training lease of project %r still %s after %.0f s: training without it", project,
+                               f"held by {holder.get('owner')}" if holder is not None else "contended",
+                               self.lock_wait)
+                return None
+            time.sleep(random.uniform(0.1, 0.4) if holder is not None else random.uniform(0.05, 0.2))
+
+    def _acquire_now(self, project: str) -> Optional["Lease"]:
+        """The lease if it can be taken at once, else None. Requests get the refresh's short
+        timeout and are retried for TRY_SECONDS at most: a caller polling this never hangs on
+        an unreachable storage."""
+        from google.api_core import exceptions as gexc
+
+        objects = self.objects
+        try:
+            lease, _ = self._take(project, objects.retry_for(TRY_SECONDS), objects.list_timeout)
+        except (gexc.PreconditionFailed, gexc.NotFound):  # another instance moved first
+            return None
+        except Exception as exc:  # noqa: BLE001 - not training now; the caller tries again later
+            if not self._unavailable:
+                self._unavailable = True
+                logger.warning("training lease of project %r unavailable (%s): not training until %s answers",
+                               project, describe(exc), objects.uri)
+            return None
+        if self._unavailable:
+            self._unavailable = False
+            logger.warning("training leases in %s available again", objects.uri)
+        return lease
 
 
 class Lease:

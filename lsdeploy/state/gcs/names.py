@@ -3,7 +3,10 @@
 - ``state/p-<project>/k-<key>.json``: one object per key, ``{"v": value, "w": [ids]}``;
 - ``state/p-<project>/a-<name>.json``: the pointer of an artifact ``{"v": {"sha256", "size", ...}}``;
 - ``artifacts/p-<project>/<name>/<sha256>``: artifact contents, immutable, content-addressed;
-- ``locks/p-<project>.json``: a training lease.
+- ``locks/p-<project>.json``: a training lease;
+- ``queue/p-<project>/<event_id>.json``: the body of one queued event, written once, read and
+  deleted by the project's training queue (bytes as given, up to 16 MiB). Outside ``state/``,
+  so the snapshot's listing never sees (nor downloads) them.
 
 A key of the snapshot is ``(kind, project, key)``, kind ``"k"`` (a key) or ``"a"`` (an artifact
 pointer). Project and key are percent-encoded in object names.
@@ -16,7 +19,7 @@ import urllib.parse
 from typing import Any, Optional
 
 from ...errors import StateError
-from ..base import encode_value
+from ..base import check_event_id, encode_value
 
 MAX_VALUE_BYTES = 4 << 20  # far below the client's 8 MiB switch to resumable uploads
 RECENT_WRITES = 16  # update ids kept in a state object ("w")
@@ -46,6 +49,12 @@ def project_dir(project: str) -> str:
 def state_name(kind: str, project: str, key: str) -> str:
     """Object name (relative to PREFIX/state/) of a key ('k') or an artifact pointer ('a')."""
     return f"{project_dir(project)}/{kind}-{quote(key)}.json"
+
+
+def event_name(project: str, event_id: str) -> str:
+    """Object name (relative to PREFIX/queue/) of a queued event's body; ValueError for an id
+    that could leave the project's folder."""
+    return f"{project_dir(project)}/{check_event_id(event_id)}.json"
 
 
 def parse_state_name(name: str) -> Optional[tuple]:

@@ -2,9 +2,9 @@
 
 Selected with ``MODEL_STATE_URI=gs://BUCKET/PREFIX`` (needs the ``gcs`` extra). docs/state.md
 is the user-facing description; the package docstring is the design. This module holds the
-keys (get/set/create/update/delete) and puts the parts together: `StateBucket` (bucket.py)
-talks to storage, `Snapshot` (snapshot.py) serves reads, `Artifacts` (artifacts.py) and
-`TrainingLocks` (lease.py).
+keys (get/set/create/update/delete, and `read`, the one read that asks storage) and puts the
+parts together: `StateBucket` (bucket.py) talks to storage, `Snapshot` (snapshot.py) serves
+reads, `Artifacts` (artifacts.py), `TrainingLocks` (lease.py) and `EventBodies` (events.py).
 
 One object per key means a ``set()`` never rewrites another key, and ``update()`` is an
 optimistic read-modify-write on one object guarded by ``if_generation_match`` (0 when the key
@@ -18,17 +18,17 @@ Transient errors (429, 5xx, timeouts, refused connections) are retried with expo
 for up to ``write_timeout`` seconds; a write that still fails raises StateError. A write given
 ``wait=`` (the ones made on the request path while a model is built) returns after at most that
 long, at once while storage is degraded, and goes on in a background thread: it lands, or an
-error is logged.
+error is logged (background.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import random
 import socket
 import tempfile
-import threading
 import time
 import uuid
 import weakref
@@ -37,8 +37,10 @@ from typing import Callable, Iterator, Optional
 from ...errors import StateError
 from ..base import StateStore
 from .artifacts import Artifacts
+from .background import BackgroundWrites
 from .bucket import StateBucket, client_factory
 from .errors import Outage
+from .events import EventBodies
 from .lease import TrainingLocks
 from .names import RECENT_WRITES, encode_body, parse_uri
 from .snapshot import Snapshot
@@ -75,8 +77,6 @@ class GCSStore(StateStore):
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"lsdeploy-{os.getuid()}", "gcs-cache")
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._closed = False
-        self._lock = threading.Lock()  # guards _background
-        self._background: set = set()  # writes that outlived their caller's wait
 
         self._objects = StateBucket(bucket, prefix, client, client_factory, self.write_timeout,
                                     self.refresh_seconds, Outage(self.uri))
@@ -85,6 +85,8 @@ class GCSStore(StateStore):
                                     self.artifact_grace_seconds)
         self._training = TrainingLocks(self._objects, self._snapshot, self._owner, self.lease_seconds,
                                        self.lock_wait)
+        self._events = EventBodies(self._objects)
+        self._writes = BackgroundWrites(self.uri, lambda: self._snapshot.degraded(time.monotonic()) is not None)
         if check:
             self._check_usable()
         self._register_fork_handler()
@@ -139,53 +141,13 @@ class GCSStore(StateStore):
 
     def _after_fork(self) -> None:
         # Threads and HTTP connections do not survive fork: start over with the same snapshot.
-        self._lock = threading.Lock()
-        self._background = set()
+        self._writes.after_fork()
         self._training.after_fork()
         self._snapshot.after_fork()
         if not self._closed:
             self._objects.reconnect()
 
     # -- keys ----------------------------------------------------------------------------
-    def _within(self, wait: Optional[float], what: str, write: Callable[[], None]) -> None:
-        """Run `write`; with `wait`, return after at most that long (at once while storage is
-        degraded) and let the write finish in a background thread: it lands, or an error is
-        logged. An error raised while the caller still waits is the caller's."""
-        if wait is None:
-            write()
-            return
-        done = threading.Event()
-        guard = threading.Lock()
-        state = {"waiting": True, "error": None}
-
-        def run():
-            try:
-                write()
-            except BaseException as exc:  # noqa: BLE001 - the caller's, or logged
-                with guard:
-                    if state["waiting"]:
-                        state["error"] = exc
-                        return
-                logger.error("%s was not written to %s: %s", what, self.uri, exc)
-            finally:
-                done.set()
-                with self._lock:
-                    self._background.discard(thread)
-
-        thread = threading.Thread(target=run, name="lsdeploy-gcs-write", daemon=True)
-        with self._lock:
-            self._background.add(thread)
-        thread.start()
-        done.wait(0 if self._snapshot.degraded(time.monotonic()) is not None else wait)
-        with guard:
-            state["waiting"] = False
-            error = state["error"]
-        if error is not None:
-            raise error
-        if not done.is_set():
-            logger.warning("%s is still being written to %s (storage is slow or unreachable); it lands in "
-                           "the background or an error is logged", what, self.uri)
-
     def get(self, project, key, default=None):
         self._snapshot.fresh()
         entry = self._snapshot.get(("k", str(project), key))
@@ -203,7 +165,7 @@ class GCSStore(StateStore):
             blob = self._objects.upload(self._objects.state_object(skey), data, f"state key {key!r}")
             self._snapshot.remember(skey, int(blob.generation), json.loads(data))
 
-        self._within(wait, f"state key {key!r}", write)
+        self._writes.run(wait, f"state key {key!r}", write)
 
     def create(self, project, key, value, *, wait=None):
         from google.api_core import exceptions as gexc
@@ -224,20 +186,34 @@ class GCSStore(StateStore):
                 return
             self._snapshot.remember(skey, int(blob.generation), json.loads(data))
 
-        self._within(wait, what, write)
+        self._writes.run(wait, what, write)
 
     def delete(self, project, key):
-        from google.api_core import exceptions as gexc
-
-        objects = self._objects
         skey = ("k", str(project), key)
-        try:
-            objects.bucket.blob(objects.state_object(skey)).delete(retry=objects.retry, timeout=objects.timeout)
-        except gexc.NotFound:
-            pass
-        except Exception as exc:  # noqa: BLE001
-            raise objects.write_error(f"deletion of state key {key!r}", exc) from None
+        self._objects.remove(self._objects.state_object(skey), f"state key {key!r}")
         self._snapshot.forget(skey)
+
+    def read(self, project, key, default=None):
+        """The value in storage now (one download with the write retries, not the snapshot):
+        every write that completed before the call, on any instance, is seen. The snapshot
+        learns it too. StateError when storage does not answer."""
+        skey = ("k", str(project), key)
+        started = time.monotonic()
+        found = self._objects.read_for_update(skey, f"state key {key!r}")
+        if found is None:
+            known = self._snapshot.get(skey)
+            if known is not None and known.stamp <= started:  # not a write of ours made meanwhile
+                self._snapshot.forget(skey)
+            return default
+        self._snapshot.remember(skey, *found)
+        return copy.deepcopy(found[1].get("v"))  # the snapshot keeps the decoded body
+
+    def projects(self, key):
+        """The projects that have a value for `key`, as the snapshot knows them (no request)."""
+        self._snapshot.fresh()
+        with self._snapshot._lock:  # noqa: SLF001 - Snapshot has no listing of its keys yet
+            keys = list(self._snapshot._entries)  # noqa: SLF001
+        return sorted({project for kind, project, name in keys if kind == "k" and name == key})
 
     def update(self, project, key, fn, default=None):
         from google.api_core import exceptions as gexc
@@ -294,6 +270,23 @@ class GCSStore(StateStore):
         a fit starts from what the previous holder wrote."""
         return self._training.hold(project)
 
+    def try_lock(self, project) -> Iterator[bool]:
+        """lock() that never waits: yields whether this process now holds it (lease.py)."""
+        return self._training.try_hold(project)
+
+    # -- queued events: bodies outside the state keys (events.py) ---------------------------
+    def put_event(self, project, event_id, data):
+        self._events.put(str(project), event_id, data)
+
+    def get_event(self, project, event_id):
+        return self._events.get(str(project), event_id)
+
+    def delete_event(self, project, event_id):
+        self._events.delete(str(project), event_id)
+
+    def degraded(self):
+        return self._snapshot.degraded(time.monotonic())
+
     def health(self) -> dict:
         self._snapshot.fresh()
         now = time.monotonic()
@@ -311,15 +304,7 @@ class GCSStore(StateStore):
         return body
 
     def close(self) -> None:
-        # Writes still going on in the background: give them a moment, then say what is lost.
-        deadline = time.monotonic() + 5
-        with self._lock:
-            pending = list(self._background)
-        for thread in pending:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        unfinished = [t for t in pending if t.is_alive()]
-        if unfinished:
-            logger.error("%d background write(s) to %s not finished at shutdown", len(unfinished), self.uri)
+        self._writes.close(5.0)
         self._closed = True
         self._snapshot.close()
         self._objects.close()

@@ -1,0 +1,300 @@
+"""The durable training queue: every acknowledged training event, per project, in the state store.
+
+A webhook's body is stored (`StateStore.put_event`) and then appended to the project's index, one
+state key (`QUEUE_KEY`) changed only by atomic `update()`s, before the webhook is answered. So
+the queue lives wherever the state does: SQLite under MODEL_DIR for every worker of a machine, or
+Cloud Storage (MODEL_STATE_URI) for every instance of a deployment.
+
+The index of a project::
+
+    {"next": 18,                       # the sequence number of the next event
+     "queued": [entry, ...],           # in acknowledgement order; the head is the next to run
+     "failed": [entry, ...],           # gave up after TRAINING_MAX_ATTEMPTS (bodies kept)
+     "done": [entry, ...]}             # the last DONE_KEPT finished, for GET /jobs/<id>
+
+An entry: ``{"id", "seq", "kind", "event", "size", "queued_at", "attempts", "state",
+"not_before", "error", "runner", "started_at", "finished_at"}``; state is ``queued``,
+``running`` (claimed by `runner`) or ``retrying`` (a fit raised; runs again from `not_before`).
+
+Only the holder of the project's training lock (`StateStore.try_lock`) claims the head, runs it
+and finishes it, so events of a project reach fit() one at a time in order, across workers and
+instances. An event leaves `queued` only after its fit returned; a claimed entry whose runner
+died stays `running` and the next holder runs it again with the next attempt number: delivery is
+at least once, and fit() gets the job id and attempt (see `LabelStudioMLBase.delivery`).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Optional
+
+from .errors import StateError
+
+QUEUE_KEY = "lsdeploy.training_queue"
+DONE_KEPT = 100     # finished jobs kept in the index, for GET /jobs/<id>
+FAILED_KEPT = 100   # failed jobs kept (with their bodies); older ones are dropped
+ERROR_CHARS = 2000  # an error message kept in the index is cut to this
+
+DEFAULT_MAX_JOBS = 1000                 # TRAINING_QUEUE_MAX_JOBS, per project
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024   # TRAINING_QUEUE_MAX_BYTES, per project
+DEFAULT_MAX_ATTEMPTS = 5                # TRAINING_MAX_ATTEMPTS
+DEFAULT_RETRY_SECONDS = 5.0             # TRAINING_RETRY_SECONDS: the first backoff, doubled each time
+MAX_BACKOFF_SECONDS = 600.0
+
+
+class QueueFull(Exception):
+    """The project's training queue is at its bound: the caller answers 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def job_id(project: str, token: str) -> str:
+    """The public id of a job: the project and the event's token (`<project>-<token>`)."""
+    return f"{project}-{token}"
+
+
+def parse_job_id(value: str) -> Optional[tuple]:
+    """(project, token) of a public job id, or None when it cannot be one."""
+    project, sep, token = str(value).rpartition("-")
+    if not sep or not token or len(token) > 64 or not all(c.isalnum() or c == "_" for c in token):
+        return None
+    return project, token
+
+
+def _empty() -> dict:
+    return {"next": 1, "queued": [], "failed": [], "done": []}
+
+
+def _index(value) -> dict:
+    index = _empty()
+    if isinstance(value, dict):
+        index.update({k: value[k] for k in index if k in value})
+    return index
+
+
+class JobQueue:
+    """The durable queue over a state store; see the module docstring."""
+
+    def __init__(self, store_of, max_jobs: int = DEFAULT_MAX_JOBS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, retry_seconds: float = DEFAULT_RETRY_SECONDS):
+        self._store_of = store_of  # a callable: the store is opened per worker process, on first use
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self.max_attempts = max(1, max_attempts)
+        self.retry_seconds = retry_seconds
+
+    @property
+    def store(self):
+        return self._store_of()
+
+    # -- the request path ------------------------------------------------------------------
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_hex(8)
+
+    def enqueue(self, project: str, kind: str, event: str, body: bytes, seconds_per_fit: float = 1.0,
+                token: Optional[str] = None) -> dict:
+        """Store the event and append it to the project's queue; the entry. Raises QueueFull past
+        the bounds (an empty queue takes any one event) and StateError when storage fails: then
+        nothing was acknowledged and nothing is left behind but, at worst, an unreferenced body."""
+        store = self.store
+        problem = store.degraded()
+        if problem is not None:  # answer at once: this event cannot be stored now
+            raise StateError(f"the training event was not stored, so it is not acknowledged: the state store is "
+                             f"unreachable ({problem}); it trains if sent again once storage answers")
+        token = token or self.new_token()
+        store.put_event(project, token, body)
+        entry = {"id": token, "seq": 0, "kind": kind, "event": event, "size": len(body),
+                 "queued_at": time.time(), "attempts": 0, "state": "queued"}
+
+        def append(value):
+            index = _index(value)
+            queued = index["queued"]
+            held = sum(int(e.get("size") or 0) for e in queued)
+            if queued and (len(queued) + 1 > self.max_jobs or held + len(body) > self.max_bytes):
+                wait = max(1, min(300, round(seconds_per_fit * len(queued))))
+                raise QueueFull(
+                    f"training queue of project {project!r} is full ({len(queued)} event(s), {held} bytes; "
+                    f"bounds TRAINING_QUEUE_MAX_JOBS={self.max_jobs}, TRAINING_QUEUE_MAX_BYTES={self.max_bytes}): "
+                    f"send the event again in about {wait} s, or raise the bounds", wait)
+            entry["seq"] = index["next"]
+            index["next"] += 1
+            queued.append(dict(entry))
+            return index
+
+        try:
+            store.update(project, QUEUE_KEY, append)
+        except BaseException:
+            try:
+                store.delete_event(project, token)
+            except Exception:  # noqa: BLE001 - an unreferenced body costs only its bytes
+                pass
+            raise
+        return entry
+
+    def lookup(self, project: str, token: str, fresh: bool = False) -> Optional[dict]:
+        """The entry of a job wherever it is (queued, failed, done), with its position."""
+        store = self.store
+        index = _index(store.read(project, QUEUE_KEY) if fresh else store.get(project, QUEUE_KEY))
+        for position, entry in enumerate(index["queued"]):
+            if entry.get("id") == token:
+                return dict(entry, position=position)
+        for part, state in (("failed", "failed"), ("done", "done")):
+            for entry in index[part]:
+                if entry.get("id") == token:
+                    return dict(entry, state=state)
+        return None
+
+    # -- the trainer (holding the project's lock) ------------------------------------------
+    def projects(self) -> list:
+        return self.store.projects(QUEUE_KEY)
+
+    def runnable_in(self, project: str, now: Optional[float] = None) -> Optional[float]:
+        """Seconds until the project's head may run (0: now), None when nothing is queued."""
+        queued = _index(self.store.get(project, QUEUE_KEY))["queued"]
+        if not queued:
+            return None
+        now = time.time() if now is None else now
+        return max(0.0, float(queued[0].get("not_before") or 0) - now)
+
+    def depth(self) -> tuple:
+        """(queued, failed) events over every project."""
+        queued = failed = 0
+        store = self.store
+        for project in self.projects():
+            index = _index(store.get(project, QUEUE_KEY))
+            queued += len(index["queued"])
+            failed += len(index["failed"])
+        return queued, failed
+
+    def claim(self, project: str, runner: str) -> Optional[dict]:
+        """Mark the head running (one more attempt) and return it; None when there is nothing to
+        run now. A head left `running` was interrupted (its runner died or was stopped): it runs
+        again, counted as an attempt; past the bound it is moved to failed instead."""
+        store = self.store
+        if self.runnable_in(project) != 0.0 and self._fresh_head(project) is None:
+            return None
+        claimed: dict = {}
+        dropped: list = []
+
+        def take(value):
+            claimed.clear()
+            dropped.clear()
+            index = _index(value)
+            now = time.time()
+            while index["queued"]:
+                head = index["queued"][0]
+                if float(head.get("not_before") or 0) > now:
+                    break
+                if head.get("state") == "running" and int(head.get("attempts") or 0) >= self.max_attempts:
+                    index["queued"].pop(0)
+                    head.update(state="failed", finished_at=now, error=(
+                        f"interrupted {head['attempts']} time(s): the process running fit() died or was stopped "
+                        f"before it returned (last runner {head.get('runner')}); kept as failed"))
+                    dropped.extend(self._keep_failed(index, head))
+                    claimed["interrupted"] = head
+                    continue
+                head["interrupted_runner"] = head.get("runner") if head.get("state") == "running" else None
+                head.update(state="running", attempts=int(head.get("attempts") or 0) + 1, runner=runner,
+                            started_at=now)
+                claimed["entry"] = dict(head)
+                break
+            return index
+
+        store.update(project, QUEUE_KEY, take)
+        self._drop_bodies(project, dropped)
+        return claimed.get("entry")
+
+    def _fresh_head(self, project: str) -> Optional[dict]:
+        """The head from a fresh read (the snapshot `get` serves may lag a write elsewhere)."""
+        queued = _index(self.store.read(project, QUEUE_KEY))["queued"]
+        if queued and float(queued[0].get("not_before") or 0) <= time.time():
+            return queued[0]
+        return None
+
+    def finish(self, project: str, token: str, summary: Optional[str] = None) -> None:
+        """The head's fit returned: it leaves the queue for the done list; its body is deleted."""
+        def done(value):
+            index = _index(value)
+            for i, entry in enumerate(index["queued"]):
+                if entry.get("id") == token:
+                    entry = index["queued"].pop(i)
+                    entry.update(state="done", finished_at=time.time(), error=None)
+                    if summary is not None:
+                        entry["result"] = summary[:ERROR_CHARS]
+                    index["done"] = (index["done"] + [entry])[-DONE_KEPT:]
+                    break
+            return index
+
+        self.store.update(project, QUEUE_KEY, done)
+        self.store.delete_event(project, token)
+
+    def failed(self, project: str, token: str, error: str) -> tuple:
+        """The head's fit raised: ("retrying", seconds until the next attempt), or ("failed", 0)
+        once it had TRAINING_MAX_ATTEMPTS attempts (it is then kept in the failed list)."""
+        outcome: dict = {}
+        dropped: list = []
+
+        def record(value):
+            outcome.clear()
+            dropped.clear()
+            index = _index(value)
+            for i, entry in enumerate(index["queued"]):
+                if entry.get("id") != token:
+                    continue
+                attempts = int(entry.get("attempts") or 1)
+                entry["error"] = error[:ERROR_CHARS]
+                if attempts >= self.max_attempts:
+                    index["queued"].pop(i)
+                    entry.update(state="failed", finished_at=time.time())
+                    dropped.extend(self._keep_failed(index, entry))
+                    outcome["result"] = ("failed", 0.0)
+                else:
+                    delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
+                    entry.update(state="retrying", not_before=time.time() + delay)
+                    outcome["result"] = ("retrying", delay)
+                break
+            return index
+
+        self.store.update(project, QUEUE_KEY, record)
+        self._drop_bodies(project, dropped)
+        return outcome.get("result", ("failed", 0.0))
+
+    def retry(self, project: str, token: str) -> Optional[dict]:
+        """Queue a failed job again, at the end of the queue with fresh attempts; its entry, or
+        None when no failed job has that id."""
+        found: dict = {}
+
+        def again(value):
+            found.clear()
+            index = _index(value)
+            for i, entry in enumerate(index["failed"]):
+                if entry.get("id") == token:
+                    entry = index["failed"].pop(i)
+                    entry.update(state="queued", attempts=0, seq=index["next"], not_before=0, runner=None,
+                                 queued_at=time.time(), finished_at=None)
+                    index["next"] += 1
+                    index["queued"].append(entry)
+                    found["entry"] = dict(entry, position=len(index["queued"]) - 1)
+                    break
+            return index
+
+        self.store.update(project, QUEUE_KEY, again)
+        return found.get("entry")
+
+    @staticmethod
+    def _keep_failed(index: dict, entry: dict) -> list:
+        """Append to the failed list; the ids of the oldest ones dropped past FAILED_KEPT."""
+        index["failed"].append(entry)
+        overflow = index["failed"][:-FAILED_KEPT]
+        index["failed"] = index["failed"][-FAILED_KEPT:]
+        return [e.get("id") for e in overflow]
+
+    def _drop_bodies(self, project: str, tokens: list) -> None:
+        for token in tokens:
+            try:
+                self.store.delete_event(project, token)
+            except Exception:  # noqa: BLE001 - an unreferenced body costs only its bytes
+                pass
