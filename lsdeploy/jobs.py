@@ -24,6 +24,7 @@ at least once, and fit() gets the job id and attempt (see `LabelStudioMLBase.del
 """
 from __future__ import annotations
 
+import datetime
 import secrets
 import time
 from typing import Optional
@@ -61,6 +62,29 @@ def parse_job_id(value: str) -> Optional[tuple]:
     if not sep or not token or len(token) > 64 or not all(c.isalnum() or c == "_" for c in token):
         return None
     return project, token
+
+
+def view(job: str, project_id: str, entry: dict) -> dict:
+    """GET /jobs/<id>: a queue entry as the API shows it (times in ISO 8601, UTC)."""
+    def when(seconds):
+        if not seconds:
+            return None
+        return datetime.datetime.fromtimestamp(float(seconds), datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+    state = entry.get("state")
+    view = {"job": job, "project": project_id, "state": state, "event": entry.get("event"),
+            "sequence": entry.get("seq"), "attempts": entry.get("attempts", 0),
+            "queued_at": when(entry.get("queued_at")), "started_at": when(entry.get("started_at")),
+            "finished_at": when(entry.get("finished_at"))}
+    if "position" in entry:
+        view["position"] = entry["position"]  # events ahead of it in the project's queue
+    if entry.get("error"):
+        view["error"] = entry["error"]
+    if state == "retrying":
+        view["next_attempt_at"] = when(entry.get("not_before"))
+    if entry.get("result") is not None:
+        view["result"] = entry["result"]
+    return view
 
 
 def _empty() -> dict:

@@ -24,10 +24,6 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime
-import hmac
 import io
 import json
 import logging
@@ -40,6 +36,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, taskdata
+from .access import access_log, authorized, direct_handler, printable_path
 from .errors import EXIT_USAGE, LsdeployError, StateError
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
@@ -52,7 +49,6 @@ from .jobs import DONE_KEPT, JobQueue, QueueFull, job_id, parse_job_id
 from .training import DEFAULT_POLL_SECONDS, Trainer
 
 logger = logging.getLogger("lsdeploy.server")
-access_log = logging.getLogger("lsdeploy.access")
 
 HEALTH_PATH = "/health"  # the one path served without basic auth (container probes)
 # A parsed JSON body can take up to about 25 times its size in memory (many tiny objects), so
@@ -112,29 +108,6 @@ def training_event(kind: str, data: dict) -> tuple:
     if label_config is not None and not isinstance(label_config, str):
         raise BadRequest("'project.label_config' must be the label config XML string")
     return event, project_id, label_config, payload
-
-
-def job_view(job: str, project_id: str, entry: dict) -> dict:
-    """GET /jobs/<id>: a queue entry as the API shows it (times in ISO 8601, UTC)."""
-    def when(seconds):
-        if not seconds:
-            return None
-        return datetime.datetime.fromtimestamp(float(seconds), datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-    state = entry.get("state")
-    view = {"job": job, "project": project_id, "state": state, "event": entry.get("event"),
-            "sequence": entry.get("seq"), "attempts": entry.get("attempts", 0),
-            "queued_at": when(entry.get("queued_at")), "started_at": when(entry.get("started_at")),
-            "finished_at": when(entry.get("finished_at"))}
-    if "position" in entry:
-        view["position"] = entry["position"]  # events ahead of it in the project's queue
-    if entry.get("error"):
-        view["error"] = entry["error"]
-    if state == "retrying":
-        view["next_attempt_at"] = when(entry.get("not_before"))
-    if entry.get("result") is not None:
-        view["result"] = entry["result"]
-    return view
 
 
 def _env_int(name: str, default: int) -> int:
@@ -292,7 +265,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     def lsdeploy_wsgi(environ, start_response):
         started = perf_counter()
         path = environ.get("PATH_INFO") or "/"
-        if credentials is not None and path != HEALTH_PATH and not _authorized(environ.get("HTTP_AUTHORIZATION"), credentials):
+        if credentials is not None and path != HEALTH_PATH and not authorized(environ.get("HTTP_AUTHORIZATION"), credentials):
             start_response("401 UNAUTHORIZED", list(unauthorized_headers))
             result, status = [unauthorized], 401
         else:
@@ -331,9 +304,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         metrics.record(counters, hist_key, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             if not (path.isascii() and path.isprintable()):
-                path = _printable_path(path)
+                path = printable_path(path)
             message = f"{method} {path} {status} {elapsed * 1000:.1f}ms"
-            handler = _direct_handler()
+            handler = direct_handler()
             if handler is None or not handler.write_line(access_log.name, message):
                 # makeRecord + handle: the record logger.info builds, without the stack walk
                 access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, message, None, None))
@@ -380,7 +353,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             state = pool.store.health()
         except Exception as exc:  # noqa: BLE001 - health must answer
             state = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        if credentials is not None and not _authorized(request.headers.get("Authorization"), credentials):
+        if credentials is not None and not authorized(request.headers.get("Authorization"), credentials):
             state = {k: v for k, v in state.items() if k in _PUBLIC_STORE_FIELDS}
         body["store"] = state
         if state.get("status") not in (None, "ok"):
@@ -522,7 +495,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     @app.get("/jobs/<path:job>")
     def job_status(job):
         project_id, token, entry = find_job(job)
-        return reply(job_view(job, project_id, entry))
+        return reply(jobs.view(job, project_id, entry))
 
     @app.post("/jobs/<path:job>/retry")
     def job_retry(job):
@@ -531,7 +504,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest(f"job {job} is {entry.get('state')}, not failed: only a failed job can be retried", 409)
         entry = trainer.queue.retry(project_id, token) or entry
         trainer.start()
-        return reply(job_view(job, project_id, entry), 202)
+        return reply(jobs.view(job, project_id, entry), 202)
 
     def find_job(job):
         parsed = parse_job_id(job)
@@ -581,51 +554,3 @@ def openapi_document() -> str:
 
 _PREDICTIONS = ("lsdeploy_predictions_total", ())
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
-
-
-def _authorized(header: Optional[str], credentials: tuple) -> bool:
-    """An `Authorization: Basic ...` header carrying exactly these (user, password) bytes."""
-    if not header:
-        return False
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    user, sep, password = decoded.partition(b":")
-    # both compared, always: the time taken says nothing about which one was wrong
-    user_ok = hmac.compare_digest(user, credentials[0])
-    password_ok = hmac.compare_digest(password, credentials[1])
-    return bool(sep) and user_ok and password_ok
-
-
-def _printable_path(path: str) -> str:
-    """PATH_INFO as text for a log line: UTF-8 decoded, control characters escaped (a path
-    cannot forge a second log line)."""
-    try:
-        path = path.encode("latin-1").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        pass
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
-
-
-def _direct_handler():
-    """The one handler an access line reaches when it can take the line directly (lsdeploy's
-    StderrHandler, no filters anywhere on the way), else None (then a LogRecord is built)."""
-    if access_log.filters or not access_log.propagate or access_log.disabled:
-        return None
-    found = None
-    logger = access_log
-    while logger is not None:
-        for handler in logger.handlers:
-            if found is not None:
-                return None
-            found = handler
-        if not logger.propagate:
-            break
-        logger = logger.parent
-    if found is None or found.filters or found.level > logging.INFO or not hasattr(found, "write_line"):
-        return None
-    return found
