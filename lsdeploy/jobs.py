@@ -25,11 +25,14 @@ at least once, and fit() gets the job id and attempt (see `LabelStudioMLBase.del
 from __future__ import annotations
 
 import datetime
+import logging
 import secrets
 import time
 from typing import Optional
 
 from .errors import StateError
+
+logger = logging.getLogger("lsdeploy.server")
 
 QUEUE_KEY = "lsdeploy.training_queue"
 DONE_KEPT = 100     # finished jobs kept in the index, for GET /jobs/<id>
@@ -197,38 +200,43 @@ class JobQueue:
         """Mark the head running (one more attempt) and return it; None when there is nothing to
         run now. A head left `running` was interrupted (its runner died or was stopped): it runs
         again, counted as an attempt; past the bound it is moved to failed instead."""
-        store = self.store
         if self.runnable_in(project) != 0.0 and self._fresh_head(project) is None:
             return None
         claimed: dict = {}
-        dropped: list = []
 
         def take(value):
             claimed.clear()
-            dropped.clear()
             index = _index(value)
-            now = time.time()
-            while index["queued"]:
-                head = index["queued"][0]
-                if float(head.get("not_before") or 0) > now:
-                    break
-                if head.get("state") == "running" and int(head.get("attempts") or 0) >= self.max_attempts:
-                    index["queued"].pop(0)
-                    head.update(state="failed", finished_at=now, error=(
-                        f"interrupted {head['attempts']} time(s): the process running fit() died or was stopped "
-                        f"before it returned (last runner {head.get('runner')}); kept as failed"))
-                    dropped.extend(self._keep_failed(index, head))
-                    claimed["interrupted"] = head
-                    continue
-                head["interrupted_runner"] = head.get("runner") if head.get("state") == "running" else None
-                head.update(state="running", attempts=int(head.get("attempts") or 0) + 1, runner=runner,
-                            started_at=now)
-                claimed["entry"] = dict(head)
-                break
+            self._take_head(index, runner, claimed)
             return index
 
-        store.update(project, QUEUE_KEY, take)
-        self._drop_bodies(project, dropped)
+        self.store.update(project, QUEUE_KEY, take)
+        return self._claimed(project, claimed)
+
+    def _take_head(self, index: dict, runner: str, claimed: dict) -> None:
+        now = time.time()
+        while index["queued"]:
+            head = index["queued"][0]
+            if float(head.get("not_before") or 0) > now:
+                return
+            if head.get("state") == "running" and int(head.get("attempts") or 0) >= self.max_attempts:
+                index["queued"].pop(0)
+                head.update(state="failed", finished_at=now, error=(
+                    f"interrupted {head['attempts']} time(s): the process running fit() died or was stopped "
+                    f"before it returned (last runner {head.get('runner')}); kept as failed"))
+                claimed.setdefault("dropped", []).extend(self._keep_failed(index, head))
+                claimed.setdefault("interrupted", []).append(dict(head))
+                continue
+            head["interrupted_runner"] = head.get("runner") if head.get("state") == "running" else None
+            head.update(state="running", attempts=int(head.get("attempts") or 0) + 1, runner=runner, started_at=now)
+            claimed["entry"] = dict(head)
+            return
+
+    def _claimed(self, project: str, claimed: dict) -> Optional[dict]:
+        for entry in claimed.get("interrupted", ()):
+            logger.error("training job %s (%s) kept as failed: %s", job_id(project, entry["id"]), entry.get("event"),
+                         entry["error"])
+        self._drop_bodies(project, claimed.get("dropped", ()))
         return claimed.get("entry")
 
     def _fresh_head(self, project: str) -> Optional[dict]:
@@ -238,9 +246,15 @@ class JobQueue:
             return queued[0]
         return None
 
-    def finish(self, project: str, token: str, summary: Optional[str] = None) -> None:
-        """The head's fit returned: it leaves the queue for the done list; its body is deleted."""
+    def finish(self, project: str, token: str, summary: Optional[str] = None,
+               runner: Optional[str] = None) -> Optional[dict]:
+        """The head's fit returned: it leaves the queue for the done list; its body is deleted.
+        With `runner`, the next head that is due is claimed for it in the same index write (on
+        Cloud Storage one object takes about one write a second) and returned."""
+        claimed: dict = {}
+
         def done(value):
+            claimed.clear()
             index = _index(value)
             for i, entry in enumerate(index["queued"]):
                 if entry.get("id") == token:
@@ -250,10 +264,13 @@ class JobQueue:
                         entry["result"] = summary[:ERROR_CHARS]
                     index["done"] = (index["done"] + [entry])[-DONE_KEPT:]
                     break
+            if runner is not None:
+                self._take_head(index, runner, claimed)
             return index
 
         self.store.update(project, QUEUE_KEY, done)
         self.store.delete_event(project, token)
+        return self._claimed(project, claimed)
 
     def failed(self, project: str, token: str, error: str) -> tuple:
         """The head's fit raised: ("retrying", seconds until the next attempt), or ("failed", 0)

@@ -183,18 +183,21 @@ class Trainer:
             with self.queue.store.try_lock(project) as held:
                 if not held:
                     return self.poll_seconds  # another worker or instance drains it
-                while not self._stop.is_set():
-                    entry = self.queue.claim(project, self._runner)
-                    if entry is None:
-                        break
-                    self._run(project, entry)
+                entry = self.queue.claim(project, self._runner)
+                if entry is None:  # nothing due after all (the read that said so was older)
+                    due = self.queue.runnable_in(project)
+                    return self.poll_seconds if due == 0 else due
+                while entry is not None:
+                    entry = self._run(project, entry)  # the next one, claimed as this one finished
             if self._stop.is_set():
                 return None
             # The lock is free: an event queued while it was held, by a worker whose own try
             # failed, is seen now (its write came before that try, which came before this read).
         return 0.0
 
-    def _run(self, project: str, entry: dict) -> None:
+    def _run(self, project: str, entry: dict) -> Optional[dict]:
+        """Run one claimed event; the project's next one when it was claimed in the same write
+        (never after a failure, nor once stopping)."""
         public = job_id(project, entry["id"])
         event, attempt = entry.get("event"), int(entry.get("attempts") or 1)
         if entry.get("interrupted_runner"):
@@ -226,17 +229,19 @@ class Trainer:
             if outcome is not None:
                 outcome.status, outcome.error, outcome.retry_in = status, exc, delay
                 outcome.done.set()
-            return
+            return None
         finally:
             with self._lock:
                 self._running = None
         took = time.monotonic() - started
         self._seconds_per_fit = 0.8 * self._seconds_per_fit + 0.2 * took
         self._count(event, "ok", took)
-        self.queue.finish(project, entry["id"], _summary(result))
+        following = self.queue.finish(project, entry["id"], _summary(result),
+                                      runner=None if self._stop.is_set() else self._runner)
         if outcome is not None:
             outcome.status, outcome.result, outcome.model_version = "done", result, version
             outcome.done.set()
+        return following
 
     def _count(self, event, status, took) -> None:
         self.metrics.inc("lsdeploy_fit_total", event=event, status=status)
