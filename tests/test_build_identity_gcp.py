@@ -82,26 +82,62 @@ def test_the_compute_default_account_on_request_gets_the_grants(api_cloud, backe
     assert BUILDER not in api_cloud.iamadmin.accounts
 
 
-def test_a_deployer_that_may_not_act_as_the_build_account_is_told_before_any_build(api_cloud, backend):
-    from lsdeploy.providers.gcp.preflight import PERMISSION_ROLES
+BUILDER_RIGHTS = {"serviceusage.services.get", "iam.serviceAccounts.get", "artifactregistry.repositories.getIamPolicy",
+                  "artifactregistry.repositories.setIamPolicy", "storage.buckets.getIamPolicy",
+                  "storage.buckets.setIamPolicy"}
 
-    api_cloud.restrict_deployer(set(PERMISSION_ROLES) | {
-        "serviceusage.services.get", "iam.serviceAccounts.get", "iam.serviceAccounts.create",
-        "artifactregistry.repositories.getIamPolicy", "artifactregistry.repositories.setIamPolicy",
-        "storage.buckets.getIamPolicy", "storage.buckets.setIamPolicy"})
+
+def allow_runtime(api_cloud):
     from google.iam.v1 import policy_pb2
 
     compute = f"{api_cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"  # the runtime: allowed
     api_cloud.iamadmin.policies.by_name[f"serviceAccounts/{compute}"] = policy_pb2.Policy(bindings=[
         policy_pb2.Binding(role="roles/iam.serviceAccountUser", members=[api_cloud.caller])])
+
+
+def test_a_deployer_that_may_not_act_as_the_existing_build_account_is_told_before_any_write(api_cloud, backend):
+    from lsdeploy.providers.gcp.preflight import PERMISSION_ROLES
+
+    api_cloud.restrict_deployer(set(PERMISSION_ROLES) | BUILDER_RIGHTS)
+    allow_runtime(api_cloud)
+    api_cloud.iamadmin.add_account(PROJECT, "lsdeploy-builder")
     with pytest.raises(LsdeployError) as info:
         deploy(api_cloud, backend, settings_for("no-act-as"))
     message = str(info.value)
     assert info.value.exit_code == EXIT_AUTH and "\n" not in message
-    assert f"may not run builds as {BUILDER} (iam.serviceAccounts.actAs denied)" in message
+    assert f"may not run builds as {BUILDER} (iam.serviceAccounts.actAs)" in message
     assert f"gcloud iam service-accounts add-iam-policy-binding {BUILDER}" in message
     assert "roles/iam.serviceAccountUser" in message
-    assert api_cloud.log.count(api="cloudbuild", method="CreateBuild") == 0
+    assert api_cloud.log.mutating() == []
+
+
+@pytest.mark.parametrize("lacking, role", [("iam.serviceAccounts.create", "roles/iam.serviceAccountAdmin"),
+                                           ("iam.serviceAccounts.actAs", "roles/iam.serviceAccountUser")])
+def test_a_deployer_that_may_not_create_or_use_the_build_account_is_told_before_any_write(api_cloud, backend,
+                                                                                          lacking, role):
+    """The account does not exist yet: deploy would create it and then run builds as it, which needs
+    both rights on the project (a new account has no policy of its own to grant them on)."""
+    from lsdeploy.providers.gcp.preflight import PERMISSION_ROLES
+
+    held = {"iam.serviceAccounts.create", "iam.serviceAccounts.actAs"} - {lacking}
+    api_cloud.restrict_deployer(set(PERMISSION_ROLES) | BUILDER_RIGHTS | held)
+    allow_runtime(api_cloud)
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("no-builder"))
+    assert info.value.exit_code == EXIT_AUTH
+    assert f"grant {role} ({lacking})" in str(info.value)
+    assert api_cloud.log.mutating() == [] and BUILDER not in api_cloud.iamadmin.accounts
+
+
+def test_a_build_account_named_but_missing_is_refused_before_any_write(api_cloud, backend):
+    from lsdeploy.errors import EXIT_USAGE
+
+    missing = f"ghost-builder@{PROJECT}.iam.gserviceaccount.com"
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("ghost", build_service_account=missing))
+    assert info.value.exit_code == EXIT_USAGE
+    assert f"--build-service-account {missing}: the service account does not exist" in str(info.value)
+    assert api_cloud.log.mutating() == []
 
 
 def test_a_push_refused_right_after_the_grant_is_built_again(make_gcp_fakes, gcs_emulator, backend):

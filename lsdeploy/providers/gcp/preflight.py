@@ -6,6 +6,9 @@
 2. The deploying identity holds the permissions a deploy needs (`testIamPermissions` on the
    project; what the project does not grant is looked for on the existing buckets, repository and
    secrets, where docs/ci.md's least-privilege recipe grants it), reported as the roles to grant.
+3. It may act as the accounts the service and the build run as (`iam.serviceAccounts.actAs`);
+   when the build's account (`lsdeploy-builder`) is still to be created, it may create it and act
+   as it (identity.py).
 
 `preflight()` returns a `Readiness`; `require()` raises one line naming everything missing. The
 Service Usage answer names the project by number, which the deploy needs for the compute default
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...errors import EXIT_AUTH, EXIT_DEPLOY, LsdeployError
+from ...errors import EXIT_AUTH, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from .errors import google_error
+from .identity import BUILDER_ID, build_account
 
 # The APIs a deploy calls, with their titles.
 REQUIRED_APIS = {
@@ -45,6 +49,9 @@ PERMISSION_ROLES = {
     "storage.objects.create": "roles/storage.objectUser", "storage.objects.get": "roles/storage.objectUser",
     "storage.objects.list": "roles/storage.objectUser",
 }
+# what creating the build's account needs, on the project
+BUILDER_ROLES = {"iam.serviceAccounts.create": "roles/iam.serviceAccountAdmin",
+                 "iam.serviceAccounts.actAs": "roles/iam.serviceAccountUser"}
 STORAGE_OBJECT_PERMISSIONS = ("storage.buckets.get", "storage.objects.create", "storage.objects.get",
                               "storage.objects.list")
 SECRET_PERMISSIONS = ("secretmanager.secrets.get", "secretmanager.secrets.getIamPolicy",
@@ -60,11 +67,13 @@ class Readiness:
     enabled_now: list = field(default_factory=list)       # enabled by this run (--enable-apis)
     missing: dict = field(default_factory=dict)           # role -> [permissions]
     act_as: list = field(default_factory=list)            # service accounts the deployer may not act as
+    act_as_build: list = field(default_factory=list)      # the build's account, the same
+    accounts_missing: list = field(default_factory=list)  # --build-service-account that does not exist
     notes: list = field(default_factory=list)             # what could not be checked, and why
 
     @property
     def ready(self) -> bool:
-        return not self.disabled_apis and not self.missing and not self.act_as
+        return not (self.disabled_apis or self.missing or self.act_as or self.act_as_build or self.accounts_missing)
 
     def enable_command(self) -> str:
         return f"gcloud services enable {' '.join(self.disabled_apis)} --project {self.project}"
@@ -84,6 +93,14 @@ class Readiness:
                        f"(iam.serviceAccounts.actAs): grant it roles/iam.serviceAccountUser on that account (gcloud iam "
                        f"service-accounts add-iam-policy-binding {email} --project {self.project} --member "
                        "YOUR_IDENTITY --role roles/iam.serviceAccountUser)")
+        for email in self.act_as_build:
+            out.append(f"the deploying identity may not run builds as {email} (iam.serviceAccounts.actAs): grant it "
+                       f"roles/iam.serviceAccountUser on that account (gcloud iam service-accounts "
+                       f"add-iam-policy-binding {email} --project {self.project} --member YOUR_IDENTITY --role "
+                       "roles/iam.serviceAccountUser)")
+        for email in self.accounts_missing:
+            out.append(f"--build-service-account {email}: the service account does not exist in project "
+                       f"{self.project}: create it, or leave the option out (lsdeploy then creates {BUILDER_ID})")
         return out
 
     def lines(self) -> list:
@@ -94,8 +111,8 @@ class Readiness:
             out.append("enabled now: " + ", ".join(self.enabled_now))
         out.append("permissions: " + ("all held" if not self.missing else "missing: " + "; ".join(
             f"{role} ({', '.join(sorted(perms))})" for role, perms in sorted(self.missing.items()))))
-        if self.act_as:
-            out.append("may not act as: " + ", ".join(self.act_as))
+        if self.act_as or self.act_as_build:
+            out.append("may not act as: " + ", ".join(self.act_as + self.act_as_build))
         out += [f"note: {note}" for note in self.notes]
         out += [f"to do: {problem}" for problem in self.problems()]
         out.append("ready to deploy" if self.ready else "not ready: fix the above and run --check again")
@@ -105,7 +122,8 @@ class Readiness:
         return {"project": self.project, "project_number": self.project_number, "ready": self.ready,
                 "disabled_apis": self.disabled_apis, "enabled_now": self.enabled_now,
                 "missing_roles": {role: sorted(perms) for role, perms in sorted(self.missing.items())},
-                "act_as_missing": self.act_as,
+                "act_as_missing": self.act_as + self.act_as_build,
+                "accounts_missing": self.accounts_missing,
                 "notes": self.notes, "problems": self.problems()}
 
 
@@ -120,14 +138,16 @@ def preflight(api, settings, enable: bool = False, progress=lambda m: None) -> R
         api.project_number = found.project_number
     if getattr(api.clients, "iam", None) is not None and not found.disabled_apis:
         _check_act_as(api, settings, found)
+        _check_builder(api, settings, found)
     return found
 
 
 def require(readiness: Readiness) -> None:
     """One line naming everything missing; exit 3 when a permission is, else 5."""
     if not readiness.ready:
+        denied = readiness.missing or readiness.act_as or readiness.act_as_build
         raise LsdeployError("; ".join(readiness.problems()),
-                        EXIT_AUTH if readiness.missing or readiness.act_as else EXIT_DEPLOY)
+                            EXIT_AUTH if denied else EXIT_USAGE if readiness.accounts_missing else EXIT_DEPLOY)
 
 
 def _check_apis(api, settings, found, enable, progress) -> None:
@@ -274,3 +294,45 @@ def _check_act_as(api, settings, found) -> None:
         return
     if "iam.serviceAccounts.actAs" not in held:
         found.act_as.append(email)
+
+
+def _check_builder(api, settings, found) -> None:
+    """The build's account (identity.py): when it exists, the deployer must be allowed to act as
+    it; when deploy is to create it (`lsdeploy-builder`), to create service accounts and to act
+    as them (a grant on the project: the account has no policy of its own yet)."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        email = build_account(api, settings)
+    except LsdeployError as exc:  # `compute` without a project number
+        found.notes.append(str(exc))
+        return
+    name = f"projects/{settings.project}/serviceAccounts/{email}"
+    try:
+        api.clients.iam.get_service_account(name)
+    except gexc.NotFound:
+        if settings.build_service_account:
+            found.accounts_missing.append(email)
+            return
+        wanted = ["iam.serviceAccounts.actAs", "iam.serviceAccounts.create"]
+        try:
+            held = set(api.clients.projects.test_iam_permissions(
+                resource=f"projects/{settings.project}", permissions=wanted).permissions)
+        except (gexc.GoogleAPICallError, AttributeError) as exc:
+            found.notes.append(f"could not test the right to create {email} ({type(exc).__name__})")
+            return
+        for permission in wanted:
+            if permission not in held:
+                role = BUILDER_ROLES[permission]
+                found.missing.setdefault(role, []).append(permission)
+        return
+    except gexc.GoogleAPICallError as exc:
+        found.notes.append(f"could not read the build's service account {email} ({type(exc).__name__})")
+        return
+    try:
+        held = api.clients.iam.test_iam_permissions(name, ["iam.serviceAccounts.actAs"])
+    except gexc.GoogleAPICallError as exc:
+        found.notes.append(f"could not test iam.serviceAccounts.actAs on {email} ({type(exc).__name__})")
+        return
+    if "iam.serviceAccounts.actAs" not in held:
+        found.act_as_build.append(email)
