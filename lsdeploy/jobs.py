@@ -5,16 +5,21 @@ state key (`QUEUE_KEY`) changed only by atomic `update()`s, before the webhook i
 the queue lives wherever the state does: SQLite under MODEL_DIR for every worker of a machine, or
 Cloud Storage (MODEL_STATE_URI) for every instance of a deployment.
 
-The index of a project::
+The index of a project, rewritten by every event (so it holds only what is pending)::
 
     {"next": 18,                       # the sequence number of the next event
-     "queued": [entry, ...],           # in acknowledgement order; the head is the next to run
-     "failed": [entry, ...],           # gave up after TRAINING_MAX_ATTEMPTS (bodies kept)
-     "done": [entry, ...]}             # the last DONE_KEPT finished, for GET /jobs/<id>
+     "queued": [entry, ...]}           # in acknowledgement order; the head is the next to run
+
+and its history (`HISTORY_KEY`), written once per finished event, for GET /jobs/<id>::
+
+    {"done": [entry, ...],             # the last DONE_KEPT finished
+     "failed": [entry, ...]}           # the last FAILED_KEPT given up after TRAINING_MAX_ATTEMPTS
+                                       # (their bodies are kept, for POST /jobs/<id>/retry)
 
 An entry: ``{"id", "seq", "kind", "event", "size", "queued_at", "attempts", "state",
-"not_before", "error", "runner", "started_at", "finished_at"}``; state is ``queued``,
-``running`` (claimed by `runner`) or ``retrying`` (a fit raised; runs again from `not_before`).
+"not_before", "error", "runner", "started_at", "finished_at", "result"}`` (empty fields left
+out); state is ``queued``, ``running`` (claimed by `runner`) or ``retrying`` (a fit raised; runs
+again from `not_before`).
 
 Only the holder of the project's training lock (`StateStore.try_lock`) claims the head, runs it
 and finishes it, so events of a project reach fit() one at a time in order, across workers and
@@ -34,10 +39,12 @@ from .errors import StateError
 
 logger = logging.getLogger("lsdeploy.server")
 
-QUEUE_KEY = "lsdeploy.training_queue"
+QUEUE_KEY = "lsdeploy.training_queue"      # {"next", "queued"}: changed by every event
+HISTORY_KEY = "lsdeploy.training_history"  # {"done", "failed"}: changed once per finished event
 DONE_KEPT = 100     # finished jobs kept in the index, for GET /jobs/<id>
 FAILED_KEPT = 100   # failed jobs kept (with their bodies); older ones are dropped
 ERROR_CHARS = 2000  # an error message kept in the index is cut to this
+RESULT_CHARS = 200  # a fit's result (JSON) kept in the done list is cut to this
 
 DEFAULT_MAX_JOBS = 1000                 # TRAINING_QUEUE_MAX_JOBS, per project
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024   # TRAINING_QUEUE_MAX_BYTES, per project
@@ -90,15 +97,23 @@ def view(job: str, project_id: str, entry: dict) -> dict:
     return view
 
 
-def _empty() -> dict:
-    return {"next": 1, "queued": [], "failed": [], "done": []}
-
-
 def _index(value) -> dict:
-    index = _empty()
+    index = {"next": 1, "queued": []}
     if isinstance(value, dict):
         index.update({k: value[k] for k in index if k in value})
     return index
+
+
+def _history(value) -> dict:
+    history = {"done": [], "failed": []}
+    if isinstance(value, dict):
+        history.update({k: value[k] for k in history if k in value})
+    return history
+
+
+def _compact(entry: dict) -> dict:
+    """An entry as stored: no empty fields (the index is rewritten by every event)."""
+    return {k: v for k, v in entry.items() if v is not None and v != ""}
 
 
 class JobQueue:
@@ -164,12 +179,13 @@ class JobQueue:
     def lookup(self, project: str, token: str, fresh: bool = False) -> Optional[dict]:
         """The entry of a job wherever it is (queued, failed, done), with its position."""
         store = self.store
-        index = _index(store.read(project, QUEUE_KEY) if fresh else store.get(project, QUEUE_KEY))
-        for position, entry in enumerate(index["queued"]):
+        read = store.read if fresh else store.get
+        for position, entry in enumerate(_index(read(project, QUEUE_KEY))["queued"]):
             if entry.get("id") == token:
                 return dict(entry, position=position)
+        history = _history(read(project, HISTORY_KEY))
         for part, state in (("failed", "failed"), ("done", "done")):
-            for entry in index[part]:
+            for entry in history[part]:
                 if entry.get("id") == token:
                     return dict(entry, state=state)
         return None
@@ -191,9 +207,8 @@ class JobQueue:
         queued = failed = 0
         store = self.store
         for project in self.projects():
-            index = _index(store.get(project, QUEUE_KEY))
-            queued += len(index["queued"])
-            failed += len(index["failed"])
+            queued += len(_index(store.get(project, QUEUE_KEY))["queued"])
+            failed += len(_history(store.get(project, HISTORY_KEY))["failed"])
         return queued, failed
 
     def claim(self, project: str, runner: str) -> Optional[dict]:
@@ -224,20 +239,37 @@ class JobQueue:
                 head.update(state="failed", finished_at=now, error=(
                     f"interrupted {head['attempts']} time(s): the process running fit() died or was stopped "
                     f"before it returned (last runner {head.get('runner')}); kept as failed"))
-                claimed.setdefault("dropped", []).extend(self._keep_failed(index, head))
                 claimed.setdefault("interrupted", []).append(dict(head))
                 continue
-            head["interrupted_runner"] = head.get("runner") if head.get("state") == "running" else None
+            interrupted = head.get("runner") if head.get("state") == "running" else None
             head.update(state="running", attempts=int(head.get("attempts") or 0) + 1, runner=runner, started_at=now)
-            claimed["entry"] = dict(head)
+            claimed["entry"] = dict(head, interrupted_runner=interrupted)
             return
 
     def _claimed(self, project: str, claimed: dict) -> Optional[dict]:
         for entry in claimed.get("interrupted", ()):
             logger.error("training job %s (%s) kept as failed: %s", job_id(project, entry["id"]), entry.get("event"),
                          entry["error"])
-        self._drop_bodies(project, claimed.get("dropped", ()))
+            self._remember(project, "failed", entry)
         return claimed.get("entry")
+
+    def _remember(self, project: str, part: str, entry: dict) -> None:
+        """Add a finished entry to the project's done or failed list (bounded; the bodies of failed
+        entries dropped past FAILED_KEPT are deleted)."""
+        dropped: list = []
+        keep = DONE_KEPT if part == "done" else FAILED_KEPT
+
+        def add(value):
+            dropped.clear()
+            history = _history(value)
+            entries = [e for e in history[part] if e.get("id") != entry["id"]] + [_compact(entry)]
+            history[part] = entries[-keep:]
+            dropped.extend(e.get("id") for e in entries[:-keep])
+            return history
+
+        self.store.update(project, HISTORY_KEY, add)
+        if part == "failed":
+            self._drop_bodies(project, dropped)
 
     def _fresh_head(self, project: str) -> Optional[dict]:
         """The head from a fresh read (the snapshot `get` serves may lag a write elsewhere)."""
@@ -248,90 +280,76 @@ class JobQueue:
 
     def finish(self, project: str, token: str, summary: Optional[str] = None,
                runner: Optional[str] = None) -> Optional[dict]:
-        """The head's fit returned: it leaves the queue for the done list; its body is deleted.
-        With `runner`, the next head that is due is claimed for it in the same index write (on
-        Cloud Storage one object takes about one write a second) and returned."""
+        """The head's fit returned: it is recorded as done, then leaves the queue, and its body is
+        deleted. With `runner`, the next head that is due is claimed for it in the same index
+        write (on Cloud Storage one object takes about one write a second) and returned."""
+        store = self.store
+        entry = next((e for e in _index(store.get(project, QUEUE_KEY))["queued"] if e.get("id") == token), None)
+        if entry is not None:  # first the record: a crash before the index write runs it again, never loses it
+            done = dict(entry, state="done", finished_at=time.time(), error=None, runner=None, not_before=None,
+                        result=None if summary is None else summary[:RESULT_CHARS])
+            self._remember(project, "done", done)
         claimed: dict = {}
 
-        def done(value):
+        def leave(value):
             claimed.clear()
             index = _index(value)
-            for i, entry in enumerate(index["queued"]):
-                if entry.get("id") == token:
-                    entry = index["queued"].pop(i)
-                    entry.update(state="done", finished_at=time.time(), error=None)
-                    if summary is not None:
-                        entry["result"] = summary[:ERROR_CHARS]
-                    index["done"] = (index["done"] + [entry])[-DONE_KEPT:]
-                    break
+            index["queued"] = [e for e in index["queued"] if e.get("id") != token]
             if runner is not None:
                 self._take_head(index, runner, claimed)
             return index
 
-        self.store.update(project, QUEUE_KEY, done)
-        self.store.delete_event(project, token)
+        store.update(project, QUEUE_KEY, leave)
+        store.delete_event(project, token)
         return self._claimed(project, claimed)
 
     def failed(self, project: str, token: str, error: str) -> tuple:
         """The head's fit raised: ("retrying", seconds until the next attempt), or ("failed", 0)
         once it had TRAINING_MAX_ATTEMPTS attempts (it is then kept in the failed list)."""
-        outcome: dict = {}
-        dropped: list = []
+        store = self.store
+        entry = next((e for e in _index(store.get(project, QUEUE_KEY))["queued"] if e.get("id") == token), None)
+        attempts = int((entry or {}).get("attempts") or 1)
+        if entry is None or attempts >= self.max_attempts:
+            if entry is not None:
+                self._remember(project, "failed", dict(entry, state="failed", finished_at=time.time(),
+                                                       error=error[:ERROR_CHARS], not_before=None))
+            store.update(project, QUEUE_KEY, lambda value: dict(_index(value), queued=[
+                e for e in _index(value)["queued"] if e.get("id") != token]))
+            return "failed", 0.0
+        delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
 
-        def record(value):
-            outcome.clear()
-            dropped.clear()
+        def later(value):
             index = _index(value)
-            for i, entry in enumerate(index["queued"]):
-                if entry.get("id") != token:
-                    continue
-                attempts = int(entry.get("attempts") or 1)
-                entry["error"] = error[:ERROR_CHARS]
-                if attempts >= self.max_attempts:
-                    index["queued"].pop(i)
-                    entry.update(state="failed", finished_at=time.time())
-                    dropped.extend(self._keep_failed(index, entry))
-                    outcome["result"] = ("failed", 0.0)
-                else:
-                    delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
-                    entry.update(state="retrying", not_before=time.time() + delay)
-                    outcome["result"] = ("retrying", delay)
-                break
+            for e in index["queued"]:
+                if e.get("id") == token:
+                    e.update(state="retrying", not_before=time.time() + delay, error=error[:ERROR_CHARS])
             return index
 
-        self.store.update(project, QUEUE_KEY, record)
-        self._drop_bodies(project, dropped)
-        return outcome.get("result", ("failed", 0.0))
+        store.update(project, QUEUE_KEY, later)
+        return "retrying", delay
 
     def retry(self, project: str, token: str) -> Optional[dict]:
         """Queue a failed job again, at the end of the queue with fresh attempts; its entry, or
         None when no failed job has that id."""
+        store = self.store
+        entry = next((e for e in _history(store.read(project, HISTORY_KEY))["failed"] if e.get("id") == token), None)
+        if entry is None:
+            return None
         found: dict = {}
 
         def again(value):
-            found.clear()
             index = _index(value)
-            for i, entry in enumerate(index["failed"]):
-                if entry.get("id") == token:
-                    entry = index["failed"].pop(i)
-                    entry.update(state="queued", attempts=0, seq=index["next"], not_before=0, runner=None,
-                                 queued_at=time.time(), finished_at=None)
-                    index["next"] += 1
-                    index["queued"].append(entry)
-                    found["entry"] = dict(entry, position=len(index["queued"]) - 1)
-                    break
+            queued = [e for e in index["queued"] if e.get("id") != token]
+            again = _compact(dict(entry, state="queued", attempts=0, seq=index["next"], not_before=None, runner=None,
+                                  queued_at=time.time(), finished_at=None, error=None))
+            index.update(next=index["next"] + 1, queued=queued + [again])
+            found["entry"] = dict(again, position=len(queued))
             return index
 
-        self.store.update(project, QUEUE_KEY, again)
-        return found.get("entry")
-
-    @staticmethod
-    def _keep_failed(index: dict, entry: dict) -> list:
-        """Append to the failed list; the ids of the oldest ones dropped past FAILED_KEPT."""
-        index["failed"].append(entry)
-        overflow = index["failed"][:-FAILED_KEPT]
-        index["failed"] = index["failed"][-FAILED_KEPT:]
-        return [e.get("id") for e in overflow]
+        store.update(project, QUEUE_KEY, again)
+        store.update(project, HISTORY_KEY, lambda value: dict(_history(value), failed=[
+            e for e in _history(value)["failed"] if e.get("id") != token]))
+        return found["entry"]
 
     def _drop_bodies(self, project: str, tokens: list) -> None:
         for token in tokens:

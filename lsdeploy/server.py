@@ -503,7 +503,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if entry.get("state") != "failed":
             raise BadRequest(f"job {job} is {entry.get('state')}, not failed: only a failed job can be retried", 409)
         entry = trainer.queue.retry(project_id, token) or entry
-        trainer.start()
+        trainer.notify(project_id)
         return reply(jobs.view(job, project_id, entry), 202)
 
     def find_job(job):

@@ -97,10 +97,15 @@ class Trainer:
         except BaseException:
             self.forget(public)
             raise
+        self.notify(project)
+        return public, outcome
+
+    def notify(self, project: str) -> None:
+        """The project has an event due: look at it now rather than at the next poll."""
+        self.start()
         with self._lock:
             self._hints.add(project)
         self._wake.set()
-        return public, outcome
 
     def forget(self, public_id: str) -> None:
         """The webhook stopped waiting for this job."""

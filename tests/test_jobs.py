@@ -83,7 +83,7 @@ def test_bounds_refuse_an_event_and_leave_nothing_behind(store):
     with pytest.raises(QueueFull, match=r"TRAINING_QUEUE_MAX_BYTES=1000") as refused:
         queue.enqueue("3", "webhook", "A", b"y" * 10)
     assert 1 <= refused.value.retry_after <= 300
-    assert store.get("3", QUEUE_KEY)["next"] == 2
+    assert store.get("3", QUEUE_KEY)["next"] == 2 and len(store.get("3", QUEUE_KEY)["queued"]) == 1
     rows = store._connect().execute("SELECT COUNT(*) FROM events").fetchone()[0]
     assert rows == 1  # the refused body was removed
     queue.enqueue("4", "webhook", "A", b"z")  # bounds are per project
