@@ -42,6 +42,17 @@ MAX_URL_CHARS = 2048
 MAX_TOKEN_CHARS = 4096
 REDIRECTS = (301, 302, 303, 307, 308)
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
+# IPv6 ranges that carry, translate or tunnel to an IPv4 address (which could be an internal one,
+# reached through a relay or gateway), or that are not global unicast although Python's tables
+# say so: never read from, whatever the address inside.
+IPV6_REFUSED = tuple(ipaddress.ip_network(net) for net in (
+    "::/96",            # IPv4-compatible (deprecated, RFC 4291)
+    "64:ff9b::/96",     # NAT64 well-known prefix (RFC 6052)
+    "64:ff9b:1::/48",   # NAT64 local-use prefix (RFC 8215)
+    "2001::/32",        # Teredo (RFC 4380)
+    "2002::/16",        # 6to4 (RFC 3056)
+    "fec0::/10",        # site-local (deprecated, RFC 3879)
+))
 
 
 class TaskDataError(LsdeployError):
@@ -165,6 +176,8 @@ def _is_internal(address: str) -> bool:
     addr = ipaddress.ip_address(address.split("%")[0])
     if addr.version == 6 and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
+    elif addr.version == 6 and any(addr in net for net in IPV6_REFUSED):
+        return True
     return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast
             or addr.is_unspecified or addr in SHARED_ADDRESS_SPACE or not addr.is_global)
 

@@ -229,7 +229,11 @@ def test_internal_and_local_urls_are_refused(hosts, tmp_path, monkeypatch):
                                      "100.64.0.1", "100.127.255.254", "0.0.0.0", "224.0.0.251", "239.1.1.1",
                                      "240.0.0.1", "255.255.255.255", "192.0.0.1", "198.18.0.1", "::1", "::",
                                      "fe80::1", "fc00::1", "fd12::1", "ff02::1", "::ffff:127.0.0.1",
-                                     "::ffff:169.254.169.254", "2001:db8::1", "fe80::1%1"])
+                                     "::ffff:169.254.169.254", "2001:db8::1", "fe80::1%1",
+                                     # IPv6 that tunnels or translates to IPv4, whatever the IPv4 inside
+                                     "2002:7f00:1::1", "2002:808:808::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                                     "64:ff9b::7f00:1", "64:ff9b::808:808", "64:ff9b:1::a00:1", "::127.0.0.1",
+                                     "::8.8.8.8", "fec0::1", "feff::1"])
 def test_internal_addresses(address):
     assert taskdata._is_internal(address)
 
