@@ -507,8 +507,9 @@ def _run_debug_server(settings: ServeSettings, app) -> None:
     # its traceback, and its console would be one more door into this process. The reloader also
     # watches the backend's own Python files, which a failed import left out of sys.modules.
     logging.getLogger("werkzeug").addFilter(_NoRequestLines())
-    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":  # the reloader's serving child
-        app.extensions["lsdeploy"]["trainer"].start()  # resume what the last run left queued
+    ext = app.extensions.get("lsdeploy")  # None for the stub that reports a broken save
+    if ext is not None and os.environ.get("WERKZEUG_RUN_MAIN") == "true":  # the reloader's serving child
+        ext["trainer"].start()  # resume what the last run left queued
     watched = [str(path) for path in Path(settings.directory).rglob("*.py")
                if not {".venv", "venv", ".lsdeploy", "__pycache__", "wheels"} & set(path.parts)]
     app.run(host=settings.host, port=settings.port, debug=True, use_reloader=True, use_debugger=False, threaded=True,

@@ -315,3 +315,54 @@ def test_no_warning_on_loopback(tmp_path):
     with Server(tmp_path) as server:
         assert server.get("/health").status_code == 200
     assert "serving A on 127.0.0.1" in server.log() and "without basic auth" not in server.log()
+
+
+def test_the_basic_auth_password_can_come_from_a_file_and_never_shows_in_argv(tmp_path):
+    """--basic-auth-pass on the command line is in every process's argv (`ps`); the file option
+    and the environment variable keep it out."""
+    from pathlib import Path
+
+    (tmp_path / "model.py").write_text(MINIMAL_MODEL)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-from-file\n")  # the trailing newline of `echo ... > file` is not part of it
+    with Server(tmp_path, "--basic-auth-user", "ls", "--basic-auth-pass-file", str(secret)) as server:
+        assert server.get("/versions").status_code == 401
+        assert server.get("/versions", auth=("ls", "s3cret-from-file")).status_code == 200
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        for pid in [server.proc.pid, *map(int, children)]:
+            assert b"s3cret" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"s3cret" not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--basic-auth-pass", "x", "--basic-auth-pass-file", "{file}"],
+     "give --basic-auth-pass or --basic-auth-pass-file, not both"),
+    (["--basic-auth-pass-file", "{missing}"], "--basic-auth-pass-file {missing}: cannot read it (No such file"),
+    (["--basic-auth-pass-file", "{empty}"], "--basic-auth-pass-file {empty} is empty: write the secret in it"),
+])
+def test_a_bad_secret_file_is_one_line_naming_it(tmp_path, args, message):
+    (tmp_path / "file").write_text("pw")
+    (tmp_path / "empty").write_text("\n")
+    paths = {"file": tmp_path / "file", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    args = [a.format(**paths) for a in args]
+    done = run_cli("start", str(tmp_path), "--basic-auth-user", "ls", *args)
+    assert done.returncode == 2 and message.format(**paths) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_prefers_files_or_the_environment_for_secrets():
+    for command in ("start", "connect"):
+        text = " ".join(run_cli(command, "--help").stdout.split())  # as one line: help text is wrapped
+        assert "--basic-auth-pass-file" in text and "argv is visible to other users" in text
+    assert "--label-studio-api-key-file" in run_cli("connect", "--help").stdout
+
+
+def test_the_label_studio_key_can_come_from_a_file(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("abc")
+    done = run_cli("connect", "http://127.0.0.1:1", "--label-studio-host", "http://127.0.0.1:1",
+                   "--label-studio-api-key-file", str(key), "--project", "1", "--timeout", "1")
+    assert done.returncode != 0 and "api-key" not in done.stderr.lower(), done.stderr  # got past the key
+    done = run_cli("connect", "http://127.0.0.1:1", "--label-studio-host", "http://127.0.0.1:1", "--project", "1",
+                   env={"LABEL_STUDIO_API_KEY": ""})
+    assert done.returncode == 2 and "--label-studio-api-key-file" in done.stderr

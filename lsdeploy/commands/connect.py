@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import emit_json, label_studio_options, progress
+from . import emit_json, label_studio_options, progress, secret_file_option
 
 
 def _projects(values, required: bool = True) -> list:
@@ -36,7 +36,9 @@ def _project_option(fn):
 @click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", show_envvar=True, default=None,
               help="User of the backend's basic auth (also sent by the project webhook).")
 @click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
-              help="Password of the backend's basic auth (prefer the environment variable).")
+              help="Password of the backend's basic auth (prefer the environment variable or "
+                   "--basic-auth-pass-file: argv is visible to other users).")
+@secret_file_option("--basic-auth-pass", "BASIC_AUTH_PASS_FILE", "the backend's basic auth password")
 @click.option("--interactive/--no-interactive", envvar="LSDEPLOY_INTERACTIVE", show_envvar=True, default=None,
               help="Use the backend for interactive pre-annotation (a new backend: off; an existing one keeps "
                    "what Label Studio has when neither is given).")
@@ -64,8 +66,8 @@ def connect(url, label_studio_host, label_studio_api_key, projects, title, basic
 
     project_ids = _projects(projects)
     if bool(basic_auth_user) != bool(basic_auth_pass):
-        raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass "
-                            "(BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
+        raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass or "
+                            "--basic-auth-pass-file (BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
     client = LabelStudio(label_studio_host, label_studio_api_key, timeout=timeout)
     progress(f"registering {url.rstrip('/')} with project(s) {', '.join(map(str, project_ids))} on "
              f"{client.shown} ({client.key_kind})")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from . import secret_file_option
+
 
 @click.command()
 @click.argument("directory", type=click.Path(file_okay=False), default=".", metavar="DIR")
@@ -21,7 +23,9 @@ import click
 @click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", show_envvar=True, default=None,
               help="Require basic auth with this user (everything but GET /health).")
 @click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", show_envvar=True, default=None,
-              help="Basic auth password (prefer the environment variable: argv is visible to other users).")
+              help="Basic auth password (prefer the environment variable or --basic-auth-pass-file: argv is "
+                   "visible to other users).")
+@secret_file_option("--basic-auth-pass", "BASIC_AUTH_PASS_FILE", "the basic auth password")
 @click.option("--client-timeout", type=click.FloatRange(0.1, 3600), default=30.0, envvar="CLIENT_TIMEOUT",
               show_envvar=True, help="Seconds a client has to send each whole request (headers and body); also the longest it may stall reading an answer.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -45,8 +49,8 @@ def start(directory, port, host, workers, threads, model, basic_auth_user, basic
     from ..serve import ServeSettings, default_host, run
 
     if bool(basic_auth_user) != bool(basic_auth_pass):
-        raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass "
-                            "(BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
+        raise LsdeployError("basic auth needs both --basic-auth-user and --basic-auth-pass or "
+                            "--basic-auth-pass-file (BASIC_AUTH_USER / BASIC_AUTH_PASS)", EXIT_USAGE)
     run(ServeSettings(
         directory=directory, port=port, host=host or default_host(os.environ), workers=workers, threads=threads,
         model=model, basic_auth=(basic_auth_user, basic_auth_pass) if basic_auth_user else None,
