@@ -78,8 +78,12 @@ def exposure_warning(settings: "ServeSettings") -> Optional[str]:
     """The warning `start` logs when anyone who reaches this machine may call the model."""
     if settings.basic_auth or is_loopback(settings.host):
         return None
-    return (f"listening on {settings.host}:{settings.port} without basic auth: anyone who can reach this address can call the model; "
-            "set BASIC_AUTH_USER and BASIC_AUTH_PASS, or --host 127.0.0.1 (HOST) when only this machine needs it")
+    setup = "" if os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST") else (
+        ", and name any host as Label Studio in /setup, from which the backend then reads task files (inside "
+        "your network too): set LABEL_STUDIO_URL to trust only your Label Studio")
+    return (f"listening on {settings.host}:{settings.port} without basic auth: anyone who can reach this address can "
+            f"call the model{setup}; set BASIC_AUTH_USER and BASIC_AUTH_PASS, or --host 127.0.0.1 (HOST) when only "
+            "this machine needs it")
 
 
 def server_command(directory: str, port: int, host: str = "0.0.0.0", model: Optional[str] = None) -> list[str]:

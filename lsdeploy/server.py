@@ -38,6 +38,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, taskdata
 from .access import access_log, authorized, direct_handler, printable_path
 from .errors import EXIT_USAGE, LsdeployError, StateError
+from .inputs import PREDICT_ARGUMENTS, BadRequest, finite, not_json, project_id_of, training_event
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import LabelStudioMLBase, request_write
@@ -60,54 +61,6 @@ DEFAULT_MAX_TASKS = 10_000
 # What an unauthenticated GET /health shows of the store when basic auth is on (no bucket URI,
 # no raw error text).
 _PUBLIC_STORE_FIELDS = ("store", "status", "snapshot_age_seconds", "refresh_seconds", "degraded_for_seconds", "detail")
-
-
-class BadRequest(Exception):
-    """Client error with a message the caller can act on."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def project_id_of(value) -> str:
-    """Label Studio sends the project as "<id>.<created_at epoch>" (predict, setup) or as an
-    object with an id (webhooks)."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if value is None:
-        return ""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadRequest("'project' must be a string like \"3.1700000000\", a number, or an object with an id")
-    return str(value).split(".", 1)[0]
-
-
-def training_event(kind: str, data: dict) -> tuple:
-    """(event, project id, label config or None, the data fit() gets) of a training request:
-    a webhook (`kind` "webhook") or the legacy /train call ("train"). BadRequest when it is not
-    one. The trainer calls it again on the stored body when the event's turn comes."""
-    if kind == "train":
-        project_id = project_id_of(data.get("project"))
-        label_config = data.get("label_config")
-        if data.get("annotations") is not None and not isinstance(data["annotations"], list):
-            raise BadRequest("'annotations' must be a list")
-        if data.get("params") is not None and not isinstance(data["params"], dict):
-            raise BadRequest("'params' must be an object")
-        payload = {"annotations": data.get("annotations") or [],
-                   "project": {"id": project_id, "label_config": label_config},
-                   "params": data.get("params") or {}}
-        event = "START_TRAINING"
-    else:
-        event = data.get("action")
-        if not isinstance(event, str) or not event:
-            raise BadRequest("not a Label Studio event: the body needs an 'action' string such as ANNOTATION_CREATED")
-        project = data.get("project")
-        project_id = project_id_of(project)
-        label_config = project.get("label_config") if isinstance(project, dict) else None
-        payload = {k: v for k, v in data.items() if k != "action"}
-    if label_config is not None and not isinstance(label_config, str):
-        raise BadRequest("'project.label_config' must be the label config XML string")
-    return event, project_id, label_config, payload
 
 
 def _env_int(name: str, default: int) -> int:
@@ -219,6 +172,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
             raise BadRequest("the client did not send the whole request in time (CLIENT_TIMEOUT)", 408) from None
         except OSError:  # a reset connection
             raise BadRequest("the client stopped sending the request body") from None
+        except Exception as exc:  # noqa: BLE001 - the server's parser of a chunked body
+            if not type(exc).__module__.startswith("gunicorn.http"):
+                raise
+            raise BadRequest("the request body's chunked encoding is invalid (a bad chunk size or a missing "
+                             "chunk terminator): send a valid body, or a Content-Length") from None
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
         # Model code may read flask.request as under the reference SDK (get_json(), get_data()):
@@ -227,7 +185,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         environ["CONTENT_LENGTH"] = str(len(raw))
         environ["wsgi.input_terminated"] = True
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=not_json)
         except RecursionError:
             # The parser's own recursion guard bounds nesting (about 1000 levels).
             raise BadRequest("request body is nested too deeply") from None
@@ -384,6 +342,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                     raise BadRequest("'extra_params' must be a JSON object (or a string holding one)") from None
             if not isinstance(extra, dict):
                 raise BadRequest("'extra_params' must be a JSON object")
+            if not finite(extra):
+                raise BadRequest("'extra_params' holds a number too large to store (such as 1e999): send finite "
+                                 "numbers")
             # Stored before the model is got: a new instance's setup() sees them, and an instance
             # set up with other ones is replaced (see ModelPool.get). A model that overrides
             # set_extra_params (to check or transform them) gets its call on every /setup that
@@ -423,11 +384,32 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         context = params.pop("context", None)
         if context is not None and not isinstance(context, dict):
             raise BadRequest("'params.context' must be an object or null")
+        clash = sorted(PREDICT_ARGUMENTS & params.keys())
+        if clash:
+            raise BadRequest(f"'params' may not hold {', '.join(repr(k) for k in clash)}: predict() takes "
+                             f"{', '.join(clash)} itself; rename the key")
         model = pool.get(project_id_of(data.get("project")), label_config)
-        response = model.predict(tasks, context=context, **params)
-        results = serialize(response, model)
+        try:
+            results = serialize(model.predict(tasks, context=context, **params), model)
+        except taskdata.TaskDataError:
+            if len(tasks) < 2:
+                raise
+            results = predict_each(model, tasks, context, params)
         metrics.add(_PREDICTIONS, len(results))
         return reply({"results": results})
+
+    def predict_each(model, tasks, context, params) -> list:
+        """A task file the address rules (or Label Studio) refused failed the batch: predict task
+        by task, so one bad file costs one prediction, which comes back empty with the reason."""
+        results = []
+        for task in tasks:
+            try:
+                results.extend(serialize(model.predict([task], context=context, **params), model))
+            except taskdata.TaskDataError as exc:
+                logger.warning("no prediction for task %s: %s", task.get("id"), exc)
+                results.append({"result": [], "score": 0.0, "model_version": str(model.model_version),
+                                "error": f"task {task.get('id')}: {exc}"})
+        return results
 
     @app.post("/webhook")
     def webhook():

@@ -9,6 +9,8 @@ personal access token is exchanged for a short-lived access token (`lsdeploy.lab
 Safety rules (docs/taskdata.md):
 - a key goes only to the origin (scheme, host, port) it belongs to: the environment key to
   LABEL_STUDIO_URL's, a /setup key to the host that /setup named; nowhere else, whoever asks;
+- with LABEL_STUDIO_URL set, a /setup naming another origin is ignored (its address is not
+  trusted, its key not used): whoever may call /setup cannot point the backend elsewhere;
 - `file://` URLs and internal addresses (loopback, private, link-local, shared, reserved,
   multicast...) are refused unless TASK_DATA_ALLOW_PRIVATE allows them, except Label Studio's
   own origin; every redirect hop is checked again, and the connection goes to the address
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 import tempfile
@@ -33,6 +36,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .errors import LsdeployError
 
+logger = logging.getLogger("lsdeploy.taskdata")
 DEFAULT_TIMEOUT = 30.0                 # seconds per connect or read (TASK_DATA_TIMEOUT)
 DEFAULT_DEADLINE = 300.0               # seconds for a whole download, redirects included (TASK_DATA_DEADLINE)
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # TASK_DATA_MAX_BYTES
@@ -85,6 +89,13 @@ def remember(project_id: str, url: Optional[str], token: Optional[str]) -> None:
         raise TaskDataError(f"'access_token' is longer than {MAX_TOKEN_CHARS} characters: "
                             "send a Label Studio API key")
     if not url and not token:
+        return
+    trusted = env_url()
+    if url and trusted and _origin(url) != _origin(trusted):
+        # LABEL_STUDIO_URL says which Label Studio this backend serves: a /setup naming another
+        # host (anyone who can call /setup can) gets neither its key used nor its address trusted.
+        logger.warning("/setup for project %s named Label Studio at %s, not LABEL_STUDIO_URL's %s: ignored "
+                       "(task files are read from LABEL_STUDIO_URL)", project_id, _shown(url), _shown(trusted))
         return
     with _lock:
         _connections[str(project_id)] = Connection(url.rstrip("/") if url else None, token or None)

@@ -152,15 +152,22 @@ def test_setup_naming_another_host_never_gets_the_environment_key(hosts, tmp_pat
         assert answer.status_code == 200, answer.get_data(as_text=True)
         return answer.get_json()["results"][0]
 
-    read(1, evil, None, "/data/upload/1/a.png")                  # no key from /setup
-    read(2, evil, "Token refused-by-evil", "/data/upload/1/b.png")  # a key the host refuses
-    read(3, evil, "Token refused-by-evil", "/data/upload/1/c.png")
-    assert keys_seen(evil) == [None, "Token Token refused-by-evil", "Token Token refused-by-evil"]
-    assert ENV_KEY not in str(Recorder.seen)
+    # LABEL_STUDIO_URL is set: a /setup naming another host is ignored, so nothing goes there,
+    # and its key is not sent to LABEL_STUDIO_URL either (its files come from there, with its key)
+    read(1, evil, None, "/data/upload/1/a.png")
+    read(2, evil, "Token refused-by-evil", "/data/upload/1/b.png")
+    assert keys_seen(evil) == []
+    assert keys_seen(ls) == [f"Token {ENV_KEY}", f"Token {ENV_KEY}"]
     # the same steps naming the environment's Label Studio: its key is used, as a fallback too
     read(4, ls + "/", None, "/data/upload/1/d.png")
     read(5, ls, "refused-setup-key", "/data/upload/1/e.png")
-    assert keys_seen(ls) == [f"Token {ENV_KEY}", "Token refused-setup-key", f"Token {ENV_KEY}"]
+    assert keys_seen(ls)[2:] == [f"Token {ENV_KEY}", "Token refused-setup-key", f"Token {ENV_KEY}"]
+    # without LABEL_STUDIO_URL, a /setup naming a host is followed, and the environment key never goes there
+    monkeypatch.delenv("LABEL_STUDIO_URL")
+    read(6, evil, None, "/data/upload/1/f.png")
+    read(7, evil, "Token refused-by-evil", "/data/upload/1/g.png")
+    assert keys_seen(evil) == [None, "Token Token refused-by-evil"]
+    assert ENV_KEY not in str(keys_seen(evil))
 
 
 def test_each_key_goes_only_to_its_own_origin(hosts, tmp_path, monkeypatch):
@@ -177,7 +184,8 @@ def test_each_key_goes_only_to_its_own_origin(hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_URL", ls.replace("127.0.0.1", "127.0.0.1:" + ls.rsplit(":", 1)[1]).rsplit(":", 1)[0] + "/")
     assert taskdata.connection("2").token == ENV_KEY and taskdata.connection("1").token is None
     # a key /setup sent for `other` is not sent to `ls` either, even when a caller passes it there
-    taskdata.remember("3", other, "setup-key-for-other")
+    # (with LABEL_STUDIO_URL set such a /setup is ignored altogether: recorded here by hand)
+    taskdata._connections["3"] = taskdata.Connection(other, "setup-key-for-other")
     get_local_path("/data/upload/b", label_studio_url=ls, token="setup-key-for-other",
                    fallback_token=taskdata.env_token(), cache_dir=str(tmp_path))
     assert keys_seen(ls) == [f"Token {ENV_KEY}"]
@@ -195,12 +203,13 @@ def test_what_setup_sends_is_kept_in_bounded_memory(monkeypatch):
     assert "secret-key-xyz" not in repr(conn)
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://env:1")
     assert taskdata.connection("43").url == "http://env:1"
+    monkeypatch.delenv("LABEL_STUDIO_URL")  # (set, it makes /setup ignore other hosts)
     for project in range(taskdata.MAX_PROJECTS + 50):
         taskdata.remember(f"p{project}", f"http://ls-{project}:8080", None)
         taskdata.connection("42")  # used recently: kept
     assert len(taskdata._connections) == taskdata.MAX_PROJECTS
     assert taskdata.connection("42").url == "http://ls:8080"
-    assert taskdata.connection("p0").url == "http://env:1"  # the least recently used went
+    assert taskdata.connection("p0").url is None  # the least recently used went
     with pytest.raises(TaskDataError, match="'hostname' is longer than 2048 characters"):
         taskdata.remember("1", "http://h/" + "a" * 1_000_000, None)
     with pytest.raises(TaskDataError, match="'access_token' is longer than 4096 characters"):

@@ -7,6 +7,7 @@ cache that every committed write invalidates (see `SQLiteStore`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import mmap
@@ -44,24 +45,34 @@ class SQLiteStore(StateStore):
 
     def __init__(self, model_dir: str):
         self.model_dir = os.path.abspath(model_dir)
+        if os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
+            raise StateError(f"MODEL_DIR {self.model_dir} is a file, not a directory: set MODEL_DIR to a directory "
+                             "(a missing one is created)")
         try:
             os.makedirs(self.model_dir, exist_ok=True)
         except OSError as exc:
-            raise StateError(
-                f"cannot create MODEL_DIR {self.model_dir}: {exc.strerror}; "
-                "set MODEL_DIR to a writable directory"
-            ) from None
+            raise StateError(f"cannot create MODEL_DIR {self.model_dir}: {_why(exc)}; set MODEL_DIR to a "
+                             "directory the server can write") from None
         self.path = os.path.join(self.model_dir, "state.sqlite3")
         self._local = threading.local()
-        self._open("rwc")  # the one connection that may create the file; later ones open it or fail
-        self._file = DatabaseFile(self.path)
+        if not os.access(self.model_dir, os.W_OK):
+            read_only = os.statvfs(self.model_dir).f_flag & os.ST_RDONLY
+            raise StateError(f"MODEL_DIR {self.model_dir} cannot be used: "
+                             f"{'it is on a read-only file system' if read_only else 'permission denied'}; the "
+                             "state store writes there: make it writable, or set MODEL_DIR to another directory")
+        try:
+            self._open("rwc")  # the one connection that may create the file; later ones open it or fail
+            self._file = DatabaseFile(self.path)
+            self._gen_file = open(os.path.join(self.model_dir, "state.generation"), "a+b")
+            if os.fstat(self._gen_file.fileno()).st_size < 8:
+                with self._gen_locked():
+                    if os.fstat(self._gen_file.fileno()).st_size < 8:
+                        self._gen_file.truncate(8)
+            self._gen = mmap.mmap(self._gen_file.fileno(), 8)
+        except OSError as exc:  # the directory exists but cannot be written (read-only, full, not ours)
+            raise StateError(f"MODEL_DIR {self.model_dir} cannot be used: {_why(exc)}; the state store writes "
+                             "there: make it writable (or free space), or set MODEL_DIR to another directory") from None
         self._problem: tuple = (None, 0.0)  # the problem health() last reported, and since when
-        self._gen_file = open(os.path.join(self.model_dir, "state.generation"), "a+b")
-        if os.fstat(self._gen_file.fileno()).st_size < 8:
-            with self._gen_locked():
-                if os.fstat(self._gen_file.fileno()).st_size < 8:
-                    self._gen_file.truncate(8)
-        self._gen = mmap.mmap(self._gen_file.fileno(), 8)
         self._cache: dict = {}
         self._cache_gen = -1
         self._cache_lock = threading.Lock()
@@ -271,3 +282,10 @@ class SQLiteStore(StateStore):
         with self._cache_lock:
             self._cache, self._cache_gen = {}, -1
 
+
+def _why(exc: OSError) -> str:
+    """What an OSError means for MODEL_DIR, in a few words."""
+    reasons = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOSPC: "no space left on its device",
+               errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a part of its path is a file, not a directory"}
+    return reasons.get(exc.errno, exc.strerror or str(exc))
