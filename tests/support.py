@@ -179,6 +179,14 @@ def annotation_event(task_id, annotation_id, text, label, project=1, label_confi
     }
 
 
+def backend_dir(parent, model_source: str, name: str = "backend") -> Path:
+    """A backend directory under `parent` whose model.py is `model_source`."""
+    directory = Path(parent) / name
+    directory.mkdir()
+    (directory / "model.py").write_text(model_source)
+    return directory
+
+
 def worker_pid(server) -> int:
     """The pid of a Server's (first) gunicorn worker."""
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")

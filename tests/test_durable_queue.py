@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lsdeploy.state import SQLiteStore
-from support import Server, annotation_event, wait_for
+from support import Server, annotation_event, backend_dir, wait_for
 
 MODEL = '''
 import os
@@ -40,10 +40,7 @@ class Recorder(LabelStudioMLBase):
 
 @pytest.fixture
 def backend(tmp_path):
-    directory = tmp_path / "recorder"
-    directory.mkdir()
-    (directory / "model.py").write_text(MODEL)
-    return directory
+    return backend_dir(tmp_path, MODEL, "recorder")
 
 
 def env_for(tmp_path, **extra) -> dict:

@@ -8,17 +8,14 @@ import subprocess
 
 import pytest
 
-from support import run_cli
+from support import backend_dir, run_cli
 
 MODEL = "from lsdeploy.model import LabelStudioMLBase\nclass A(LabelStudioMLBase): pass\n"
 
 
 @pytest.fixture
 def backend(tmp_path):
-    directory = tmp_path / "backend"
-    directory.mkdir()
-    (directory / "model.py").write_text(MODEL)
-    return directory
+    return backend_dir(tmp_path, MODEL, "backend")
 
 
 @pytest.fixture

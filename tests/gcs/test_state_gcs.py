@@ -18,7 +18,7 @@ import pytest
 from lsdeploy.errors import StateError
 from lsdeploy.state import store_from_env
 from lsdeploy.state.gcs import GCSStore, parse_uri
-from support import TEXT_CONFIG, Server, annotation_event, free_port, predict_body, run_cli, text_task
+from support import TEXT_CONFIG, Server, annotation_event, backend_dir, free_port, predict_body, run_cli, text_task
 
 pytestmark = pytest.mark.gcs
 
@@ -591,10 +591,7 @@ PROJECT = {"id": 1, "title": "t", "label_config": TEXT_CONFIG}
 
 @pytest.fixture
 def backend(tmp_path):
-    directory = tmp_path / "backend"
-    directory.mkdir()
-    (directory / "model.py").write_text(BACKEND)
-    return directory
+    return backend_dir(tmp_path, BACKEND, "backend")
 
 
 @pytest.fixture
