@@ -730,7 +730,7 @@ def test_a_server_that_took_the_port_first_is_not_mistaken_for_the_backend(creat
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    import lsdeploy.preview as preview_module
+    import lsdeploy.preview.run as preview_module
 
     class Intruder(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
