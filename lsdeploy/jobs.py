@@ -147,6 +147,14 @@ class JobQueue:
             raise StateError(f"the training event was not stored, so it is not acknowledged: the state store is "
                              f"unreachable ({problem}); it trains if sent again once storage answers")
         token = token or self.new_token()
+        try:
+            return self._enqueue(store, project, token, kind, event, body, seconds_per_fit)
+        except StateError as exc:
+            raise StateError(f"the training event was not stored, so it is not acknowledged: {exc}; it trains if "
+                             "sent again once storage answers") from None
+
+    def _enqueue(self, store, project: str, token: str, kind: str, event: str, body: bytes,
+                 seconds_per_fit: float) -> dict:
         store.put_event(project, token, body)
         entry = {"id": token, "seq": 0, "kind": kind, "event": event, "size": len(body),
                  "queued_at": time.time(), "attempts": 0, "state": "queued"}
@@ -168,12 +176,11 @@ class JobQueue:
 
         try:
             store.update(project, QUEUE_KEY, append)
-        except BaseException:
-            try:
-                store.delete_event(project, token)
-            except Exception:  # noqa: BLE001 - an unreferenced body costs only its bytes
-                pass
+        except QueueFull:
+            self._drop_bodies(project, [token])
             raise
+        # (a StateError leaves the body: storage failed, a deletion would wait for it again; an
+        # unreferenced body costs only its bytes)
         return entry
 
     def lookup(self, project: str, token: str, fresh: bool = False) -> Optional[dict]:

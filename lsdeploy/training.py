@@ -192,17 +192,19 @@ class Trainer:
                 if entry is None:  # nothing due after all (the read that said so was older)
                     due = self.queue.runnable_in(project)
                     return self.poll_seconds if due == 0 else due
+                still_held = getattr(held, "valid", lambda: True)
                 while entry is not None:
-                    entry = self._run(project, entry)  # the next one, claimed as this one finished
+                    entry = self._run(project, entry, still_held)  # the next one, claimed as this one finished
             if self._stop.is_set():
                 return None
             # The lock is free: an event queued while it was held, by a worker whose own try
             # failed, is seen now (its write came before that try, which came before this read).
         return 0.0
 
-    def _run(self, project: str, entry: dict) -> Optional[dict]:
+    def _run(self, project: str, entry: dict, still_held: Callable[[], bool] = lambda: True) -> Optional[dict]:
         """Run one claimed event; the project's next one when it was claimed in the same write
-        (never after a failure, nor once stopping)."""
+        (never after a failure, once stopping, nor once the lock may have been lost: a lease
+        whose renewals storage did not answer, which another instance may take)."""
         public = job_id(project, entry["id"])
         event, attempt = entry.get("event"), int(entry.get("attempts") or 1)
         if entry.get("interrupted_runner"):
@@ -223,14 +225,15 @@ class Trainer:
             took = time.monotonic() - started
             self._count(event, "error", took)
             message = f"{type(exc).__name__}: {exc}"
+            # logged before the queue is told: during a storage outage that write fails too
+            logger.error("fit failed for job %s (%s, attempt %d of %d): %s", public, event, attempt,
+                         self.queue.max_attempts, message)
+            logger.debug("fit traceback:\n%s", traceback.format_exc())
             status, delay = self.queue.failed(project, entry["id"], message)
             if status == "retrying":
-                logger.error("fit failed for job %s (%s, attempt %d of %d): %s; retrying in %.0f s", public, event,
-                             attempt, self.queue.max_attempts, message, delay)
+                logger.info("job %s runs again in %.0f s", public, delay)
             else:
-                logger.error("fit failed for job %s (%s, attempt %d of %d): %s; kept as failed (GET /jobs/%s)",
-                             public, event, attempt, self.queue.max_attempts, message, public)
-            logger.debug("fit traceback:\n%s", traceback.format_exc())
+                logger.error("job %s kept as failed after %d attempt(s) (GET /jobs/%s)", public, attempt, public)
             if outcome is not None:
                 outcome.status, outcome.error, outcome.retry_in = status, exc, delay
                 outcome.done.set()
@@ -241,8 +244,8 @@ class Trainer:
         took = time.monotonic() - started
         self._seconds_per_fit = 0.8 * self._seconds_per_fit + 0.2 * took
         self._count(event, "ok", took)
-        following = self.queue.finish(project, entry["id"], _summary(result),
-                                      runner=None if self._stop.is_set() else self._runner)
+        go_on = not self._stop.is_set() and still_held()
+        following = self.queue.finish(project, entry["id"], _summary(result), runner=self._runner if go_on else None)
         if outcome is not None:
             outcome.status, outcome.result, outcome.model_version = "done", result, version
             outcome.done.set()

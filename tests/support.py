@@ -187,6 +187,23 @@ def backend_dir(parent, model_source: str, name: str = "backend") -> Path:
     return directory
 
 
+def wait_jobs_done(get, answers, timeout: float = 120.0) -> list:
+    """Until the training job of every webhook answer (201 or 202) is done, by GET /jobs/<job>
+    (`get(path)` answers a GET on the backend); fails at once on a failed job. The job views."""
+    views = []
+    for answer in answers:
+        assert answer.status_code in (201, 202), answer.text
+        job = answer.json()["job"]
+
+        def done(job=job):
+            view = get(f"/jobs/{job}").json()
+            assert view.get("state") != "failed", view
+            return view if view.get("state") == "done" else None
+
+        views.append(wait_for(done, timeout=timeout, interval=0.1, message=f"training job {job} done"))
+    return views
+
+
 def worker_pid(server) -> int:
     """The pid of a Server's (first) gunicorn worker."""
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")

@@ -95,9 +95,11 @@ class StateStore:
     # -- what the durable training queue (lsdeploy.jobs) needs -------------------------------
     @contextlib.contextmanager
     def try_lock(self, project: str) -> Iterator[bool]:
-        """The project's training lock without waiting: yields True when this process now holds
-        it (exclusive across threads, processes and instances sharing the store), False at once
-        when another holds it or it cannot be taken. This default waits for `lock()`."""
+        """The project's training lock without waiting: yields a true value when this process now
+        holds it (exclusive across threads, processes and instances sharing the store), False at
+        once when another holds it or it cannot be taken. A lock that can be lost while held (a
+        lease that expires) yields an object whose `valid()` says whether it still holds. This
+        default waits for `lock()`."""
         with self.lock(project):
             yield True
 

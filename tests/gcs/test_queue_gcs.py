@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gcs
 def held(store, project="1"):
     """Whether try_lock takes the project's lock right now (released at once)."""
     with store.try_lock(project) as taken:
-        return taken
+        return bool(taken)
 
 
 def in_thread(fn):
@@ -82,7 +82,7 @@ def test_try_lock_is_exclusive_across_instances(gcs_emulator, bucket, make_store
     a = make_store(gcs_emulator, f"gs://{bucket}/trylock")
     b = make_store(gcs_emulator, f"gs://{bucket}/trylock")
     with a.try_lock("1") as first:
-        assert first is True
+        assert first and first.valid()
         lease = json.loads(gcs_emulator.read_object(bucket, "trylock/locks/p-1.json"))
         assert lease["owner"] == a._owner
         started = time.monotonic()
@@ -91,7 +91,7 @@ def test_try_lock_is_exclusive_across_instances(gcs_emulator, bucket, make_store
         assert held(b, "2") is True  # another project is free
     assert not gcs_emulator.list_objects(bucket, "trylock/locks/")  # released
     with b.try_lock("1") as second:
-        assert second is True
+        assert second
         assert held(a) is False
     assert held(a) is True
 
@@ -99,7 +99,7 @@ def test_try_lock_is_exclusive_across_instances(gcs_emulator, bucket, make_store
 def test_try_lock_is_exclusive_across_threads_and_with_lock(gcs_emulator, bucket, make_store):
     store = make_store(gcs_emulator, f"gs://{bucket}/threads")
     with store.try_lock("1") as first:
-        assert first is True
+        assert first and first.valid()
         assert in_thread(lambda: held(store)) is False
         assert in_thread(lambda: held(store, "2")) is True
     assert in_thread(lambda: held(store)) is True
@@ -125,7 +125,7 @@ def test_try_lock_renews_the_lease_while_held(gcs_emulator, bucket, make_store):
     a = make_store(gcs_emulator, f"gs://{bucket}/renew", lease_seconds=1.0)
     b = make_store(gcs_emulator, f"gs://{bucket}/renew", lease_seconds=1.0)
     with a.try_lock("1") as first:
-        assert first is True
+        assert first and first.valid()
         deadline = time.monotonic() + 2.5  # over twice the lease: only its renewal keeps it
         while time.monotonic() < deadline:
             assert held(b) is False
@@ -141,7 +141,7 @@ def test_try_lock_takes_over_an_expired_lease(gcs_emulator, bucket, make_store):
     assert held(store) is False
     time.sleep(1.2)
     with store.try_lock("1") as taken:
-        assert taken is True
+        assert taken and taken.valid()
         assert json.loads(gcs_emulator.read_object(bucket, "expired/locks/p-1.json"))["owner"] == store._owner
     assert not gcs_emulator.list_objects(bucket, "expired/locks/")
 
@@ -232,3 +232,24 @@ def test_read_sees_another_instances_write_before_the_snapshot_does(gcs_emulator
     assert b.get("1", "queue") == ["ev-1", "ev-2"]
     assert b.read("1", "queue", "gone") == "gone"
     assert not b.has("1", "queue") and b.projects("queue") == []
+
+
+def test_a_lease_this_store_left_behind_is_taken_back_at_once(gcs_emulator, bucket, make_store):
+    """Its release failed (storage was down): the same store takes it again without waiting for
+    it to expire, while another instance still may not."""
+    store = make_store(gcs_emulator, f"gs://{bucket}/ownlease")
+    other = make_store(gcs_emulator, f"gs://{bucket}/ownlease")
+    gcs_emulator.write_object(bucket, "ownlease/locks/p-1.json",
+                              json.dumps({"owner": store._owner, "expires": time.time() + 600}).encode())
+    assert held(other) is False
+    assert held(store) is True
+
+
+def test_a_lease_whose_renewals_fail_stops_being_valid_before_it_expires(gcs_emulator, bucket, make_store):
+    store = make_store(gcs_emulator, f"gs://{bucket}/invalid", lease_seconds=3.0)
+    with store.try_lock("1") as lease:
+        assert lease.valid()
+        lease._done.set()  # no more renewals, as when storage stops answering them
+        lease._thread.join(5)
+        lease.valid_until = time.time() + 0.4
+        assert not lease.valid()  # a sixth of the lease (0.5 s) early: no new work under it

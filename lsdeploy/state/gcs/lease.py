@@ -63,8 +63,9 @@ class TrainingLocks:
 
     @contextlib.contextmanager
     def try_hold(self, project) -> Iterator[bool]:
-        """Yields True while this process holds the project's lock and lease (after a refresh,
-        renewed in the background, released at the end); False at once when another thread,
+        """Yields the Lease (true; `valid()` tells whether it still holds) while this process holds
+        the project's lock and lease (after a refresh, renewed in the background, released at the
+        end); False at once when another thread,
         process or instance holds either, or when storage does not answer (a warning the first
         time, until a lease request succeeds again)."""
         project = str(project)
@@ -89,7 +90,7 @@ class TrainingLocks:
                 logger.warning("training of project %r waits: cannot read the latest state (%s)",
                                project, describe(exc))
                 caught_up = False
-            yield caught_up
+            yield lease if caught_up else False
         finally:
             lease.release()
             local.release()
@@ -117,13 +118,16 @@ class TrainingLocks:
         if holder is not None:
             info = json.loads(holder.download_as_bytes(timeout=timeout, retry=retry,
                                                        if_generation_match=holder.generation))
-            if float(info.get("expires", 0)) > time.time():
+            # Unexpired and another's: wait. Our own (its release failed during an outage; the
+            # caller holds this process's lock for the project) is taken over at once.
+            if float(info.get("expires", 0)) > time.time() and info.get("owner") != self.owner:
                 return None, info
             generation = holder.generation
         blob = objects.bucket.blob(name)
+        sent = time.time()  # the body's expiry counts from a moment later: this end errs early
         blob.upload_from_string(self.lease_body(), content_type="application/json", if_generation_match=generation,
                                 retry=retry, timeout=timeout)
-        return Lease(self, blob, int(blob.generation)), None
+        return Lease(self, blob, int(blob.generation), sent), None
 
     def _acquire(self, project: str) -> Optional["Lease"]:
         """The lease, waiting up to `lock_wait` for it; None: train without it."""
@@ -176,29 +180,50 @@ class TrainingLocks:
 
 
 class Lease:
-    """A held lease object, renewed in the background until released."""
+    """A held lease object, renewed in the background until released. True while held; `valid()`
+    says whether it still is, as other instances see it (its last renewal has not expired)."""
 
-    def __init__(self, locks: TrainingLocks, blob, generation: int):
+    def __init__(self, locks: TrainingLocks, blob, generation: int, taken_at: float):
         self.locks, self.blob, self.generation = locks, blob, generation
+        self.valid_until = taken_at + locks.lease_seconds
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="lsdeploy-gcs-lease", daemon=True)
         self._thread.start()
+
+    def valid(self) -> bool:
+        """Still ours, with a margin: false once a renewal is overdue by more than a sixth of the
+        lease, so the holder stops taking new work well before another instance may take it."""
+        return time.time() < self.valid_until - self.locks.lease_seconds / 6
 
     def _renew(self) -> None:
         from google.api_core import exceptions as gexc
 
         locks, objects = self.locks, self.locks.objects
-        while not self._done.wait(locks.lease_seconds / 3):
+        wait = locks.lease_seconds / 3
+        while not self._done.wait(wait):
+            sent = time.time()
             try:
                 self.blob.upload_from_string(locks.lease_body(), content_type="application/json",
                                              if_generation_match=self.generation,
-                                             retry=objects.retry_for(locks.lease_seconds / 3), timeout=objects.timeout)
+                                             retry=objects.retry_for(min(5.0, locks.lease_seconds / 6)),
+                                             timeout=objects.list_timeout)
                 self.generation = int(self.blob.generation)
+                self.valid_until = sent + locks.lease_seconds
+                wait = locks.lease_seconds / 3
             except gexc.PreconditionFailed:
+                self.valid_until = 0.0
                 logger.warning("training lease %s was taken over by another instance", self.blob.name)
                 return
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("could not renew training lease %s: %s", self.blob.name, describe(exc))
+            except Exception as exc:  # noqa: BLE001 - retried soon, until the lease would expire
+                if time.time() >= self.valid_until:
+                    logger.warning("training lease %s expired: storage did not answer its renewals (%s)",
+                                   self.blob.name, describe(exc))
+                    return
+                logger.warning("could not renew training lease %s: %s; retrying", self.blob.name, describe(exc))
+                wait = 1.0
+
+    def __bool__(self) -> bool:
+        return True
 
     def release(self) -> None:
         from google.api_core import exceptions as gexc

@@ -49,6 +49,7 @@ logger = logging.getLogger("lsdeploy.state.gcs")
 
 DEFAULT_REFRESH_SECONDS = 2.0
 DEFAULT_WRITE_TIMEOUT = 60.0
+DEFAULT_LEASE_SECONDS = 60.0  # a training lease not renewed for this long may be taken over
 DEFAULT_READ_WAIT = 0.25  # longest a read waits for a refresh (Label Studio gives /health 1 s)
 DEFAULT_ARTIFACT_GRACE_SECONDS = 600.0  # contents younger than this are never garbage-collected
 
@@ -60,7 +61,7 @@ class GCSStore(StateStore):
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, client_factory: Optional[Callable] = None,
                  refresh_seconds: float = DEFAULT_REFRESH_SECONDS, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-                 cache_dir: Optional[str] = None, lease_seconds: float = 60.0, lock_wait: float = 600.0,
+                 cache_dir: Optional[str] = None, lease_seconds: float = DEFAULT_LEASE_SECONDS, lock_wait: float = 600.0,
                  read_wait: float = DEFAULT_READ_WAIT,
                  artifact_grace_seconds: float = DEFAULT_ARTIFACT_GRACE_SECONDS, check: bool = True):
         if refresh_seconds <= 0:
@@ -96,6 +97,7 @@ class GCSStore(StateStore):
     def from_uri(cls, uri: str, environ=None, **kwargs) -> "GCSStore":
         """The store for ``MODEL_STATE_URI``; settings from `environ`:
         MODEL_STATE_REFRESH_SECONDS (default 2), MODEL_STATE_WRITE_TIMEOUT_SECONDS (default 60),
+        MODEL_STATE_LEASE_SECONDS (default 60: a training lease not renewed for this long is free),
         MODEL_STATE_CACHE_DIR (default MODEL_DIR/gcs-cache), STORAGE_EMULATOR_HOST (an emulator,
         anonymous credentials), GOOGLE_CLOUD_PROJECT."""
         environ = os.environ if environ is None else environ
@@ -115,6 +117,7 @@ class GCSStore(StateStore):
 
         kwargs.setdefault("refresh_seconds", number("MODEL_STATE_REFRESH_SECONDS", DEFAULT_REFRESH_SECONDS))
         kwargs.setdefault("write_timeout", number("MODEL_STATE_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT))
+        kwargs.setdefault("lease_seconds", number("MODEL_STATE_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
         cache = environ.get("MODEL_STATE_CACHE_DIR") or (
             os.path.join(environ["MODEL_DIR"], "gcs-cache") if environ.get("MODEL_DIR") else None)
         kwargs.setdefault("cache_dir", cache)
