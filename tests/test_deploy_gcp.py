@@ -503,11 +503,14 @@ def test_buckets_are_created_with_uniform_access_and_public_access_prevention(gc
 
 
 def test_deploy_grants_state_bucket_access_where_storage_has_iam(cloud, backend):
-    """Against fake-gcs-server (no IAM endpoint) the deploy says it skipped the grant."""
+    """The fakes' storage front answers bucket IAM (fake-gcs-server alone has none): the deploy grants
+    the service's account roles/storage.objectUser on the state bucket through it."""
     lines = []
     deploy(cloud, backend, settings_for("grant"), lines)
-    assert any(line.startswith("the storage emulator has no IAM: not granting roles/storage.objectUser on gs://state-grant")
-               for line in lines), lines
+    account = f"{cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"
+    assert f"granted roles/storage.objectUser on gs://state-grant to {account}" in lines, lines
+    policy = cloud.bucket_iam.policy("state-grant")
+    assert any(b.role == "roles/storage.objectUser" and f"serviceAccount:{account}" in b.members for b in policy.bindings)
 
 
 # -- secrets never leave in the bundle ----------------------------------------------------------------

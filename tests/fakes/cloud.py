@@ -1,7 +1,8 @@
 """`FakeGoogleCloud`: the four fake control-plane APIs on one local server, plus the fault API.
 
     with FakeGoogleCloud(storage_url=emulator.url) as cloud:
-        env = cloud.env            # CLOUDSDK_API_ENDPOINT_OVERRIDES_* (+ STORAGE_EMULATOR_HOST)
+        env = cloud.env            # CLOUDSDK_API_ENDPOINT_OVERRIDES_* (+ STORAGE_EMULATOR_HOST: the
+                                   # bucket-IAM front of storage_iam.py, forwarding to the emulator)
         cloud.deny("run", "CreateService")
         cloud.disable_api("cloudbuild")
         cloud.log.count(api="cloudbuild", method="CreateBuild")
@@ -20,6 +21,7 @@ from .iamadmin import IamAdminFake
 from .resourcemanager import ResourceManagerFake
 from .secretmanager import SecretManagerFake
 from .serviceusage import ServiceUsageFake
+from .storage_iam import BucketIam, StorageIamFront
 from .server import (ApiError, Fault, FakeServer, permission_denied_error, project_number, quota_error,
                      service_disabled_error)
 
@@ -175,7 +177,9 @@ class FakeGoogleCloud:
 
     runner: start each ready Cloud Run revision as a local process (off for pure API tests).
     storage_url: the Cloud Storage emulator (defaults to none: an in-memory object store,
-        `cloud.storage.put(bucket, name, data)`, stands in for the build sources).
+        `cloud.storage.put(bucket, name, data)`, stands in for the build sources). With it, a front
+        (storage_iam.py) answers bucket IAM and forwards the rest: `cloud.env` points the deploy's
+        clients at the front, and the bucket grants the build and the revisions need are enforced.
     operation_polls: how many polls a long-running operation (and a build) needs to finish.
     run_env: environment given to every revision process (e.g. STORAGE_EMULATOR_HOST), standing
         in for the network access a real Cloud Run container has.
@@ -195,7 +199,11 @@ class FakeGoogleCloud:
         # created since 3 May 2024 (the compute default account then holds no role)
         self.automatic_default_grants = True
         self.storage_url = storage_url
+        # the fakes' own reads and writes (build sources, build logs) go to the emulator directly
         self.storage = EmulatorStorage(storage_url) if storage_url else MemoryStorage()
+        self.bucket_iam = BucketIam(self)  # bucket policies and the uniform-access organization policy
+        self.storage_front = StorageIamFront(self.bucket_iam, storage_url) if storage_url else None
+        self.bucket_iam.enforce = self.storage_front is not None
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="gcp-fakes-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -207,17 +215,23 @@ class FakeGoogleCloud:
         self.serviceusage = ServiceUsageFake(self)
         self.iamadmin = IamAdminFake(self)
         self.resourcemanager = ResourceManagerFake(self)
+        # revision processes reach the emulator directly: their state-bucket access is checked when
+        # the revision is created (cloudrun_revisions.py), as the container's start-up check would
         self.run.extra_env = dict(run_env or ({"STORAGE_EMULATOR_HOST": storage_url} if storage_url else {}))
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "FakeGoogleCloud":
         self.server.start()
+        if self.storage_front is not None:
+            self.storage_front.start()
         return self
 
     def stop(self) -> None:
         with self.server.lock:
             self.run.close()
         self.server.stop()
+        if self.storage_front is not None:
+            self.storage_front.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -243,8 +257,8 @@ class FakeGoogleCloud:
     @property
     def env(self) -> dict[str, str]:
         env = dict(self.endpoint_env)
-        if self.storage_url:
-            env["STORAGE_EMULATOR_HOST"] = self.storage_url
+        if self.storage_front is not None:
+            env["STORAGE_EMULATOR_HOST"] = self.storage_front.url
         return env
 
     @staticmethod
@@ -266,12 +280,14 @@ class FakeGoogleCloud:
     def fresh_project(self) -> "FakeGoogleCloud":
         """A project as a new user gets it in an organization created after May 2024: only the default
         APIs enabled, Cloud Build running as the Compute Engine default account, which has no role
-        (no automatic grants), and builds only in Cloud Build's open regions."""
+        (no automatic grants), builds only in Cloud Build's open regions, and buckets only with
+        uniform bucket-level access (organization policy constraints/storage.uniformBucketLevelAccess)."""
         self.serviceusage.disable("run.googleapis.com", "cloudbuild.googleapis.com", "artifactregistry.googleapis.com",
                                   "secretmanager.googleapis.com", "iam.googleapis.com")
         self.cloudbuild.default_identity = "compute"
         self.automatic_default_grants = False
         self.cloudbuild.restrict_regions()
+        self.bucket_iam.require_uniform_access = True
         return self
 
     def restrict_deployer(self, permissions) -> Fault:

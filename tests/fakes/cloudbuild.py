@@ -5,7 +5,9 @@ outcomes a real one has:
 
 - FETCHSOURCE: the `source.storageSource` object is read from Cloud Storage (the fake-gcs-server
   emulator, or the in-memory store) and must be a tar.gz (or zip) archive. A missing object is
-  rejected by CreateBuild itself ("could not resolve source"), like the real API does.
+  rejected by CreateBuild itself ("could not resolve source"), like the real API does. With the
+  emulator, the build's account must hold storage.objects.get on the bucket (a propagated bucket
+  binding, storage_iam.py, or project-wide access), else FETCH_SOURCE_FAILED with Google's 403.
 - `docker build` steps check the context has the Dockerfile and "build" an image whose digest is
   derived only from the context's files (same files -> same digest); `docker tag`, `docker push`,
   `docker pull` (for `--cache-from`) and the build's `images` behave like a Docker daemon would;
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 import uuid
 from dataclasses import dataclass, field
 
@@ -33,9 +34,9 @@ from google.cloud.devtools import cloudbuild_v1 as cb
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
-from .artifactregistry import PushError, parse_image
-from .docker import DOCKER_BUILDERS, copy_source_missing, dockerignore_patterns, dockerignored
-from .runner import bundle_files, dockerfile_instructions
+from .artifactregistry import PushError
+from .cloudbuild_steps import BuildSteps
+from .runner import bundle_files
 from .server import (ApiError, Route, compile_template, failed_precondition, invalid_argument, not_found, now_pb,
                      paginate, permission_denied_error, project_number, routes_from_transport)
 
@@ -86,6 +87,7 @@ class CloudBuildFake:
         self.open_regions: tuple[str, ...] | None = None
         # who builds without build.service_account: "legacy" (NUMBER@cloudbuild...) or "compute" (new projects)
         self.default_identity = "legacy"
+        self.steps = BuildSteps(cloud)  # the steps, as a Docker daemon runs them
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.rest",
@@ -286,6 +288,11 @@ class CloudBuildFake:
             generation = f"#{src.generation}" if src.generation else ""
             lines.append("FETCHSOURCE")
             lines.append(f"Fetching storage object: gs://{src.bucket}/{src.object_}{generation}")
+            denied = self._fetch_denied(record, src.bucket)
+            if denied:
+                lines.append(f"AccessDeniedException: 403 {denied}")
+                return self._fail(final, lines, None, FailureType.FETCH_SOURCE_FAILED,
+                                  f"failed to fetch source gs://{src.bucket}/{src.object_}{generation}: {denied}")
             if record.bundle is not None:
                 try:
                     files = bundle_files(record.bundle)
@@ -306,7 +313,7 @@ class CloudBuildFake:
                 step.exit_code = failure.exit_code
                 return self._fail(final, lines, index, FailureType.USER_BUILD_STEP,
                                   f'Build step failure: build step {index} "{step.name}" failed: {failure.message}')
-            ok, step_lines = self._run_step(record, step, files, daemon)
+            ok, step_lines = self.steps.run(record, step, files, daemon)
             lines.extend(f"{prefix}: {line}" for line in step_lines)
             now_pb(step.timing.end_time)
             if not ok and not (step.allow_failure or 1 in step.allow_exit_codes):
@@ -330,7 +337,7 @@ class CloudBuildFake:
                                   f"[\"{image_ref}\"]")
             lines.append(f"Pushing {image_ref}")
             try:
-                pushed = self._push(record, image_ref, local)
+                pushed = self.steps.push(record, image_ref, local)
             except PushError as exc:
                 lines.append(f"{exc}")
                 return self._fail(final, lines, None, FailureType.PUSH_FAILED, f"failed to push {image_ref}: {exc}")
@@ -353,6 +360,15 @@ class CloudBuildFake:
         final.failure_info.type_ = failure_type
         final.failure_info.detail = detail
         return final
+
+    def _fetch_denied(self, record: BuildRecord, bucket: str) -> str | None:
+        """Google's 403 when the build's account may not read the source (storage.objects.get on its
+        bucket, granted through the bucket's policy and propagated, or project-wide)."""
+        iam = self.cloud.bucket_iam
+        if not iam.enforce or iam.allows(bucket, f"serviceAccount:{record.identity}", "storage.objects.get"):
+            return None
+        return (f"{record.identity} does not have storage.objects.get access to the Google Cloud Storage object. "
+                "Permission 'storage.objects.get' denied on resource (or it may not exist).")
 
     def _identity(self, build, project: str) -> str:
         """The account the build runs as: build.service_account (it must exist, and the caller must be
@@ -378,168 +394,6 @@ class CloudBuildFake:
         if self.default_identity == "compute":
             return f"{number}-compute@developer.gserviceaccount.com"
         return f"{number}@cloudbuild.gserviceaccount.com"
-
-    def _may_push(self, record, repository: str) -> bool:
-        identity = getattr(record, "identity", "")
-        if identity.endswith("@cloudbuild.gserviceaccount.com"):
-            return True  # the legacy Cloud Build account holds roles/cloudbuild.builds.builder
-        if identity.endswith("-compute@developer.gserviceaccount.com") and self.cloud.automatic_default_grants:
-            return True  # Editor on the project, granted automatically before May 2024
-        return self.cloud.artifactregistry.can_push(repository, f"serviceAccount:{identity}")
-
-    def _push(self, record, image_ref, local):
-        digest, bundle, dockerfile = local
-        parts = parse_image(image_ref)
-        if parts is not None:
-            repository = f"projects/{parts['project']}/locations/{parts['location']}/repositories/{parts['repo']}"
-            if repository in self.cloud.artifactregistry.repositories and not self._may_push(record, repository):
-                raise PushError(f'denied: Permission "artifactregistry.repositories.uploadArtifacts" denied on '
-                                f'resource "{repository}" (or it may not exist)')
-        image = self.cloud.artifactregistry.push(image_ref, digest, bundle or b"", dockerfile, record.build.id)
-        record.pushed.append(image)
-        return image
-
-    def _run_step(self, record, step, files, daemon) -> tuple[bool, list[str]]:
-        args = list(step.args)
-        name = step.name
-        if step.entrypoint in ("bash", "sh", "/bin/bash", "/bin/sh") and len(args) >= 2 and args[0] == "-c":
-            return self._run_shell(record, args[1], files, daemon)
-        if name not in DOCKER_BUILDERS and not name.endswith("/docker"):
-            return True, [f"(lsdeploy fake: step {name} {' '.join(args)} recorded, not executed)"]
-        return self._docker(record, args, step.dir_, files, daemon)
-
-    def _run_shell(self, record, script, files, daemon):
-        """Only `docker ...` commands (joined with && / || exit 0 / ;) are understood in a shell step."""
-        lines, ok = [], True
-        for command in re.split(r"\s*(?:&&|;)\s*", script.strip()):
-            tolerant = False
-            if re.search(r"\|\|\s*(exit 0|true)\s*$", command):
-                command, tolerant = re.sub(r"\|\|\s*(exit 0|true)\s*$", "", command).strip(), True
-            words = shlex.split(command)
-            if words and words[0] == "docker":
-                step_ok, step_lines = self._docker(record, words[1:], "", files, daemon)
-            else:
-                step_ok, step_lines = True, [f"(lsdeploy fake: {command!r} recorded, not executed)"]
-            lines.extend(step_lines)
-            if not step_ok and not tolerant:
-                return False, lines
-        return ok, lines
-
-    def _docker(self, record, args, step_dir, files, daemon) -> tuple[bool, list[str]]:
-        if not args:
-            return False, ["docker: no command"]
-        command, rest = args[0], args[1:]
-        if command == "build":
-            return self._docker_build(record, rest, step_dir, files, daemon)
-        if command == "tag" and len(rest) == 2:
-            if rest[0] not in daemon:
-                return False, [f"Error response from daemon: No such image: {rest[0]}"]
-            daemon[rest[1]] = daemon[rest[0]]
-            return True, []
-        if command == "push" and rest:
-            ref = [a for a in rest if not a.startswith("-")][-1]
-            local = daemon.get(ref)
-            if local is None:
-                return False, [f"An image does not exist locally with the tag: {ref}"]
-            try:
-                image = self._push(record, ref, local)
-            except PushError as exc:
-                return False, [f"The push refers to repository [{ref}]", str(exc)]
-            return True, [f"The push refers to repository [{ref.split('@')[0].rsplit(':', 1)[0]}]",
-                          f"{ref.rsplit(':', 1)[-1] if ':' in ref.split('/')[-1] else 'latest'}: digest: "
-                          f"{image.digest} size: 1234"]
-        if command == "pull" and rest:
-            ref = rest[-1]
-            image = self.cloud.artifactregistry.resolve(ref)
-            if image is None:
-                return False, [f"Error response from daemon: manifest for {ref} not found: manifest unknown"]
-            daemon[ref] = (image.digest, image.bundle, image.dockerfile)
-            return True, [f"Digest: {image.digest}", f"Status: Downloaded newer image for {ref}"]
-        return True, [f"(lsdeploy fake: docker {command} recorded, not executed)"]
-
-    def _docker_build(self, record, args, step_dir, files, daemon):
-        tags, dockerfile, cache_from, context = [], None, [], None
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            value = None
-            if arg in ("-t", "--tag", "-f", "--file", "--cache-from", "--build-arg", "--network", "--target",
-                       "--platform", "--label"):
-                value = args[i + 1] if i + 1 < len(args) else ""
-                i += 2
-            elif arg.startswith("--") and "=" in arg:
-                arg, value = arg.split("=", 1)
-                i += 1
-            elif arg.startswith("-"):
-                i += 1
-                continue
-            else:
-                context = arg
-                i += 1
-                continue
-            if arg in ("-t", "--tag"):
-                tags.append(value)
-            elif arg in ("-f", "--file"):
-                dockerfile = value
-            elif arg == "--cache-from":
-                cache_from.append(value)
-        if context is None:
-            return False, ['"docker build" requires exactly 1 argument.']
-        base = "/".join(p for p in (step_dir, context) if p and p != ".").strip("/")
-        if files is None:
-            context_files = {}
-        else:
-            context_files = {n[len(base) + 1:] if base else n: c for n, c in files.items()
-                             if not base or n.startswith(base + "/")}
-        sent = len(context_files)
-        if ".dockerignore" in context_files:
-            patterns = dockerignore_patterns(context_files[".dockerignore"].decode("utf-8", "replace"))
-            context_files = {n: c for n, c in context_files.items() if not dockerignored(n, patterns)}
-        dockerfile = dockerfile or "Dockerfile"
-        lines = []
-        for ref in cache_from:
-            found = ref in daemon or self.cloud.artifactregistry.resolve(ref) is not None
-            record.cache_from.append((ref, found))
-        if files is not None and dockerfile not in context_files:
-            where = f"/workspace/{base + '/' if base else ''}{dockerfile}"
-            return False, [f"unable to evaluate symlinks in Dockerfile path: lstat {where}: no such file or directory"]
-        tree = hashlib.sha256()
-        for path in sorted(context_files):
-            tree.update(path.encode() + b"\0" + hashlib.sha256(context_files[path]).digest())
-        if files is None:  # no storage backend: derive the digest from the source reference
-            src = record.build.source.storage_source
-            tree.update(f"gs://{src.bucket}/{src.object_}#{src.generation}".encode())
-        digest = "sha256:" + hashlib.sha256(b"lsdeploy-fake-image\0" + dockerfile.encode() + b"\0"
-                                            + tree.digest()).hexdigest()
-        lines.append(f"Sending build context to Docker daemon  {sum(map(len, context_files.values()))}B")
-        instructions = dockerfile_instructions(context_files.get(dockerfile, b"").decode("utf-8", "replace"))
-        cached = {ref for ref, found in record.cache_from if found}
-        for n, (keyword, arguments) in enumerate(instructions, 1):
-            lines.append(f"Step {n}/{len(instructions)} : {keyword} {arguments}")
-            missing = copy_source_missing(keyword, arguments, context_files) if files is not None else None
-            if missing is not None:
-                lines.append(f"{keyword} failed: file not found in build context or excluded by .dockerignore: "
-                             f"stat {missing}: file does not exist")
-                return False, lines
-            if cached and keyword not in ("COPY", "ADD"):
-                lines.append(" ---> Using cache")
-        lines.append(f"Successfully built {digest[7:19]}")
-        bundle = record.bundle
-        if (base or len(context_files) < sent) and files is not None:  # the image holds the context only
-            import io
-            import tarfile
-
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-                for path in sorted(context_files):
-                    info = tarfile.TarInfo(path)
-                    info.size = len(context_files[path])
-                    archive.addfile(info, io.BytesIO(context_files[path]))
-            bundle = buffer.getvalue()
-        for tag in tags:
-            daemon[tag] = (digest, bundle, dockerfile)
-            lines.append(f"Successfully tagged {tag}")
-        return True, lines
 
     # ---- progress ----------------------------------------------------------------------------
     def _tick(self, record: BuildRecord) -> None:

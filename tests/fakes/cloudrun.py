@@ -17,18 +17,15 @@ the traffic; with the runner off, revisions become ready after `ready_delay` sec
 """
 from __future__ import annotations
 
-import random
 import re
 import threading
-import string
-import time
 import uuid
 from dataclasses import dataclass, field
 
 from google.cloud import run_v2
 from google.iam.v1 import policy_pb2
 
-from .artifactregistry import parse_image
+from .cloudrun_revisions import RevisionState, new_revision, revision_outcome
 from .cloudrun_rules import LATEST, REVISION, fill_defaults, validate_service
 from .runner import RevisionProcess, ServiceProxy
 from .iam import has_role, read_policy, write_policy
@@ -53,19 +50,6 @@ def error_page(code: int, title: str, text: str) -> str:
     return (f'<html><head>\n<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
             f"<title>{code} {title}</title>\n</head>\n<body text=#000000 bgcolor=#ffffff>\n"
             f"<h1>Error: {title}</h1>\n<h2>{text}</h2>\n<h2></h2>\n</body></html>\n")
-
-
-def secret_exists(secrets, name: str) -> bool:
-    return secrets.canonical(name) in secrets.secrets
-
-
-@dataclass
-class RevisionState:
-    message: object  # Revision
-    created: float
-    process: RevisionProcess | None = None
-    outcome: str | None = None  # None (pending) | "ready" | failure message
-    failure: str | None = None  # known at creation (image, secrets, fault); reported after ready_delay
 
 
 @dataclass
@@ -155,138 +139,6 @@ class CloudRunFake:
     def _defaults(self, service, project: str) -> None:
         fill_defaults(service, project)
 
-    def _new_revision(self, state: ServiceState, project: str) -> str:
-        service = state.message
-        service_id = service.name.rsplit("/", 1)[-1]
-        state.revision_count += 1
-        template = service.template
-        revision_id = template.revision or (
-            f"{service_id}-{state.revision_count:05d}-"
-            f"{''.join(random.choices(string.ascii_lowercase + string.digits, k=3))}")
-        name = f"{service.name}/revisions/{revision_id}"
-        if name in self.revisions:
-            raise already_exists(f"Revision named '{revision_id}' already exists.")
-        revision = Revision(name=name, uid=str(uuid.uuid4()), generation=1, service=service.name,
-                            observed_generation=1, launch_stage=service.launch_stage, reconciling=True,
-                            creator=service.last_modifier)
-        for f in template.DESCRIPTOR.fields:
-            if f.name in Revision.DESCRIPTOR.fields_by_name and f.name != "revision":
-                target = Revision.DESCRIPTOR.fields_by_name[f.name]
-                if target.type != f.type or target.message_type != f.message_type:
-                    continue
-                if f.is_repeated and f.message_type is not None and f.message_type.GetOptions().map_entry:
-                    getattr(revision, f.name).update(getattr(template, f.name))
-                elif f.is_repeated:
-                    getattr(revision, f.name).extend(getattr(template, f.name))
-                elif f.message_type is not None:
-                    if template.HasField(f.name):
-                        getattr(revision, f.name).CopyFrom(getattr(template, f.name))
-                else:
-                    setattr(revision, f.name, getattr(template, f.name))
-        now_pb(revision.create_time)
-        now_pb(revision.update_time)
-        revision.log_uri = (f"https://console.cloud.google.com/logs/viewer?project={project}&resource="
-                            f"cloud_run_revision/service_name/{service_id}/revision_name/{revision_id}")
-        revision.conditions.add(type_="Ready", state=RECONCILING)
-        revision.etag = etag_of(revision)
-        rstate = RevisionState(revision, time.monotonic())
-        self.revisions[name] = rstate
-
-        failure = self._prepare(rstate, service_id, project)
-        if failure:
-            rstate.failure = failure
-        elif self.runner and rstate.process is not None:
-            rstate.process.start()
-        return name
-
-    def _prepare(self, rstate: RevisionState, service_id: str, project: str) -> str | None:
-        """Resolve the image and secrets; set up the process. Returns a failure message or None."""
-        revision = rstate.message
-        fault = self.never_ready_faults.get(service_id)
-        if fault is not None and fault[1] != 0:
-            if fault[1] is not None:
-                fault[1] -= 1
-            return fault[0]
-        container = revision.containers[0]
-        ar_fake = self.cloud.artifactregistry
-        image = ar_fake.resolve(container.image)
-        parts = parse_image(container.image)
-        if image is None and parts is not None:
-            repository = f"projects/{parts['project']}/locations/{parts['location']}/repositories/{parts['repo']}"
-            if repository in ar_fake.repositories:
-                return f"Image '{container.image}' not found."
-        env = {}
-        for index, var in enumerate(container.env):
-            if var.HasField("value_source"):
-                ref = var.value_source.secret_key_ref
-                secret = ref.secret if ref.secret.startswith("projects/") else \
-                    f"projects/{project}/secrets/{ref.secret}"
-                version = ref.version or "latest"
-                canonical = f"{self.cloud.secretmanager.canonical(secret)}/versions/{version}"
-                runtime = f"serviceAccount:{revision.service_account}"
-                if (self.require_secret_access and secret_exists(self.cloud.secretmanager, secret)
-                        and not self.cloud.secretmanager.can_access(secret, runtime)):
-                    return (f"spec.template.spec.containers[0].env[{index}].value_from.secret_key_ref.name: "
-                            f"Permission denied on secret: {canonical} for Revision service account "
-                            f"{revision.service_account}. The service account used must be granted the 'Secret "
-                            f"Manager Secret Accessor' role (roles/secretmanager.secretAccessor) at the secret, "
-                            f"project or higher level.")
-                try:
-                    env[var.name] = self.cloud.secretmanager.value(secret, version).decode()
-                except ApiError:
-                    return (f"spec.template.spec.containers[0].env[{index}].value_from.secret_key_ref.name: Secret "
-                            f"{self.cloud.secretmanager.canonical(secret)}/versions/{ref.version or 'latest'} was "
-                            f"not found")
-            else:
-                env[var.name] = var.value
-        if not self.runner:
-            return None
-        if image is None:
-            return (f"Image '{container.image}' was not built by the Cloud Build fake, so the lsdeploy fake cannot "
-                    f"run it.")
-        revision_id = revision.name.rsplit("/", 1)[-1]
-        env.update({"K_SERVICE": service_id, "K_REVISION": revision_id, "K_CONFIGURATION": service_id})
-        probe = container.startup_probe
-        path = (probe.http_get.path or "/") if probe.HasField("http_get") else None
-        # Cloud Run gives up after initial delay + period x failure threshold (240 s by default).
-        deadline = (probe.initial_delay_seconds + (probe.period_seconds or 10) * (probe.failure_threshold or 3)
-                    if container.HasField("startup_probe") else 240)
-        rstate.process = RevisionProcess(
-            revision_id, image.bundle,
-            {"command": list(container.command), "args": list(container.args), "working_dir": container.working_dir,
-             "dockerfile": image.dockerfile},
-            env, {"path": path, "deadline": min(deadline + 5, self.startup_deadline)}, self.cloud.workdir,
-            extra_env=self.extra_env)
-        return None
-
-    def _revision_outcome(self, rstate: RevisionState) -> str | None:
-        if rstate.outcome is None:
-            if rstate.failure is not None:
-                if time.monotonic() - rstate.created >= self.ready_delay:
-                    rstate.outcome = rstate.failure
-            elif rstate.process is not None:
-                if rstate.process.state == "ready":
-                    rstate.outcome = "ready"
-                elif rstate.process.state == "failed":
-                    rstate.outcome = rstate.process.message
-            elif time.monotonic() - rstate.created >= self.ready_delay:
-                rstate.outcome = "ready"
-            if rstate.outcome is not None:
-                revision = rstate.message
-                del revision.conditions[:]
-                revision.reconciling = False
-                ready = rstate.outcome == "ready"
-                condition = revision.conditions.add(type_="Ready", state=SUCCEEDED if ready else FAILED)
-                now_pb(condition.last_transition_time)
-                if not ready:
-                    condition.message = rstate.outcome
-                    condition.reason = 5  # CONTAINER_MISSING/failed: the generic revision failure reason
-                for kind in ("ContainerHealthy", "ResourcesAvailable"):
-                    c = revision.conditions.add(type_=kind, state=SUCCEEDED if ready else FAILED)
-                    now_pb(c.last_transition_time)
-                revision.etag = etag_of(revision)
-        return rstate.outcome
-
     # ---- reconciliation --------------------------------------------------------------------------
     def _reconcile(self, state: ServiceState) -> None:
         service = state.message
@@ -297,7 +149,7 @@ class CloudRunFake:
         if revision_name is None:
             outcome = "ready"
         else:
-            outcome = self._revision_outcome(self.revisions[revision_name])
+            outcome = revision_outcome(self, self.revisions[revision_name])
             if outcome is None:
                 return
         routes_error = None
@@ -453,7 +305,7 @@ class CloudRunFake:
         else:
             service.uri = f"https://{service_id}-{project_number(project)}.{region}.run.app"
         service.urls.append(service.uri)
-        state.generation_revision[1] = self._new_revision(state, project)
+        state.generation_revision[1] = new_revision(self, state, project)
         service.latest_created_revision = state.generation_revision[1]
         service.terminal_condition.type_ = "Ready"
         service.terminal_condition.state = RECONCILING
@@ -539,7 +391,7 @@ class CloudRunFake:
         updated.reconciling = True
         state.message.CopyFrom(updated)
         if template_changed:
-            revision = self._new_revision(state, project)
+            revision = new_revision(self, state, project)
             state.generation_revision[updated.generation] = revision
             state.message.latest_created_revision = revision
         state.message.terminal_condition.state = RECONCILING
@@ -600,7 +452,7 @@ class CloudRunFake:
         self._reconcile(self.services[request.parent])
         revisions = [r for n, r in self.revisions.items() if r.message.service == request.parent]
         for rstate in revisions:
-            self._revision_outcome(rstate)
+            revision_outcome(self, rstate)
         messages = sorted((r.message for r in revisions), key=lambda m: m.create_time.ToNanoseconds(), reverse=True)
         page, token = paginate(messages, request.page_size, request.page_token)
         return run_v2.ListRevisionsResponse.pb()(revisions=page, next_page_token=token)
@@ -609,7 +461,7 @@ class CloudRunFake:
         rstate = self.revisions.get(request.name)
         if rstate is None:
             raise not_found(f"Resource '{request.name.rsplit('/', 1)[-1]}' of kind 'REVISION' does not exist.")
-        self._revision_outcome(rstate)
+        revision_outcome(self, rstate)
         return rstate.message
 
     def DeleteRevision(self, request, ctx):

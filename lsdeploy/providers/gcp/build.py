@@ -153,8 +153,9 @@ class BuildFailed(LsdeployError):
 
 def build_image(api, settings, bundle, progress) -> tuple:
     """Upload and build; (image pinned by digest, build id, build region, note). Raises EXIT_BUILD on
-    failure. A push refused to the build's account just after it was granted the repository (IAM
-    takes minutes to apply) is built again, backing off, for up to settings.iam_wait seconds."""
+    failure. A push or a source read refused to the build's account just after it was granted
+    the repository or the sources bucket (IAM takes minutes to apply) is built again, backing
+    off, for up to settings.iam_wait seconds."""
     account = identity.prepare(api, settings, progress)
     ensure_repository(api, settings, progress)
     source = upload(api, settings, bundle, progress)
@@ -167,12 +168,18 @@ def build_image(api, settings, bundle, progress) -> tuple:
             build, build_id = wait_build(api, settings, operation, region, progress)
             break
         except BuildFailed as exc:
-            waited = api.just_granted("build", exc.detail)
-            if not ("uploadArtifacts" in exc.detail and waited is not None and waited < settings.iam_wait):
+            if "uploadArtifacts" in exc.detail:
+                what, waited = "the push", api.just_granted("build", exc.detail)
+            elif "storage.objects.get" in exc.detail and source[0] in api.granted_on.get("build", ()):
+                # Cloud Storage's refusal names no bucket: the grant this run made on the sources bucket
+                what, waited = "its source (storage.objects.get)", api.since_grant("build")
+            else:
+                raise
+            if waited is None or waited >= settings.iam_wait:
                 raise
             attempt += 1
             pause = min(30.0, api.poll_interval * 2 ** attempt)
-            progress(f"the build's service account was refused the push it was granted {waited:.0f} s ago; IAM changes "
+            progress(f"the build's service account was refused {what} it was granted {waited:.0f} s ago; IAM changes "
                      f"take minutes to apply: building again in {pause:.3g} s (attempt {attempt + 1})")
             time.sleep(pause)
     tagged = f"{settings.image}:{tag_name(settings, bundle)}"

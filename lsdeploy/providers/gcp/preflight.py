@@ -221,8 +221,6 @@ def _on_buckets(api, settings, missing: set, found) -> set:
     left = set()
     for permission in missing & set(STORAGE_OBJECT_PERMISSIONS):
         for bucket in exist:
-            if api.clients.storage_emulated:
-                break  # the emulator has no IAM: nothing to test
             try:
                 if permission not in bucket.test_iam_permissions([permission]):
                     left.add(permission)
