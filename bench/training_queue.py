@@ -1,7 +1,7 @@
 """Webhook throughput and /predict latency with the durable training queue against the in-memory
 queue it replaced, side by side.
 
-    python bench/queue.py [--baseline 33d35a4] [--candidate REV] [--rounds 5] [--webhooks 200]
+    python bench/training_queue.py [--baseline 33d35a4] [--candidate REV] [--rounds 5] [--webhooks 200]
                           [--clients 4] [--serial 40] [--fit-ms 20] [--workers 2] [--threads 8]
                           [--quick]
 
@@ -43,36 +43,28 @@ smoke run (1 round, 40 webhooks).
 """
 from __future__ import annotations
 
+import argparse
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
+import textwrap
+import threading
+import time
 from pathlib import Path
 
-# Run as `python bench/queue.py`, this file's directory comes first on sys.path and the file would
-# shadow the standard library's `queue` (urllib3, under requests, imports it): take the directory
-# off before importing anything else.
-_HERE = Path(__file__).resolve().parent
-while sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path.pop(0)
+import requests
 
-import argparse  # noqa: E402
-import http.client  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tarfile  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import requests  # noqa: E402
-
-ROOT = _HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = "33d35a4"
 
 TEXT_CONFIG = """<View>
@@ -90,7 +82,7 @@ MODEL = textwrap.dedent('''
     import lsdeploy
     from lsdeploy.model import LabelStudioMLBase
 
-    # Which lsdeploy this server process imported: bench/queue.py checks it is the tree it meant.
+    # Which lsdeploy this server process imported: bench/training_queue.py checks it is the tree it meant.
     with open(os.environ["BENCH_ORIGIN_FILE"], "a") as _origin:
         _origin.write(f"{os.getpid()} {os.path.dirname(os.path.abspath(lsdeploy.__file__))}\\n")
 
