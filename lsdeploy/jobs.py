@@ -82,19 +82,19 @@ def view(job: str, project_id: str, entry: dict) -> dict:
         return datetime.datetime.fromtimestamp(float(seconds), datetime.timezone.utc).isoformat(timespec="milliseconds")
 
     state = entry.get("state")
-    view = {"job": job, "project": project_id, "state": state, "event": entry.get("event"),
+    shown = {"job": job, "project": project_id, "state": state, "event": entry.get("event"),
             "sequence": entry.get("seq"), "attempts": entry.get("attempts", 0),
             "queued_at": when(entry.get("queued_at")), "started_at": when(entry.get("started_at")),
             "finished_at": when(entry.get("finished_at"))}
     if "position" in entry:
-        view["position"] = entry["position"]  # events ahead of it in the project's queue
+        shown["position"] = entry["position"]  # events ahead of it in the project's queue
     if entry.get("error"):
-        view["error"] = entry["error"]
+        shown["error"] = entry["error"]
     if state == "retrying":
-        view["next_attempt_at"] = when(entry.get("not_before"))
+        shown["next_attempt_at"] = when(entry.get("not_before"))
     if entry.get("result") is not None:
-        view["result"] = entry["result"]
-    return view
+        shown["result"] = entry["result"]
+    return shown
 
 
 def _index(value) -> dict:
@@ -109,6 +109,12 @@ def _history(value) -> dict:
     if isinstance(value, dict):
         history.update({k: value[k] for k in history if k in value})
     return history
+
+
+def _without(value: dict, part: str, token: str) -> dict:
+    """`value` with the entry `token` taken out of its list `part`."""
+    value[part] = [e for e in value[part] if e.get("id") != token]
+    return value
 
 
 def _compact(entry: dict) -> dict:
@@ -300,8 +306,7 @@ class JobQueue:
 
         def leave(value):
             claimed.clear()
-            index = _index(value)
-            index["queued"] = [e for e in index["queued"] if e.get("id") != token]
+            index = _without(_index(value), "queued", token)
             if runner is not None:
                 self._take_head(index, runner, claimed)
             return index
@@ -320,8 +325,7 @@ class JobQueue:
             if entry is not None:
                 self._remember(project, "failed", dict(entry, state="failed", finished_at=time.time(),
                                                        error=error[:ERROR_CHARS], not_before=None))
-            store.update(project, QUEUE_KEY, lambda value: dict(_index(value), queued=[
-                e for e in _index(value)["queued"] if e.get("id") != token]))
+            store.update(project, QUEUE_KEY, lambda value: _without(_index(value), "queued", token))
             return "failed", 0.0
         delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
 
@@ -354,8 +358,7 @@ class JobQueue:
             return index
 
         store.update(project, QUEUE_KEY, again)
-        store.update(project, HISTORY_KEY, lambda value: dict(_history(value), failed=[
-            e for e in _history(value)["failed"] if e.get("id") != token]))
+        store.update(project, HISTORY_KEY, lambda value: _without(_history(value), "failed", token))
         return found["entry"]
 
     def _drop_bodies(self, project: str, tokens: list) -> None:

@@ -231,9 +231,7 @@ class SQLiteStore(StateStore):
 
     @contextlib.contextmanager
     def lock(self, project):
-        lock_dir = os.path.join(self.model_dir, "locks")
-        os.makedirs(lock_dir, exist_ok=True)
-        with open(os.path.join(lock_dir, safe_component(project) + ".lock"), "a") as handle:
+        with self._lock_file(project) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -242,11 +240,9 @@ class SQLiteStore(StateStore):
 
     @contextlib.contextmanager
     def try_lock(self, project):
-        lock_dir = os.path.join(self.model_dir, "locks")
-        os.makedirs(lock_dir, exist_ok=True)
         # flock belongs to the open file: another thread of this process, with its own open,
         # is refused like another process.
-        with open(os.path.join(lock_dir, safe_component(project) + ".lock"), "a") as handle:
+        with self._lock_file(project) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -256,6 +252,12 @@ class SQLiteStore(StateStore):
                 yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _lock_file(self, project):
+        """The project's lock file under MODEL_DIR/locks, opened (lock() and try_lock() share it)."""
+        lock_dir = os.path.join(self.model_dir, "locks")
+        os.makedirs(lock_dir, exist_ok=True)
+        return open(os.path.join(lock_dir, safe_component(project) + ".lock"), "a")
 
     def health(self) -> dict:
         """Degraded, with what to do, when the database file was deleted or replaced, cannot be

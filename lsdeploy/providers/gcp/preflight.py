@@ -278,20 +278,24 @@ def _on_secrets(api, settings, missing: set) -> set:
 def _check_act_as(api, settings, found) -> None:
     """The service runs as --service-account or the compute default account: deploying it needs
     iam.serviceAccounts.actAs on that account (roles/iam.serviceAccountUser)."""
-    from google.api_core import exceptions as gexc
-
     email = settings.service_account or (
         f"{found.project_number}-compute@developer.gserviceaccount.com" if found.project_number else "")
-    if not email:
-        return
+    if email and _may_act_as(api, settings, email, found) is False:
+        found.act_as.append(email)
+
+
+def _may_act_as(api, settings, email: str, found):
+    """Whether the deploying identity holds iam.serviceAccounts.actAs on the account; None (and a
+    note) when that could not be tested."""
+    from google.api_core import exceptions as gexc
+
     try:
         held = api.clients.iam.test_iam_permissions(f"projects/{settings.project}/serviceAccounts/{email}",
                                                     ["iam.serviceAccounts.actAs"])
     except gexc.GoogleAPICallError as exc:
         found.notes.append(f"could not test iam.serviceAccounts.actAs on {email} ({type(exc).__name__})")
-        return
-    if "iam.serviceAccounts.actAs" not in held:
-        found.act_as.append(email)
+        return None
+    return "iam.serviceAccounts.actAs" in held
 
 
 def _check_builder(api, settings, found) -> None:
@@ -327,10 +331,5 @@ def _check_builder(api, settings, found) -> None:
     except gexc.GoogleAPICallError as exc:
         found.notes.append(f"could not read the build's service account {email} ({type(exc).__name__})")
         return
-    try:
-        held = api.clients.iam.test_iam_permissions(name, ["iam.serviceAccounts.actAs"])
-    except gexc.GoogleAPICallError as exc:
-        found.notes.append(f"could not test iam.serviceAccounts.actAs on {email} ({type(exc).__name__})")
-        return
-    if "iam.serviceAccounts.actAs" not in held:
+    if _may_act_as(api, settings, email, found) is False:
         found.act_as_build.append(email)

@@ -80,6 +80,11 @@ class Snapshot:
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
 
+    def keys(self) -> list:
+        """Every key the snapshot holds, as `(kind, project, key)`."""
+        with self._lock:
+            return list(self._entries)
+
     # -- refresh -------------------------------------------------------------------------
     def refresh(self, startup: bool = False) -> None:
         """List state/, download what changed, merge into the snapshot. Readers never call

@@ -214,9 +214,7 @@ class GCSStore(StateStore):
     def projects(self, key):
         """The projects that have a value for `key`, as the snapshot knows them (no request)."""
         self._snapshot.fresh()
-        with self._snapshot._lock:  # noqa: SLF001 - Snapshot has no listing of its keys yet
-            keys = list(self._snapshot._entries)  # noqa: SLF001
-        return sorted({project for kind, project, name in keys if kind == "k" and name == key})
+        return sorted({project for kind, project, name in self._snapshot.keys() if kind == "k" and name == key})
 
     def update(self, project, key, fn, default=None):
         from google.api_core import exceptions as gexc
