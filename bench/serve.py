@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import TEXT_CONFIG, free_port, predict_body, text_task  # noqa: E402
+from support import TEXT_CONFIG, cpu_seconds, free_port, predict_body, text_task  # noqa: E402
 
 BARE_APP = textwrap.dedent('''
     from flask import Flask, jsonify, request
@@ -77,22 +77,6 @@ def start(kind: str, workdir: Path, port: int) -> tuple[subprocess.Popen, float]
         if time.perf_counter() - began > 60:
             raise SystemExit(f"{kind} server not healthy after 60 s")
         time.sleep(0.01)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its children (the gunicorn workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pids = [pid]
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            pids += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
-        for p in pids:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    except FileNotFoundError:
-        pass
-    return total
 
 
 def load(port: int, seconds: float, clients: int, body: bytes, counter: list | None = None) -> float:

@@ -317,101 +317,12 @@ def metrics_directory(base: Optional[str] = None) -> Optional[str]:
 
 
 def bounded_worker_class(client_timeout: float):
-    """gunicorn's gthread worker where a client gets `client_timeout` seconds to send each whole
-    request (headers and body), and may stall at most that long while reading the answer. A
-    client that trickles its request (a byte a second keeps every per-read timeout happy) or
-    stalls is cut off instead of holding one of the worker's threads: in the headers the
-    connection is closed, in the body the app answers 408 (reading raises TimeoutError).
-    gunicorn itself already sets aside connections that send nothing at all.
+    """The gunicorn worker class `start` runs: lsdeploy.worker's, where idle and slow clients hold
+    no thread, a client gets `client_timeout` seconds to send each whole request (CLIENT_TIMEOUT)
+    and may stall at most that long while reading the answer, and every answer is JSON."""
+    from .worker import worker_class
 
-    The deadline is kept by the connection's reader: the kernel receive timeout (SO_RCVTIMEO,
-    which keeps reads blocking; a Python-level socket timeout would poll before every read) is
-    lowered to the time left only when a read starts late in the request, so a request read
-    at once costs no extra system call."""
-    import struct
-
-    from gunicorn.http.errors import NoMoreData
-    from gunicorn.http.unreader import SocketUnreader
-    from gunicorn.workers.gthread import ThreadWorker
-
-    def timeval(seconds: float) -> bytes:
-        whole = int(seconds)
-        return struct.pack("ll", whole, max(int((seconds - whole) * 1_000_000), 1 if not whole else 0))
-
-    full = timeval(client_timeout)
-    slack = client_timeout / 10  # how late the deadline may be enforced, to spare system calls
-
-    class RequestTimeout(NoMoreData, TimeoutError):
-        """The client did not send its request in time. gunicorn closes the connection quietly
-        on NoMoreData while it reads headers; the app answers 408 on TimeoutError from the body."""
-
-        def __init__(self):
-            super().__init__()
-            self.args = (f"the client did not send its request within {client_timeout:g} s (CLIENT_TIMEOUT)",)
-
-        def __str__(self):
-            return self.args[0]
-
-    class DeadlineUnreader(SocketUnreader):
-        deadline = float("inf")
-        read_timeout = client_timeout  # the socket's SO_RCVTIMEO now
-
-        def start_request(self):
-            self.deadline = time.monotonic() + client_timeout
-            if self.read_timeout != client_timeout:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
-                self.read_timeout = client_timeout
-
-        def chunk(self, size_hint=None):
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise RequestTimeout()
-            if left < self.read_timeout - slack:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(left))
-                self.read_timeout = left
-            try:  # gunicorn < 24 has no size_hint
-                return super().chunk() if size_hint is None else super().chunk(size_hint)
-            except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived in time
-                raise RequestTimeout() from None
-
-    def arm(conn) -> None:
-        """Once per connection, after gunicorn set it up: the kernel timeouts, and the reader
-        that keeps the deadline."""
-        if conn.__dict__.get("_lsdeploy_armed"):
-            return
-        conn._lsdeploy_armed = True
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, full)
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, full)
-        parser = conn.parser
-        if not getattr(conn, "is_http2", False) and type(getattr(parser, "unreader", None)) is SocketUnreader:
-            reader = DeadlineUnreader(conn.sock, parser.unreader.mxchunk)
-            reader.buf = parser.unreader.buf
-            parser.unreader = reader
-
-    def start(conn) -> None:
-        """A request begins on `conn`: its deadline starts now."""
-        arm(conn)
-        reader = getattr(conn.parser, "unreader", None)
-        if type(reader) is DeadlineUnreader:
-            reader.start_request()
-
-    class BoundedThreadWorker(ThreadWorker):
-        def handle(self, conn):
-            # gunicorn < 24 sets a connection up before handle() (in enqueue_req); later
-            # versions inside it, through conn.init(), which runs for every request.
-            if conn.initialized:
-                start(conn)
-            elif "init" not in conn.__dict__:
-                init = conn.init
-
-                def bounded_init():
-                    init()
-                    start(conn)
-
-                conn.init = bounded_init
-            return super().handle(conn)
-
-    return BoundedThreadWorker
+    return worker_class(client_timeout)
 
 
 def run(settings: ServeSettings) -> None:

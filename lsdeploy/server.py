@@ -39,6 +39,7 @@ from . import __version__, taskdata
 from .access import access_log, authorized, direct_handler, printable_path
 from .errors import EXIT_USAGE, LsdeployError, StateError
 from .inputs import PREDICT_ARGUMENTS, BadRequest, finite, not_json, project_id_of, training_event
+from .http1 import CHUNK_ERRORS, CHUNKED_ERROR
 from .labelconfig import LabelConfigError
 from .metrics import Metrics
 from .model import LabelStudioMLBase, request_write
@@ -168,15 +169,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                 raw = stream.read() if limit is None else stream.read(limit + 1)
                 if limit is not None and len(raw) > limit:
                     raise BadRequest(too_large(), 413)
+        except CHUNK_ERRORS:  # the server's parser of a chunked body (OSError subclasses before gunicorn 24)
+            raise BadRequest(CHUNKED_ERROR) from None
         except TimeoutError:  # the server's deadline for the whole request (CLIENT_TIMEOUT)
             raise BadRequest("the client did not send the whole request in time (CLIENT_TIMEOUT)", 408) from None
         except OSError:  # a reset connection
             raise BadRequest("the client stopped sending the request body") from None
-        except Exception as exc:  # noqa: BLE001 - the server's parser of a chunked body
-            if not type(exc).__module__.startswith("gunicorn.http"):
-                raise
-            raise BadRequest("the request body's chunked encoding is invalid (a bad chunk size or a missing "
-                             "chunk terminator): send a valid body, or a Content-Length") from None
         if not raw:
             raise BadRequest("request body is empty: send a JSON object")
         # Model code may read flask.request as under the reference SDK (get_json(), get_data()):

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +215,57 @@ def memory_kb(pid: int) -> dict:
     """{"VmRSS": kB, "VmHWM": kB} of a process."""
     fields = (line.split(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return {name: int(value.split()[0]) for name, value in fields if name in ("VmRSS", "VmHWM")}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children (a gunicorn master and its workers)."""
+    tick, total, pids = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            pids += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        for p in pids:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    except FileNotFoundError:
+        pass
+    return total
+
+
+class SlowClients:
+    """`idle` connections that send nothing and `slowloris` ones that send a header byte every
+    0.2 s, against 127.0.0.1:port (tests/test_slow_clients.py, bench/slowloris.py)."""
+
+    def __init__(self, port: int, idle: int, slowloris: int):
+        self.idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+        self.slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(slowloris)]
+        for sock in self.slow:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self):
+        while not self.stop.wait(0.2):
+            for sock in self.slow:
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    pass
+
+    def still_open(self) -> int:
+        """How many of these connections the server has not closed."""
+        count = 0
+        for sock in self.idle + self.slow:
+            try:
+                count += sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                count += 1
+            except OSError:
+                pass
+        return count
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        for sock in self.idle + self.slow:
+            sock.close()
