@@ -60,3 +60,13 @@ def own_emulator(tmp_path):
     emulator = GCSEmulator(tmp_path / "fake-gcs-data").start()
     yield emulator
     emulator.stop()
+
+
+def pytest_report_header(config):
+    """Which container engine the tests that build and run real images use (tests/engine.py)."""
+    from engine import engine, why_no_engine
+
+    eng = engine()
+    if eng is None:
+        return f"container engine: none, container tests skip ({why_no_engine()})"
+    return f"container engine: {eng.name} ({why_no_engine()})"
