@@ -65,6 +65,20 @@ def _option(*names, envvar, **kwargs):
 @_option("--gpu", envvar="LSDEPLOY_GPU", type=click.IntRange(min=0), default=0,
          help="GPUs per instance: 0 or 1 (Cloud Run gives one GPU, in its GPU regions).")
 @_option("--gpu-type", envvar="LSDEPLOY_GPU_TYPE", default="nvidia-l4", help="GPU type.")
+@_option("--training", envvar="LSDEPLOY_TRAINING_MODE", type=click.Choice(["service", "job"]), default="service",
+         help="Where fit runs: on the serving instances (service), or in a Cloud Run job <service>-train that the "
+              "service starts for each project's queued training (job: its own CPU, memory, GPU, hours-long timeout "
+              "and retries, billed only while it runs). See docs/deploy-gcp.md.")
+@_option("--training-cpu", envvar="LSDEPLOY_TRAINING_CPU", default="2", help="CPUs of a training job task.")
+@_option("--training-memory", envvar="LSDEPLOY_TRAINING_MEMORY", default="4Gi", help="Memory of a training job task.")
+@_option("--training-gpu", envvar="LSDEPLOY_TRAINING_GPU", type=click.IntRange(min=0), default=0,
+         help="GPUs of a training job task: 0 or 1 (in Cloud Run's GPU regions for jobs).")
+@_option("--training-gpu-type", envvar="LSDEPLOY_TRAINING_GPU_TYPE", default="nvidia-l4", help="GPU type of the job.")
+@_option("--training-timeout", envvar="LSDEPLOY_TRAINING_TIMEOUT", type=click.IntRange(min=1), default=3600,
+         metavar="SECONDS", help="How long one attempt of a training task may run (at most 168 hours; 1 hour with a "
+                                 "GPU).")
+@_option("--training-max-retries", envvar="LSDEPLOY_TRAINING_MAX_RETRIES", type=click.IntRange(min=0), default=3,
+         help="How many times a failed training task is retried (0 to 10).")
 @_option("--min-instances", envvar="LSDEPLOY_MIN_INSTANCES", type=click.IntRange(0, 1000), default=1,
          help="Instances kept running (1 keeps Label Studio's 1 s health check off cold starts; 0 saves cost).")
 @_option("--max-instances", envvar="LSDEPLOY_MAX_INSTANCES", type=click.IntRange(1, 1000), default=3,
@@ -120,7 +134,8 @@ def _option(*names, envvar, **kwargs):
          help="Enable the APIs the deploy needs when some are not (Service Usage), and wait for them.")
 @_option("--json", "as_json", envvar="LSDEPLOY_JSON", is_flag=True, help="Print the result as one JSON object.")
 def gcp(directory, script, blueprint, project, region, service, label_studio_host, label_studio_api_key, projects,
-        memory, cpu, gpu, gpu_type, min_instances, max_instances, concurrency, timeout, env, secret_env,
+        memory, cpu, gpu, gpu_type, training, training_cpu, training_memory, training_gpu, training_gpu_type,
+        training_timeout, training_max_retries, min_instances, max_instances, concurrency, timeout, env, secret_env,
         service_account, ingress, basic_auth, basic_auth_user, labels, build_service_account, build_region,
         repository, source_bucket,
         state_bucket, title, preview, keep_images, prune, wait_timeout, dry_run, check, enable_apis, as_json):
@@ -147,7 +162,9 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         source_bucket=source_bucket, state_bucket=state_bucket, label_studio_url=label_studio_host,
         label_studio_api_key=label_studio_api_key, projects=project_ids, title=title, keep_images=keep_images,
         prune=prune, ready_timeout=wait_timeout, build_region=build_region, enable_apis=enable_apis,
-        build_service_account=build_service_account,
+        build_service_account=build_service_account, training=training, training_cpu=training_cpu,
+        training_memory=training_memory, training_gpu=training_gpu, training_gpu_type=training_gpu_type,
+        training_timeout=training_timeout, training_max_retries=training_max_retries,
     )
     # 1. everything checkable before any Google API call
     progress(f"validating {directory}")

@@ -104,6 +104,8 @@ class DeployResult:
     seconds: float = 0.0
     build_region: Optional[str] = None                 # where Cloud Build ran (when it built)
     build_region_note: str = ""                        # why it ran elsewhere than the service's region
+    training_job: str = ""                             # --training job: the job's name, and what the deploy did to it
+    training_job_action: str = ""                      # "created", "updated", "unchanged" or "deleted"
 
     @property
     def backend_ids(self) -> list:
@@ -129,6 +131,8 @@ class DeployResult:
                 out.append(f"  note: {reg['note']}")
         if not self.registrations:
             out.append("Label Studio: not registered (pass --project to register)")
+        if self.training_job:
+            out.append(f"training job: {self.training_job} ({self.training_job_action})")
         if self.pruned:
             out.append(f"pruned {len(self.pruned)} old image(s), source bundle(s) and build log(s)")
         if self.prune_error:
@@ -152,6 +156,8 @@ class StatusResult:
     labels: dict = field(default_factory=dict)
     revisions: list = field(default_factory=list)    # [{"revision", "ready", "message", "image", "created"}], newest first
     label_studio: list = field(default_factory=list)  # [{"project", "backend_id", "state", "state_name"}]
+    training_job: str = ""                           # --training job: the job's name
+    executions: list = field(default_factory=list)   # its newest executions: [{"execution", "state", "log_uri", ...}]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +181,13 @@ class StatusResult:
             state = "ready" if rev["ready"] else "not ready" + (f" ({rev['message']})" if rev["message"] else "")
             share = shares.get(rev["revision"])
             out.append(f"  revision {rev['revision']}: {state}" + (f", serving {share}%" if share else ""))
+        if self.training_job:
+            out.append(f"training job: {self.training_job}" + ("" if self.executions else " (no execution yet)"))
+        for run in self.executions:
+            counts = ", ".join(f"{run[k]} {k}" for k in ("running", "succeeded", "failed", "retried") if run.get(k))
+            out.append(f"  execution {run['execution']}: {run['state']}" + (f" ({counts})" if counts else "") +
+                       (f", started {run['started']}" if run.get("started") else "") +
+                       (f", logs {run['log_uri']}" if run.get("log_uri") else ""))
         for reg in self.label_studio:
             out.append(f"Label Studio project {reg['project']}: " + (
                 f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else reg["state_name"]) +

@@ -16,6 +16,7 @@ from pathlib import Path
 from .artifactregistry import ArtifactRegistryFake
 from .cloudbuild import CloudBuildFake
 from .cloudrun import CloudRunFake
+from .cloudrun_jobs import CloudRunJobsFake
 from .iam import IamPropagation
 from .iamadmin import IamAdminFake
 from .resourcemanager import ResourceManagerFake
@@ -43,6 +44,10 @@ PERMISSIONS = {
     ("run", "SetIamPolicy"): "run.services.setIamPolicy", ("run", "GetOperation"): "run.operations.get",
     ("run", "ListRevisions"): "run.revisions.list", ("run", "GetRevision"): "run.revisions.get",
     ("run", "DeleteRevision"): "run.revisions.delete",
+    ("run", "CreateJob"): "run.jobs.create", ("run", "GetJob"): "run.jobs.get", ("run", "UpdateJob"): "run.jobs.update",
+    ("run", "DeleteJob"): "run.jobs.delete", ("run", "ListJobs"): "run.jobs.list", ("run", "RunJob"): "run.jobs.run",
+    ("run", "GetExecution"): "run.executions.get", ("run", "ListExecutions"): "run.executions.list",
+    ("run", "CancelExecution"): "run.executions.cancel",
     ("cloudbuild", "CreateBuild"): "cloudbuild.builds.create", ("cloudbuild", "GetBuild"): "cloudbuild.builds.get",
     ("cloudbuild", "ListBuilds"): "cloudbuild.builds.list", ("cloudbuild", "CancelBuild"): "cloudbuild.builds.update",
     ("cloudbuild", "GetOperation"): "cloudbuild.builds.get",
@@ -212,6 +217,7 @@ class FakeGoogleCloud:
         self.cloudbuild = CloudBuildFake(self)
         self.run = CloudRunFake(self, runner=runner, ready_delay=ready_delay, startup_deadline=startup_deadline,
                                 require_secret_access=require_secret_access, enforce_invoker=enforce_invoker)
+        self.jobs = CloudRunJobsFake(self)  # Cloud Run jobs and their executions (after the services: shared IAM routes)
         self.serviceusage = ServiceUsageFake(self)
         self.iamadmin = IamAdminFake(self)
         self.resourcemanager = ResourceManagerFake(self)
@@ -229,6 +235,7 @@ class FakeGoogleCloud:
     def stop(self) -> None:
         with self.server.lock:
             self.run.close()
+            self.jobs.close()
         self.server.stop()
         if self.storage_front is not None:
             self.storage_front.stop()
@@ -260,6 +267,11 @@ class FakeGoogleCloud:
         if self.storage_front is not None:
             env["STORAGE_EMULATOR_HOST"] = self.storage_front.url
         return env
+
+    def caller_env(self, account: str) -> dict:
+        """The Run endpoint a revision or job task running as `account` calls (its requests are that
+        account's, as the metadata server's token makes them on Google)."""
+        return self.jobs.caller_env(account)
 
     @staticmethod
     def project_number(project: str) -> str:

@@ -153,7 +153,7 @@ def prepare(run, rstate: RevisionState, service_id: str, project: str) -> str | 
         {"command": list(container.command), "args": list(container.args), "working_dir": container.working_dir,
          "dockerfile": image.dockerfile},
         env, {"path": path, "deadline": min(deadline + 5, run.startup_deadline)}, run.cloud.workdir,
-        extra_env=run.extra_env)
+        extra_env={**run.extra_env, **run.cloud.caller_env(revision.service_account)})
     return None
 
 

@@ -27,6 +27,8 @@ class GcpClients:
     service_usage: object = None    # which APIs are enabled (preflight); None: not checked
     projects: object = None         # Resource Manager: the deployer's permissions (preflight)
     iam: object = None              # IamRest: service accounts (the build's identity)
+    jobs: object = None             # Cloud Run jobs (--training job)
+    executions: object = None       # their executions (status)
 
     @classmethod
     def from_env(cls, environ: dict, project: str) -> "GcpClients":
@@ -95,6 +97,8 @@ class GcpClients:
             projects=resourcemanager_v3.ProjectsClient(
                 **project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER")),
             iam=IamRest.from_options(project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM")),
+            jobs=run_v2.JobsClient(**run_opts),
+            executions=run_v2.ExecutionsClient(**run_opts),
         )
 
 

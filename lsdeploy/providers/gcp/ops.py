@@ -11,6 +11,7 @@ from typing import Optional
 
 from ...errors import EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from ..base import DestroyResult, RollbackResult, StatusResult, _quiet
+from . import job as training_job
 from .errors import google_error
 from .secrets import own_secrets
 from .service import get_service, list_revisions, revision_ready, service_ready, traffic_targets
@@ -36,6 +37,7 @@ def status(api, settings, open_label_studio) -> StatusResult:
     serving = {target["image"] for target in traffic if target["percent"] and target["revision"]}
     image = next(iter(serving)) if len(serving) == 1 else ""  # none when no revision or several images serve
     client = open_label_studio(settings)
+    has_job = training_job.names_job(live)
     return StatusResult(
         service=settings.service, exists=True, url=live.uri, ready=ready, message=message,
         latest_ready_revision=live.latest_ready_revision.rsplit("/", 1)[-1],
@@ -43,7 +45,9 @@ def status(api, settings, open_label_studio) -> StatusResult:
         traffic=traffic, image=image, image_digest=image.split("@", 1)[1] if "@" in image else "",
         updated=live.update_time.isoformat() if live.update_time else "", labels=dict(live.labels),
         revisions=revisions,
-        label_studio=_label_studio_states(client, settings.projects, live.uri) if client is not None else [])
+        label_studio=_label_studio_states(client, settings.projects, live.uri) if client is not None else [],
+        training_job=settings.job_name if has_job else "",
+        executions=training_job.executions(api, settings) if has_job else [])
 
 
 def _label_studio_states(client, projects, url: str) -> list:
@@ -141,6 +145,8 @@ def rollback(api, settings, to_revision: Optional[str] = None, progress=_quiet) 
         raise LsdeployError(f"Cloud Run did not move the traffic of {settings.service} to {target} (it reports "
                             f"{traffic}): check the service in the Cloud Run console", EXIT_DEPLOY)
     progress(f"{target} serves 100% of the traffic")
+    if training_job.names_job(live) and by_name[target].containers:
+        training_job.follow_image(api, settings, by_name[target].containers[0].image, target, progress)
     return RollbackResult(service=settings.service, from_revisions=serving, to_revision=target,
                           traffic=traffic, url=after.uri)
 
@@ -171,6 +177,8 @@ def destroy_plan(api, settings, purge: bool = False) -> DestroyResult:
     _check_managed(settings, live)
     if live is not None:
         result.deleted.append(settings.service_name)
+    if training_job.get_job(api, settings) is not None:
+        result.deleted.append(settings.job_name)
     result.deleted += own_secrets(api, settings)
     if purge:
         package = _package(api, settings)
@@ -213,6 +221,8 @@ def destroy(api, settings, open_label_studio, purge: bool = False, progress=_qui
         except gexc.GoogleAPICallError as exc:
             raise google_error(exc, "run", "deleting service", settings.service_name, settings.project) from None
         result.deleted.append(settings.service_name)
+    if training_job.delete_job(api, settings, progress):
+        result.deleted.append(settings.job_name)
     for name in own_secrets(api, settings):
         progress(f"deleting secret {name.rsplit('/', 1)[-1]}")
         try:

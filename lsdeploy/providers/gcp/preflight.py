@@ -49,6 +49,11 @@ PERMISSION_ROLES = {
     "storage.objects.create": "roles/storage.objectUser", "storage.objects.get": "roles/storage.objectUser",
     "storage.objects.list": "roles/storage.objectUser",
 }
+# what `--training job` adds: the training job, and granting the service's identity the right to run it
+JOB_PERMISSION_ROLES = {
+    "run.jobs.get": "roles/run.admin", "run.jobs.create": "roles/run.admin", "run.jobs.update": "roles/run.admin",
+    "run.jobs.getIamPolicy": "roles/run.admin", "run.jobs.setIamPolicy": "roles/run.admin",
+}
 # what creating the build's account needs, on the project
 BUILDER_ROLES = {"iam.serviceAccounts.create": "roles/iam.serviceAccountAdmin",
                  "iam.serviceAccounts.actAs": "roles/iam.serviceAccountUser"}
@@ -185,7 +190,8 @@ def _check_permissions(api, settings, found) -> None:
     from google.api_core import exceptions as gexc
 
     resource = f"projects/{settings.project}"
-    wanted = sorted(PERMISSION_ROLES)
+    roles = {**PERMISSION_ROLES, **(JOB_PERMISSION_ROLES if settings.training == "job" else {})}
+    wanted = sorted(roles)
     try:
         held = set(api.clients.projects.test_iam_permissions(resource=resource, permissions=wanted).permissions)
     except gexc.GoogleAPICallError as exc:
@@ -197,7 +203,7 @@ def _check_permissions(api, settings, found) -> None:
     missing = _on_repository(api, settings, missing)
     missing = _on_secrets(api, settings, missing)
     for permission in sorted(missing):
-        found.missing.setdefault(PERMISSION_ROLES[permission], []).append(permission)
+        found.missing.setdefault(roles[permission], []).append(permission)
 
 
 def _on_buckets(api, settings, missing: set, found) -> set:

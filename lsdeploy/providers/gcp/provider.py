@@ -30,6 +30,7 @@ from typing import Callable, Optional
 from ...errors import EXIT_DEPLOY, LsdeployError
 from ..base import DeployResult, DestroyResult, PlanResult, Provider, RollbackResult, StatusResult, _quiet
 from . import build as cloudbuild
+from . import job as training_job
 from . import ops, preflight, secrets, storage
 from . import prune as pruning
 from . import service as cloudrun
@@ -166,9 +167,13 @@ class GcpProvider(Provider):
                          f"add-iam-policy-binding gs://{bucket.name} --member serviceAccount:$(gcloud projects describe "
                          f"{settings.project} --format='value(projectNumber)')-compute@developer.gserviceaccount.com "
                          "--role roles/storage.objectUser` (or pass --service-account)")
+        job_action = self.apply_training_job(settings, image, secret_refs, member, progress)
         service, changed = self.apply_service(settings, desired, live, progress)
         if changed:
             service = self.get_service(settings) or service
+        if settings.training != "job" and training_job.names_job(live):
+            # back to --training service: the service no longer starts executions, so the job goes
+            job_action = "deleted" if training_job.delete_job(self.api, settings, progress) else ""
         revision = service.latest_ready_revision.rsplit("/", 1)[-1]
         url = service.uri
         progress(f"serving at {url} (revision {revision}{'' if changed else ', unchanged'})")
@@ -199,7 +204,26 @@ class GcpProvider(Provider):
             secrets=sorted({ref[0] for ref in secret_refs.values()}),
             registrations=[r.to_dict() for r in registrations], pruned=pruned, prune_error=prune_error,
             seconds=round(time.monotonic() - started, 3), build_region=build_region, build_region_note=build_note,
+            training_job=settings.job_name if job_action else "", training_job_action=job_action,
         )
+
+    def apply_training_job(self, settings, image: str, secret_refs: dict, member, progress) -> str:
+        """--training job: the job from the service's image, env and identity, and the service's right to
+        run it; "created", "updated" or "unchanged" ("" with --training service). Before the service:
+        a revision that names the job finds it ready to run."""
+        if settings.training != "job":
+            return ""
+        desired = training_job.desired_job(settings, image, cloudrun.container_env(settings, secret_refs))
+        live = training_job.get_job(self.api, settings)
+        _, changed = training_job.apply_job(self.api, settings, desired, live, progress)
+        runtime = member or (secrets.member_for(settings, self.api.project_number or "")
+                             if settings.service_account or self.api.project_number else None)
+        if runtime:
+            training_job.grant_executor(self.api, settings, runtime, progress)
+        else:
+            progress(f"note: grant the service's identity roles/run.jobsExecutorWithOverrides and roles/run.viewer on "
+                     f"job {settings.job_id} (gcloud run jobs add-iam-policy-binding), or pass --service-account")
+        return "unchanged" if not changed else ("created" if live is None else "updated")
 
     def register(self, settings, url, password) -> list:
         return self._label_studio_client(settings).register(
@@ -230,6 +254,10 @@ class GcpProvider(Provider):
             action = "update"
             if not changes:  # same settings; lsdeploy's own part of the spec (probe, annotations) differs
                 changes = [{"field": "lsdeploy spec (startup probe, annotations)", "live": "older", "desired": "current"}]
+        job_changes = self.plan_training_job(settings, target, refs.refs, live)
+        changes += job_changes
+        if job_changes and action == "none":
+            action = "update"
         prune = []
         if settings.prune and (image is None or action != "none"):  # as deploy: only after a build or a change
             serving = pruning.serving_images(self.api, settings, live) | (
@@ -244,6 +272,16 @@ class GcpProvider(Provider):
             dockerfile=bundle.dockerfile, dockerfile_text=bundle.dockerfile_text, ignore_file=bundle.ignore_file,
             image=target, build_needed=image is None, changes=changes, prune=prune,
             label_studio_projects=list(settings.projects))
+
+    def plan_training_job(self, settings, image: str, secret_refs: dict, live_service) -> list:
+        """The job's part of the --dry-run diff: its fields (job.*), or its deletion."""
+        if settings.training == "job":
+            desired = training_job.desired_job(settings, image, cloudrun.container_env(settings, secret_refs))
+            live = training_job.get_job(self.api, settings)
+            return [] if training_job.up_to_date(live, desired) else training_job.job_changes(live, desired)
+        if training_job.names_job(live_service) and training_job.get_job(self.api, settings) is not None:
+            return [{"field": "job", "live": settings.job_name, "desired": "(deleted: --training service)"}]
+        return []
 
     # -- operating a deployed service (ops) ----------------------------------------------------
     def _label_studio(self, settings):

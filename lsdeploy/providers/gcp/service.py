@@ -22,9 +22,10 @@ RETRY_ANNOTATION = "lsdeploy.dev/retry-of"
 PERMISSION_FAILURE = re.compile(r"Permission denied|permission denied|PERMISSION_DENIED|does not have .*permission")
 
 
-def desired_service(settings, image: str, secret_refs: dict, spec_hash: str = ""):
+def container_env(settings, secret_refs: dict) -> list:
+    """The serving container's env (run_v2.EnvVar; secrets as pinned references, never values). With
+    `--training job` the service learns its training job (LSDEPLOY_TRAINING, LSDEPLOY_TRAINING_JOB)."""
     from google.cloud import run_v2
-    from google.protobuf import duration_pb2
 
     env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=settings.state_uri)]
     if settings.label_studio_url:
@@ -38,6 +39,17 @@ def desired_service(settings, image: str, secret_refs: dict, spec_hash: str = ""
     for env_name, (secret, version) in sorted(secret_refs.items()):
         env.append(run_v2.EnvVar(name=env_name, value_source=run_v2.EnvVarSource(
             secret_key_ref=run_v2.SecretKeySelector(secret=secret, version=version))))
+    if settings.training == "job":
+        env += [run_v2.EnvVar(name="LSDEPLOY_TRAINING", value="job"),
+                run_v2.EnvVar(name="LSDEPLOY_TRAINING_JOB", value=settings.job_name)]
+    return env
+
+
+def desired_service(settings, image: str, secret_refs: dict, spec_hash: str = ""):
+    from google.cloud import run_v2
+    from google.protobuf import duration_pb2
+
+    env = container_env(settings, secret_refs)
     limits = {"cpu": settings.cpu, "memory": settings.memory}
     if settings.gpu:
         limits["nvidia.com/gpu"] = str(settings.gpu)
@@ -225,16 +237,9 @@ def service_fields(service) -> dict:
 
     template = service.template
     container = template.containers[0] if template.containers else run_v2.Container()
-    plain, secret_refs = {}, {}
-    for env in container.env:
-        ref = env.value_source.secret_key_ref
-        if ref.secret:
-            secret_refs[env.name] = f"{ref.secret.rsplit('/', 1)[-1]}:{ref.version or 'latest'}"
-        else:
-            plain[env.name] = hashlib.sha256(env.value.encode()).hexdigest()
+    plain, secret_refs = env_fields(container)
     limits = container.resources.limits
-    timeout = template.timeout
-    seconds = int(timeout.total_seconds()) if hasattr(timeout, "total_seconds") else int(getattr(timeout, "seconds", 0))
+    seconds = duration_seconds(template.timeout)
     account = template.service_account or ""
     if account.endswith("-compute@developer.gserviceaccount.com"):
         account = ""  # Cloud Run fills in the default identity
@@ -255,6 +260,23 @@ def service_fields(service) -> dict:
         "env": plain,
         "secrets": secret_refs,
     }
+
+
+def env_fields(container) -> tuple:
+    """({name: sha256 of the plain value}, {name: "secret-id:version"}) of a container's env: values
+    are compared, never shown."""
+    plain, secret_refs = {}, {}
+    for env in container.env:
+        ref = env.value_source.secret_key_ref
+        if ref.secret:
+            secret_refs[env.name] = f"{ref.secret.rsplit('/', 1)[-1]}:{ref.version or 'latest'}"
+        else:
+            plain[env.name] = hashlib.sha256(env.value.encode()).hexdigest()
+    return plain, secret_refs
+
+
+def duration_seconds(timeout) -> int:
+    return int(timeout.total_seconds()) if hasattr(timeout, "total_seconds") else int(getattr(timeout, "seconds", 0))
 
 
 def service_changes(live, desired) -> list:

@@ -19,7 +19,8 @@ LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION", "MODEL_STATE_URI", "BASIC_AUTH_USER",
-                "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"}
+                "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY", "LSDEPLOY_TRAINING", "LSDEPLOY_TRAINING_JOB", "CLOUD_RUN_JOB",
+                "CLOUD_RUN_EXECUTION", "CLOUD_RUN_TASK_INDEX", "CLOUD_RUN_TASK_ATTEMPT", "CLOUD_RUN_TASK_COUNT"}
 SPEC_ANNOTATION = "lsdeploy.dev/spec-sha256"
 MANAGED_LABEL = ("managed-by", "lsdeploy")
 # Cloud Run's GPU rules (cloud.google.com/run/docs/configuring/services/gpu): one GPU per instance,
@@ -27,6 +28,13 @@ MANAGED_LABEL = ("managed-by", "lsdeploy")
 # lsdeploy can ask for (8 CPUs, 32Gi: the nvidia-rtx-pro-6000 needs 20 CPUs and 80Gi) is not offered.
 GPU_TYPES = {"nvidia-l4": (4, 16 * 1024)}           # type -> (CPUs, MiB) at least
 GPU_REGIONS = ("us-central1", "us-east4", "europe-west1", "europe-west4", "asia-southeast1")
+# Cloud Run jobs (cloud.google.com/run/docs/configuring/jobs/gpu, .../task-timeout): GPUs in fewer
+# regions, a task runs for at most 168 hours (1 hour with a GPU), and retries 0 to 10 times.
+JOB_GPU_REGIONS = ("us-central1", "europe-west1", "europe-west4", "asia-southeast1")
+JOB_TIMEOUT_MAX = 168 * 3600
+JOB_GPU_TIMEOUT_MAX = 3600
+JOB_MAX_RETRIES = 10
+TRAINING_MODES = ("service", "job")
 
 INGRESS = {"all": "INGRESS_TRAFFIC_ALL", "internal": "INGRESS_TRAFFIC_INTERNAL_ONLY",
            "internal-and-cloud-load-balancing": "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"}
@@ -68,6 +76,13 @@ class GcpSettings:
     build_region: Optional[str] = None               # --build-region: where Cloud Build runs (default: region)
     enable_apis: bool = False                        # --enable-apis: enable the missing APIs (preflight)
     iam_wait: float = 600.0                          # retry a revision refused a just-granted permission this long
+    training: str = "service"                        # --training: fit on the serving instances, or in a Cloud Run job
+    training_cpu: str = "2"                          # the job's task resources (--training-*)
+    training_memory: str = "4Gi"
+    training_gpu: int = 0
+    training_gpu_type: str = "nvidia-l4"
+    training_timeout: int = 3600                     # seconds per task attempt
+    training_max_retries: int = 3
 
     def __post_init__(self):
         if self.label_studio_api_key:  # as the Label Studio client does: a key read from a file ends with a line break
@@ -108,6 +123,15 @@ class GcpSettings:
     def logs_prefix(self) -> str:
         """Where the service's build logs go in the sources bucket."""
         return f"build-logs/{self.service}/"
+
+    @property
+    def job_id(self) -> str:
+        """The training job's id (`--training job`): `<service>-train`."""
+        return f"{self.service}-train"
+
+    @property
+    def job_name(self) -> str:
+        return f"{self.location}/jobs/{self.job_id}"
 
     def secret_id(self, what: str) -> str:
         return f"{self.service}-{what}"
@@ -151,6 +175,7 @@ class GcpSettings:
         problem = resource_problem(_cpus(self.cpu), _mebibytes(self.memory), self.gpu, self.gpu_type)
         if problem:
             bad(f"--cpu {self.cpu} --memory {self.memory}{f' --gpu {self.gpu}' if self.gpu else ''}: {problem}")
+        self._validate_training(bad)
         if self.ready_timeout <= 0:
             bad(f"--wait-timeout {self.ready_timeout}: wait at least 1 second")
         if self.keep_images < 1:
@@ -175,6 +200,42 @@ class GcpSettings:
         if self.projects and not (self.label_studio_url and self.label_studio_api_key):
             bad("registering with Label Studio needs --label-studio-host and --label-studio-api-key "
                 "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
+
+    def _validate_training(self, bad) -> None:
+        """--training and the job's resources, by Cloud Run's rules for jobs."""
+        if self.training not in TRAINING_MODES:
+            bad(f"--training {self.training!r}: choose service (fit on the serving instances) or job (a Cloud Run job)")
+        if self.training != "job":
+            return
+        if len(self.job_id) > 63:
+            bad(f"--training job names the job {self.job_id}, longer than Cloud Run's 63 characters: pass a shorter "
+                "--service")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?(Mi|Gi)$", self.training_memory or ""):
+            bad(f"--training-memory {self.training_memory!r}: use a size like 4Gi or 16Gi")
+        if not re.match(r"^[0-9]+(\.[0-9]+)?$|^[0-9]+m$", self.training_cpu or ""):
+            bad(f"--training-cpu {self.training_cpu!r}: use a number of CPUs like 1, 2, 4 or 8")
+        if self.training_gpu not in (0, 1):
+            bad(f"--training-gpu {self.training_gpu}: a Cloud Run job task gets exactly one GPU: pass --training-gpu 1 "
+                "(or 0)")
+        if self.training_gpu and self.training_gpu_type not in GPU_TYPES:
+            bad(f"--training-gpu-type {self.training_gpu_type!r}: lsdeploy runs {', '.join(GPU_TYPES)} jobs on Cloud "
+                "Run: pass --training-gpu-type nvidia-l4")
+        if self.training_gpu and self.region not in JOB_GPU_REGIONS:
+            bad(f"--training-gpu 1 in {self.region}: Cloud Run jobs have GPUs only in {', '.join(JOB_GPU_REGIONS)}: "
+                "pass --gcp-region with one of them")
+        limit = JOB_GPU_TIMEOUT_MAX if self.training_gpu else JOB_TIMEOUT_MAX
+        if not 1 <= self.training_timeout <= limit:
+            bad(f"--training-timeout {self.training_timeout}: a Cloud Run job task runs for 1 s to "
+                f"{limit // 3600} hours{' with a GPU' if self.training_gpu else ''}: pass at most {limit}")
+        if not 0 <= self.training_max_retries <= JOB_MAX_RETRIES:
+            bad(f"--training-max-retries {self.training_max_retries}: Cloud Run retries a task 0 to {JOB_MAX_RETRIES} "
+                "times")
+        problem = resource_problem(_cpus(self.training_cpu), _mebibytes(self.training_memory), self.training_gpu,
+                                   self.training_gpu_type)
+        if problem:
+            problem = problem.replace("--cpu", "--training-cpu").replace("--memory", "--training-memory")
+            bad(f"--training-cpu {self.training_cpu} --training-memory {self.training_memory}"
+                f"{f' --training-gpu {self.training_gpu}' if self.training_gpu else ''}: {problem}")
 
 
 # Cloud Run's CPU and memory table (cloud.google.com/run/docs/configuring/services/cpu and
