@@ -23,7 +23,9 @@ What it does like the real API:
   Google). Revisions and job tasks get theirs as `CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN`.
 
 Tests: `kill_task(execution)` SIGKILLs the running attempt (the execution retries it);
-`wait_attempt(execution, attempt)` waits for an attempt to have started.
+`wait_attempt(execution, attempt)` waits for an attempt to have started; with `freeze_attempts`
+on, each new attempt is stopped (SIGSTOP) as it starts, so that a kill lands on a running attempt
+whatever the machine's speed (turn it off before the retry starts).
 """
 from __future__ import annotations
 
@@ -130,6 +132,7 @@ class CloudRunJobsFake:
         self.executions: dict[str, ExecutionState] = {}
         self.fronts: dict[str, CallerFront] = {}
         self.task_env: dict[str, str] = {}  # env every task process gets besides cloud.run.extra_env
+        self.freeze_attempts = False  # tests: each new attempt is stopped (SIGSTOP) as it starts, to be killed
         server = cloud.server
         server.add_routes(routes_from_transport(
             self.api, "google.cloud.run_v2.services.jobs.transports.rest", "JobsRestTransport"))

@@ -11,6 +11,8 @@ and completion time follow what happened, as GetExecution shows them on Google.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
@@ -114,6 +116,8 @@ def _attempt(fake, estate, image, env: dict, index: int, attempt: int) -> int | 
     with open(helper.log_path, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=process_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    if fake.freeze_attempts:
+        os.killpg(proc.pid, signal.SIGSTOP)
     with estate.started:
         estate.proc, estate.attempt = proc, attempt
         estate.started.notify_all()
