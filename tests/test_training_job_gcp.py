@@ -331,6 +331,15 @@ def test_runwithoverrides_needs_the_role_on_the_job(run_cloud, scripted):
     with pytest.raises(gexc.Forbidden) as info:
         run_job(run_cloud, settings, account=stranger)
     assert info.value.reason == "IAM_PERMISSION_DENIED" and "run.jobs.run" in info.value.message
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+
+    as_stranger = run_v2.JobsClient(credentials=AnonymousCredentials(), transport="rest", client_options=ClientOptions(
+        api_endpoint=run_cloud.jobs.caller_url(stranger)))
+    with pytest.raises(gexc.Forbidden, match="run.jobs.get"):
+        as_stranger.get_job(name=settings.job_name)
+    with pytest.raises(gexc.Forbidden, match="run.jobs.getIamPolicy"):
+        as_stranger.get_iam_policy(request={"resource": settings.job_name})
     # the job executor role without overrides is not enough for the runtime's request
     jobs = clients(run_cloud).jobs
     policy = jobs.get_iam_policy(request={"resource": settings.job_name})

@@ -67,6 +67,7 @@ OVERRIDE_ROLES = ("roles/run.jobsExecutorWithOverrides", "roles/run.developer", 
                   "roles/editor")
 READ_ROLES = ("roles/run.viewer", "roles/run.developer", "roles/run.admin", "roles/owner", "roles/editor",
               "roles/viewer")
+ADMIN_ROLES = ("roles/run.admin", "roles/owner")
 _caller = threading.local()  # .account: the service account a front's request comes from
 
 
@@ -326,7 +327,9 @@ class CloudRunJobsFake:
         return self._operation(m.group(1), lambda: self._copy(state.message))
 
     def GetJob(self, request, ctx):
-        return self._state(request.name).message
+        state = self._state(request.name)
+        self._require(state, "run.jobs.get", READ_ROLES)
+        return state.message
 
     def ListJobs(self, request, ctx):
         jobs = [s.message for n, s in sorted(self.jobs.items()) if n.startswith(request.parent + "/jobs/")]
@@ -352,10 +355,13 @@ class CloudRunJobsFake:
 
     # ---- IAM on jobs ---------------------------------------------------------------------------
     def JobGetIamPolicy(self, request, ctx):
-        return read_policy(self._state(request.resource).policy)
+        state = self._state(request.resource)
+        self._require(state, "run.jobs.getIamPolicy", ADMIN_ROLES)
+        return read_policy(state.policy)
 
     def JobSetIamPolicy(self, request, ctx):
         state = self._state(request.resource)
+        self._require(state, "run.jobs.setIamPolicy", ADMIN_ROLES)
         for binding in request.policy.bindings:
             if binding.role.startswith("roles/") and not binding.role.startswith(("roles/run.", "roles/owner",
                                                                                   "roles/editor", "roles/viewer")):
