@@ -415,3 +415,34 @@ def test_cli_options_and_their_variables(api_cloud, backend):
     assert changes["job.cpu"] == "4" and changes["job.memory"] == "8Gi" and changes["job.max_retries"] == 2
     bad = run_cli(*["deploy", "gcp", str(backend), "--service", "tjc", "--training-timeout", "700000"], env=env)
     assert bad.returncode == EXIT_USAGE and "168 hours" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_runjob_overrides_are_checked_by_googles_rules(run_cloud, scripted):
+    backend, _ = scripted
+    settings = job_settings("tjv")
+    deploy(run_cloud, backend, settings)
+    jobs = clients(run_cloud).jobs
+    Overrides = run_v2.RunJobRequest.Overrides
+
+    def refused(overrides, expected):
+        with pytest.raises(gexc.BadRequest) as info:
+            jobs.run_job(request=run_v2.RunJobRequest(name=settings.job_name, overrides=overrides))
+        assert expected in info.value.message, info.value.message
+
+    refused(Overrides(container_overrides=[Overrides.ContainerOverride(name="sidecar", args=["x"])]),
+            "Container 'sidecar' is not defined in the job.")
+    refused(Overrides(container_overrides=[Overrides.ContainerOverride(
+        env=[run_v2.EnvVar(name="CLOUD_RUN_TASK_INDEX", value="3")])]), "reserved env names")
+    refused(Overrides(task_count=10001), "task_count must be between 0 and 10000")
+    refused(Overrides(timeout={"seconds": 168 * 3600 + 1}), "timeout must be at most 604800s")
+    refused(Overrides(container_overrides=[Overrides.ContainerOverride(args=["a"], clear_args=True)]),
+            "clear_args cannot be set together with args")
+    assert run_cloud.jobs.executions == {}  # nothing ran
+
+    # the deployer, too, needs run.jobs.runWithOverrides for overrides (run.jobs.run alone runs the job as it is)
+    from lsdeploy.providers.gcp.preflight import PERMISSION_ROLES
+
+    run_cloud.restrict_deployer(set(PERMISSION_ROLES) | {"run.jobs.run", "run.jobs.get"})
+    with pytest.raises(gexc.Forbidden) as info:
+        run_job(run_cloud, settings)
+    assert info.value.metadata["permission"] == "run.jobs.runWithOverrides"
