@@ -446,3 +446,19 @@ def test_runjob_overrides_are_checked_by_googles_rules(run_cloud, scripted):
     with pytest.raises(gexc.Forbidden) as info:
         run_job(run_cloud, settings)
     assert info.value.metadata["permission"] == "run.jobs.runWithOverrides"
+
+
+def test_destroy_leaves_everything_when_the_job_is_not_lsdeploys(api_cloud, backend):
+    settings = job_settings("tjn")
+    deploy(api_cloud, backend, settings)
+    jobs = clients(api_cloud).jobs
+    job = jobs.get_job(name=settings.job_name)
+    job.labels.clear()  # someone else's job of the same name
+    job.annotations.clear()
+    jobs.update_job(job=job).result(polling=FAST_POLLING)
+    with pytest.raises(LsdeployError) as info:
+        provider_for(api_cloud).destroy(settings)
+    assert info.value.exit_code == EXIT_USAGE and "Cloud Run job tjn-train was not deployed by lsdeploy" in str(info.value)
+    assert "gcloud run jobs delete tjn-train" in str(info.value)
+    assert clients(api_cloud).services.get_service(name=settings.service_name)  # nothing was deleted
+    assert api_cloud.log.count(api="run", method="DeleteService") == 0

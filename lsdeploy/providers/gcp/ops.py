@@ -177,7 +177,9 @@ def destroy_plan(api, settings, purge: bool = False) -> DestroyResult:
     _check_managed(settings, live)
     if live is not None:
         result.deleted.append(settings.service_name)
-    if training_job.get_job(api, settings) is not None:
+    job = training_job.get_job(api, settings)
+    _check_managed(settings, job, "job")
+    if job is not None:
         result.deleted.append(settings.job_name)
     result.deleted += own_secrets(api, settings)
     if purge:
@@ -202,6 +204,7 @@ def destroy(api, settings, open_label_studio, purge: bool = False, progress=_qui
     result = DestroyResult(service=settings.service, purge=purge)
     live = get_service(api, settings)
     _check_managed(settings, live)
+    _check_managed(settings, training_job.get_job(api, settings), "job")  # before anything is deleted
     client = open_label_studio(settings)
     if client is not None and live is not None:
         progress(f"removing {live.uri} from Label Studio project(s) {', '.join(map(str, settings.projects))}")
@@ -256,12 +259,13 @@ def destroy(api, settings, open_label_studio, purge: bool = False, progress=_qui
     return result
 
 
-def _check_managed(settings, live) -> None:
-    """destroy removes only what lsdeploy deployed."""
+def _check_managed(settings, live, kind: str = "service") -> None:
+    """destroy removes only what lsdeploy deployed (the service, and its training job)."""
     if live is not None and live.labels.get(MANAGED_LABEL[0]) != MANAGED_LABEL[1]:
-        raise LsdeployError(f"Cloud Run service {settings.service} was not deployed by lsdeploy (no label "
+        name = settings.service if kind == "service" else settings.job_id
+        raise LsdeployError(f"Cloud Run {kind} {name} was not deployed by lsdeploy (no label "
                             f"{MANAGED_LABEL[0]}={MANAGED_LABEL[1]}): nothing was deleted; remove it with `gcloud run "
-                            f"services delete {settings.service} --region {settings.region}`", EXIT_USAGE)
+                            f"{kind}s delete {name} --region {settings.region}`", EXIT_USAGE)
 
 
 def _purged_prefixes(settings) -> list:
