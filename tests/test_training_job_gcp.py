@@ -462,3 +462,21 @@ def test_destroy_leaves_everything_when_the_job_is_not_lsdeploys(api_cloud, back
     assert "gcloud run jobs delete tjn-train" in str(info.value)
     assert clients(api_cloud).services.get_service(name=settings.service_name)  # nothing was deleted
     assert api_cloud.log.count(api="run", method="DeleteService") == 0
+
+
+def test_an_execution_whose_account_may_not_read_a_secret_fails_like_cloud_run(run_cloud, scripted):
+    backend, markers = scripted
+    secrets = clients(run_cloud).secrets
+    secret = secrets.create_secret(parent=f"projects/{PROJECT}", secret_id="hf-token",
+                                   secret={"replication": {"automatic": {}}})
+    secrets.add_secret_version(parent=secret.name, payload={"data": b"hf_abc"})
+    settings = job_settings("tjw", secret_env={"HF_TOKEN": "hf-token"})
+    deploy(run_cloud, backend, settings)  # grants the runtime account secretAccessor on hf-token
+    scripted_job(run_cloud, settings, "ok")
+    assert run_job(run_cloud, settings).result(polling=FAST_POLLING).succeeded_count == 1
+    secrets.set_iam_policy(request={"resource": secret.name, "policy": {}})  # the grant is withdrawn
+    operation = run_job(run_cloud, settings)
+    with pytest.raises(gexc.FailedPrecondition, match=r"Permission denied on secret: .*hf-token.*for Execution service account .*roles/secretmanager.secretAccessor"):
+        operation.result(polling=FAST_POLLING)
+    execution = operation.metadata.name.rsplit("/", 1)[-1]
+    assert not list(markers.glob(f"{execution}-*"))  # its task never started
