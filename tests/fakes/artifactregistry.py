@@ -1,7 +1,9 @@
 """Artifact Registry v1 fake: Docker repositories, images, packages, versions and tags.
 
 Images get here only through the Cloud Build fake's "push" (`push()`), which also remembers the
-source bundle each image was built from, so the Cloud Run fake can run an image as a process.
+source bundle each image was built from, so the Cloud Run fake can run an image as a process, and,
+when the build was real (a container engine), the engine's image (`Image.local`, whose id is the
+digest) and its size, so the Cloud Run fake can run the image itself.
 
 Resource names follow the real API:
   repository  projects/P/locations/L/repositories/R                      (format DOCKER)
@@ -51,6 +53,7 @@ class Image:
     size: int = 0
     tags: set = field(default_factory=set)
     upload_time: object = None
+    local: str = ""  # the container engine's image id, when a real build made it ("" on paper)
 
     @property
     def location_project_repo(self):
@@ -130,8 +133,10 @@ class ArtifactRegistryFake:
         self.repositories[name] = repo
         return repo
 
-    def push(self, ref: str, digest: str, bundle: bytes, dockerfile: str = "Dockerfile", build_id: str = "") -> Image:
-        """Store an image under `ref`'s tag (and digest). Raises PushError like a registry would."""
+    def push(self, ref: str, digest: str, bundle: bytes, dockerfile: str = "Dockerfile", build_id: str = "",
+             local: str = "", size: int = 0) -> Image:
+        """Store an image under `ref`'s tag (and digest). Raises PushError like a registry would.
+        `local`: the engine's image id of a real build; `size`: its size (else the bundle's)."""
         parts = parse_image(ref)
         if parts is None:
             raise PushError(f"the fake only hosts Artifact Registry Docker images (LOCATION-docker.pkg.dev/...), "
@@ -144,7 +149,8 @@ class ArtifactRegistryFake:
             raise PushError(f'repository "{parts["repo"]}" is not a Docker repository')
         image = self.find(repository, parts["image"], digest)
         if image is None:
-            image = Image(repository, parts["image"], digest, bundle, dockerfile, build_id, size=len(bundle))
+            image = Image(repository, parts["image"], digest, bundle, dockerfile, build_id, size=size or len(bundle),
+                          local=local)
             image.upload_time = now_pb()
             self.images.append(image)
         tag = parts["tag"] or ("latest" if not parts["digest"] else None)

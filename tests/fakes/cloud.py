@@ -190,12 +190,20 @@ class FakeGoogleCloud:
         in for the network access a real Cloud Run container has.
     iam_delay: seconds before an IAM binding written through SetIamPolicy takes effect (Google:
         about 2 minutes, sometimes 7 or more); a revision created sooner cannot read the secret.
+    engine: a container engine (tests/engine.py) for real builds and real revisions, "auto" for
+        the one engine() finds (None where none exists: `cloud.revision_runner` says which ran),
+        or None (default): builds on paper, revisions as local processes (runner.py).
     """
 
     def __init__(self, runner: bool = False, storage_url: str | None = None, operation_polls: int = 2,
                  ready_delay: float = 0.2, startup_deadline: float = 120.0, run_env: dict | None = None,
                  workdir: str | Path | None = None, require_secret_access: bool = True,
-                 enforce_invoker: bool = True, iam_delay: float = 0.0):
+                 enforce_invoker: bool = True, iam_delay: float = 0.0, engine=None):
+        if engine == "auto":
+            from engine import engine as find_engine
+
+            engine = find_engine()
+        self.engine = engine  # real builds and containers (tests/engine.py), or None: on paper, processes
         self.server = FakeServer(operation_polls=operation_polls)
         self.iam = IamPropagation(iam_delay)  # seconds before a new IAM binding takes effect
         self.deployer: set[str] | None = None  # the caller's permissions (None: all); see restrict_deployer()
@@ -251,6 +259,13 @@ class FakeGoogleCloud:
     @property
     def url(self) -> str:
         return self.server.url
+
+    @property
+    def revision_runner(self) -> str:
+        """What builds images and runs revisions: "podman containers (real images)" or the fallback."""
+        if self.engine is not None:
+            return f"{self.engine.name} containers (real images)"
+        return "local processes (builds on paper)"
 
     @property
     def log(self):

@@ -9,12 +9,24 @@ owns the builds; this module only executes their steps).
   `roles/artifactregistry.writer` for the build's account (propagated: `cloud.iam`) unless it has
   project-wide access; `pull` (for `--cache-from`).
 - Any other step is recorded in the log and succeeds.
+
+With a container engine (`cloud.engine`, tests/engine.py) the build is real: after the same checks,
+`docker build` builds the context with the engine (never pulling: the base image is local; layers
+the engine already holds are reused, which is what `--cache-from` gives on Cloud Build), the image
+is the engine's (its id is the digest a push records), a failing build fails the step with the
+engine's log tail, and `docker pull` of an image the Artifact Registry fake holds re-tags it in the
+build's daemon. Without an engine, builds happen on paper: the digest is derived from the context.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shlex
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
 
 from .artifactregistry import PushError, parse_image
 from .docker import DOCKER_BUILDERS, copy_source_missing, dockerignore_patterns, dockerignored
@@ -24,6 +36,8 @@ from .runner import dockerfile_instructions
 class BuildSteps:
     """Runs a build's steps; `daemon` (local tag -> (digest, bundle, dockerfile)) is the build's
     Docker daemon, `files` the unpacked source (None when no storage backend holds it)."""
+
+    LOG_TAIL = 20  # lines of a failed engine build shown in the Cloud Build log
 
     def __init__(self, cloud):
         self.cloud = cloud
@@ -37,14 +51,17 @@ class BuildSteps:
         return self.cloud.artifactregistry.can_push(repository, f"serviceAccount:{identity}")
 
     def push(self, record, image_ref, local):
-        digest, bundle, dockerfile = local
+        digest, bundle, dockerfile = local[:3]
         parts = parse_image(image_ref)
         if parts is not None:
             repository = f"projects/{parts['project']}/locations/{parts['location']}/repositories/{parts['repo']}"
             if repository in self.cloud.artifactregistry.repositories and not self.may_push(record, repository):
                 raise PushError(f'denied: Permission "artifactregistry.repositories.uploadArtifacts" denied on '
                                 f'resource "{repository}" (or it may not exist)')
-        image = self.cloud.artifactregistry.push(image_ref, digest, bundle or b"", dockerfile, record.build.id)
+        with self.cloud.server.lock:  # a real build runs on its own thread
+            image = self.cloud.artifactregistry.push(image_ref, digest, bundle or b"", dockerfile, record.build.id,
+                                                     local=local[3] if len(local) > 3 else "",
+                                                     size=local[4] if len(local) > 4 else 0)
         record.pushed.append(image)
         return image
 
@@ -102,7 +119,10 @@ class BuildSteps:
             image = self.cloud.artifactregistry.resolve(ref)
             if image is None:
                 return False, [f"Error response from daemon: manifest for {ref} not found: manifest unknown"]
-            daemon[ref] = (image.digest, image.bundle, image.dockerfile)
+            if self.cloud.engine is not None and not image.local:
+                return False, [f"Error response from daemon: manifest for {ref} not found: manifest unknown "
+                               f"(lsdeploy fake: the image was not built by the container engine)"]
+            daemon[ref] = (image.digest, image.bundle, image.dockerfile, image.local, image.size)
             return True, [f"Digest: {image.digest}", f"Status: Downloaded newer image for {ref}"]
         return True, [f"(lsdeploy fake: docker {command} recorded, not executed)"]
 
@@ -163,21 +183,28 @@ class BuildSteps:
         lines.append(f"Sending build context to Docker daemon  {sum(map(len, context_files.values()))}B")
         instructions = dockerfile_instructions(context_files.get(dockerfile, b"").decode("utf-8", "replace"))
         cached = {ref for ref, found in record.cache_from if found}
+        real = self.cloud.engine is not None and files is not None  # the engine prints its own steps
         for n, (keyword, arguments) in enumerate(instructions, 1):
-            lines.append(f"Step {n}/{len(instructions)} : {keyword} {arguments}")
+            if not real:
+                lines.append(f"Step {n}/{len(instructions)} : {keyword} {arguments}")
             missing = copy_source_missing(keyword, arguments, context_files) if files is not None else None
             if missing is not None:
                 lines.append(f"{keyword} failed: file not found in build context or excluded by .dockerignore: "
                              f"stat {missing}: file does not exist")
                 return False, lines
-            if cached and keyword not in ("COPY", "ADD"):
+            if cached and keyword not in ("COPY", "ADD") and not real:
                 lines.append(" ---> Using cache")
+        local, size = "", 0
+        if real:
+            built = self._engine_build(record, context_files, dockerfile, args)
+            if isinstance(built, list):
+                return False, lines + built
+            local, size, engine_lines = built
+            lines.extend(engine_lines)
+            digest = local  # the image's own id: a sha256 of its configuration, stable per image
         lines.append(f"Successfully built {digest[7:19]}")
         bundle = record.bundle
         if (base or len(context_files) < sent) and files is not None:  # the image holds the context only
-            import io
-            import tarfile
-
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
                 for path in sorted(context_files):
@@ -186,6 +213,43 @@ class BuildSteps:
                     archive.addfile(info, io.BytesIO(context_files[path]))
             bundle = buffer.getvalue()
         for tag in tags:
-            daemon[tag] = (digest, bundle, dockerfile)
+            daemon[tag] = (digest, bundle, dockerfile, local, size)
             lines.append(f"Successfully tagged {tag}")
         return True, lines
+
+    def _engine_build(self, record, context_files: dict, dockerfile: str, args: list):
+        """Build the context for real: (image id, size, engine log lines), or the failing step's
+        log lines (the engine's log tail) when the build fails."""
+        from engine import BuildError, EngineError
+
+        engine = self.cloud.engine
+        build_args = {}
+        for i, arg in enumerate(args):
+            value = args[i + 1] if arg == "--build-arg" and i + 1 < len(args) else (
+                arg.split("=", 1)[1] if arg.startswith("--build-arg=") else None)
+            if value is not None and "=" in value:
+                key, _, val = value.partition("=")
+                if key != "BUILDKIT_INLINE_CACHE":  # BuildKit's; the engine's layers are the cache here
+                    build_args[key] = val
+        with tempfile.TemporaryDirectory(prefix="build-", dir=self.cloud.workdir) as tmp:
+            context = Path(tmp) / "workspace"
+            for name, content in context_files.items():
+                target = context / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            log_path = Path(tmp) / "engine.log"
+            # a tag of its own per build: parallel test sessions share the engine's storage
+            tag = f"localhost/lsdeploy-fakes/{record.build.id or uuid.uuid4()}:{len(record.engine_images)}"
+            try:
+                image = engine.build(context, tag, dockerfile=context / dockerfile, build_args=build_args,
+                                     log_path=log_path)
+            except BuildError as exc:
+                tail = [line for line in exc.log.splitlines() if line.strip()][-self.LOG_TAIL:]
+                return tail + [f"error building image: {engine.name} build exited with a non-zero status"]
+            except EngineError as exc:
+                return [f"error building image: {exc}"]
+            log = log_path.read_text(errors="replace").splitlines()
+            record.engine_images.append(image)
+            record.engine_log.extend(log)
+            return image, engine.size(image), [line for line in log if line.strip()]
+

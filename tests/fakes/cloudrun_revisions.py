@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from google.cloud import run_v2
 
 from .artifactregistry import parse_image
+from .containers import ContainerRevision
 from .runner import RevisionProcess
 from .server import ApiError, already_exists, etag_of, now_pb
 
@@ -41,7 +42,7 @@ def secret_exists(secrets, name: str) -> bool:
 class RevisionState:
     message: object  # Revision
     created: float
-    process: RevisionProcess | None = None
+    process: RevisionProcess | ContainerRevision | None = None
     outcome: str | None = None  # None (pending) | "ready" | failure message
     failure: str | None = None  # known at creation (image, secrets, fault); reported after ready_delay
 
@@ -148,12 +149,19 @@ def prepare(run, rstate: RevisionState, service_id: str, project: str) -> str | 
     # Cloud Run gives up after initial delay + period x failure threshold (240 s by default).
     deadline = (probe.initial_delay_seconds + (probe.period_seconds or 10) * (probe.failure_threshold or 3)
                 if container.HasField("startup_probe") else 240)
-    rstate.process = RevisionProcess(
-        revision_id, image.bundle,
-        {"command": list(container.command), "args": list(container.args), "working_dir": container.working_dir,
-         "dockerfile": image.dockerfile},
-        env, {"path": path, "deadline": min(deadline + 5, run.startup_deadline)}, run.cloud.workdir,
-        extra_env={**run.extra_env, **run.cloud.caller_env(revision.service_account)})
+    spec = {"command": list(container.command), "args": list(container.args), "working_dir": container.working_dir,
+            "dockerfile": image.dockerfile}
+    startup = {"path": path, "deadline": min(deadline + 5, run.startup_deadline)}
+    engine = run.cloud.engine
+    if engine is not None and image.local:  # the real image, in the container engine
+        if container.command or container.working_dir:
+            return ("The lsdeploy fake runs real images with their own ENTRYPOINT and WORKDIR: a service that "
+                    "overrides `command` or `working_dir` needs the process runner (FakeGoogleCloud(engine=None)).")
+        rstate.process = ContainerRevision(revision_id, engine, image.local, spec, env, startup, run.cloud.workdir,
+                                           extra_env={**run.extra_env, **run.cloud.caller_env(revision.service_account)})
+        return None
+    rstate.process = RevisionProcess(revision_id, image.bundle, spec, env, startup, run.cloud.workdir,
+                                     extra_env={**run.extra_env, **run.cloud.caller_env(revision.service_account)})
     return None
 
 

@@ -3,7 +3,8 @@ a conftest.py (tests/ is on sys.path), or import the names into a test module.
 
 - `gcp_fakes`: the four APIs, runner off, in-memory Cloud Storage. Stopped after the test.
 - `make_gcp_fakes(**options)`: a factory for other set-ups (runner=True, storage_url=emulator.url,
-  operation_polls=...); everything it started is stopped after the test, processes included.
+  operation_polls=..., engine="auto"); everything it started is stopped after the test, processes
+  and containers included; the images real builds made are removed at the end of the session.
 - `gcp_clients`: the official clients pointed at `gcp_fakes`, configured exactly like the deploy
   code configures them from CLOUDSDK_API_ENDPOINT_OVERRIDES_* (REST, anonymous credentials).
 - `FAST_POLLING`: pass as `operation.result(polling=FAST_POLLING)` to poll every 50-500 ms
@@ -18,6 +19,7 @@ from google.api_core.future import polling
 
 from .cloud import FakeGoogleCloud
 
+_ENGINES_CLEANED_AT_EXIT: set[int] = set()  # engines whose cleanup() the session's end calls
 FAST_POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.05, maximum=0.5, multiplier=1.5).with_timeout(120)
 
 
@@ -44,12 +46,17 @@ def make_clients(endpoint: str) -> SimpleNamespace:
 
 
 @pytest.fixture
-def make_gcp_fakes():
+def make_gcp_fakes(request):
     started: list[FakeGoogleCloud] = []
 
     def make(**options) -> FakeGoogleCloud:
         cloud = FakeGoogleCloud(**options).start()
         started.append(cloud)
+        if cloud.engine is not None and id(cloud.engine) not in _ENGINES_CLEANED_AT_EXIT:
+            # the images real builds made (and their containers) go at the end of the session: until
+            # then the engine's layers are the build cache of every test
+            _ENGINES_CLEANED_AT_EXIT.add(id(cloud.engine))
+            request.config.add_cleanup(cloud.engine.cleanup)
         return cloud
 
     yield make

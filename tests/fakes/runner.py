@@ -9,6 +9,10 @@ service's env values and resolved secrets) plus `HOST=127.0.0.1`, so everything 
 loopback interface. Executables resolve from this interpreter's environment first
 (`label-studio-ml`, `gunicorn`, `python`): the test venv stands in for the image's site-packages.
 
+With a container engine the Cloud Run fake runs the real image instead (containers.py,
+ContainerRevision, which shares `RevisionRun` and the startup check below); this runner is the
+fallback where no engine exists.
+
 `ServiceProxy` gives each service one stable URL (what Cloud Run's `uri` is) and forwards
 every request to the revision that currently receives the traffic; it answers 503 like Cloud
 Run when no revision is ready.
@@ -161,13 +165,85 @@ def _expand(value: str, env: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Cloud Run's startup check (processes and containers alike)
+
+
+def startup_check(port: int, startup: dict, stopped: threading.Event, exited) -> tuple[str, int | None]:
+    """Cloud Run's startup check on 127.0.0.1:`port`: the HTTP startup probe path if one is set
+    (`startup["path"]`, any 2xx/3xx), else a TCP connect, until `startup["deadline"]` seconds.
+    `exited()` is the exit code once the server has exited, else None. Returns ("ready", None),
+    ("exited", code), ("timeout", None), or ("stopped", None) once `stopped` is set."""
+    deadline = time.monotonic() + startup.get("deadline", 240)
+    path = startup.get("path")
+    while not stopped.is_set() and time.monotonic() < deadline:
+        code = exited()
+        if code is not None:
+            return "exited", code
+        try:
+            if path:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", path)
+                status = conn.getresponse().status
+                conn.close()
+                if 200 <= status < 400:
+                    return "ready", None
+            else:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return "ready", None
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return ("stopped" if stopped.is_set() else "timeout"), None
+
+
+def exited_message(port: int, code: int, log_tail: str) -> str:
+    """What Cloud Run says of a revision whose container exited before it was ready."""
+    return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
+            f"environment variable within the allocated timeout. The container exited with code {code}. Logs for "
+            f"this revision might contain more information.\n{log_tail}")
+
+
+def timeout_message(port: int, log_tail: str) -> str:
+    """What Cloud Run says of a revision that never answered its startup check."""
+    return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
+            f"environment variable within the allocated timeout. This can happen when the container port is "
+            f"misconfigured or if the timeout is too short. Logs for this revision might contain more "
+            f"information.\n{log_tail}")
+
+
+# ---------------------------------------------------------------------------------------------
 # A revision's process
 
 
 LOCAL_TOOLS = {"python", "python3", "label-studio-ml", "gunicorn", "pip"}
 
 
-class RevisionProcess:
+class RevisionRun:
+    """What every way of running a revision shares (RevisionProcess here, ContainerRevision in
+    containers.py): `state`, `message`, `port`, `termination`, `stopped`; `_launch()` starts it."""
+
+    def cold_start(self, timeout: float = 60.0) -> bool:
+        """Start a stopped (scaled to zero) revision again for a request, like Cloud Run does;
+        True once it is ready."""
+        with self._lock:
+            if self.state == "stopped":
+                self.port = free_port()
+                self._launch()
+        deadline = time.monotonic() + timeout
+        while self.state == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.state == "ready"
+
+    def _fail(self, message: str) -> None:
+        self.state = "failed"
+        self.message = message
+
+    def wait_stopped(self, timeout: float) -> dict | None:
+        """`termination` once a stop (scale to zero, replacement) has ended it, else None."""
+        return self.termination if self.stopped.wait(timeout) else None
+
+
+class RevisionProcess(RevisionRun):
     """One revision's container, as a local process group on 127.0.0.1:<free port>."""
 
     def __init__(self, revision: str, bundle: bytes, container: dict, env: dict[str, str],
@@ -184,6 +260,8 @@ class RevisionProcess:
         self.state = "starting"  # starting | ready | failed | stopped
         self.message = ""
         self.log_path = self.root / "container.log"
+        self.termination: dict | None = None  # how the last stop ended: exit_code, seconds, killed
+        self.stopped = threading.Event()  # set once a stop() has ended the process
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -261,6 +339,7 @@ class RevisionProcess:
 
     def _launch(self) -> "RevisionProcess":
         self._stop = threading.Event()
+        self.stopped.clear()
         self.state = "starting"
         log = open(self.log_path, "ab")
         try:
@@ -275,54 +354,14 @@ class RevisionProcess:
         threading.Thread(target=self._probe, name=f"probe-{self.revision}", daemon=True).start()
         return self
 
-    def cold_start(self, timeout: float = 60.0) -> bool:
-        """Start a stopped (scaled to zero) revision again for a request, like Cloud Run does;
-        True once it is ready."""
-        with self._lock:
-            if self.state == "stopped":
-                self.port = free_port()
-                self._launch()
-        deadline = time.monotonic() + timeout
-        while self.state == "starting" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.state == "ready"
-
-    def _fail(self, message: str) -> None:
-        self.state = "failed"
-        self.message = message
-
     def _probe(self) -> None:
-        """Cloud Run's startup check: the HTTP startup probe path if one is set, else a TCP connect."""
-        deadline = time.monotonic() + self.startup.get("deadline", 240)
-        path = self.startup.get("path")
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._fail(f"The user-provided container failed to start and listen on the port defined provided "
-                           f"by the PORT={self.port} environment variable within the allocated timeout. The "
-                           f"container exited with code {self.proc.returncode}. Logs for this revision might contain "
-                           f"more information.\n{self.log_tail()}")
-                return
-            try:
-                if path:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                    conn.request("GET", path)
-                    status = conn.getresponse().status
-                    conn.close()
-                    if 200 <= status < 400:
-                        self.state = "ready"
-                        return
-                else:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        self.state = "ready"
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        if not self._stop.is_set():
-            self._fail(f"The user-provided container failed to start and listen on the port defined provided by the "
-                       f"PORT={self.port} environment variable within the allocated timeout. This can happen when "
-                       f"the container port is misconfigured or if the timeout is too short. Logs for this revision "
-                       f"might contain more information.\n{self.log_tail()}")
+        outcome, code = startup_check(self.port, self.startup, self._stop, self.proc.poll)
+        if outcome == "ready":
+            self.state = "ready"
+        elif outcome == "exited":
+            self._fail(exited_message(self.port, code, self.log_tail()))
+        elif outcome == "timeout":
+            self._fail(timeout_message(self.port, self.log_tail()))
             self.stop()
 
     def log_tail(self, lines: int = 20) -> str:
@@ -335,9 +374,15 @@ class RevisionProcess:
         """SIGTERM, then SIGKILL after `grace` seconds (Cloud Run allows 10 s)."""
         self._stop.set()
         if self.proc is not None:
+            running, started = self.proc.poll() is None, time.monotonic()
             stop_group(self.proc, grace)
+            if running:  # how it ended, as ContainerRevision reports it
+                self.termination = {"exit_code": self.proc.returncode, "killed": self.proc.returncode == -9,
+                                    "seconds": round(time.monotonic() - started, 2)}
         if self.state != "failed":
             self.state = "stopped"
+        self.stopped.set()
+
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
