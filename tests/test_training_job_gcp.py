@@ -456,6 +456,10 @@ def test_destroy_leaves_everything_when_the_job_is_not_lsdeploys(api_cloud, back
     job.labels.clear()  # someone else's job of the same name
     job.annotations.clear()
     jobs.update_job(job=job).result(polling=FAST_POLLING)
+    with pytest.raises(LsdeployError) as info:  # a deploy does not take it over
+        deploy(api_cloud, backend, job_settings("tjn", training_cpu="4"))
+    assert "a Cloud Run job tjn-train exists" in str(info.value) and "not made by lsdeploy" in str(info.value)
+    assert api_cloud.log.count(api="run", method="UpdateJob") == 1  # only the test's own
     with pytest.raises(LsdeployError) as info:
         provider_for(api_cloud).destroy(settings)
     assert info.value.exit_code == EXIT_USAGE and "Cloud Run job tjn-train was not deployed by lsdeploy" in str(info.value)

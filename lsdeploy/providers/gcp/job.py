@@ -74,6 +74,11 @@ def apply_job(api, settings, desired, live, progress) -> tuple:
 
     if up_to_date(live, desired):
         return live, False
+    if live is not None and live.labels.get(MANAGED_LABEL[0]) != MANAGED_LABEL[1]:
+        raise LsdeployError(f"a Cloud Run job {settings.job_id} exists in {settings.project}/{settings.region} and was "
+                            f"not made by lsdeploy (no label {MANAGED_LABEL[0]}={MANAGED_LABEL[1]}): it was left as it "
+                            "is; deploy with another --service, or delete that job (gcloud run jobs delete "
+                            f"{settings.job_id} --region {settings.region})", EXIT_DEPLOY)
     try:
         if live is None:
             progress(f"creating Cloud Run job {settings.job_id} in {settings.region}")
