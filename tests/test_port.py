@@ -313,7 +313,9 @@ def test_a_ported_reference_backend_passes_its_own_tests_under_lsdeploy(tmp_path
 
     assert (backend / ".dockerignore").read_text() == FILES[".dockerignore"] + (
         "# The Dockerfile installs wheels/ and requirements.txt; .lsdeploy is local state (label-studio-ml port)\n"
-        "!wheels\n")  # .lsdeploy stays out through `**`
+        "!wheels\n"  # .lsdeploy stays out through `**`
+        "# Secrets of a local run, the repository and compose files never go into the image\n"
+        "docker-compose*.yml\n")  # the original's `!docker-compose.yml` let it in
     docker = IgnoreRules((backend / ".dockerignore").read_text().splitlines(), dialect="docker")
     docker.fixed = []  # as Docker reads it
     assert not docker.excluded(f"wheels/{wheels[0]}", False) and not docker.excluded("requirements.txt", False)
@@ -572,9 +574,11 @@ def test_errors_are_one_line_naming_the_problem_and_the_fix(tmp_path, target, me
 
 @pytest.mark.parametrize("before, added", [
     ("**\n!*.py\n!requirements*.txt\n", ["!wheels"]),  # the reference examples' style
-    ("data\n*.txt\n", ["!requirements.txt", ".lsdeploy"]),
+    ("data\n*.txt\n", ["!requirements.txt", ".lsdeploy", "**/.env", "**/.env.*", ".git", "docker-compose*.yml",
+                       "docker-compose*.yaml"]),
     ("**\n!*.py\n!wheels\n", ["!requirements.txt"]),
-    (".git\n.lsdeploy\n", []),
+    (".git\n.lsdeploy\n**/.env*\ndocker-compose*\n", []),
+    ("**\n!*.py\n!requirements*.txt\n!wheels\n!docker-compose.yml\n", ["docker-compose*.yml"]),
 ])
 def test_the_dockerignore_lets_the_new_dockerfiles_inputs_in_and_local_state_out(before, added):
     from lsdeploy.port import _port_dockerignore

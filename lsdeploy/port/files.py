@@ -191,12 +191,23 @@ def _port_dockerignore(text: str, wheel: str) -> str:
     add = [line for line, needed in (("!wheels", rules.excluded(wheel, False)),
                                      ("!requirements.txt", rules.excluded("requirements.txt", False)),
                                      (".lsdeploy", not rules.excluded(".lsdeploy/state.sqlite3", False))) if needed]
-    if not add:
+    # Never in an image, whatever exceptions the original makes (the reference examples let
+    # docker-compose.yml in): the secrets of a local run, the repository, compose files.
+    local = [pattern for pattern, sample in (("**/.env", ".env"), ("**/.env.*", ".env.local"), (".git", ".git/config"),
+                                             ("docker-compose*.yml", "docker-compose.yml"),
+                                             ("docker-compose*.yaml", "docker-compose.yaml"))
+             if not rules.excluded(sample, False)]
+    if not add and not local:
         return text
     if text and not text.endswith("\n"):
         text += "\n"
-    return text + ("# The Dockerfile installs wheels/ and requirements.txt; .lsdeploy is local state "
-                   "(label-studio-ml port)\n") + "\n".join(add) + "\n"
+    if add:
+        text += ("# The Dockerfile installs wheels/ and requirements.txt; .lsdeploy is local state "
+                 "(label-studio-ml port)\n") + "\n".join(add) + "\n"
+    if local:
+        text += "# Secrets of a local run, the repository and compose files never go into the image\n" + \
+                "\n".join(local) + "\n"
+    return text
 
 
 def _short(text: str, limit: int = 60) -> str:
