@@ -530,7 +530,7 @@ def uploaded_bundles(cloud, bucket):
 def test_uploaded_bundle_holds_no_secret(api_cloud, backend):
     # a user filled in the blueprint's docker-compose.yml and a .env for a local run
     compose = (backend / "docker-compose.yml").read_text()
-    (backend / "docker-compose.yml").write_text(compose.replace("LABEL_STUDIO_API_KEY=${LABEL_STUDIO_API_KEY:-}",
+    (backend / "docker-compose.yml").write_text(compose.replace("LABEL_STUDIO_API_KEY=${LABEL_STUDIO_API_KEY}",
                                                                 f"LABEL_STUDIO_API_KEY={SECRET_KEY}"))
     (backend / ".env").write_text(f"LABEL_STUDIO_API_KEY={SECRET_KEY}\nBASIC_AUTH_PASS=local\n")
     (backend / ".env.local").write_text(f"LABEL_STUDIO_API_KEY={SECRET_KEY}\n")
