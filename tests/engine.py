@@ -184,16 +184,18 @@ class Engine:
 
     # -- images ----------------------------------------------------------------------------------
     def build(self, context, tag: str, dockerfile=None, keep: bool = False, build_args: Optional[dict] = None,
-              log_path=None, timeout: float = 1800) -> str:
+              log_path=None, no_cache: bool = False, timeout: float = 1800) -> str:
         """Build `context` (its Dockerfile, or `dockerfile`) as `tag`; the image id ("sha256:...").
         Never pulls: the base image is local (podman: --pull=never). The image this replaces under
         `tag` is removed when nothing else uses it, so rebuilding keeps one image per tag. Without
-        keep=True, cleanup() removes the image. BuildError (with the log) on failure."""
+        keep=True, cleanup() removes the image. no_cache=True: no layer is reused (a cold build).
+        BuildError (with the log) on failure."""
         previous = self.image_id(tag) if self.exists(tag) else None
         with tempfile.TemporaryDirectory(prefix="lsdeploy-build-") as tmp:
             iidfile = os.path.join(tmp, "iid")
             argv = ["build", "--tag", tag, "--iidfile", iidfile]
             argv += ["--pull=never"] if self.name == "podman" else []
+            argv += ["--no-cache"] if no_cache else []
             if dockerfile is not None:
                 argv += ["--file", str(dockerfile)]
             for key, value in (build_args or {}).items():
@@ -255,6 +257,10 @@ class Engine:
     def history(self, ref: str) -> str:
         """Every layer's creating instruction, one per line (ARG and ENV values show up here)."""
         return self.call(["history", "--no-trunc", "--format", "{{.CreatedBy}}", ref], timeout=60).stdout
+
+    def layer_ids(self, ref: str) -> list:
+        """The digests of the image's filesystem layers, base first."""
+        return list((self.inspect(ref).get("RootFS") or {}).get("Layers") or [])
 
     def layers(self, ref: str) -> list:
         """[(instruction, size in bytes)] newest first."""

@@ -3,10 +3,12 @@ backend's image built once per session from what `label-studio-ml create` / `por
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from engine import engine, why_no_engine
+from images import BLUEPRINTS, BuiltImage, created_backend, plant_local_files
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +29,29 @@ def eng():
         pytest.skip(why_no_engine())
     yield found
     found.cleanup()
+
+
+@pytest.fixture(scope="session")
+def built(eng, tmp_path_factory):
+    """built(name, make) -> BuiltImage: the image of the backend directory `make(parent)` writes,
+    built once per session (with the local files of plant_local_files beside its code)."""
+    cache: dict = {}
+    lock = threading.Lock()
+
+    def build(name: str, make) -> BuiltImage:
+        with lock:
+            if name not in cache:
+                directory = make(tmp_path_factory.mktemp(f"image-{name}"))
+                plant_local_files(directory)
+                tag = f"localhost/lsdeploy-test/{name}:{os.getpid()}"
+                image = eng.build(directory, tag, log_path=directory.parent / "build.log")
+                config = (directory / "label_config.xml").read_text()
+                cache[name] = BuiltImage(name, directory, tag, image, config)
+            return cache[name]
+
+    return build
+
+
+@pytest.fixture(scope="session", params=BLUEPRINTS)
+def blueprint_image(request, built) -> BuiltImage:
+    return built(request.param, created_backend(request.param))
