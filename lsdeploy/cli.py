@@ -16,6 +16,7 @@ from .errors import EXIT_ERROR, EXIT_USAGE, LsdeployError
 COMMANDS = {
     "create": ("lsdeploy.commands.create", "create", "Render a backend directory from a blueprint."),
     "start": ("lsdeploy.commands.start", "start", "Serve a backend directory under gunicorn."),
+    "train": ("lsdeploy.commands.train", "train", "Run a project's queued training events once, then exit."),
     "connect": ("lsdeploy.commands.connect", "connect", "Register a running backend with Label Studio projects."),
     "disconnect": ("lsdeploy.commands.connect", "disconnect", "Remove a backend (and its webhook) from Label Studio."),
     "port": ("lsdeploy.commands.port", "port", "Port a label_studio_ml backend to lsdeploy, in place."),

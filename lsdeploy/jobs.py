@@ -8,7 +8,10 @@ Cloud Storage (MODEL_STATE_URI) for every instance of a deployment.
 The index of a project, rewritten by every event (so it holds only what is pending)::
 
     {"next": 18,                       # the sequence number of the next event
-     "queued": [entry, ...]}           # in acknowledgement order; the head is the next to run
+     "queued": [entry, ...],           # in acknowledgement order; the head is the next to run
+     "execution": {...}}               # job mode only: the Cloud Run job execution that drains
+                                       # the queue, {"name", "since"}, or {"starting", "since"}
+                                       # while a webhook starts one (see `enqueue`, `settle`)
 
 and its history (`HISTORY_KEY`), written once per finished event, for GET /jobs/<id>::
 
@@ -101,6 +104,8 @@ def _index(value) -> dict:
     index = {"next": 1, "queued": []}
     if isinstance(value, dict):
         index.update({k: value[k] for k in index if k in value})
+        if value.get("execution"):  # job mode: the execution that drains the project (lsdeploy.dispatch)
+            index["execution"] = value["execution"]
     return index
 
 
@@ -143,10 +148,16 @@ class JobQueue:
         return secrets.token_hex(8)
 
     def enqueue(self, project: str, kind: str, event: str, body: bytes, seconds_per_fit: float = 1.0,
-                token: Optional[str] = None) -> dict:
+                token: Optional[str] = None, dispatch: bool = False) -> dict:
         """Store the event and append it to the project's queue; the entry. Raises QueueFull past
         the bounds (an empty queue takes any one event) and StateError when storage fails: then
-        nothing was acknowledged and nothing is left behind but, at worst, an unreferenced body."""
+        nothing was acknowledged and nothing is left behind but, at worst, an unreferenced body.
+
+        With `dispatch` (job mode), the same index write looks at the project's execution record:
+        when there is none it records a start marker ``{"starting": <token>}`` and the entry
+        carries ``"start_execution": True`` (the caller starts one, then `record_execution`);
+        otherwise the entry carries the record as ``"execution"`` (that execution, or the next
+        one, runs the event: a drainer clears the record only with the queue empty, `settle`)."""
         store = self.store
         problem = store.degraded()
         if problem is not None:  # answer at once: this event cannot be stored now
@@ -154,18 +165,20 @@ class JobQueue:
                              f"unreachable ({problem}); it trains if sent again once storage answers")
         token = token or self.new_token()
         try:
-            return self._enqueue(store, project, token, kind, event, body, seconds_per_fit)
+            return self._enqueue(store, project, token, kind, event, body, seconds_per_fit, dispatch)
         except StateError as exc:
             raise StateError(f"the training event was not stored, so it is not acknowledged: {exc}; it trains if "
                              "sent again once storage answers") from None
 
     def _enqueue(self, store, project: str, token: str, kind: str, event: str, body: bytes,
-                 seconds_per_fit: float) -> dict:
+                 seconds_per_fit: float, dispatch: bool) -> dict:
         store.put_event(project, token, body)
         entry = {"id": token, "seq": 0, "kind": kind, "event": event, "size": len(body),
                  "queued_at": time.time(), "attempts": 0, "state": "queued"}
+        seen: dict = {}  # what the write found of the execution record (job mode)
 
         def append(value):
+            seen.clear()
             index = _index(value)
             queued = index["queued"]
             held = sum(int(e.get("size") or 0) for e in queued)
@@ -178,6 +191,12 @@ class JobQueue:
             entry["seq"] = index["next"]
             index["next"] += 1
             queued.append(dict(entry))
+            if dispatch:
+                if index.get("execution"):
+                    seen["execution"] = dict(index["execution"])
+                else:
+                    index["execution"] = {"starting": token, "since": time.time()}
+                    seen["start_execution"] = True
             return index
 
         try:
@@ -187,7 +206,86 @@ class JobQueue:
             raise
         # (a StateError leaves the body: storage failed, a deletion would wait for it again; an
         # unreferenced body costs only its bytes)
-        return entry
+        return dict(entry, **seen)
+
+    # -- job mode: the execution record (see lsdeploy.dispatch) ---------------------------
+    def execution(self, project: str, fresh: bool = True) -> tuple:
+        """(the project's execution record, events queued): the record is {"name", "since"},
+        {"starting", "since"} (a webhook is starting one), or None. `fresh=False` reads the
+        snapshot (cheap; the caller's writes check again)."""
+        index = _index((self.store.read if fresh else self.store.get)(project, QUEUE_KEY))
+        return index.get("execution"), len(index["queued"])
+
+    def drains(self, project: str, execution: str) -> bool:
+        """Whether the execution `execution` (its short or full name) must drain the project even
+        while another process holds its lock: the record names it, or an execution is being
+        started (the holder drains the events and clears the record; then this one may exit)."""
+        record, _ = self.execution(project)
+        if record is None:
+            return False
+        return "starting" in record or str(record.get("name", "")).rsplit("/", 1)[-1] == execution.rsplit("/", 1)[-1]
+
+    def record_execution(self, project: str, token: str, name: str) -> bool:
+        """The execution started under the start marker `token` is `name`; False when the marker
+        is no longer there (the record was replaced meanwhile)."""
+        return self._swap(project, {"starting": token}, {"name": name, "since": time.time()}, only_if_queued=False)
+
+    def release_start(self, project: str, token: str) -> None:
+        """Starting an execution under the marker `token` failed: the marker goes (the events stay
+        queued, for the next webhook or the server's poller)."""
+        self._swap(project, {"starting": token}, None, only_if_queued=False)
+
+    def redispatch(self, project: str, expected: dict, token: str) -> str:
+        """The recorded execution `expected` ended (or its start marker went stale): in one write,
+        "start" when events are queued (a new start marker `token` is recorded: start one), or
+        "cleared" when none is (the record goes); "changed" when the record is no longer `expected`."""
+        outcome = self._swap(project, expected, {"starting": token, "since": time.time()}, only_if_queued=True)
+        if outcome:
+            return "start"
+        return "cleared" if self._swap(project, expected, None, only_if_queued=False, only_if_empty=True) else "changed"
+
+    def dispatch_missing(self, project: str, token: str) -> bool:
+        """Events queued and no execution recorded (a start that failed): record a start marker
+        `token` in one write; True when the caller should start an execution."""
+        return self._swap(project, None, {"starting": token, "since": time.time()}, only_if_queued=True)
+
+    def settle(self, project: str) -> bool:
+        """A drainer (`label-studio-ml train`) holding the project's lock found nothing to run:
+        the execution record is cleared in the same write that sees the queue empty, so a webhook
+        that queues after it starts a new execution and one that queued before it is drained by
+        this one. False (nothing changed) when events are queued: the caller drains them."""
+        index = _index(self.store.read(project, QUEUE_KEY))
+        if not index["queued"] and not index.get("execution"):
+            return True  # nothing to clear: no write (a webhook queueing now finds no record and starts one)
+        return self._swap(project, "any", None, only_if_queued=False, only_if_empty=True)
+
+    def _swap(self, project: str, expected, new: Optional[dict], only_if_queued: bool,
+              only_if_empty: bool = False) -> bool:
+        """One index write: the record becomes `new` when it matches `expected` ("any"; None:
+        absent; a dict: the record has each of its fields) and the queue condition holds."""
+        done: dict = {}
+
+        def swap(value):
+            done.clear()
+            index = _index(value)
+            record = index.get("execution")
+            if expected == "any":
+                matches = True
+            elif expected is None:
+                matches = record is None
+            else:
+                matches = record is not None and all(record.get(k) == v for k, v in expected.items() if k != "since")
+            if not matches or (only_if_queued and not index["queued"]) or (only_if_empty and index["queued"]):
+                return value if value is not None else index
+            if new is None:
+                index.pop("execution", None)
+            else:
+                index["execution"] = new
+            done["swapped"] = True
+            return index
+
+        self.store.update(project, QUEUE_KEY, swap)
+        return bool(done)
 
     def lookup(self, project: str, token: str, fresh: bool = False) -> Optional[dict]:
         """The entry of a job wherever it is (queued, failed, done), with its position."""
@@ -207,9 +305,9 @@ class JobQueue:
     def projects(self) -> list:
         return self.store.projects(QUEUE_KEY)
 
-    def runnable_in(self, project: str, now: Optional[float] = None) -> Optional[float]:
+    def runnable_in(self, project: str, now: Optional[float] = None, fresh: bool = False) -> Optional[float]:
         """Seconds until the project's head may run (0: now), None when nothing is queued."""
-        queued = _index(self.store.get(project, QUEUE_KEY))["queued"]
+        queued = _index((self.store.read if fresh else self.store.get)(project, QUEUE_KEY))["queued"]
         if not queued:
             return None
         now = time.time() if now is None else now

@@ -13,6 +13,8 @@ GET /metrics. Every answer is JSON (metrics: Prometheus text), errors included.
   with Retry-After. On shutdown the worker finishes queued training before it exits (within
   gunicorn's graceful timeout).
 - Fits of one project are serialized across the workers sharing a store (`StateStore.lock`).
+- Job mode (LSDEPLOY_TRAINING=job, `lsdeploy.dispatch`): fit never runs here; a webhook is queued
+  and a Cloud Run job execution (`label-studio-ml train`) runs it (docs/training-jobs.md).
 - Limits (see docs/hardening.md): a body over MAX_REQUEST_BYTES (16 MiB) or a /predict batch of
   more than MAX_TASKS tasks (10,000) is a JSON 413 naming the setting; a client that does not send
   its whole request within CLIENT_TIMEOUT is answered 408 (the deadline is kept by
@@ -49,6 +51,9 @@ from .state import StateStore
 from . import jobs
 from .jobs import DONE_KEPT, JobQueue, QueueFull, job_id, parse_job_id
 from .training import DEFAULT_POLL_SECONDS, Trainer
+from . import executions
+from .dispatch import dispatcher_from
+from .executions import RunApiError
 
 logger = logging.getLogger("lsdeploy.server")
 
@@ -86,7 +91,8 @@ def _env_float(name: str, default: float) -> float:
 
 def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Optional[tuple] = None,
                debug: bool = False, max_content_length: Optional[int] = None,
-               metrics_dir: Optional[str] = None, max_tasks: Optional[int] = None) -> Flask:
+               metrics_dir: Optional[str] = None, max_tasks: Optional[int] = None,
+               training: Optional[str] = None) -> Flask:
     """The Flask app serving `model_class`.
 
     `store` defaults to the process-wide store from the environment (MODEL_STATE_URI or SQLite
@@ -95,7 +101,9 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
     `metrics_dir` (or LSDEPLOY_METRICS_DIR): a directory private to one server, shared by its
     worker processes, so /metrics reports all of them (see lsdeploy.metrics); without it the
     metrics are this process's. `max_content_length` (MAX_REQUEST_BYTES) and `max_tasks`
-    (MAX_TASKS) bound what one request may carry.
+    (MAX_TASKS) bound what one request may carry. `training` (LSDEPLOY_TRAINING): "service"
+    runs fit in this server's background threads; "job" never does: each event is queued and a
+    Cloud Run job execution (LSDEPLOY_TRAINING_JOB) drains the project (docs/training-jobs.md).
     """
     if not (isinstance(model_class, type) and issubclass(model_class, LabelStudioMLBase)):
         raise TypeError(f"{model_class!r} is not a subclass of lsdeploy.LabelStudioMLBase")
@@ -128,8 +136,11 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
                      max_attempts=_env_int("TRAINING_MAX_ATTEMPTS", jobs.DEFAULT_MAX_ATTEMPTS),
                      retry_seconds=_env_float("TRAINING_RETRY_SECONDS", jobs.DEFAULT_RETRY_SECONDS))
     trainer = Trainer(queue, None, metrics, poll_seconds=_env_float("TRAINING_POLL_SECONDS", DEFAULT_POLL_SECONDS))
+    dispatcher = dispatcher_from(training or os.environ.get("LSDEPLOY_TRAINING"), os.environ, queue,
+                                 trainer.poll_seconds)  # None: fit runs in this server
     fit_wait = _env_float("FIT_WAIT_SECONDS", 0.5)
-    app.extensions["lsdeploy"] = {"pool": pool, "trainer": trainer, "metrics": metrics, "model_class": model_class}
+    app.extensions["lsdeploy"] = {"pool": pool, "trainer": dispatcher or trainer, "metrics": metrics,
+                                  "model_class": model_class}
 
     # -- plumbing ------------------------------------------------------------------------
     json_default = app.json.default
@@ -282,6 +293,17 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         logger.error("%s %s failed: %s", request.method, request.path, exc)
         return error(str(exc), 503)
 
+    @app.errorhandler(RunApiError)
+    def _run_api(exc: RunApiError):  # job mode: an execution could not be started or read
+        body = {"status": exc.status, "error": str(exc)}
+        if getattr(exc, "event_job", None):
+            body.update(job=exc.event_job, detail="the training event is stored and stays queued: it trains in the "
+                                                  "next execution, started by the next webhook or the server's poller")
+        answer = reply(body, exc.status)
+        if exc.retry_after:
+            answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         messages = {
@@ -312,6 +334,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if credentials is not None and not authorized(request.headers.get("Authorization"), credentials):
             state = {k: v for k, v in state.items() if k in _PUBLIC_STORE_FIELDS}
         body["store"] = state
+        if request.args.get("project") is not None:  # the version serving now (a training job may have published it)
+            try:  # health answers 200 whatever it is asked (probes, Label Studio)
+                project_id = project_id_of(request.args.get("project"))
+                body.update(project=project_id, model_version=current_version(project_id))
+            except BadRequest as exc:
+                body["project_error"] = str(exc)
         if state.get("status") not in (None, "ok"):
             body["status"] = "DEGRADED" if state.get("status") == "degraded" else "UP"
         # Label Studio only checks for 200; a degraded store still serves predictions.
@@ -430,6 +458,8 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if label_config is not None or pool.latest(project_id) is None:
             pool.get(project_id, label_config)
         body = request.get_data()  # what body_json read: the request as received
+        if dispatcher is not None:
+            return dispatch_fit(kind, event, project_id, body)
         try:
             job, outcome = trainer.submit(project_id, kind, event, body)
         except QueueFull as exc:
@@ -457,6 +487,21 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         status = 503 if isinstance(outcome.error, StateError) else 500
         return reply({"status": status, "error": message, "job": job}, status)
 
+    def dispatch_fit(kind, event, project_id, body):
+        """Job mode: the event is queued and an execution runs (or will run) it; 202 at once."""
+        try:
+            started = dispatcher.submit(project_id, kind, event, body)
+        except QueueFull as exc:
+            metrics.inc("lsdeploy_fit_refused_total", event=event)
+            answer = error(str(exc), 503)
+            answer.headers["Retry-After"] = str(exc.retry_after)
+            return answer
+        name = started["execution"]
+        detail = (f"queued; training execution {name} runs it, in order after the project's earlier events "
+                  f"(GET /jobs/{name} for the execution, GET /jobs/{started['event_job']} for the event)" if name else
+                  f"queued; a training execution is being started for the project (GET /jobs/{started['event_job']})")
+        return reply({"status": "queued", **started, "detail": detail}, 202)
+
     def run_fit(project_id, entry, body):
         """The trainer's call for one queued event: the model of its label config, and fit()
         within a request context holding the event as received (model code may read
@@ -474,6 +519,12 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     @app.get("/jobs/<path:job>")
     def job_status(job):
+        if dispatcher is not None and job.startswith(dispatcher.jobs.job + "/executions/"):
+            execution = dispatcher.execution(job)
+            if execution is None:
+                raise BadRequest(f"no training execution {job!r} (the Run API keeps the last 1,000 executions and "
+                                 "those of the last 7 days)", 404)
+            return reply(executions.view(execution, job))
         project_id, token, entry = find_job(job)
         return reply(jobs.view(job, project_id, entry))
 
@@ -483,7 +534,7 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
         if entry.get("state") != "failed":
             raise BadRequest(f"job {job} is {entry.get('state')}, not failed: only a failed job can be retried", 409)
         entry = trainer.queue.retry(project_id, token) or entry
-        trainer.notify(project_id)
+        (dispatcher or trainer).notify(project_id)  # job mode: an execution runs it, never this server
         return reply(jobs.view(job, project_id, entry), 202)
 
     def find_job(job):
@@ -496,11 +547,15 @@ def create_app(model_class, store: Optional[StateStore] = None, basic_auth: Opti
 
     @app.get("/versions")
     def versions():
-        project_id = project_id_of(request.args.get("project"))
-        model = pool.latest(project_id)
-        current = model.model_version if model else (pool.store.get(project_id, "model_version")
-                                                     or model_class.INITIAL_MODEL_VERSION)
+        current = current_version(project_id_of(request.args.get("project")))
         return reply({"versions": [current], "model_version": current})
+
+    def current_version(project_id):
+        """The project's model version as this instance reads it now: one a `train` process or
+        a job execution published is seen within the store's refresh bound, without a restart."""
+        model = pool.latest(project_id)
+        return model.model_version if model else (pool.store.get(project_id, "model_version")
+                                                  or model_class.INITIAL_MODEL_VERSION)
 
     @app.get("/metrics")
     def prometheus():

@@ -70,6 +70,7 @@ class Trainer:
         self._lock = threading.Lock()
         self._running: Optional[str] = None  # the job id whose fit runs now
         self._runner = f"{socket.gethostname()}-{os.getpid()}"
+        self.outcomes = {"done": 0, "retrying": 0, "failed": 0}  # this process's fits, by outcome
 
     # -- the request path ------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +144,11 @@ class Trainer:
             queued = None
         return {"finished": finished, "running": None if finished else self._running, "queued": queued}
 
+    def request_stop(self) -> None:
+        """From a signal handler: take no new event; the running fit finishes (drain_project)."""
+        self._stop.set()
+        self._wake.set()
+
     # -- the thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         wait = 0.0  # look at once: a restarted server resumes what was left
@@ -201,6 +207,50 @@ class Trainer:
             # failed, is seen now (its write came before that try, which came before this read).
         return 0.0
 
+    # -- one project, in the calling thread (`label-studio-ml train`) ------------------------
+    def drain_project(self, project: str, runner: Optional[str] = None, responsible: Callable[[], bool] = None,
+                      lock_retry_seconds: float = 1.0) -> str:
+        """Run the project's queued events in this thread, in order, with the queue's retry rules
+        (a fit that raised runs again when its backoff is over: this waits for it), until the
+        queue is empty or `stop()` was called. Returns why it ended: "drained" (the queue is
+        empty and, in job mode, the execution record was cleared with it: `JobQueue.settle`),
+        "stopped", "locked" (another process holds the project's lock) or "lease lost" (the
+        lease could not be renewed: storage does not answer). Outcomes add up in `outcomes`.
+
+        `responsible()` says whether this process must drain the project even though another
+        holds its lock (job mode: the execution record names this execution); it then waits for
+        the lock, trying every `lock_retry_seconds`, for as long as that stays true."""
+        if runner:
+            self._runner = runner
+        while not self._stop.is_set():
+            with self.queue.store.try_lock(project) as held:
+                if held:
+                    return self._drain_held(project, held)
+            if responsible is None or not responsible():
+                return "locked"
+            self._stop.wait(lock_retry_seconds)  # the holder drains our events too, then clears the record
+        return "stopped"
+
+    def _drain_held(self, project: str, held) -> str:
+        still_held = getattr(held, "valid", lambda: True)
+        while not self._stop.is_set():
+            if not still_held():
+                return "lease lost"
+            entry = self.queue.claim(project, self._runner)
+            if entry is None:
+                due = self.queue.runnable_in(project, fresh=True)
+                if due is None:
+                    if self.queue.settle(project):
+                        return "drained"
+                    continue  # an event came in as the queue emptied: it is ours
+                if due > 0:
+                    logger.info("next attempt of project %s's head in %.0f s", project, due)
+                    self._stop.wait(due)
+                continue
+            while entry is not None:
+                entry = self._run(project, entry, still_held)
+        return "stopped"
+
     def _run(self, project: str, entry: dict, still_held: Callable[[], bool] = lambda: True) -> Optional[dict]:
         """Run one claimed event; the project's next one when it was claimed in the same write
         (never after a failure, once stopping, nor once the lock may have been lost: a lease
@@ -230,6 +280,7 @@ class Trainer:
                          self.queue.max_attempts, message)
             logger.debug("fit traceback:\n%s", traceback.format_exc())
             status, delay = self.queue.failed(project, entry["id"], message)
+            self.outcomes[status] += 1
             if status == "retrying":
                 logger.info("job %s runs again in %.0f s", public, delay)
             else:
@@ -244,6 +295,7 @@ class Trainer:
         took = time.monotonic() - started
         self._seconds_per_fit = 0.8 * self._seconds_per_fit + 0.2 * took
         self._count(event, "ok", took)
+        self.outcomes["done"] += 1
         go_on = not self._stop.is_set() and still_held()
         following = self.queue.finish(project, entry["id"], _summary(result), runner=self._runner if go_on else None)
         if outcome is not None:
