@@ -56,7 +56,6 @@ Execution = run_v2.Execution.pb()
 Condition = run_v2.Condition.pb()
 SUCCEEDED = Condition.State.CONDITION_SUCCEEDED
 FAILED = Condition.State.CONDITION_FAILED
-RECONCILING = Condition.State.CONDITION_RECONCILING
 PENDING = Condition.State.CONDITION_PENDING
 OUTPUT_ONLY = ("uid", "generation", "create_time", "update_time", "delete_time", "expire_time", "creator",
                "last_modifier", "observed_generation", "terminal_condition", "conditions", "execution_count",
