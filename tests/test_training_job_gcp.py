@@ -484,3 +484,19 @@ def test_an_execution_whose_account_may_not_read_a_secret_fails_like_cloud_run(r
         operation.result(polling=FAST_POLLING)
     execution = operation.metadata.name.rsplit("/", 1)[-1]
     assert not list(markers.glob(f"{execution}-*"))  # its task never started
+
+
+def test_a_cancelled_execution_stops_its_task_and_status_says_so(run_cloud, scripted):
+    backend, _ = scripted
+    settings = job_settings("tjz")
+    deploy(run_cloud, backend, settings)
+    scripted_job(run_cloud, settings, "wait")  # the task waits for a file that never comes
+    operation = run_job(run_cloud, settings)
+    execution = operation.metadata.name
+    run_cloud.jobs.wait_attempt(execution.rsplit("/", 1)[-1], 0)
+    assert provider_for(run_cloud).status(settings).executions[0]["state"] == "running"
+    done = clients(run_cloud).executions.cancel_execution(name=execution).result(polling=FAST_POLLING)
+    with pytest.raises(gexc.FailedPrecondition, match="cancelled"):  # the run's own operation fails
+        operation.result(polling=FAST_POLLING)
+    assert done.cancelled_count == 1 and done.succeeded_count == 0 and done.completion_time
+    assert provider_for(run_cloud).status(settings).executions[0]["state"] == "cancelled"

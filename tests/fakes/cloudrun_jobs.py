@@ -434,14 +434,15 @@ class CloudRunJobsFake:
         return self._operation(request.name.split("/jobs/")[0], lambda: self._copy(estate.message, Execution),
                                lambda: self._outcome(estate))
 
-    def _outcome(self, estate: ExecutionState):
-        """The RunJob / CancelExecution operation: pending, the Execution, or the failure of a failed or
-        cancelled one (the Completed condition's message)."""
+    def _outcome(self, estate: ExecutionState, failures: bool = True):
+        """The RunJob operation (`failures`) and the CancelExecution one: pending until the execution has
+        ended, then the Execution, or for RunJob the failure of a failed or cancelled execution (the
+        Completed condition's message)."""
         if not estate.done.is_set():
             return None
         message = self._copy(estate.message, Execution)
         completed = next((c for c in message.conditions if c.type_ == "Completed"), None)
-        if completed is not None and completed.state == FAILED:
+        if failures and completed is not None and completed.state == FAILED:
             return ApiError("FAILED_PRECONDITION", completed.message)
         return message
 
@@ -478,7 +479,7 @@ class CloudRunJobsFake:
                 threading.Thread(target=stop_group, args=(estate.proc, 10), daemon=True).start()
 
         return self._operation(request.name.split("/jobs/")[0], lambda: self._copy(estate.message, Execution),
-                               lambda: self._outcome(estate))
+                               lambda: self._outcome(estate, failures=False))
 
     # ---- running an execution --------------------------------------------------------------------
     def _run(self, estate: ExecutionState, project: str) -> None:
