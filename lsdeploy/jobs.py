@@ -137,6 +137,7 @@ class JobQueue:
         self.max_bytes = max_bytes
         self.max_attempts = max(1, max_attempts)
         self.retry_seconds = retry_seconds
+        self.interrupted_failed = 0  # events this process kept as failed because they were interrupted too often
 
     @property
     def store(self):
@@ -359,6 +360,7 @@ class JobQueue:
 
     def _claimed(self, project: str, claimed: dict) -> Optional[dict]:
         for entry in claimed.get("interrupted", ()):
+            self.interrupted_failed += 1
             logger.error("training job %s (%s) kept as failed: %s", job_id(project, entry["id"]), entry.get("event"),
                          entry["error"])
             self._remember(project, "failed", entry)

@@ -206,3 +206,17 @@ def test_bad_input_is_one_line(tmp_path, backend, signals):
     nothing_there = run_cli("train", tmp_path / "nowhere", "--project", "1", "--no-check-requirements",
                             env=env_for(tmp_path, signals))
     assert nothing_there.returncode == 2 and "Traceback" not in nothing_there.stderr, nothing_there.stderr
+
+
+def test_an_event_interrupted_every_attempt_is_kept_as_failed_and_exits_9(tmp_path, backend, signals):
+    queue_events(tmp_path, [1, 2])
+    for attempt in (1, 2):  # each run is killed in the fit of annotation 1
+        with fitting(lambda: start_train(backend, tmp_path, signals, TRAINING_MAX_ATTEMPTS=2), signals, 1) as victim:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(30)
+        (signals / "started-1").unlink()
+    done = train(backend, tmp_path, signals, TRAINING_MAX_ATTEMPTS=2)
+    assert done.returncode == 9, done.stderr
+    assert "1 event(s) trained, 1 kept as failed" in done.stderr
+    assert "interrupted 2 time(s)" in done.stderr
+    assert [e[0] for e in stored(tmp_path, "log")] == [2]

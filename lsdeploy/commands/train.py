@@ -119,6 +119,7 @@ def _train(directory, project, start_training, model, task, log) -> int:
         log.info("START_TRAINING queued for project %s as job %s-%s", project, project, entry["id"])
     ended = trainer.drain_project(project, runner, responsible)
     done, failed, retried = (trainer.outcomes[k] for k in ("done", "failed", "retrying"))
+    failed += queue.interrupted_failed  # interrupted TRAINING_MAX_ATTEMPTS times: kept as failed too
     summary = f"project {project}: {done} event(s) trained, {failed} kept as failed, {retried} failed attempt(s) retried"
     store.close()
     if ended == "locked":
