@@ -46,18 +46,19 @@ CMD ["label-studio-ml", "start", "/app"]
 
 # -- the rule, in one process ---------------------------------------------------------------------
 
-def test_webhooks_racing_the_end_of_executions_lose_no_wake_up(tmp_path):
-    store = SQLiteStore(str(tmp_path / "state"))
-    queue = JobQueue(lambda: store)
+def race_executions(webhook_queue, execution_queue, events: int, senders: int = 6) -> dict:
+    """`events` webhooks sent from `senders` threads (the n-th queued through `webhook_queue(n)`)
+    race "executions": `Trainer.drain_project` runs, each on `execution_queue()` (its own store
+    where that matters, as its own process), started by the webhook that found no execution
+    recorded, as the server does. The outcome: {"ran": the events fit ran, in order of running,
+    "overlaps": fits that ran while another did, "started": executions started}."""
     ran, active, overlaps, started = [], [0], [], []
     guard = threading.Lock()
-    threads = []
 
     def run_fit(project, entry, body):
         with guard:
             active[0] += 1
-            if active[0] > 1:
-                overlaps.append(entry["seq"])
+            overlaps.extend([entry["seq"]] if active[0] > 1 else [])
         ran.append(json.loads(body)["n"])
         with guard:
             active[0] -= 1
@@ -65,36 +66,41 @@ def test_webhooks_racing_the_end_of_executions_lose_no_wake_up(tmp_path):
 
     def execution(name):
         """What `label-studio-ml train` does as the execution `name` (without the process)."""
-        trainer = Trainer(queue, run_fit, Metrics(None))
-        ended = trainer.drain_project("1", runner=name, responsible=lambda: queue.drains("1", name))
+        queue = execution_queue()
+        ended = Trainer(queue, run_fit, Metrics(None)).drain_project(
+            "1", runner=name, responsible=lambda: queue.drains("1", name))
         assert ended in ("drained", "locked")
 
     def webhook(n):
+        queue = webhook_queue(n)
         entry = queue.enqueue("1", "webhook", "ANNOTATION_CREATED", json.dumps({"n": n}).encode(), dispatch=True)
         if entry.get("start_execution"):
-            name = f"execution-{n}"
+            thread = threading.Thread(target=execution, args=(f"execution-{n}",))
             with guard:
-                started.append(name)
-            thread = threading.Thread(target=execution, args=(name,))
-            with guard:
-                threads.append(thread)
+                started.append(thread)
             thread.start()
-            queue.record_execution("1", entry["id"], name)
+            queue.record_execution("1", entry["id"], f"execution-{n}")
 
-    with ThreadPoolExecutor(6) as pool:
-        list(pool.map(webhook, range(300)))
+    with ThreadPoolExecutor(senders) as pool:
+        list(pool.map(webhook, range(events)))
     while True:
         with guard:
-            waiting = [t for t in threads if t.is_alive()]
+            waiting = [t for t in started if t.is_alive()]
         if not waiting:
-            break
+            return {"ran": ran, "overlaps": overlaps, "started": len(started)}
         for thread in waiting:
-            thread.join(60)
-    assert sorted(ran) == list(range(300)) and len(ran) == 300  # each exactly once
+            thread.join(120)
+
+
+def test_webhooks_racing_the_end_of_executions_lose_no_wake_up(tmp_path):
+    store = SQLiteStore(str(tmp_path / "state"))
+    queue = JobQueue(lambda: store)
+    outcome = race_executions(lambda n: queue, lambda: queue, 300)
+    assert sorted(outcome["ran"]) == list(range(300)) and len(outcome["ran"]) == 300  # each exactly once
     index = store.read("1", QUEUE_KEY)
     assert index["queued"] == [] and "execution" not in index  # no event left without an execution
-    assert not overlaps
-    assert 1 <= len(started) < 300  # executions were reused while they ran, and restarted after they ended
+    assert not outcome["overlaps"]
+    assert 1 <= outcome["started"] < 300  # executions were reused while they ran, and restarted after they ended
     store.close()
 
 
@@ -280,3 +286,24 @@ def test_the_poller_starts_another_execution_when_the_recorded_one_ended_with_ev
                  message="the second execution to succeed")
         assert all(server.get(f"/jobs/{a.json()['event_job']}").json()["state"] == "done" for a in answers)
     assert [(e[0], e[3]) for e in deliveries(deployed["state"])] == [(1, 1), (2, 2), (3, 1)]
+
+
+def test_a_disabled_run_api_and_an_exhausted_quota_are_named_and_the_events_train_later(deployed):
+    cloud = deployed["cloud"]
+    grant(cloud, ["roles/run.jobsExecutorWithOverrides", "roles/run.viewer"])
+    cloud.disable_api("run", times=1)
+    with Server(deployed["backend"], env=deployed["env"]) as server:
+        disabled = webhook(server, 1)
+        assert disabled.status_code == 500, disabled.text
+        assert "Cloud Run Admin API (run.googleapis.com) is disabled" in disabled.json()["error"]
+        assert "gcloud services enable run.googleapis.com" in disabled.json()["error"]
+        wait_for(lambda: server.get(f"/jobs/{disabled.json()['job']}").json()["state"] == "done", timeout=120,
+                 interval=0.2, message="the event refused by a disabled API to train once it answers")
+        cloud.quota("run", "RunJob", times=1)
+        exhausted = server.post("/webhook", annotation_event(2, 2, "text 2", "Positive", project=2))
+        assert exhausted.status_code == 503 and exhausted.headers["Retry-After"] == "60", exhausted.text
+        assert "quota" in exhausted.json()["error"] and "stays queued" in exhausted.json()["detail"]
+        wait_for(lambda: server.get(f"/jobs/{exhausted.json()['job']}").json()["state"] == "done", timeout=120,
+                 interval=0.2, message="the event refused for quota to train later")
+    assert [e[0] for e in deliveries(deployed["state"])] == [1]
+    assert [e[0] for e in stored(deployed["state"].parent, "log", project="2")] == [2]

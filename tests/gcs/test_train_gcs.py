@@ -108,3 +108,19 @@ def test_two_trains_on_one_bucket_and_a_killed_one_loses_no_event(setup):
     assert "runs again, attempt 2" in done.stderr
     assert [(e[0], e[3]) for e in log_of(setup)] == [(1, 1), (2, 2), (3, 1)]
     assert set(results[:-1]) <= {10}
+
+
+def test_webhooks_on_two_instances_racing_executions_lose_no_wake_up(gcs_emulator, bucket, make_store):
+    """The execution record's rule on Cloud Storage: webhooks stored through two instances race
+    executions (each its own store, like its own process) that end and are started; every event
+    runs once, in order, never two at once, and no event is left without an execution."""
+    from test_training_executions import race_executions
+
+    uri = f"gs://{bucket}/race-{uuid.uuid4().hex[:6]}"
+    instances = [JobQueue(lambda s=make_store(gcs_emulator, uri): s) for _ in range(2)]
+    outcome = race_executions(lambda n: instances[n % 2], lambda: JobQueue(lambda s=make_store(gcs_emulator, uri): s),
+                              30, senders=4)
+    assert sorted(outcome["ran"]) == list(range(30)) and len(outcome["ran"]) == 30
+    index = instances[0].store.read("1", QUEUE_KEY)
+    assert index["queued"] == [] and "execution" not in index
+    assert not outcome["overlaps"] and outcome["started"] >= 1
