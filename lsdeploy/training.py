@@ -13,6 +13,9 @@ A webhook waits FIT_WAIT_SECONDS for its own event (`Trainer.wait`), so a quick 
 with its result; otherwise the event trains in the background and `GET /jobs/<id>` tells how it
 went. On shutdown (`Trainer.stop`) the running fit may finish within the grace period; whatever
 is queued stays queued for the next start, and the log says how many.
+
+`Trainer.drain_project` runs one project's queue in the calling thread, with the same claims,
+retries and fit path, for `label-studio-ml train` (a Cloud Run job task in job mode).
 """
 from __future__ import annotations
 
