@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 import requests
+from google.cloud import run_v2
+from google.protobuf import field_mask_pb2
 
 from engine import engine, why_no_engine
+from fakes.fixtures import FAST_POLLING
 from gcp_support import PROJECT, REGION, provider_for, settings_for
 from labelstudio_server import import_tasks
 from lsdeploy.blueprints import create
 from lsdeploy.bundle import SourceBundle
 from lsdeploy.errors import EXIT_BUILD, EXIT_DEPLOY
 from lsdeploy.providers.gcp import GcpClients
-from support import run_cli
+from support import TEXT_CONFIG, predict_body, run_cli, text_task
 from test_labelstudio import NEGATIVE, POSITIVE, choices, retrieve_predictions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(engine() is None, reason=f"no container engine: {why_no_engine()}")]
@@ -222,3 +225,36 @@ def test_a_dockerfile_that_does_not_build_fails_the_build_with_the_engines_log(c
     build = last_build(cloud)
     assert build.engine_images == [] and build.pushed == []
     assert "build exited with a non-zero status" in cloud.cloudbuild.log_text(build.build.id)
+
+
+def test_traffic_back_to_a_scaled_down_revision_starts_its_image_again(cloud, tmp_path):
+    directory = backend(tmp_path / "rollback")
+    provider = provider_for(cloud)
+    first = provider.deploy(settings_for("rollback"), SourceBundle.from_directory(directory), lambda line: None)
+    (directory / "model.py").write_text(BY_KEYWORD)
+    second = provider.deploy(settings_for("rollback"), SourceBundle.from_directory(directory), lambda line: None)
+    old = cloud.run.process(first.revision)
+    assert old.wait_stopped(60) is not None and old.state == "stopped" and old.container is None
+    body = predict_body([text_task(1, "awful")], label_config=TEXT_CONFIG)
+    password = GcpClients.from_env(cloud.env, PROJECT).secrets.access_secret_version(
+        name=f"projects/{PROJECT}/secrets/rollback-basic-auth-pass/versions/latest").payload.data.decode()
+    auth = ("labelstudio", password)
+
+    def served_version():
+        answer = requests.post(second.url + "/predict", json=body, auth=auth, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["results"][0]["model_version"]
+
+    assert served_version() == "v2"
+    # traffic pinned to the first revision: its container was removed at scale-down; the next
+    # request starts its image again, in a new container
+    services = GcpClients.from_env(cloud.env, PROJECT).services
+    name = f"projects/{PROJECT}/locations/{REGION}/services/rollback"
+    pinned = run_v2.TrafficTarget(type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+                                  revision=first.revision, percent=100)
+    services.update_service(request=run_v2.UpdateServiceRequest(
+        service=run_v2.Service(name=name, traffic=[pinned]), update_mask=field_mask_pb2.FieldMask(paths=["traffic"]))
+    ).result(polling=FAST_POLLING)
+    assert served_version() == "v1"
+    assert old.state == "ready" and len(old.containers) == 2 and old.container.running()
+    assert assert_stopped_on_sigterm(cloud.run.process(second.revision))["seconds"] < 10
