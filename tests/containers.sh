@@ -81,7 +81,27 @@ configure() {
     [ "$nofile" = unlimited ] && nofile=1048576
     mkdir -p "$DROPIN_DIR"
     NOFILE="$nofile" DROPIN="$DROPIN" python3 - <<'PY'
-import os, pathlib, tomllib
+import os, pathlib, re
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: the tables and keys are all this needs
+    tomllib = None
+
+
+def tables(text):
+    if tomllib is not None:
+        return tomllib.loads(text)
+    found, table = {}, None
+    for line in text.splitlines():
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        key = re.match(r"\s*([A-Za-z0-9_]+)\s*=", line)
+        if header:
+            table = found.setdefault(header.group(1).strip(), {})
+        elif key and table is not None:
+            table[key.group(1)] = True
+    return found
+
 
 dropin = pathlib.Path(os.environ["DROPIN"])
 # Everything the machine already configures, except our own drop-in (rewritten below).
@@ -90,8 +110,8 @@ paths += sorted(p for p in dropin.parent.glob("*.conf") if p != dropin)
 have = {}
 for path in paths:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+        data = tables(path.read_text())
+    except (OSError, ValueError):  # tomllib.TOMLDecodeError is a ValueError
         continue
     for table, values in data.items():
         if isinstance(values, dict):
