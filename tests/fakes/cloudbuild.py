@@ -1,7 +1,8 @@
 """Cloud Build v1 fake: builds (create global and regional, get, list, cancel) and their operations.
 
-No container engine runs here, so a build is simulated step by step with the same inputs and
-outcomes a real one has:
+With a container engine (`FakeGoogleCloud(engine=...)`) the docker steps run for real on the
+uploaded bundle, on a thread of their own (cloudbuild_steps.py); without one, a build is simulated
+step by step with the same inputs and outcomes a real one has:
 
 - FETCHSOURCE: the `source.storageSource` object is read from Cloud Storage (the fake-gcs-server
   emulator, or the in-memory store) and must be a tar.gz (or zip) archive. A missing object is
