@@ -230,7 +230,10 @@ def test_a_dockerfile_that_does_not_build_fails_the_build_with_the_engines_log(c
 def test_traffic_back_to_a_scaled_down_revision_starts_its_image_again(cloud, tmp_path):
     directory = backend(tmp_path / "rollback")
     provider = provider_for(cloud)
-    first = provider.deploy(settings_for("rollback"), SourceBundle.from_directory(directory), lambda line: None)
+    lines = []
+    first = provider.deploy(settings_for("rollback"), SourceBundle.from_directory(directory), lines.append)
+    # the engine's own output, streamed from the logs bucket while the build ran
+    assert any(line.startswith("  build | ") and re.search(r"STEP \d+/\d+: RUN .*pip install", line) for line in lines)
     (directory / "model.py").write_text(BY_KEYWORD)
     second = provider.deploy(settings_for("rollback"), SourceBundle.from_directory(directory), lambda line: None)
     old = cloud.run.process(first.revision)
