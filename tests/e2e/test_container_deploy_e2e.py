@@ -200,7 +200,7 @@ def test_a_requirement_missing_from_the_image_fails_the_deploy(cloud, make_gcp_f
            "LSDEPLOY_STATE_BUCKET": "state-missing", "LSDEPLOY_MIN_INSTANCES": "0"}
     done = run_cli("deploy", "gcp", directory, "--service", "missing", env=env, timeout=900)
     assert done.returncode == EXIT_DEPLOY, done.stderr
-    assert "The container exited with code 2" in done.stderr and "Traceback" not in done.stderr
+    assert re.search(r"The container exited with code [1-9]", done.stderr) and "Traceback" not in done.stderr
     assert "importing /app/model.py failed: no module named 'google.cloud.run_v2'" in done.stderr  # the image's log
 
     # the process runner, whose interpreter is the test venv, would have let it through
