@@ -295,10 +295,16 @@ class Engine:
 
     def grep(self, ref: str, needle: bytes) -> list:
         """Paths of the image's files whose content or name contains `needle` (every file)."""
-        hits = []
+        return self.scan(ref, needle)[1]
+
+    def scan(self, ref: str, needle: bytes) -> tuple:
+        """(every path, the paths whose content, name or link target holds `needle`) in one pass
+        over the image's filesystem."""
+        paths, hits = [], []
         overlap = len(needle) - 1
         for member, tar in self._export(ref):
             name = member.name.removeprefix("./")
+            paths.append(name)
             if needle in name.encode(errors="surrogateescape"):
                 hits.append(name)
                 continue
@@ -315,7 +321,7 @@ class Engine:
                     hits.append(name)
                     break
                 tail = chunk[-overlap:] if overlap else b""
-        return hits
+        return paths, hits
 
     def extract(self, ref: str, dest) -> Path:
         """The image's filesystem unpacked under `dest` (regular files and directories only)."""

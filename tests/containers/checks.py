@@ -54,12 +54,11 @@ def image_problems(eng: Engine, ref: str, secret: Optional[str] = None) -> list:
                             f"SIGTERM never reaches the server; write it in exec form, "
                             f"{field.upper()} [\"label-studio-ml\", \"start\", \"/app\"]")
             break
-    files = eng.files(ref)
+    files, hits = eng.scan(ref, secret.encode()) if secret else (eng.files(ref), [])
     leaked = local_only_files(files)
     if leaked:
         problems.append(f"holds local files a .dockerignore must keep out: {', '.join(sorted(leaked)[:8])}")
     if secret:
-        hits = eng.grep(ref, secret.encode())
         if hits:
             problems.append(f"the secret is in the image's files: {', '.join(hits[:8])}")
         if secret in json.dumps(config) or secret in eng.history(ref):
