@@ -137,7 +137,7 @@ PY
 }
 
 build_base() {
-    if podman image exists "$BASE_TAG"; then
+    if podman image exists "$BASE_TAG" 2>/dev/null; then
         return 0
     fi
     [ "$(id -u)" -eq 0 ] || unavailable "the base image $BASE_TAG is missing, and bootstrapping it needs root"
@@ -199,7 +199,7 @@ install() {
 status() {
     local forced="${LSDEPLOY_TEST_ENGINE:-}"
     if [ "$forced" != podman ] && docker_answers; then echo docker; return 0; fi
-    if [ "$forced" != docker ] && command -v podman >/dev/null 2>&1 && podman image exists "$BASE_TAG"; then
+    if [ "$forced" != docker ] && command -v podman >/dev/null 2>&1 && podman image exists "$BASE_TAG" 2>/dev/null; then
         echo podman
         return 0
     fi

@@ -70,6 +70,8 @@ def _detect() -> tuple:
             return None, recorded.read_text().strip()
         return None, "no Docker engine answers and podman is not installed: run `bash tests/containers.sh install`"
     if not _answers(["podman", "image", "exists", BASE_IMAGE]):
+        if recorded.is_file():  # what tests/containers.sh install said
+            return None, recorded.read_text().strip()
         return None, f"podman has no {BASE_IMAGE} (the local stand-in): run `bash tests/containers.sh install`"
     return Engine("podman"), "podman, with the local base image from tests/containers.sh"
 

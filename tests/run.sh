@@ -29,11 +29,10 @@ fi
 # CI (CI=true) they must run, so that is an error.
 if [ -f tests/containers.sh ]; then
   engine_status=0
-  LSDEPLOY_TEST_ENGINE=$(bash tests/containers.sh install) || engine_status=$?
+  engine_name=$(bash tests/containers.sh install) || engine_status=$?
   if [ "$engine_status" -eq 0 ]; then
-    export LSDEPLOY_TEST_ENGINE
+    export LSDEPLOY_TEST_ENGINE="$engine_name"
   elif [ "$engine_status" -eq 3 ] && [ "${CI:-}" != true ]; then
-    unset LSDEPLOY_TEST_ENGINE
     echo "the container tests will be skipped (see the line above)" >&2
   else
     echo "tests/run.sh: no container engine (tests/containers.sh install exited $engine_status);" \
