@@ -337,10 +337,11 @@ class Engine:
     # -- containers ------------------------------------------------------------------------------
     def run(self, ref: str, env: Optional[dict] = None, port: Optional[int] = None, name: Optional[str] = None,
             command: Optional[list] = None, volumes: Optional[dict] = None, user: Optional[str] = None,
-            host: str = "127.0.0.1") -> Container:
+            host: str = "127.0.0.1", entrypoint: Optional[str] = None) -> Container:
         """Start `ref` detached with host networking, PORT=port and HOST=host (the container then
-        listens on the loopback only). `env` goes through a 0600 env file: no value is on the
-        engine's command line. `volumes`: {host path: container path}."""
+        listens on the loopback only; no port: neither is set). `env` goes through a 0600 env file:
+        no value is on the engine's command line. `volumes`: {host path: container path};
+        `entrypoint` replaces the image's ENTRYPOINT (and its CMD: `command` is then the arguments)."""
         env = dict(env or {})
         if port is not None:
             env["PORT"] = str(port)
@@ -359,6 +360,8 @@ class Engine:
                 argv += ["--volume", f"{source}:{target}"]
             if user:
                 argv += ["--user", user]
+            if entrypoint is not None:
+                argv += ["--entrypoint", entrypoint]
             argv.append(ref)
             argv += list(command or [])
             done = self.call(argv, check=False, timeout=300)

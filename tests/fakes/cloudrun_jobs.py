@@ -11,8 +11,11 @@ What it does like the real API:
   .invoker, .developer, .admin; propagated through `cloud.iam`); GetExecution needs
   `run.executions.get` (roles/run.viewer, .developer, .admin). Refusals are Google's 403
   IAM_PERMISSION_DENIED naming the permission;
-- an execution really runs its tasks, one at a time, as local processes from the source bundle its
-  image was built from (runner.py's bundle and Dockerfile handling), with the job's env and resolved
+- an execution really runs its tasks, one at a time: as the real image in the container engine when
+  the FakeGoogleCloud has one (`engine=`) and the image was really built (cloudrun_jobs_containers.py:
+  the job's command as ENTRYPOINT, its args, host network, env through a 0600 file), else as local
+  processes from the source bundle its image was built from (runner.py's bundle and Dockerfile
+  handling); either way with the job's env and resolved
   secrets and Cloud Run's job variables (`CLOUD_RUN_JOB`, `CLOUD_RUN_EXECUTION`,
   `CLOUD_RUN_TASK_INDEX`, `CLOUD_RUN_TASK_ATTEMPT`, `CLOUD_RUN_TASK_COUNT`; no `PORT`); a non-zero
   exit is retried up to max_retries, an attempt past the task timeout is killed and counts as failed;
@@ -22,19 +25,18 @@ What it does like the real API:
   its own port whose requests are the service account's (what the metadata server's token is on
   Google). Revisions and job tasks get theirs as `CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN`.
 
-Tests: `kill_task(execution)` SIGKILLs the running attempt (the execution retries it);
+Tests: `kill_task(execution)` SIGKILLs the running attempt, process group or container (the
+execution retries it; the attempt records -9);
 `wait_attempt(execution, attempt)` waits for an attempt to have started; with `freeze_attempts`
-on, each new attempt is stopped (SIGSTOP) as it starts, so that a kill lands on a running attempt
-whatever the machine's speed (turn it off before the retry starts).
+on, each new attempt is stopped (SIGSTOP, sent to its container too) as it starts, so that a kill
+lands on a running attempt whatever the machine's speed (turn it off before the retry starts).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
 import string
-import subprocess
 import threading
 import time
 import uuid
@@ -44,8 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
-from lsdeploy.preview import stop_group
-
+from .cloudrun_jobs_containers import signal_attempt, stop_attempt
 from .cloudrun_jobs_rules import fill_defaults, validate_job, validate_overrides
 from .iam import read_policy, write_policy
 from .server import (ApiError, already_exists, etag_of, not_found, now_pb, paginate, permission_denied_error,
@@ -84,7 +85,7 @@ class ExecutionState:
     args: list | None = None       # overridden args (None: the job's)
     env: list = field(default_factory=list)
     timeout: int = 600
-    proc: subprocess.Popen | None = None
+    proc: object = None  # the running attempt: a subprocess.Popen, or a ContainerAttempt (real image)
     attempt: int = -1
     attempts: list = field(default_factory=list)  # (task index, attempt, exit code or signal)
     cancelled: bool = False
@@ -203,21 +204,21 @@ class CloudRunJobsFake:
         raise TimeoutError(f"attempt {attempt} of execution {execution_id or '(newest)'} did not start in {timeout} s")
 
     def kill_task(self, execution_id: str | None = None) -> int:
-        """SIGKILL the running attempt's process group (a crash: the execution retries the task).
-        Returns the attempt killed."""
+        """SIGKILL the running attempt's process group or container (a crash: the execution retries
+        the task; the attempt records -9). Returns the attempt killed."""
         state = self.execution(execution_id)
         with state.started:
             proc, attempt = state.proc, state.attempt
         if proc is None or proc.poll() is not None:
             raise RuntimeError("no task attempt is running")
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_attempt(proc, signal.SIGKILL)
         return attempt
 
     def close(self) -> None:
         for state in list(self.executions.values()):
             state.cancelled = True
             if state.proc is not None:
-                stop_group(state.proc, 5)
+                stop_attempt(state.proc, 5)
         for front in self.fronts.values():
             front.stop()
         self.fronts.clear()
@@ -349,7 +350,7 @@ class CloudRunJobsFake:
             execution = self.executions.pop(name)
             execution.cancelled = True
             if execution.proc is not None:
-                threading.Thread(target=stop_group, args=(execution.proc, 10), daemon=True).start()
+                threading.Thread(target=stop_attempt, args=(execution.proc, 10), daemon=True).start()
         return self._operation(request.name.split("/jobs/")[0], lambda: job)
 
     # ---- IAM on jobs ---------------------------------------------------------------------------
@@ -476,7 +477,7 @@ class CloudRunJobsFake:
         if not estate.done.is_set():
             estate.cancelled = True
             if estate.proc is not None:
-                threading.Thread(target=stop_group, args=(estate.proc, 10), daemon=True).start()
+                threading.Thread(target=stop_attempt, args=(estate.proc, 10), daemon=True).start()
 
         return self._operation(request.name.split("/jobs/")[0], lambda: self._copy(estate.message, Execution),
                                lambda: self._outcome(estate, failures=False))

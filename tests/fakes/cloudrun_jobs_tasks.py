@@ -1,8 +1,10 @@
-"""A Cloud Run job execution's tasks, run as local processes (cloudrun_jobs.py starts one thread per
-execution with `run_execution`).
+"""A Cloud Run job execution's tasks (cloudrun_jobs.py starts one thread per execution with
+`run_execution`).
 
-Each attempt of each task starts from a fresh copy of the image's source bundle (runner.py unpacks
-it and reads the Dockerfile, as for a revision), with the job's env and its secrets resolved (a
+Each attempt of each task runs the real image in the container engine where the FakeGoogleCloud has
+one and the image was really built (cloudrun_jobs_containers.py), else as a local process from a
+fresh copy of the image's source bundle (runner.py unpacks it and reads the Dockerfile, as for a
+revision); either way with the job's env and its secrets resolved (a
 secret its service account may not read fails the execution as Cloud Run does), Cloud Run's job
 variables and no PORT, and the Run endpoint of the job's service account as
 CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN. A non-zero exit, a kill, or running past the task timeout
@@ -11,13 +13,11 @@ and completion time follow what happened, as GetExecution shows them on Google.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 
-from lsdeploy.preview import stop_group
-
+from .cloudrun_jobs_containers import ContainerAttempt, signal_attempt, stop_attempt
 from .runner import RevisionProcess
 from .server import ApiError, etag_of, now_pb
 
@@ -105,29 +105,45 @@ def _attempt(fake, estate, image, env: dict, index: int, attempt: int) -> int | 
                      "CLOUD_RUN_TASK_COUNT": str(estate.message.task_count)})
     extra = {**fake.cloud.run.extra_env, **fake.caller_env(template.service_account), **fake.task_env}
     args = list(container.args) if estate.args is None else estate.args
-    helper = RevisionProcess(f"{execution_id}-task{index}-attempt{attempt}", image.bundle,
-                             {"command": list(container.command), "args": args,
-                              "working_dir": container.working_dir, "dockerfile": image.dockerfile},
-                             task_env, {}, fake.cloud.workdir, extra_env=extra)
-    argv, process_env, cwd = helper.argv_and_env()
-    process_env.pop("PORT", None)  # a job task listens on nothing
-    process_env.pop("HOST", None)
-    estate.log_path = str(helper.log_path)
-    with open(helper.log_path, "ab") as log:
-        proc = subprocess.Popen(argv, cwd=cwd, env=process_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    label = f"{execution_id}-task{index}-attempt{attempt}"
+    if fake.cloud.engine is not None and image.local:  # the real image, in the container engine
+        if container.working_dir:
+            raise ValueError("the lsdeploy fake runs real images in their own WORKDIR: a job that overrides "
+                             "`working_dir` needs the process runner (FakeGoogleCloud(engine=None))")
+        estate.log_path = str(fake.cloud.workdir / f"{execution_id}.log")
+        proc = ContainerAttempt(fake.cloud.engine, image.local, label, list(container.command), args,
+                                {**extra, **task_env}, estate.log_path)
+    else:
+        proc = _process(fake, estate, image, label, {"command": list(container.command), "args": args,
+                                                     "working_dir": container.working_dir}, task_env, extra)
     if fake.freeze_attempts:
-        os.killpg(proc.pid, signal.SIGSTOP)
+        signal_attempt(proc, signal.SIGSTOP)
     with estate.started:
         estate.proc, estate.attempt = proc, attempt
         estate.started.notify_all()
     try:
         code = proc.wait(timeout=estate.timeout)
     except subprocess.TimeoutExpired:
-        stop_group(proc, 10)  # Cloud Run stops an attempt past the task timeout
+        stop_attempt(proc, 10)  # Cloud Run stops an attempt past the task timeout
         code = None
+    if isinstance(proc, ContainerAttempt):
+        proc.finish(f"--- task {index} attempt {attempt} ({proc.image}): "
+                    + ("stopped past the task timeout" if code is None else f"exit code {code}"))
     estate.attempts.append((index, attempt, code))
     return code
+
+
+def _process(fake, estate, image, label: str, spec: dict, task_env: dict, extra: dict) -> subprocess.Popen:
+    """The attempt as a local process from a fresh copy of the image's source bundle."""
+    helper = RevisionProcess(label, image.bundle, {**spec, "dockerfile": image.dockerfile}, task_env, {},
+                             fake.cloud.workdir, extra_env=extra)
+    argv, process_env, cwd = helper.argv_and_env()
+    process_env.pop("PORT", None)  # a job task listens on nothing
+    process_env.pop("HOST", None)
+    estate.log_path = str(helper.log_path)
+    with open(helper.log_path, "ab") as log:
+        return subprocess.Popen(argv, cwd=cwd, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def run_execution(fake, estate, project: str) -> None:
