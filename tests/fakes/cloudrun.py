@@ -29,8 +29,8 @@ from .cloudrun_revisions import RevisionState, new_revision, revision_outcome
 from .cloudrun_rules import LATEST, REVISION, fill_defaults, validate_service
 from .runner import RevisionProcess, ServiceProxy
 from .iam import has_role, read_policy, write_policy
-from .server import (ApiError, already_exists, etag_of, failed_precondition, invalid_argument, not_found, now_pb,
-                     paginate, permission_denied_error, project_number, routes_from_transport)
+from .server import (ApiError, already_exists, carry_over, etag_of, failed_precondition, invalid_argument, not_found,
+                     now_pb, paginate, permission_denied_error, project_number, routes_from_transport)
 
 Service = run_v2.Service.pb()
 Revision = run_v2.Revision.pb()
@@ -376,15 +376,7 @@ class CloudRunFake:
         if template_changed and updated.template.revision and \
                 f"{name}/revisions/{updated.template.revision}" in self.revisions:
             raise already_exists(f"Revision named '{updated.template.revision}' already exists.")
-        for f in OUTPUT_ONLY:  # the server's fields carry over; the new generation updates some below
-            descriptor = current.DESCRIPTOR.fields_by_name[f]
-            if descriptor.is_repeated:
-                getattr(updated, f).extend(getattr(current, f))
-            elif descriptor.message_type is not None:
-                if current.HasField(f):
-                    getattr(updated, f).CopyFrom(getattr(current, f))
-            else:
-                setattr(updated, f, getattr(current, f))
+        carry_over(current, updated, OUTPUT_ONLY)  # the server's fields; the new generation updates some below
         updated.generation = current.generation + 1
         updated.last_modifier = "lsdeploy-tests@example.com"
         now_pb(updated.update_time)

@@ -49,8 +49,8 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from .cloudrun_jobs_containers import signal_attempt, stop_attempt
 from .cloudrun_jobs_rules import fill_defaults, validate_job, validate_overrides
 from .iam import read_policy, write_policy
-from .server import (ApiError, already_exists, etag_of, not_found, now_pb, paginate, permission_denied_error,
-                     project_number, routes_from_transport)
+from .server import (ApiError, already_exists, carry_over, etag_of, not_found, now_pb, paginate,
+                     permission_denied_error, project_number, routes_from_transport)
 
 Job = run_v2.Job.pb()
 Execution = run_v2.Execution.pb()
@@ -310,15 +310,7 @@ class CloudRunJobsFake:
             spec.ClearField(f)
         if spec == updated:  # nothing changed: no new generation
             return self._operation(m.group(1), lambda: self._copy(state.message))
-        for f in OUTPUT_ONLY:
-            descriptor = current.DESCRIPTOR.fields_by_name[f]
-            if descriptor.is_repeated:
-                getattr(updated, f).extend(getattr(current, f))
-            elif descriptor.message_type is not None:
-                if current.HasField(f):
-                    getattr(updated, f).CopyFrom(getattr(current, f))
-            else:
-                setattr(updated, f, getattr(current, f))
+        carry_over(current, updated, OUTPUT_ONLY)  # the server's fields; the new generation updates some
         updated.generation = updated.observed_generation = current.generation + 1
         updated.last_modifier = self.cloud.caller.split(":", 1)[-1]
         now_pb(updated.update_time)

@@ -34,6 +34,20 @@ from .errors import (BAD_REQUEST, ERROR_INFO, GRPC_CODE, HELP, HTTP_STATUS, LOCA
                      SERVICE_TITLES, ApiError, already_exists, failed_precondition, invalid_argument, not_found,
                      permission_denied_error, quota_error, service_disabled_error)
 
+
+def carry_over(current, updated, fields) -> None:
+    """Copy the output-only `fields` of the stored message `current` into `updated` (an update
+    request's resource, which may not set them): what the server keeps across an update."""
+    for name in fields:
+        descriptor = current.DESCRIPTOR.fields_by_name[name]
+        if descriptor.is_repeated:
+            getattr(updated, name).extend(getattr(current, name))
+        elif descriptor.message_type is not None:
+            if current.HasField(name):
+                getattr(updated, name).CopyFrom(getattr(current, name))
+        else:
+            setattr(updated, name, getattr(current, name))
+
 # --------------------------------------------------------------------------------------------
 # Request log
 
