@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Optional
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 CONTAINERS_SH = Path(__file__).resolve().parent / "containers.sh"
 LABEL = "lsdeploy-tests"  # on every container the tests start (`--filter label=lsdeploy-tests`)
+# the repositories of the images the tests and the fakes build; prune_stale() clears what a killed
+# session left there
+TEST_REPOSITORIES = ("localhost/lsdeploy-test/", "localhost/lsdeploy-fakes/")
+STALE_AFTER = 12 * 3600  # seconds: no test session runs this long (CI allows 90 minutes)
 ENGINES = ("docker", "podman")
 
 
@@ -40,6 +46,21 @@ class BuildError(EngineError):
     def __init__(self, message: str, log: str):
         super().__init__(message)
         self.log = log
+
+
+def _epoch(created: str) -> float:
+    """Seconds since the epoch of an engine's `Created` ("2026-12-02 19:36:15.123456789 +0000 UTC"
+    from podman's Go format, "2026-12-02T19:36:15.123456789Z" from Docker); +inf when unreadable,
+    so nothing is removed on a time this cannot read."""
+    text = created.strip().replace("T", " ", 1)
+    match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.\d+)?\s*(Z|[+-]\d\d:?\d\d)?", text)
+    if not match:
+        return float("inf")
+    zone = (match.group(2) or "+0000").replace("Z", "+0000").replace(":", "")
+    try:
+        return datetime.strptime(f"{match.group(1)} {zone}", "%Y-%m-%d %H:%M:%S %z").timestamp()
+    except ValueError:
+        return float("inf")
 
 
 def _cache_dir() -> Path:
@@ -86,6 +107,8 @@ def engine() -> Optional["Engine"]:
     with _detect_lock:
         if _detected is None:
             _detected = _detect()
+            if _detected[0] is not None:
+                _detected[0].prune_stale()
         return _detected[0]
 
 
@@ -373,6 +396,34 @@ class Engine:
         with self._lock:
             self._containers.add(box)
         return box
+
+    def prune_stale(self, older_than: float = STALE_AFTER, label: str = LABEL,
+                    repositories: tuple = TEST_REPOSITORIES) -> list:
+        """Remove what a test session that was killed left behind (its cleanup() never ran): the
+        containers labelled `label`, and the tags under `repositories`, created more than
+        `older_than` seconds ago. Sessions may share the engine's storage (two checkouts, CI beside
+        a developer), so only what is older than any session is touched, and a tag is untagged
+        (never forced). Best effort: the names removed."""
+        cutoff = time.time() - older_than
+        removed = []
+        try:
+            boxes = self.call(["ps", "--all", "--quiet", "--filter", f"label={label}"], check=False, timeout=60)
+            for cid in boxes.stdout.split():
+                done = self.call(["container", "inspect", "--format", "{{.Created}}", cid], check=False, timeout=60)
+                if done.returncode == 0 and _epoch(done.stdout) < cutoff:
+                    if self.call(["rm", "--force", cid], check=False, timeout=60).returncode == 0:
+                        removed.append(cid)
+            listed = self.call(["images", "--format", "{{.Repository}}:{{.Tag}}"], check=False, timeout=60)
+            for ref in listed.stdout.split():
+                if not ref.startswith(tuple(repositories)) or ref.endswith(":<none>"):
+                    continue
+                done = self.call(["image", "inspect", "--format", "{{.Created}}", ref], check=False, timeout=60)
+                if done.returncode == 0 and _epoch(done.stdout) < cutoff:
+                    if self.call(["rmi", ref], check=False, timeout=120).returncode == 0:
+                        removed.append(ref)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        return removed
 
     def cleanup(self) -> None:
         """Remove every container this Engine started and every image it built or tagged

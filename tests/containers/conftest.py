@@ -37,13 +37,16 @@ def built(eng, tmp_path_factory):
     built once per session (with the local files of plant_local_files beside its code)."""
     cache: dict = {}
     lock = threading.Lock()
+    # a tag of this session's own: sessions may share the engine's storage, and a pid alone can
+    # repeat across pid namespaces (a CI container beside a developer's shell)
+    session = f"{os.getpid()}-{os.urandom(3).hex()}"
 
     def build(name: str, make) -> BuiltImage:
         with lock:
             if name not in cache:
                 directory = make(tmp_path_factory.mktemp(f"image-{name}"))
                 plant_local_files(directory)
-                tag = f"localhost/lsdeploy-test/{name}:{os.getpid()}"
+                tag = f"localhost/lsdeploy-test/{name}:{session}"
                 image = eng.build(directory, tag, log_path=directory.parent / "build.log")
                 config = (directory / "label_config.xml").read_text()
                 cache[name] = BuiltImage(name, directory, tag, image, config)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import BASE_IMAGE, BuildError, Engine
+from engine import BASE_IMAGE, BuildError, Engine, _epoch
 
 TINY = f"FROM {BASE_IMAGE}\nRUN echo lsdeploy-engine-marker-7f3a > /built.txt\nCMD [\"python\", \"-c\", \"import time; time.sleep(600)\"]\n"
 
@@ -87,3 +87,36 @@ def test_cleanup_removes_the_containers_and_images_it_made(eng, tmp_path):
     mine.cleanup()
     assert not eng.exists("localhost/lsdeploy-test/tiny:cleanup")
     assert eng.call(["ps", "--all", "--filter", f"id={box.id}", "--format", "{{.ID}}"]).stdout.strip() == ""
+
+
+def test_prune_stale_removes_only_what_is_older_than_any_session(own, tmp_path):
+    # what a killed session left: a tag in a test repository and a labelled container. A private
+    # repository and label stand in for the real ones, so no other session's images are touched
+    mark = os.urandom(4).hex()
+    repository, label = f"localhost/lsdeploy-prune-{mark}/", f"lsdeploy-prune-{mark}"
+    image = tiny_image(own, tmp_path, f"{repository}stale:1")
+    own.tag(image, f"localhost/lsdeploy-keep-{mark}/other:1")
+    cid = own.call(["create", "--label", label, image]).stdout.strip().splitlines()[-1]
+    try:
+        assert own.prune_stale(label=label, repositories=(repository,)) == []  # made just now: kept
+        assert own.exists(f"{repository}stale:1")
+        removed = own.prune_stale(older_than=-60, label=label, repositories=(repository,))
+        assert cid.startswith(removed[0])  # `ps --quiet` gives the short id
+        assert removed[1:] == [f"{repository}stale:1"]
+        assert not own.exists(f"{repository}stale:1")
+        assert own.exists(f"localhost/lsdeploy-keep-{mark}/other:1")  # another repository: untouched
+    finally:
+        own.call(["rm", "--force", cid], check=False)
+
+
+@pytest.mark.parametrize("created, expected", [
+    ("2026-12-02 19:36:15.123456789 +0000 UTC", 1796240175.0),  # podman
+    ("2026-12-02T19:36:15.123456789Z", 1796240175.0),  # Docker
+    ("2026-12-02T20:36:15+01:00", 1796240175.0),
+])
+def test_created_times_of_either_engine_are_read(created, expected):
+    assert _epoch(created) == expected
+
+
+def test_a_created_time_that_cannot_be_read_keeps_the_image():
+    assert _epoch("yesterday") == float("inf")

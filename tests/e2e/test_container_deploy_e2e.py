@@ -162,7 +162,14 @@ def test_deploy_builds_the_real_image_and_label_studio_gets_its_predictions(labe
     assert f"Status: Downloaded newer image for {latest}" in cloud.cloudbuild.log_text(rebuilt.build.id)
     assert rebuilt.cache_from == [(latest, True)]
     assert rebuilt is not build and step_cached(rebuilt.engine_log, "pip install")
-    assert not step_cached(rebuilt.engine_log, "COPY --chown=app . /app")
+    # the new image is the old one's layers up to the dependency layer, with a code layer of its own
+    # holding the change. (Not "the COPY step was not cached": another session sharing the engine's
+    # storage may have built this very context already, and its layer is then rightly reused.)
+    old_layers, new_layers = cloud.engine.layer_ids(build.engine_images[-1]), cloud.engine.layer_ids(rebuilt.engine_images[-1])
+    assert len(old_layers) == len(new_layers) and old_layers[:-1] == new_layers[:-1]
+    assert old_layers[-1] != new_layers[-1]
+    new_revision = cloud.run.process(second["revision"])
+    assert new_revision.container.exec(["cat", "/app/model.py"]).stdout == BY_KEYWORD
     assert assert_stopped_on_sigterm(revision)["seconds"] < 10
     assert "Container called exit(0)." in revision.log_text()
     assert second["label_studio_backend_ids"] == result["label_studio_backend_ids"]
