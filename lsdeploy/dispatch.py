@@ -11,7 +11,11 @@ running execution, one stored after it starts a new execution. No wake-up is los
 Every worker also has a poller thread (every TRAINING_POLL_SECONDS): when the recorded execution
 ended (succeeded, failed, cancelled, deleted) with events still queued, or a start marker is
 older than STALE_START_SECONDS (its webhook died), or events wait with no record (a start the Run
-API refused), it starts an execution; one write decides which instance does (`redispatch`).
+API refused), it starts an execution; one write decides which instance does (`redispatch`). The
+state store is cheap to read every poll; the Run API is not (its read requests count against a
+per-project quota shared by every instance and worker), so a recorded execution is read from it
+at most once per TRAINING_FOLLOW_SECONDS per worker. That only delays recovering from an
+execution that ended without draining the queue; a webhook never waits for it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ logger = logging.getLogger("lsdeploy.server")
 STALE_START_SECONDS = 120.0  # a start marker older than this: the webhook that wrote it died
 MAX_BACKOFF_SECONDS = 300.0  # between a refused start and the poller's next try, per project
 FAILED_BACKOFF_SECONDS = 30.0  # before the first restart after a failed execution; doubled per failure
+DEFAULT_FOLLOW_SECONDS = 15.0  # TRAINING_FOLLOW_SECONDS: between two reads of a recorded execution
 
 
 def dispatcher_from(mode: Optional[str], environ, queue: JobQueue, poll_seconds: float) -> Optional["Dispatcher"]:
@@ -46,7 +51,13 @@ def dispatcher_from(mode: Optional[str], environ, queue: JobQueue, poll_seconds:
         raise LsdeployError("LSDEPLOY_TRAINING=job needs LSDEPLOY_TRAINING_JOB=projects/PROJECT/locations/REGION/"
                             "jobs/JOB, the training job to run (deploy gcp --training job sets both)", EXIT_USAGE)
     try:
-        return Dispatcher(queue, RunJobs.from_env(job, environ), poll_seconds)
+        follow = float(environ.get("TRAINING_FOLLOW_SECONDS") or DEFAULT_FOLLOW_SECONDS)
+    except ValueError:
+        raise LsdeployError(f"TRAINING_FOLLOW_SECONDS={environ.get('TRAINING_FOLLOW_SECONDS')!r} is not a number of "
+                            "seconds: set how often a worker reads a running execution from the Run API (default "
+                            f"{DEFAULT_FOLLOW_SECONDS:.0f})", EXIT_USAGE) from None
+    try:
+        return Dispatcher(queue, RunJobs.from_env(job, environ), poll_seconds, follow_seconds=follow)
     except ValueError as exc:
         raise LsdeployError(str(exc), EXIT_USAGE) from None
 
@@ -54,11 +65,13 @@ def dispatcher_from(mode: Optional[str], environ, queue: JobQueue, poll_seconds:
 class Dispatcher:
     """See the module docstring. Has the Trainer's start()/stop() for the server's lifecycle."""
 
-    def __init__(self, queue: JobQueue, jobs: RunJobs, poll_seconds: float = 2.0, directory: str = "/app"):
+    def __init__(self, queue: JobQueue, jobs: RunJobs, poll_seconds: float = 2.0, directory: str = "/app",
+                 follow_seconds: float = DEFAULT_FOLLOW_SECONDS):
         self.queue = queue
         self.jobs = jobs
         self.directory = directory
         self.poll_seconds = max(0.05, poll_seconds)
+        self.follow_seconds = max(self.poll_seconds, follow_seconds)
         self.seconds_per_fit = 60.0  # for Retry-After when the queue is full
         self._pid = None
         self._thread: Optional[threading.Thread] = None
@@ -66,6 +79,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self._backoff: dict = {}  # project -> (monotonic time of the next try, seconds)
         self._failed: dict = {}  # project -> (the failed execution waited out, failures in a row)
+        self._followed: dict = {}  # project -> (execution name, monotonic time this worker last read it)
 
     # -- the request path ------------------------------------------------------------------
     def submit(self, project: str, kind: str, event: str, body: bytes) -> dict:
@@ -140,6 +154,7 @@ class Dispatcher:
                 self._stop = threading.Event()
                 self._backoff = {}
                 self._failed = {}
+                self._followed = {}
                 self._thread = threading.Thread(target=self._loop, name="lsdeploy-dispatch", daemon=True)
                 self._thread.start()
 
@@ -194,6 +209,10 @@ class Dispatcher:
                 return None
             expected, was = {"starting": record["starting"]}, "a start that never finished"
         else:
+            followed, at = self._followed.get(project, (None, 0.0))
+            if followed == record["name"] and time.monotonic() - at < self.follow_seconds:
+                return None  # read a moment ago, still running
+            self._followed[project] = (record["name"], time.monotonic())
             try:
                 state = execution_state(self.jobs.get(record["name"]))
             except RunApiError as exc:

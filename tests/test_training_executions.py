@@ -21,6 +21,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -160,7 +161,8 @@ def deployed(tmp_path, make_gcp_fakes):
         containers=[container], service_account=RUNTIME, max_retries=2)))
     run_client(cloud.url).create_job(parent=f"projects/{PROJECT}/locations/{REGION}", job=job,
                                       job_id="recorder-train").result(polling=FAST_POLLING)
-    serving = {**env, "LSDEPLOY_TRAINING_JOB": JOB, "TRAINING_POLL_SECONDS": "0.3", "PYTHONUNBUFFERED": "1",
+    serving = {**env, "LSDEPLOY_TRAINING_JOB": JOB, "TRAINING_POLL_SECONDS": "0.3", "TRAINING_FOLLOW_SECONDS": "0.3",
+               "PYTHONUNBUFFERED": "1",
                **cloud.jobs.caller_env(RUNTIME)}
     return {"cloud": cloud, "backend": backend, "signals": signals, "state": state, "env": serving}
 
@@ -269,6 +271,31 @@ def test_job_mode_needs_its_job(tmp_path):
     server = Server(backend, env={"MODEL_DIR": str(tmp_path / "state"), "LSDEPLOY_TRAINING": "job",
                                   "LSDEPLOY_TRAINING_JOB": "recorder-train"})
     with pytest.raises(RuntimeError, match="is not a Cloud Run job name"):
+        server.start()
+    server.stop()
+
+
+def test_a_running_execution_is_read_from_the_run_api_once_per_follow_interval(deployed):
+    # the store is read every TRAINING_POLL_SECONDS (0.3 s here); the Run API, whose read quota every
+    # instance and worker shares, only every TRAINING_FOLLOW_SECONDS while the execution runs
+    cloud, signals = deployed["cloud"], deployed["signals"]
+    deployed["env"]["TRAINING_FOLLOW_SECONDS"] = "2"
+    with fit_2_held(deployed) as (server, answers, name):
+        before = cloud.log.count(api="run", method="GetExecution")
+        time.sleep(6)
+        reads = cloud.log.count(api="run", method="GetExecution") - before
+        assert 1 <= reads <= 4, f"{reads} reads of the running execution in 6 s (one per 2 s expected, not per 0.3 s poll)"
+        (signals / "hold-2").unlink()
+        wait_for(lambda: server.get(f"/jobs/{name}").json()["state"] == "succeeded", timeout=120, interval=0.2,
+                 message="the execution to succeed")
+    assert [(e[0], e[3]) for e in deliveries(deployed["state"])] == [(1, 1), (2, 1), (3, 1)]
+
+
+def test_a_follow_interval_that_is_not_a_number_is_named(tmp_path):
+    backend = backend_dir(tmp_path, MODEL, "recorder")
+    server = Server(backend, env={"MODEL_DIR": str(tmp_path / "state"), "LSDEPLOY_TRAINING": "job",
+                                  "LSDEPLOY_TRAINING_JOB": JOB, "TRAINING_FOLLOW_SECONDS": "15s"})
+    with pytest.raises(RuntimeError, match="TRAINING_FOLLOW_SECONDS='15s' is not a number of seconds"):
         server.start()
     server.stop()
 
