@@ -500,3 +500,23 @@ def test_a_cancelled_execution_stops_its_task_and_status_says_so(run_cloud, scri
         operation.result(polling=FAST_POLLING)
     assert done.cancelled_count == 1 and done.succeeded_count == 0 and done.completion_time
     assert provider_for(run_cloud).status(settings).executions[0]["state"] == "cancelled"
+
+
+def test_a_jobs_iam_policy_needs_the_jobs_permissions_not_the_services(api_cloud, backend):
+    # Cloud Run's getIamPolicy / setIamPolicy serve services and jobs alike; the permission is the
+    # resource's: a deployer who may set services' policies but not jobs' cannot grant on the job
+    settings = job_settings("tji")
+    deploy(api_cloud, backend, settings)
+    from lsdeploy.providers.gcp.preflight import JOB_PERMISSION_ROLES, PERMISSION_ROLES
+
+    api_cloud.restrict_deployer((set(PERMISSION_ROLES) | set(JOB_PERMISSION_ROLES)) - {"run.jobs.setIamPolicy"}
+                                | {"run.services.setIamPolicy", "run.services.getIamPolicy"})
+    jobs = clients(api_cloud).jobs
+    policy = jobs.get_iam_policy(request={"resource": settings.job_name})  # run.jobs.getIamPolicy: held
+    with pytest.raises(gexc.Forbidden) as info:
+        jobs.set_iam_policy(request={"resource": settings.job_name, "policy": policy})
+    assert info.value.metadata["permission"] == "run.jobs.setIamPolicy"
+    service = f"projects/{PROJECT}/locations/{REGION}/services/tji"
+    services = clients(api_cloud).services
+    services.set_iam_policy(request={"resource": service,
+                                     "policy": services.get_iam_policy(request={"resource": service})})

@@ -102,6 +102,18 @@ def permission_for(api: str, method: str) -> str:
     return f"{api}.{noun}s.{verb.lower() or method}"
 
 
+def permission_of(entry) -> str | None:
+    """The permission a logged request needs, or None when PERMISSIONS has no entry for it. Cloud
+    Run's IAM methods are shared by services and jobs: a job's policy needs run.jobs.*IamPolicy,
+    a service's run.services.*IamPolicy."""
+    if (entry.api, entry.method) not in PERMISSIONS:
+        return None
+    if entry.api == "run" and entry.method in ("GetIamPolicy", "SetIamPolicy") \
+            and "/jobs/" in resource_of(entry.request):
+        return f"run.jobs.{entry.method[0].lower()}{entry.method[1:]}"
+    return PERMISSIONS[(entry.api, entry.method)]
+
+
 def resource_of(request) -> str:
     """The resource a request acts on, for error messages."""
     if request is None:
@@ -302,7 +314,8 @@ class FakeGoogleCloud:
              match=None) -> Fault:
         """403 PERMISSION_DENIED (reason IAM_PERMISSION_DENIED) naming the permission the call needs."""
         return self.fault(api, method, lambda entry: permission_denied_error(
-            permission or permission_for(entry.api, entry.method), resource_of(entry.request)), times, match)
+            permission or permission_of(entry) or permission_for(entry.api, entry.method), resource_of(entry.request)),
+            times, match)
 
     def fresh_project(self) -> "FakeGoogleCloud":
         """A project as a new user gets it in an organization created after May 2024: only the default
@@ -322,9 +335,9 @@ class FakeGoogleCloud:
         naming the permission it needs, and testIamPermissions answers only these."""
         self.deployer = set(permissions)
         return self.fault(None, None, lambda entry: permission_denied_error(
-            permission_for(entry.api, entry.method), resource_of(entry.request)),
+            permission_of(entry), resource_of(entry.request)),
             match=lambda entry: self.deployer is not None and entry.method not in ("TestIamPermissions", "GetOperation")
-            and (entry.api, entry.method) in PERMISSIONS and PERMISSIONS[(entry.api, entry.method)] not in self.deployer)
+            and permission_of(entry) not in (None, *self.deployer))
 
     def disable_api(self, api: str, times: int | None = None) -> Fault:
         """Every call to `api` answers 403 with reason SERVICE_DISABLED, like an API not enabled."""
