@@ -77,7 +77,7 @@ def test_status_of_a_healthy_service(cloud, backend):
     data = json.loads(done.stdout)
     assert set(data) == {"service", "exists", "url", "ready", "message", "latest_ready_revision",
                          "latest_created_revision", "traffic", "image", "image_digest", "updated", "labels",
-                         "revisions", "label_studio", "training_job", "executions"}
+                         "revisions", "label_studio", "training_job", "executions", "executions_error"}
     assert data["training_job"] == "" and data["executions"] == []  # --training service: no job
     assert data["ready"] is True and data["latest_ready_revision"] == result.revision
     text = run_cli("status", "healthy", env=cli_env(cloud, "healthy"))

@@ -520,3 +520,15 @@ def test_a_jobs_iam_policy_needs_the_jobs_permissions_not_the_services(api_cloud
     services = clients(api_cloud).services
     services.set_iam_policy(request={"resource": service,
                                      "policy": services.get_iam_policy(request={"resource": service})})
+
+
+def test_status_still_shows_the_service_when_listing_executions_is_refused(api_cloud, backend):
+    settings = job_settings("tjl")
+    deploy(api_cloud, backend, settings)
+    api_cloud.deny("run", "ListExecutions")
+    status = provider_for(api_cloud).status(settings)
+    assert status.exists and status.ready and status.url and status.training_job == settings.job_name
+    assert status.executions == [] and "run.executions.list" in status.executions_error
+    line = next(line for line in status.lines() if line.startswith("training job:"))
+    assert "executions not listed" in line and "run.executions.list" in line and "no execution yet" not in line
+    assert status.to_dict()["executions_error"] == status.executions_error

@@ -158,6 +158,7 @@ class StatusResult:
     label_studio: list = field(default_factory=list)  # [{"project", "backend_id", "state", "state_name"}]
     training_job: str = ""                           # --training job: the job's name
     executions: list = field(default_factory=list)   # its newest executions: [{"execution", "state", "log_uri", ...}]
+    executions_error: str = ""                       # why they could not be listed ("" when they were)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +183,9 @@ class StatusResult:
             share = shares.get(rev["revision"])
             out.append(f"  revision {rev['revision']}: {state}" + (f", serving {share}%" if share else ""))
         if self.training_job:
-            out.append(f"training job: {self.training_job}" + ("" if self.executions else " (no execution yet)"))
+            out.append(f"training job: {self.training_job}" + (
+                f" (executions not listed: {self.executions_error})" if self.executions_error else
+                "" if self.executions else " (no execution yet)"))
         for run in self.executions:
             counts = ", ".join(f"{run[k]} {k}" for k in ("running", "succeeded", "failed", "retried") if run.get(k))
             out.append(f"  execution {run['execution']}: {run['state']}" + (f" ({counts})" if counts else "") +

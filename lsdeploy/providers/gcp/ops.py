@@ -38,6 +38,12 @@ def status(api, settings, open_label_studio) -> StatusResult:
     image = next(iter(serving)) if len(serving) == 1 else ""  # none when no revision or several images serve
     client = open_label_studio(settings)
     has_job = training_job.names_job(live)
+    executions, executions_error = [], ""
+    if has_job:
+        try:
+            executions = training_job.executions(api, settings)
+        except LsdeployError as exc:  # e.g. no run.executions.list: the service's status still shows
+            executions_error = str(exc)
     return StatusResult(
         service=settings.service, exists=True, url=live.uri, ready=ready, message=message,
         latest_ready_revision=live.latest_ready_revision.rsplit("/", 1)[-1],
@@ -47,7 +53,7 @@ def status(api, settings, open_label_studio) -> StatusResult:
         revisions=revisions,
         label_studio=_label_studio_states(client, settings.projects, live.uri) if client is not None else [],
         training_job=settings.job_name if has_job else "",
-        executions=training_job.executions(api, settings) if has_job else [])
+        executions=executions, executions_error=executions_error)
 
 
 def _label_studio_states(client, projects, url: str) -> list:
