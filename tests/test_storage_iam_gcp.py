@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -141,9 +142,12 @@ def test_a_source_read_refused_right_after_the_grant_is_built_again(make_gcp_fak
 
 
 # -- the service's account uses the state bucket -------------------------------------------------------
-def create_service(cloud, service_id: str, bucket: str, account: str = "", revision: str = ""):
-    container = run_v2.Container(image="us-docker.pkg.dev/cloudrun/container/hello",
-                                 env=[run_v2.EnvVar(name="MODEL_STATE_URI", value=f"gs://{bucket}/{service_id}")])
+def create_service(cloud, service_id: str, bucket: str, account: str = "", revision: str = "", wait: str = "0"):
+    """A service whose container keeps its state in gs://BUCKET and waits `wait` seconds at start-up
+    for the permissions it lacks (MODEL_STATE_PERMISSION_WAIT_SECONDS, as lsdeploy's store does)."""
+    env = [run_v2.EnvVar(name="MODEL_STATE_URI", value=f"gs://{bucket}/{service_id}"),
+           run_v2.EnvVar(name="MODEL_STATE_PERMISSION_WAIT_SECONDS", value=wait)]
+    container = run_v2.Container(image="us-docker.pkg.dev/cloudrun/container/hello", env=env)
     template = run_v2.RevisionTemplate(containers=[container], service_account=account, revision=revision)
     services = make_clients(cloud.url).services
     name = f"projects/{PROJECT}/locations/{REGION}/services/{service_id}"
@@ -155,28 +159,43 @@ def create_service(cloud, service_id: str, bucket: str, account: str = "", revis
     return operation.result(polling=FAST_POLLING)
 
 
-def test_a_runtime_account_without_the_state_bucket_grant_fails_the_revision(cloud):
+def test_a_runtime_account_without_the_state_bucket_grant_fails_the_revision_in_cloud_runs_words(cloud):
     new_project(cloud)
     bucket = new_bucket(storage_client(cloud), "state-ungranted")
     account = compute_account(cloud)
     with pytest.raises(gexc.FailedPrecondition) as info:
         create_service(cloud, "stateless", "state-ungranted")
     message = info.value.message
-    assert "The user-provided container failed to start" in message and "The container exited with code 1" in message
-    assert (f"error: no permission to read gs://state-ungranted/stateless as {account}: needs storage.objects.list and "
-            f"storage.objects.get; grant the service account roles/storage.objectUser on the bucket 'state-ungranted' "
-            f"(HTTP 403 Forbidden: {account} does not have storage.objects.list access to the Google Cloud Storage "
-            "bucket. Permission 'storage.objects.list' denied on resource (or it may not exist).)") in message
+    assert "The user-provided container failed to start and listen on the port defined provided by the PORT=8080" \
+        in message and "Logs URL: https://console.cloud.google.com/logs/viewer?" in message
+    # what the container logged is in its logs, never in Cloud Run's condition
+    assert "storage.objects" not in message and "state-ungranted" not in message
     service = cloud.run.service("stateless")
     assert not service.latest_ready_revision and "stateless-00001-" in service.terminal_condition.message
 
     grant(bucket, f"serviceAccount:{account}", "roles/storage.objectViewer")  # reads, but may not write
-    with pytest.raises(gexc.FailedPrecondition, match="cannot write to gs://state-ungranted/stateless as .*: needs "
-                                                      "storage.objects.create"):
+    with pytest.raises(gexc.FailedPrecondition, match="The user-provided container failed to start"):
         create_service(cloud, "stateless", "state-ungranted", revision="stateless-viewer")
     grant(bucket, f"serviceAccount:{account}", "roles/storage.objectUser")
     ready = create_service(cloud, "stateless", "state-ungranted", revision="stateless-user")
     assert ready.latest_ready_revision.endswith("/stateless-user")
+
+
+def test_a_revision_started_before_its_state_bucket_grant_applied_becomes_ready_once_it_does(make_gcp_fakes,
+                                                                                             gcs_emulator):
+    # IAM takes minutes to apply a grant; the container's start-up keeps checking the bucket
+    cloud = make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=2.0)
+    new_project(cloud)
+    bucket = new_bucket(storage_client(cloud), "state-propagating")
+    grant(bucket, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
+    started = time.monotonic()
+    service = create_service(cloud, "propagating", "state-propagating", wait="30")
+    assert service.latest_ready_revision.rsplit("/", 1)[-1].startswith("propagating-00001-")
+    assert time.monotonic() - started >= 1.5  # ready only once the grant applied
+    with pytest.raises(gexc.FailedPrecondition, match="failed to start"):  # a wait shorter than IAM's
+        bucket2 = new_bucket(storage_client(cloud), "state-impatient")
+        grant(bucket2, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
+        create_service(cloud, "impatient", "state-impatient", wait="0.5")
 
 
 def test_lsdeploy_grants_the_runtime_account_the_state_bucket(cloud, backend):
@@ -199,12 +218,18 @@ def test_a_deployer_that_may_not_read_bucket_policies_is_told_and_the_revision_f
                                                          "storage.objects.list", "storage.buckets.get",
                                                          "storage.buckets.create", "iam.serviceAccounts.actAs"})
     lines = []
-    with pytest.raises(LsdeployError) as info:
-        deploy(cloud, backend, settings_for("byhand"), lines)
+    with pytest.raises(LsdeployError) as info:  # the container waits 1 s for a grant that never comes
+        deploy(cloud, backend, settings_for("byhand", env={"MODEL_STATE_PERMISSION_WAIT_SECONDS": "1"}), lines)
     notes = [line for line in lines if "may not read the IAM policy of gs://state-byhand" in line]
-    assert notes and "gcloud storage buckets add-iam-policy-binding gs://state-byhand" in notes[0]
+    command = "gcloud storage buckets add-iam-policy-binding gs://state-byhand"
+    assert notes and command in notes[0]
     assert info.value.exit_code == EXIT_DEPLOY
-    assert "no permission to read gs://state-byhand/byhand" in str(info.value)
+    text = str(info.value)
+    # Cloud Run's message says only that the container did not start; the deploy names what it
+    # could not check, and the command
+    assert "failed to start" in text and "Logs URL" in text
+    assert "could not check that the service holds roles/storage.objectUser on gs://state-byhand" in text
+    assert command in text
 
 
 # -- the bucket IAM methods -----------------------------------------------------------------------------

@@ -6,13 +6,17 @@ A revision fails, with the message Cloud Run shows, when its image is missing fr
 that exists, when a secret reference cannot be read by its service account (roles/secretmanager.
 secretAccessor on the secret or the project, propagated), and (with the Cloud Storage front) when
 its container keeps state in a bucket (`MODEL_STATE_URI=gs://BUCKET/PREFIX`) that its service
-account may not list, read, write and delete in: lsdeploy's GCSStore checks that at start-up and
-the container exits, so the revision never becomes ready.
+account may not list, read, write and delete in. That last one is the container's own doing, so
+it is modelled as lsdeploy's GCSStore behaves on Cloud Run: start-up checks the bucket again until
+the permissions are in effect (the revision becomes ready then) or MODEL_STATE_PERMISSION_WAIT_
+SECONDS (180) pass; then the container exits 1 and the revision fails with Cloud Run's own words,
+which hold nothing the container logged (that is in the revision's logs only).
 """
 from __future__ import annotations
 
 import random
 import string
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ FAILED = Condition.State.CONDITION_FAILED
 RECONCILING = Condition.State.CONDITION_RECONCILING
 # what GCSStore does at start-up, in order: list and read the state, write a probe, delete it
 STATE_PERMISSIONS = ("storage.objects.list", "storage.objects.get", "storage.objects.create", "storage.objects.delete")
-ROLE_HINT = "grant the service account roles/storage.objectUser on the bucket"
+DEFAULT_STATE_WAIT = 180.0  # GCSStore's MODEL_STATE_PERMISSION_WAIT_SECONDS on Cloud Run
 
 
 def secret_exists(secrets, name: str) -> bool:
@@ -45,6 +49,15 @@ class RevisionState:
     process: RevisionProcess | ContainerRevision | None = None
     outcome: str | None = None  # None (pending) | "ready" | failure message
     failure: str | None = None  # known at creation (image, secrets, fault); reported after ready_delay
+    bucket_wait: "BucketWait | None" = None  # the container waits for its state bucket's permissions
+
+
+@dataclass
+class BucketWait:
+    bucket: str
+    member: str
+    deadline: float  # time.monotonic() when the container gives up and exits 1
+    port: int
 
 
 def new_revision(run, state, project: str) -> str:
@@ -134,9 +147,7 @@ def prepare(run, rstate: RevisionState, service_id: str, project: str) -> str | 
                         f"not found")
         else:
             env[var.name] = var.value
-    failure = state_bucket_failure(run.cloud, revision, env.get("MODEL_STATE_URI", ""))
-    if failure:
-        return failure
+    rstate.bucket_wait = state_bucket_wait(run.cloud, revision, env)
     if not run.runner:
         return None
     if image is None:
@@ -165,38 +176,47 @@ def prepare(run, rstate: RevisionState, service_id: str, project: str) -> str | 
     return None
 
 
-def state_bucket_failure(cloud, revision, uri: str) -> str | None:
-    """What the revision shows when lsdeploy's GCSStore refuses to start: it lists and reads
-    MODEL_STATE_URI, then writes and deletes a probe there, as the revision's service account, and
-    exits on the first 403 (worded as lsdeploy.state.gcs words it). Only with the storage front."""
+def state_bucket_wait(cloud, revision, env: dict) -> BucketWait | None:
+    """What the revision's container waits for when lsdeploy's GCSStore starts without the
+    permissions it needs on MODEL_STATE_URI's bucket (list, read, write and delete, as the
+    revision's service account); None when it has them. Only with the storage front."""
     iam = cloud.bucket_iam
+    uri = env.get("MODEL_STATE_URI", "")
     if not iam.enforce or not uri.startswith("gs://"):
         return None
     bucket = uri[5:].split("/", 1)[0]
-    account = revision.service_account
-    missing = iam.missing(bucket, f"serviceAccount:{account}", STATE_PERMISSIONS)
-    if not missing:
+    member = f"serviceAccount:{revision.service_account}"
+    if not iam.missing(bucket, member, STATE_PERMISSIONS):
         return None
-    first = missing[0]
-    google = (f"{account} does not have {first} access to the Google Cloud Storage "
-              f"{'bucket' if first == 'storage.objects.list' else 'object'}. Permission '{first}' denied on resource "
-              f"(or it may not exist).")
-    if first in ("storage.objects.list", "storage.objects.get"):
-        what = f"no permission to read {uri} as {account}: needs storage.objects.list and storage.objects.get"
-    elif first == "storage.objects.create":
-        what = f"cannot write to {uri} as {account}: needs storage.objects.create"
-    else:
-        what = f"cannot delete in {uri} as {account}: needs storage.objects.delete"
+    try:
+        wait = float(env.get("MODEL_STATE_PERMISSION_WAIT_SECONDS") or DEFAULT_STATE_WAIT)
+    except ValueError:
+        wait = 0.0  # the container exits at once, naming the setting
     container = revision.containers[0]
     port = container.ports[0].container_port if container.ports else 8080
+    return BucketWait(bucket, member, time.monotonic() + max(wait, 0.0), port)
+
+
+def start_failure(port: int) -> str:
+    """Cloud Run's condition message for a container that exited before its startup probe passed."""
     return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
-            f"environment variable within the allocated timeout. The container exited with code 1. Logs for this "
-            f"revision might contain more information.\nerror: {what}; {ROLE_HINT} {bucket!r} (HTTP 403 Forbidden: "
-            f"{google})")
+            f"environment variable within the allocated timeout. This can happen when the container port is "
+            f"misconfigured or if the timeout is too short. The health check timeout can be extended. Logs for "
+            f"this revision might contain more information.")
 
 
 def revision_outcome(run, rstate: RevisionState) -> str | None:
     """None while pending, "ready", or the failure message; sets the revision's conditions once known."""
+    if rstate.outcome is None and rstate.bucket_wait is not None:
+        wait = rstate.bucket_wait
+        if not run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS):
+            rstate.bucket_wait = None  # the grant applied: the container's start-up goes on
+        elif time.monotonic() >= wait.deadline:  # the container gave up and exited 1
+            rstate.bucket_wait, rstate.failure = None, start_failure(wait.port)
+            if rstate.process is not None:
+                threading.Thread(target=rstate.process.stop, daemon=True).start()
+        else:
+            return None
     if rstate.outcome is None:
         if rstate.failure is not None:
             if time.monotonic() - rstate.created >= run.ready_delay:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -886,3 +887,81 @@ def test_server_with_unwritable_prefix_exits_with_one_line(gcs_emulator, bucket,
     line = _start_fails(backend, {"MODEL_STATE_URI": f"gs://{bucket}/locked", **proxy.env})
     assert f"cannot write to gs://{bucket}/locked/" in line
     assert "storage.objects.create" in line and "roles/storage.objectUser" in line
+
+
+# -- start-up on Cloud Run: a grant that has not applied yet ---------------------------------------
+
+def test_on_cloud_run_start_up_waits_for_a_refused_permission_to_be_granted(gcs_emulator, bucket, make_store,
+                                                                             fault_proxy, caplog):
+    # the deploy grants the service's account the bucket moments before the revision starts, and
+    # IAM takes minutes to apply it: the store checks again instead of failing the revision
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "fresh/"
+    granted = threading.Timer(3.0, lambda: setattr(proxy, "deny_write_prefix", None))
+    granted.start()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lsdeploy.state.gcs"):
+        store = make_store(proxy, f"gs://{bucket}/fresh", environ={"K_SERVICE": "svc"})
+    assert 3.0 <= time.monotonic() - started < 20
+    assert store.permission_wait == 180
+    waits = [r.getMessage() for r in caplog.records if "checking again" in r.getMessage()]
+    assert waits and "storage.objects.create" in waits[0] and "MODEL_STATE_PERMISSION_WAIT_SECONDS" in waits[0]
+    assert any("in effect now" in r.getMessage() for r in caplog.records)
+    store.set("1", "k", "v")
+    assert store.get("1", "k") == "v"
+
+
+def test_a_permission_never_granted_fails_after_the_wait_in_one_line(gcs_emulator, bucket, make_store,
+                                                                     fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "never/"
+    started = time.monotonic()
+    with pytest.raises(StateError) as info:
+        make_store(proxy, f"gs://{bucket}/never",
+                   environ={"CLOUD_RUN_JOB": "j", "MODEL_STATE_PERMISSION_WAIT_SECONDS": "3"})
+    assert 1.5 <= time.monotonic() - started < 15
+    message = str(info.value)
+    assert "\n" not in message and f"cannot write to gs://{bucket}/never/" in message
+    assert "storage.objects.create" in message and "roles/storage.objectUser" in message
+    assert "still refused after waiting" in message and "MODEL_STATE_PERMISSION_WAIT_SECONDS" in message
+
+
+def test_off_cloud_run_a_refused_permission_fails_at_once_and_other_errors_never_wait(gcs_emulator, bucket,
+                                                                                      make_store, fault_proxy):
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "local/"
+    started = time.monotonic()
+    with pytest.raises(StateError, match="cannot write to") as info:
+        make_store(proxy, f"gs://{bucket}/local")
+    assert "waiting" not in str(info.value)
+    with pytest.raises(StateError, match="does not exist"):  # a missing bucket is not a grant on its way
+        make_store(gcs_emulator, "gs://no-such-bucket-here/x", environ={"K_SERVICE": "svc"})
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "inf", "nan"])
+def test_a_bad_permission_wait_is_named(gcs_emulator, bucket, make_store, value):
+    with pytest.raises(StateError) as info:
+        make_store(gcs_emulator, f"gs://{bucket}/x", environ={"MODEL_STATE_PERMISSION_WAIT_SECONDS": value})
+    assert str(info.value).startswith(f"MODEL_STATE_PERMISSION_WAIT_SECONDS={value!r} must be a number")
+
+
+def test_a_server_on_cloud_run_starts_once_the_state_bucket_grant_applies(gcs_emulator, bucket, backend,
+                                                                          fault_proxy, tmp_path):
+    # `label-studio-ml start` under gunicorn, as a revision of a fresh deploy: the bucket refuses
+    # writes for 3 s, the server says so in its log, waits, and then serves
+    proxy = fault_proxy(gcs_emulator)
+    proxy.deny_write_prefix = "rev/"
+    env = {"MODEL_STATE_URI": f"gs://{bucket}/rev", "MODEL_DIR": str(tmp_path / "rev"), "K_SERVICE": "rev",
+           **proxy.env}
+    server = Server(backend, env=env).start(wait=False)
+    try:
+        time.sleep(3.0)
+        assert server.proc.poll() is None  # still waiting, not exited
+        proxy.deny_write_prefix = None
+        server.wait_healthy(timeout=60)
+        assert server.get("/health").json()["status"] == "UP"
+        log = server.log()
+        assert "a grant takes minutes to apply: checking again" in log and "in effect now" in log
+    finally:
+        server.stop()

@@ -148,6 +148,7 @@ class GcpApi:
         self.last_grants = {}  # "runtime" / "build" -> time.monotonic() of this run's latest IAM grant to it
         self.granted_on = {}   # "runtime" / "build" -> names of what was granted (secret ids, buckets, repositories)
         self.project_number = None  # the service project's number, once preflight has read it
+        self.unchecked_grants = []  # grants this run could not check: ("runtime" / "build", what, the command)
 
     def granted(self, identity: str, resource: str) -> None:
         """An IAM grant to the service's ("runtime") or the build's ("build") identity on `resource`

@@ -191,9 +191,12 @@ def _send(api, settings, desired, live, progress):
         if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests, gexc.ResourceExhausted)):
             raise gpu_quota_note(settings, google_error(exc, "run", "deploying", settings.service_name,
                                                         settings.project, run_role="roles/run.admin")) from None
+        unchecked = "".join(f"; this deploy could not check that {what}: if the revision's log says a permission "
+                            f"was denied, run `{command}` and deploy again"
+                            for identity, what, command in api.unchecked_grants if identity == "runtime")
         raise RevisionNotReady(f"Cloud Run could not start the new revision of {settings.service}: {message} "
                                f"(traffic stays on the previous revision: {serving}); Label Studio was not "
-                               "changed", revision, message) from None
+                               f"changed{unchecked}", revision, message) from None
 
 
 def gpu_quota_note(settings, error):

@@ -65,6 +65,7 @@ def grant_bucket_access(api, settings, bucket, member: str, progress=_quiet,
     except gexc.Forbidden:
         progress(f"note: the deploying identity may not read the IAM policy of {where} (storage.buckets.getIamPolicy)"
                  f"; {why} needs {role} there: if it is not granted yet, run `{command}`")
+        api.unchecked_grants.append((identity, f"{why} holds {role} on {where}", command))
         return
     except gexc.GoogleAPICallError as exc:
         raise google_error(exc, "storage", "reading the IAM policy of", where, settings.project) from None

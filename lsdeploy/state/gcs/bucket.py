@@ -6,7 +6,7 @@ import logging
 from typing import Callable, Optional
 
 from ...errors import StateError
-from .errors import ROLE_HINT, Outage, describe
+from .errors import ROLE_HINT, Outage, describe, refused
 from .names import decode_body, event_name, parse_state_name, project_dir, state_name
 
 logger = logging.getLogger("lsdeploy.state.gcs")
@@ -209,8 +209,8 @@ class StateBucket:
             return StateError(f"Cloud Storage bucket {self.bucket_name!r} does not exist ({self.uri}): create it "
                               f"(gcloud storage buckets create gs://{self.bucket_name}) or fix MODEL_STATE_URI")
         if isinstance(exc, gexc.Forbidden):
-            return StateError(f"no permission to read {self.uri}{self.who()}: needs storage.objects.list and "
-                              f"storage.objects.get; {ROLE_HINT} {self.bucket_name!r} ({describe(exc)})")
+            return refused(f"no permission to read {self.uri}{self.who()}: needs storage.objects.list and "
+                           f"storage.objects.get; {ROLE_HINT} {self.bucket_name!r} ({describe(exc)})")
         if isinstance(exc, gexc.Unauthorized):
             return StateError(f"Cloud Storage refused the credentials for {self.uri}: {describe(exc)}")
         return StateError(f"cannot reach Cloud Storage for {self.uri}: {describe(exc)}; "
@@ -225,8 +225,8 @@ class StateBucket:
             probe.upload_from_string(b"probe", content_type="text/plain", if_generation_match=0,
                                      retry=self.retry_for(10.0), timeout=self.timeout)
         except gexc.Forbidden as exc:
-            raise StateError(f"cannot write to {self.uri}{self.who()}: needs storage.objects.create; "
-                             f"{ROLE_HINT} {self.bucket_name!r} ({describe(exc)})") from None
+            raise refused(f"cannot write to {self.uri}{self.who()}: needs storage.objects.create; "
+                          f"{ROLE_HINT} {self.bucket_name!r} ({describe(exc)})") from None
         except Exception as exc:  # noqa: BLE001
             raise StateError(f"cannot write to {self.uri}: {describe(exc)}") from None
         try:
@@ -234,7 +234,7 @@ class StateBucket:
         except gexc.NotFound:
             pass
         except gexc.Forbidden as exc:
-            raise StateError(f"cannot delete in {self.uri}{self.who()}: needs storage.objects.delete; "
-                             f"{ROLE_HINT} {self.bucket_name!r} ({describe(exc)})") from None
+            raise refused(f"cannot delete in {self.uri}{self.who()}: needs storage.objects.delete; "
+                          f"{ROLE_HINT} {self.bucket_name!r} ({describe(exc)})") from None
         except Exception as exc:  # noqa: BLE001
             raise StateError(f"cannot delete in {self.uri}: {describe(exc)}") from None

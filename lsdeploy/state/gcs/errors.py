@@ -6,9 +6,18 @@ import re
 import time
 from typing import Optional
 
+from ...errors import StateError
+
 logger = logging.getLogger("lsdeploy.state.gcs")
 
 ROLE_HINT = "grant the service account roles/storage.objectUser on the bucket"
+
+
+def refused(message: str) -> StateError:
+    """A StateError for a permission Cloud Storage refused (start-up may wait for a grant to apply)."""
+    error = StateError(message)
+    error.permission_denied = True
+    return error
 
 
 def status_of(exc: BaseException) -> Optional[int]:

@@ -52,6 +52,11 @@ DEFAULT_WRITE_TIMEOUT = 60.0
 DEFAULT_LEASE_SECONDS = 60.0  # a training lease not renewed for this long may be taken over
 DEFAULT_READ_WAIT = 0.25  # longest a read waits for a refresh (Label Studio gives /health 1 s)
 DEFAULT_ARTIFACT_GRACE_SECONDS = 600.0  # contents younger than this are never garbage-collected
+# On Cloud Run a refused permission at start-up is waited on this long: the deploy grants the
+# service's account the bucket moments before the revision starts, and IAM grants typically take
+# 2 minutes to apply (Google: "potentially 7 minutes or longer"). It stays inside the 240 s startup
+# probe lsdeploy gives a revision. Elsewhere a refusal fails at once.
+CLOUD_RUN_PERMISSION_WAIT = 180.0
 
 
 class GCSStore(StateStore):
@@ -63,7 +68,8 @@ class GCSStore(StateStore):
                  refresh_seconds: float = DEFAULT_REFRESH_SECONDS, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
                  cache_dir: Optional[str] = None, lease_seconds: float = DEFAULT_LEASE_SECONDS, lock_wait: float = 600.0,
                  read_wait: float = DEFAULT_READ_WAIT,
-                 artifact_grace_seconds: float = DEFAULT_ARTIFACT_GRACE_SECONDS, check: bool = True):
+                 artifact_grace_seconds: float = DEFAULT_ARTIFACT_GRACE_SECONDS, permission_wait: float = 0.0,
+                 check: bool = True):
         if refresh_seconds <= 0:
             raise StateError(f"MODEL_STATE_REFRESH_SECONDS must be positive, not {refresh_seconds}")
         self.bucket_name = bucket
@@ -75,6 +81,7 @@ class GCSStore(StateStore):
         self.lock_wait = float(lock_wait)
         self.read_wait = float(read_wait)
         self.artifact_grace_seconds = float(artifact_grace_seconds)
+        self.permission_wait = float(permission_wait)
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"lsdeploy-{os.getuid()}", "gcs-cache")
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._closed = False
@@ -98,8 +105,10 @@ class GCSStore(StateStore):
         """The store for ``MODEL_STATE_URI``; settings from `environ`:
         MODEL_STATE_REFRESH_SECONDS (default 2), MODEL_STATE_WRITE_TIMEOUT_SECONDS (default 60),
         MODEL_STATE_LEASE_SECONDS (default 60: a training lease not renewed for this long is free),
-        MODEL_STATE_CACHE_DIR (default MODEL_DIR/gcs-cache), STORAGE_EMULATOR_HOST (an emulator,
-        anonymous credentials), GOOGLE_CLOUD_PROJECT."""
+        MODEL_STATE_CACHE_DIR (default MODEL_DIR/gcs-cache), MODEL_STATE_PERMISSION_WAIT_SECONDS
+        (how long start-up waits for a refused permission to be granted: 180 on Cloud Run, where
+        K_SERVICE or CLOUD_RUN_JOB is set, else 0), STORAGE_EMULATOR_HOST (an emulator, anonymous
+        credentials), GOOGLE_CLOUD_PROJECT."""
         environ = os.environ if environ is None else environ
         bucket, prefix = parse_uri(uri.strip())
 
@@ -118,13 +127,51 @@ class GCSStore(StateStore):
         kwargs.setdefault("refresh_seconds", number("MODEL_STATE_REFRESH_SECONDS", DEFAULT_REFRESH_SECONDS))
         kwargs.setdefault("write_timeout", number("MODEL_STATE_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT))
         kwargs.setdefault("lease_seconds", number("MODEL_STATE_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+        on_cloud_run = bool(environ.get("K_SERVICE") or environ.get("CLOUD_RUN_JOB"))
+        raw_wait = str(environ.get("MODEL_STATE_PERMISSION_WAIT_SECONDS", "") or "").strip()
+        if raw_wait:
+            try:
+                wait = float(raw_wait)
+            except ValueError:
+                wait = -1.0
+            if not 0 <= wait < float("inf"):
+                raise StateError(f"MODEL_STATE_PERMISSION_WAIT_SECONDS={raw_wait!r} must be a number of seconds, "
+                                 "0 or more (0: a refused permission fails start-up at once)")
+        else:
+            wait = CLOUD_RUN_PERMISSION_WAIT if on_cloud_run else 0.0
+        kwargs.setdefault("permission_wait", wait)
         cache = environ.get("MODEL_STATE_CACHE_DIR") or (
             os.path.join(environ["MODEL_DIR"], "gcs-cache") if environ.get("MODEL_DIR") else None)
         kwargs.setdefault("cache_dir", cache)
         return cls(bucket, prefix, client_factory=client_factory(uri, environ), **kwargs)
 
     def _check_usable(self) -> None:
-        """Fail at start-up, in one line, when the bucket is missing or not readable/writable."""
+        """Fail at start-up, in one line, when the bucket is missing or not readable/writable. A
+        refused permission is checked again for up to `permission_wait` seconds first: on Cloud Run
+        the grant the deploy just made may not have reached Cloud Storage yet."""
+        started = time.monotonic()
+        pause = 2.0
+        while True:
+            try:
+                self._check_once()
+                if time.monotonic() - started >= 1.0:
+                    logger.warning("state store %s: the permission is in effect now, after %.0f s", self.uri,
+                                   time.monotonic() - started)
+                return
+            except StateError as error:
+                waited = time.monotonic() - started
+                if not getattr(error, "permission_denied", False) or self.permission_wait <= 0:
+                    raise
+                if waited + pause > self.permission_wait:
+                    raise StateError(f"{error} (still refused after waiting {waited:.0f} s for IAM to apply a "
+                                     "grant, MODEL_STATE_PERMISSION_WAIT_SECONDS)") from None
+                logger.warning("state store: %s; a grant takes minutes to apply: checking again in %.0f s "
+                               "(waiting up to %.0f s, MODEL_STATE_PERMISSION_WAIT_SECONDS)", error, pause,
+                               self.permission_wait)
+                time.sleep(pause)
+                pause = min(pause * 2, 15.0)
+
+    def _check_once(self) -> None:
         try:
             self._snapshot.refresh(startup=True)
         except Exception as exc:  # noqa: BLE001 - translated: missing bucket, permission, unreachable
