@@ -185,6 +185,50 @@ def test_revision_never_ready_keeps_traffic(cloud, backend):
     assert requests.get(first.url + "/health", timeout=30).status_code == 200
 
 
+def test_a_revision_that_does_not_start_is_explained_from_its_log(cloud, backend):
+    # Cloud Run's condition says only "failed to start ... Logs for this revision might contain more
+    # information": the deploy reads the end of the revision's log (Cloud Logging) and says why
+    first = deploy(cloud, backend, settings_for("crashes"))
+    (backend / "model.py").write_text("import no_such_module_here  # noqa\n" + (backend / "model.py").read_text())
+    lines = []
+    with pytest.raises(LsdeployError) as info:
+        deploy(cloud, backend, settings_for("crashes"), lines)
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_DEPLOY and "The user-provided container failed to start" in text
+    assert "its log says: error: importing" in text and "no_such_module_here" in text
+    assert f"traffic stays on the previous revision: {first.revision}" in text
+    assert any(line.startswith("the last lines of revision crashes-00002-") for line in lines), lines
+    assert any(line.startswith("  log | ") and "no_such_module_here" in line for line in lines)
+    listed = cloud.log.filter(api="logging", method="ListLogEntries")
+    assert listed and listed[0].body["resourceNames"] == [f"projects/{PROJECT}"]
+    assert 'resource.labels.revision_name="crashes-00002-' in listed[0].body["filter"]
+
+
+def test_the_telling_line_of_a_log_is_lsdeploys_error_then_an_exceptions_last_line():
+    from lsdeploy.providers.gcp.revision_logs import reason_of
+
+    traceback = ["[INFO] Starting gunicorn 23.0.0", "Traceback (most recent call last):",
+                 '  File "/app/model.py", line 1, in <module>', "ModuleNotFoundError: No module named 'torch'",
+                 "[INFO] Shutting down: Master"]
+    assert reason_of(traceback) == "ModuleNotFoundError: No module named 'torch'"
+    assert reason_of(traceback + ["error: importing /app/model.py failed: no module named 'torch'"]) \
+        == "error: importing /app/model.py failed: no module named 'torch'"
+    assert reason_of(["[ERROR] Worker (pid:7) was sent SIGKILL!", "[INFO] Booting worker"]).startswith("[ERROR]")
+    assert reason_of(["all is well"]) == ""
+
+
+def test_a_log_that_may_not_be_read_is_a_note_in_the_error_not_a_second_failure(cloud, backend):
+    deploy(cloud, backend, settings_for("unread"))
+    cloud.deny("logging", "ListLogEntries")
+    (backend / "model.py").write_text("raise SystemExit(3)\n")
+    with pytest.raises(LsdeployError) as info:
+        deploy(cloud, backend, settings_for("unread"))
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_DEPLOY and "failed to start" in text
+    assert "its log could not be read: Cloud Logging API" in text and "logging.logEntries.list" in text
+    assert "roles/logging.viewer" in text
+
+
 def test_permission_denied_names_permission_and_role(api_cloud, backend):
     # the service sets invoker_iam_disabled (Label Studio sends no Google identity token): run.developer
     # cannot, so a refused create names roles/run.admin

@@ -10,6 +10,8 @@ import google_crc32c
 import pytest
 import requests
 from google.api_core import exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import artifactregistry_v1, run_v2, secretmanager_v1
 from google.cloud.devtools import cloudbuild_v1
 from google.iam.v1 import policy_pb2
@@ -17,6 +19,8 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from fakes import ENDPOINT_VARIABLES
 from fakes.fixtures import FAST_POLLING, gcp_clients, gcp_fakes, make_clients, make_gcp_fakes  # noqa: F401
+
+from lsdeploy.providers.gcp.revision_logs import LoggingRest
 
 P, R = "lsdeploy-test", "us-central1"
 PARENT = f"projects/{P}/locations/{R}"
@@ -747,11 +751,19 @@ def test_runner_runs_the_image_source_and_follows_traffic(make_gcp_fakes):
     assert old.proc.wait(30) is not None
 
     # a revision whose container exits never gets traffic: the URL keeps answering from revision 2
-    broken = build_image(cloud, clients, {"Dockerfile": ECHO_DOCKERFILE, "app.py": "raise SystemExit(3)\n"}, "v3")
-    with pytest.raises(exceptions.GoogleAPICallError, match="container exited with code 3"):
+    broken = build_image(cloud, clients, {"Dockerfile": ECHO_DOCKERFILE, "app.py": (
+        "import sys\nprint('error: no GREETING_FILE', file=sys.stderr)\nraise SystemExit(3)\n")}, "v3")
+    with pytest.raises(exceptions.GoogleAPICallError, match="The user-provided container failed to start") as info:
         clients.services.update_service(service=run_v2.Service(
             name=f"{PARENT}/services/echo", template=runner_service(broken, "3").template)).result(
             polling=FAST_POLLING)
+    assert "GREETING_FILE" not in str(info.value)  # what it printed is in its log only, as on Cloud Run
+    failed = clients.services.get_service(name=f"{PARENT}/services/echo").latest_created_revision.rsplit("/", 1)[-1]
+    logs = LoggingRest(AuthorizedSession(AnonymousCredentials()), cloud.url)
+    entries = logs.list_entries([f"projects/{P}"], f'resource.type="cloud_run_revision" AND '
+                                f'resource.labels.revision_name="{failed}"')
+    assert [e["textPayload"] for e in entries][:1] == ["error: no GREETING_FILE"]
+    assert entries[0]["resource"]["labels"]["service_name"] == "echo"
     assert requests.get(second.uri, timeout=10).json()["env"]["VERSION"] == "2"
     live = clients.services.get_service(name=f"{PARENT}/services/echo")
     assert live.latest_ready_revision == second.latest_ready_revision
@@ -876,3 +888,35 @@ def test_runner_runs_a_shell_form_cmd_of_a_users_own_dockerfile(make_gcp_fakes):
     process = cloud.run.process(revision)
     assert process.argv[:2] == ["/bin/sh", "-c"] and "--bind 127.0.0.1:$PORT" in process.argv[2]
     assert requests.get(live.uri + "/", timeout=30).text == revision
+
+
+# ---- Cloud Logging: entries.list by Google's rules ----------------------------------------------------
+
+def test_logging_entries_list_refuses_what_google_refuses(gcp_fakes):
+    session = AuthorizedSession(AnonymousCredentials())
+
+    def post(body):
+        return session.post(f"{gcp_fakes.url}/v2/entries:list", json=body, timeout=10)
+
+    good = {"resourceNames": [f"projects/{P}"], "filter": 'resource.type="cloud_run_revision"'}
+    assert post(good).status_code == 200 and post(good).json() == {}  # no revision, no entry
+    refused = {
+        "no resourceNames": {"filter": ""},
+        "pageSize over 1000": {**good, "pageSize": 1001},
+        "negative pageSize": {**good, "pageSize": -1},
+        "orderBy": {**good, "orderBy": "severity desc"},
+        "filter syntax": {**good, "filter": "resource.type = cloud_run_revision OR"},
+        "a long filter": {**good, "filter": 'textPayload:"' + "x" * 20001 + '"'},
+        "an unknown field": {**good, "limit": 5},
+        "101 resources": {**good, "resourceNames": [f"projects/p{i}" for i in range(101)]},
+    }
+    for what, body in refused.items():
+        answer = post(body)
+        assert answer.status_code == 400, what
+        assert answer.json()["error"]["status"] == "INVALID_ARGUMENT", what
+    gcp_fakes.deny("logging", "ListLogEntries")
+    denied = post(good)
+    assert denied.status_code == 403 and "logging.logEntries.list" in denied.text
+    logs = LoggingRest(session, gcp_fakes.url)
+    with pytest.raises(exceptions.Forbidden):
+        logs.list_entries([f"projects/{P}"], "")

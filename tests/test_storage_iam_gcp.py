@@ -13,6 +13,7 @@ import time
 import pytest
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import run_v2, storage
 from google.cloud.devtools import cloudbuild_v1 as cb
 
@@ -21,6 +22,7 @@ from fakes.fixtures import FAST_POLLING, make_clients
 from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401,F811
 
 from lsdeploy.errors import EXIT_AUTH, EXIT_DEPLOY, LsdeployError
+from lsdeploy.providers.gcp.revision_logs import LoggingRest
 
 DENIED_GET = ("does not have storage.objects.get access to the Google Cloud Storage object. Permission "
               "'storage.objects.get' denied on resource (or it may not exist).")
@@ -186,16 +188,23 @@ def test_a_revision_started_before_its_state_bucket_grant_applied_becomes_ready_
     # IAM takes minutes to apply a grant; the container's start-up keeps checking the bucket
     cloud = make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=2.0)
     new_project(cloud)
-    bucket = new_bucket(storage_client(cloud), "state-propagating")
+    bucket = new_bucket(storage_client(cloud), "state-iamwait")
     grant(bucket, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
     started = time.monotonic()
-    service = create_service(cloud, "propagating", "state-propagating", wait="30")
-    assert service.latest_ready_revision.rsplit("/", 1)[-1].startswith("propagating-00001-")
+    service = create_service(cloud, "iamwait", "state-iamwait", wait="30")
+    assert service.latest_ready_revision.rsplit("/", 1)[-1].startswith("iamwait-00001-")
     assert time.monotonic() - started >= 1.5  # ready only once the grant applied
+    short = new_bucket(storage_client(cloud), "state-iamshort")
+    grant(short, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
     with pytest.raises(gexc.FailedPrecondition, match="failed to start"):  # a wait shorter than IAM's
-        bucket2 = new_bucket(storage_client(cloud), "state-impatient")
-        grant(bucket2, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
-        create_service(cloud, "impatient", "state-impatient", wait="0.5")
+        create_service(cloud, "iamshort", "state-iamshort", wait="0.5")
+    # why is in the revision's log (Cloud Logging), as lsdeploy's store writes it
+    failed = cloud.run.service("iamshort").latest_created_revision.rsplit("/", 1)[-1]
+    logs = LoggingRest(AuthorizedSession(AnonymousCredentials()), cloud.url)
+    said = [e["textPayload"] for e in logs.list_entries(
+        [f"projects/{PROJECT}"], f'resource.labels.revision_name="{failed}"')]
+    assert said and said[0].startswith("error: no permission to read gs://state-iamshort/iamshort/ as ")
+    assert "still refused after waiting" in said[0]
 
 
 def test_lsdeploy_grants_the_runtime_account_the_state_bucket(cloud, backend):

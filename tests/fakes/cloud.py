@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .artifactregistry import ArtifactRegistryFake
 from .cloudbuild import CloudBuildFake
+from .cloudlogging import CloudLoggingFake
 from .cloudrun import CloudRunFake
 from .cloudrun_jobs import CloudRunJobsFake
 from .iam import IamPropagation
@@ -34,6 +35,7 @@ ENDPOINT_VARIABLES = {
     "serviceusage": "CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE",
     "cloudresourcemanager": "CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER",
     "iam": "CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM",
+    "logging": "CLOUDSDK_API_ENDPOINT_OVERRIDES_LOGGING",
 }
 
 # The IAM permission each method checks (what a PERMISSION_DENIED names).
@@ -48,6 +50,7 @@ PERMISSIONS = {
     ("run", "DeleteJob"): "run.jobs.delete", ("run", "ListJobs"): "run.jobs.list", ("run", "RunJob"): "run.jobs.run",
     ("run", "GetExecution"): "run.executions.get", ("run", "ListExecutions"): "run.executions.list",
     ("run", "CancelExecution"): "run.executions.cancel",
+    ("logging", "ListLogEntries"): "logging.logEntries.list",
     ("cloudbuild", "CreateBuild"): "cloudbuild.builds.create", ("cloudbuild", "GetBuild"): "cloudbuild.builds.get",
     ("cloudbuild", "ListBuilds"): "cloudbuild.builds.list", ("cloudbuild", "CancelBuild"): "cloudbuild.builds.update",
     ("cloudbuild", "GetOperation"): "cloudbuild.builds.get",
@@ -128,6 +131,8 @@ def resource_of(request) -> str:
                 return inner.name
     if "project_id" in request.DESCRIPTOR.fields_by_name:
         return f"projects/{request.project_id}"
+    if "resource_names" in request.DESCRIPTOR.fields_by_name and request.resource_names:  # Logging
+        return request.resource_names[0]
     return ""
 
 
@@ -241,6 +246,7 @@ class FakeGoogleCloud:
         self.serviceusage = ServiceUsageFake(self)
         self.iamadmin = IamAdminFake(self)
         self.resourcemanager = ResourceManagerFake(self)
+        self.logging = CloudLoggingFake(self)  # the revisions' logs (entries.list)
         # revision processes reach the emulator directly: their state-bucket access is checked when
         # the revision is created (cloudrun_revisions.py), as the container's start-up check would
         self.run.extra_env = dict(run_env or ({"STORAGE_EMULATOR_HOST": storage_url} if storage_url else {}))

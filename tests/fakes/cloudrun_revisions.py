@@ -19,13 +19,13 @@ import string
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.cloud import run_v2
 
 from .artifactregistry import parse_image
 from .containers import ContainerRevision
-from .runner import RevisionProcess
+from .runner import RevisionProcess, start_failure
 from .server import ApiError, already_exists, etag_of, now_pb
 
 Revision = run_v2.Revision.pb()
@@ -50,10 +50,12 @@ class RevisionState:
     outcome: str | None = None  # None (pending) | "ready" | failure message
     failure: str | None = None  # known at creation (image, secrets, fault); reported after ready_delay
     bucket_wait: "BucketWait | None" = None  # the container waits for its state bucket's permissions
+    log: list = field(default_factory=list)  # lines of a container the fake models without running it
 
 
 @dataclass
 class BucketWait:
+    uri: str  # MODEL_STATE_URI
     bucket: str
     member: str
     deadline: float  # time.monotonic() when the container gives up and exits 1
@@ -194,15 +196,22 @@ def state_bucket_wait(cloud, revision, env: dict) -> BucketWait | None:
         wait = 0.0  # the container exits at once, naming the setting
     container = revision.containers[0]
     port = container.ports[0].container_port if container.ports else 8080
-    return BucketWait(bucket, member, time.monotonic() + max(wait, 0.0), port)
+    return BucketWait(uri.rstrip("/") + "/", bucket, member, time.monotonic() + max(wait, 0.0), port)
 
 
-def start_failure(port: int) -> str:
-    """Cloud Run's condition message for a container that exited before its startup probe passed."""
-    return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
-            f"environment variable within the allocated timeout. This can happen when the container port is "
-            f"misconfigured or if the timeout is too short. The health check timeout can be extended. Logs for "
-            f"this revision might contain more information.")
+def state_bucket_error(wait: BucketWait, first: str) -> str:
+    """The line lsdeploy's GCSStore logs when it gives up on a permission (lsdeploy.state.gcs's words)."""
+    uri, account = wait.uri, wait.member.split(":", 1)[1]
+    if first in ("storage.objects.list", "storage.objects.get"):
+        what = f"no permission to read {uri} as {account}: needs storage.objects.list and storage.objects.get"
+    elif first == "storage.objects.create":
+        what = f"cannot write to {uri} as {account}: needs storage.objects.create"
+    else:
+        what = f"cannot delete in {uri} as {account}: needs storage.objects.delete"
+    return (f"error: {what}; grant the service account roles/storage.objectUser on the bucket {wait.bucket!r} "
+            f"(HTTP 403 Forbidden: {account} does not have {first} access to the Google Cloud Storage "
+            f"{'bucket' if first == 'storage.objects.list' else 'object'}.) (still refused after waiting, "
+            "MODEL_STATE_PERMISSION_WAIT_SECONDS)")
 
 
 def revision_outcome(run, rstate: RevisionState) -> str | None:
@@ -211,7 +220,9 @@ def revision_outcome(run, rstate: RevisionState) -> str | None:
         wait = rstate.bucket_wait
         if not run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS):
             rstate.bucket_wait = None  # the grant applied: the container's start-up goes on
-        elif time.monotonic() >= wait.deadline:  # the container gave up and exited 1
+        elif time.monotonic() >= wait.deadline:  # the container gave up, said why in its log, and exited 1
+            missing = run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS)
+            rstate.log.append(state_bucket_error(wait, missing[0]))
             rstate.bucket_wait, rstate.failure = None, start_failure(wait.port)
             if rstate.process is not None:
                 threading.Thread(target=rstate.process.stop, daemon=True).start()

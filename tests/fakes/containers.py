@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .runner import RevisionRun, exited_message, free_port, startup_check, timeout_message
+from .runner import RevisionRun, free_port, start_failure, startup_check
 
 STOP_GRACE = 10.0  # Cloud Run: SIGKILL 10 s after SIGTERM
 
@@ -122,11 +122,11 @@ class ContainerRevision(RevisionRun):
             self.state = "ready"
         elif outcome == "exited":
             self._retire(container)
-            self._fail(exited_message(self.port, code, self.log_tail()))
+            self._fail(start_failure(self.port))
         elif outcome == "timeout":
             self._stop.set()
             self._retire(container)
-            self._fail(timeout_message(self.port, self.log_tail()))
+            self._fail(start_failure(self.port))
 
     def _retire(self, container) -> None:
         """Stop (if it still runs), keep the log of, and remove a container that failed to start."""

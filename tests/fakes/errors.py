@@ -34,6 +34,7 @@ SERVICE_TITLES = {
     "serviceusage": ("serviceusage.googleapis.com", "Service Usage API"),
     "cloudresourcemanager": ("cloudresourcemanager.googleapis.com", "Cloud Resource Manager API"),
     "iam": ("iam.googleapis.com", "Identity and Access Management (IAM) API"),
+    "logging": ("logging.googleapis.com", "Cloud Logging API"),
 }
 
 

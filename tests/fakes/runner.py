@@ -196,19 +196,13 @@ def startup_check(port: int, startup: dict, stopped: threading.Event, exited) ->
     return ("stopped" if stopped.is_set() else "timeout"), None
 
 
-def exited_message(port: int, code: int, log_tail: str) -> str:
-    """What Cloud Run says of a revision whose container exited before it was ready."""
-    return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
-            f"environment variable within the allocated timeout. The container exited with code {code}. Logs for "
-            f"this revision might contain more information.\n{log_tail}")
-
-
-def timeout_message(port: int, log_tail: str) -> str:
-    """What Cloud Run says of a revision that never answered its startup check."""
+def start_failure(port: int) -> str:
+    """Cloud Run's condition message for a revision whose container exited or never answered its
+    startup probe: nothing of what it printed (that is in Cloud Logging: tests/fakes/cloudlogging.py)."""
     return (f"The user-provided container failed to start and listen on the port defined provided by the PORT={port} "
             f"environment variable within the allocated timeout. This can happen when the container port is "
-            f"misconfigured or if the timeout is too short. Logs for this revision might contain more "
-            f"information.\n{log_tail}")
+            f"misconfigured or if the timeout is too short. The health check timeout can be extended. Logs for "
+            f"this revision might contain more information.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,9 +353,9 @@ class RevisionProcess(RevisionRun):
         if outcome == "ready":
             self.state = "ready"
         elif outcome == "exited":
-            self._fail(exited_message(self.port, code, self.log_tail()))
+            self._fail(start_failure(self.port))
         elif outcome == "timeout":
-            self._fail(timeout_message(self.port, self.log_tail()))
+            self._fail(start_failure(self.port))
             self.stop()
 
     def log_tail(self, lines: int = 20) -> str:

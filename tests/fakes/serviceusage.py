@@ -22,7 +22,7 @@ TITLES = {
     "run.googleapis.com": "Cloud Run Admin API", "cloudbuild.googleapis.com": "Cloud Build API",
     "artifactregistry.googleapis.com": "Artifact Registry API", "secretmanager.googleapis.com": "Secret Manager API",
     "storage.googleapis.com": "Cloud Storage API", "iam.googleapis.com": "Identity and Access Management (IAM) API",
-    "serviceusage.googleapis.com": "Service Usage API",
+    "serviceusage.googleapis.com": "Service Usage API", "logging.googleapis.com": "Cloud Logging API",
     "cloudresourcemanager.googleapis.com": "Cloud Resource Manager API",
 }
 # the fake API that answers for a service name

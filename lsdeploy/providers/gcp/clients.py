@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ...errors import EXIT_AUTH, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from .errors import OperationTimeout, auth_error, google_error
+from .rest import RestClient
+from .revision_logs import LoggingRest
 
 
 @dataclass
@@ -29,6 +31,7 @@ class GcpClients:
     iam: object = None              # IamRest: service accounts (the build's identity)
     jobs: object = None             # Cloud Run jobs (--training job)
     executions: object = None       # their executions (status)
+    logging: object = None          # LoggingRest: why a new revision did not start (its log)
 
     @classmethod
     def from_env(cls, environ: dict, project: str) -> "GcpClients":
@@ -99,32 +102,17 @@ class GcpClients:
             iam=IamRest.from_options(project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_IAM")),
             jobs=run_v2.JobsClient(**run_opts),
             executions=run_v2.ExecutionsClient(**run_opts),
+            logging=LoggingRest.from_options(project_options("CLOUDSDK_API_ENDPOINT_OVERRIDES_LOGGING")),
         )
 
 
-class IamRest:
-    """IAM v1 over REST (service accounts; Google's Python client of this API speaks gRPC only).
-    Errors are google.api_core exceptions, like the other clients'."""
+class IamRest(RestClient):
+    """IAM v1 over REST (service accounts; Google's Python client of this API speaks gRPC only)."""
 
-    def __init__(self, session, endpoint: str = "https://iam.googleapis.com"):
-        self.session = session
-        self.endpoint = endpoint.rstrip("/")
-
-    @classmethod
-    def from_options(cls, options: dict) -> "IamRest":
-        from google.auth.transport.requests import AuthorizedSession
-
-        client_options = options.get("client_options")
-        return cls(AuthorizedSession(options["credentials"]),
-                   getattr(client_options, "api_endpoint", None) or "https://iam.googleapis.com")
+    default_endpoint = "https://iam.googleapis.com"
 
     def _call(self, method: str, path: str, body=None) -> dict:
-        from google.api_core import exceptions as gexc
-
-        response = self.session.request(method, f"{self.endpoint}/v1/{path}", json=body, timeout=60)
-        if response.status_code >= 400:
-            raise gexc.from_http_response(response)
-        return response.json() if response.content else {}
+        return self.request(method, f"v1/{path}", body)
 
     def get_service_account(self, name: str) -> dict:
         return self._call("GET", name)

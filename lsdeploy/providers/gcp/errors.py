@@ -20,6 +20,7 @@ API_TITLES = {
     "serviceusage": ("Service Usage API", "serviceusage.googleapis.com"),
     "iam": ("Identity and Access Management (IAM) API", "iam.googleapis.com"),
     "cloudresourcemanager": ("Cloud Resource Manager API", "cloudresourcemanager.googleapis.com"),
+    "logging": ("Cloud Logging API", "logging.googleapis.com"),
 }
 # The role to grant for a refused permission, by permission prefix (most specific first).
 ROLES = [
@@ -39,11 +40,13 @@ ROLES = [
     ("storage.buckets.getIamPolicy", "roles/storage.admin"),
     ("storage.buckets.setIamPolicy", "roles/storage.admin"),
     ("storage.", "roles/storage.objectAdmin"),
+    ("logging.", "roles/logging.viewer"),
 ]
 
 DEFAULT_ROLES = {"run": "roles/run.developer", "cloudbuild": "roles/cloudbuild.builds.editor",
                  "artifactregistry": "roles/artifactregistry.writer", "secretmanager": "roles/secretmanager.admin",
-                 "storage": "roles/storage.objectAdmin", "iam": "roles/iam.serviceAccountUser"}
+                 "storage": "roles/storage.objectAdmin", "iam": "roles/iam.serviceAccountUser",
+                 "logging": "roles/logging.viewer"}
 
 
 class OperationTimeout(LsdeployError):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from datetime import datetime, timedelta, timezone
 
 from ...errors import EXIT_DEPLOY, LsdeployError
 from .errors import OperationTimeout, google_error
+from .revision_logs import revision_log
 from .settings import INGRESS, MANAGED_LABEL, SPEC_ANNOTATION
 
 # On the revision template: the failed revision this one replaces (a template change makes Cloud
@@ -151,6 +153,8 @@ def _send(api, settings, desired, live, progress):
     """One create or update, waited for; RevisionNotReady when its revision fails."""
     from google.api_core import exceptions as gexc
 
+    sent = datetime.now(timezone.utc) - timedelta(minutes=1)  # bounds the log query (clocks differ)
+
     try:
         if live is None:
             progress(f"creating Cloud Run service {settings.service} in {settings.region}")
@@ -191,12 +195,26 @@ def _send(api, settings, desired, live, progress):
         if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests, gexc.ResourceExhausted)):
             raise gpu_quota_note(settings, google_error(exc, "run", "deploying", settings.service_name,
                                                         settings.project, run_role="roles/run.admin")) from None
+        why = _why_not_started(api, settings, revision, sent, progress) if revision else ""
         unchecked = "".join(f"; this deploy could not check that {what}: if the revision's log says a permission "
                             f"was denied, run `{command}` and deploy again"
                             for identity, what, command in api.unchecked_grants if identity == "runtime")
         raise RevisionNotReady(f"Cloud Run could not start the new revision of {settings.service}: {message} "
                                f"(traffic stays on the previous revision: {serving}); Label Studio was not "
-                               f"changed{unchecked}", revision, message) from None
+                               f"changed{why}{unchecked}", revision, message) from None
+
+
+def _why_not_started(api, settings, revision: str, since, progress) -> str:
+    """The end of the failed revision's log, printed, and its telling line for the error ("; its
+    log says: ..."): Cloud Run's own message holds nothing the container printed."""
+    log = revision_log(api, settings, revision, since)
+    if log.note:
+        return f"; {log.note}"
+    if log.lines:
+        progress(f"the last lines of revision {revision}'s log:")
+        for line in log.lines[-12:]:
+            progress(f"  log | {line[:300]}")
+    return f"; its log says: {log.reason[:400]}" if log.reason else ""
 
 
 def gpu_quota_note(settings, error):
