@@ -205,7 +205,7 @@ def test_a_revision_that_does_not_start_is_explained_from_its_log(cloud, backend
 
 
 def test_the_telling_line_of_a_log_is_lsdeploys_error_then_an_exceptions_last_line():
-    from lsdeploy.providers.gcp.revision_logs import reason_of
+    from lsdeploy.providers.gcp.run_logs import reason_of
 
     traceback = ["[INFO] Starting gunicorn 23.0.0", "Traceback (most recent call last):",
                  '  File "/app/model.py", line 1, in <module>', "ModuleNotFoundError: No module named 'torch'",

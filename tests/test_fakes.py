@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from fakes import ENDPOINT_VARIABLES
 from fakes.fixtures import FAST_POLLING, gcp_clients, gcp_fakes, make_clients, make_gcp_fakes  # noqa: F401
 
-from lsdeploy.providers.gcp.revision_logs import LoggingRest
+from lsdeploy.providers.gcp.run_logs import LoggingRest
 
 P, R = "lsdeploy-test", "us-central1"
 PARENT = f"projects/{P}/locations/{R}"

@@ -22,7 +22,7 @@ from fakes.fixtures import FAST_POLLING, make_clients
 from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401,F811
 
 from lsdeploy.errors import EXIT_AUTH, EXIT_DEPLOY, LsdeployError
-from lsdeploy.providers.gcp.revision_logs import LoggingRest
+from lsdeploy.providers.gcp.run_logs import LoggingRest
 
 DENIED_GET = ("does not have storage.objects.get access to the Google Cloud Storage object. Permission "
               "'storage.objects.get' denied on resource (or it may not exist).")

@@ -260,6 +260,10 @@ TRAIN_SCRIPT = textwrap.dedent("""\
             time.sleep(0.05)
     if mode == "hang":
         time.sleep(600)
+    if mode == "fail":
+        print("loading project " + sys.argv[-1], flush=True)
+        print("error: project " + sys.argv[-1] + " has no annotations to train on", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0)
     """)
 
@@ -532,3 +536,30 @@ def test_status_still_shows_the_service_when_listing_executions_is_refused(api_c
     line = next(line for line in status.lines() if line.startswith("training job:"))
     assert "executions not listed" in line and "run.executions.list" in line and "no execution yet" not in line
     assert status.to_dict()["executions_error"] == status.executions_error
+
+
+def test_status_says_why_a_failed_execution_failed_from_its_log(run_cloud, scripted):
+    # an execution's conditions only count failed tasks: what the task printed is in Cloud Logging
+    backend, _ = scripted
+    settings = job_settings("tjf", training_max_retries=1)
+    deploy(run_cloud, backend, settings)
+    scripted_job(run_cloud, settings, "fail")
+    member = f"{run_cloud.project_number(PROJECT)}-compute@developer.gserviceaccount.com"
+    operation = run_job(run_cloud, settings, "9", account=member)
+    execution = operation.metadata.name.rsplit("/", 1)[-1]
+    with pytest.raises(gexc.GoogleAPICallError):
+        operation.result(polling=FAST_POLLING)
+    status = provider_for(run_cloud).status(settings)
+    run = status.executions[0]
+    assert run["execution"] == execution and run["state"] == "failed"
+    assert run["reason"] == "error: project 9 has no annotations to train on"
+    lines = status.lines()
+    assert lines[lines.index(next(line for line in lines if line.startswith(f"  execution {execution}"))) + 1] \
+        == "    why: error: project 9 has no annotations to train on"
+    listed = run_cloud.log.filter(api="logging", method="ListLogEntries")
+    assert len(listed) == 1 and f'labels."run.googleapis.com/execution_name"="{execution}"' in listed[0].body["filter"]
+
+    run_cloud.deny("logging", "ListLogEntries")  # no roles/logging.viewer: the status still shows, and says so
+    again = provider_for(run_cloud).status(settings)
+    assert again.exists and "its log could not be read" in again.executions[0]["reason"]
+    assert "roles/logging.viewer" in again.executions[0]["reason"]

@@ -191,6 +191,8 @@ class StatusResult:
             out.append(f"  execution {run['execution']}: {run['state']}" + (f" ({counts})" if counts else "") +
                        (f", started {run['started']}" if run.get("started") else "") +
                        (f", logs {run['log_uri']}" if run.get("log_uri") else ""))
+            if run.get("reason"):
+                out.append(f"    why: {run['reason']}")
         for reg in self.label_studio:
             out.append(f"Label Studio project {reg['project']}: " + (
                 f"backend {reg['backend_id']} {reg['state_name']}" if reg.get("backend_id") else reg["state_name"]) +

@@ -12,7 +12,9 @@ on resource.type, resource.labels.*, logName, severity, timestamp and textPayloa
 The entries are each revision's container log, line by line, under
 `projects/P/logs/run.googleapis.com%2Fstderr` with a `cloud_run_revision` resource (what the
 runner captured: a process's or a real container's output, and the lines the fake itself wrote for
-a container it models without running it, `RevisionState.log`). Permission: logging.logEntries.list
+a container it models without running it, `RevisionState.log`), and each job execution's log (all
+its attempts) with a `cloud_run_job` resource and the `run.googleapis.com/execution_name` label
+(filtered as `labels."run.googleapis.com/execution_name"="E"`). Permission: logging.logEntries.list
 (the PERMISSIONS table; `deny("logging", "ListLogEntries")`).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .server import Route, compile_template, invalid_argument
 ListLogEntriesRequest = logging_types.ListLogEntriesRequest.pb()
 ListLogEntriesResponse = logging_types.ListLogEntriesResponse.pb()
 STDERR_LOG = "run.googleapis.com%2Fstderr"
-TERM = re.compile(r'\s*([A-Za-z_][\w.]*)\s*(>=|<=|!=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*')
+TERM = re.compile(r'\s*([A-Za-z_][\w.]*(?:\."[^"]+")?)\s*(>=|<=|!=|=|>|<|:)\s*"((?:[^"\\]|\\.)*)"\s*')
 SEVERITIES = ["DEFAULT", "DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT", "EMERGENCY"]
 
 
@@ -38,7 +40,7 @@ def parse_filter(text: str) -> list[tuple[str, str, str]]:
         m = TERM.fullmatch(part)
         if not m:
             raise invalid_argument(f"Unparseable filter: syntax error near {part[:40]!r}", "filter")
-        terms.append((m.group(1), m.group(2), m.group(3).replace('\\"', '"')))
+        terms.append((m.group(1).replace('"', ""), m.group(2), m.group(3).replace('\\"', '"')))
     return terms
 
 
@@ -90,10 +92,30 @@ class CloudLoggingFake:
                       "configuration_name": parts[5], "project_id": project}
             fields = {"resource.type": "cloud_run_revision", "logName": f"projects/{project}/logs/{STDERR_LOG}",
                       **{f"resource.labels.{k}": v for k, v in labels.items()}}
-            for index, line in enumerate(lines):
-                found.append({"_time": created + timedelta(milliseconds=index), "_fields": {**fields, "textPayload": line},
-                              "severity": "DEFAULT", "labels": labels, "line": line, "index": index, "rev": parts[7]})
+            found += self._lines(lines, created, "cloud_run_revision", labels, {}, fields, parts[7])
+        for name, estate in self.cloud.jobs.executions.items():
+            parts = name.split("/")  # projects/P/locations/L/jobs/J/executions/E
+            if parts[1] != project or not estate.log_path:
+                continue
+            try:
+                with open(estate.log_path, errors="replace") as log:
+                    lines = log.read().splitlines()
+            except OSError:
+                continue
+            created = datetime.fromtimestamp(estate.message.create_time.seconds, timezone.utc)
+            labels = {"job_name": parts[5], "location": parts[3], "project_id": project}
+            entry_labels = {"run.googleapis.com/execution_name": parts[7], "run.googleapis.com/task_index": "0"}
+            fields = {"resource.type": "cloud_run_job", "logName": f"projects/{project}/logs/{STDERR_LOG}",
+                      **{f"resource.labels.{k}": v for k, v in labels.items()},
+                      **{f"labels.{k}": v for k, v in entry_labels.items()}}
+            found += self._lines(lines, created, "cloud_run_job", labels, entry_labels, fields, parts[7])
         return found
+
+    @staticmethod
+    def _lines(lines, created, kind, labels, entry_labels, fields, source) -> list[dict]:
+        return [{"_time": created + timedelta(milliseconds=index), "_fields": {**fields, "textPayload": line},
+                 "kind": kind, "severity": "DEFAULT", "labels": labels, "entry_labels": entry_labels, "line": line, "index": index,
+                 "rev": source} for index, line in enumerate(lines)]
 
     # ---- entries.list -------------------------------------------------------------------------
     def ListLogEntries(self, request, ctx):
@@ -123,8 +145,9 @@ class CloudLoggingFake:
         for e in found[start:start + size]:
             entry = response.entries.add(log_name=e["_fields"]["logName"], text_payload=e["line"],
                                          insert_id=f"{e['rev']}-{e['index']:06d}")
-            entry.resource.type = "cloud_run_revision"
+            entry.resource.type = e["kind"]
             entry.resource.labels.update(e["labels"])
+            entry.labels.update(e["entry_labels"])
             entry.timestamp.FromDatetime(e["_time"])
         if start + size < len(found):
             response.next_page_token = str(start + size)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ...errors import EXIT_AUTH, EXIT_DEPLOY, EXIT_USAGE, LsdeployError
 from .errors import OperationTimeout, auth_error, google_error
 from .rest import RestClient
-from .revision_logs import LoggingRest
+from .run_logs import LoggingRest
 
 
 @dataclass

@@ -13,9 +13,11 @@ an unchanged redeploy sends no update.
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 
 from ...errors import EXIT_DEPLOY, LsdeployError
 from .errors import google_error
+from .run_logs import execution_log
 from .service import duration_seconds, env_fields
 from .settings import MANAGED_LABEL, SPEC_ANNOTATION
 
@@ -207,7 +209,8 @@ def execution_state(execution) -> str:
 
 def executions(api, settings, limit: int = 5) -> list:
     """The job's newest executions: [{"execution", "state", "started", "completed", "running",
-    "succeeded", "failed", "retried", "log_uri"}]; [] when there is no job."""
+    "succeeded", "failed", "retried", "log_uri", "reason"}] ("reason": for a failed one, the line of
+    its log that says why, or why the log could not be read); [] when there is no job."""
     from google.api_core import exceptions as gexc
 
     try:
@@ -217,11 +220,17 @@ def executions(api, settings, limit: int = 5) -> list:
     except gexc.GoogleAPICallError as exc:
         raise google_error(exc, "run", "listing the executions of", settings.job_name, settings.project) from None
     found.sort(key=lambda e: (e.create_time.timestamp() if e.create_time else 0, e.name), reverse=True)
-    return [{"execution": e.name.rsplit("/", 1)[-1], "state": execution_state(e),
-             "started": e.start_time.isoformat() if e.start_time else "",
-             "completed": e.completion_time.isoformat() if e.completion_time else "",
-             "running": e.running_count, "succeeded": e.succeeded_count, "failed": e.failed_count,
-             "retried": e.retried_count, "log_uri": e.log_uri} for e in found[:limit]]
+    shown = [{"execution": e.name.rsplit("/", 1)[-1], "state": execution_state(e),
+              "started": e.start_time.isoformat() if e.start_time else "",
+              "completed": e.completion_time.isoformat() if e.completion_time else "",
+              "running": e.running_count, "succeeded": e.succeeded_count, "failed": e.failed_count,
+              "retried": e.retried_count, "log_uri": e.log_uri, "reason": ""} for e in found[:limit]]
+    for run, execution in zip(shown, found):
+        if run["state"] == "failed":  # what its tasks printed says why (one Cloud Logging read each)
+            since = execution.create_time - timedelta(minutes=1) if execution.create_time else None
+            log = execution_log(api, settings, run["execution"], since)
+            run["reason"] = log.reason or log.note
+    return shown
 
 
 def names_job(service) -> bool:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from ...errors import EXIT_DEPLOY, LsdeployError
 from .errors import OperationTimeout, google_error
-from .revision_logs import revision_log
+from .run_logs import revision_log
 from .settings import INGRESS, MANAGED_LABEL, SPEC_ANNOTATION
 
 # On the revision template: the failed revision this one replaces (a template change makes Cloud

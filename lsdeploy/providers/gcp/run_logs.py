@@ -1,11 +1,12 @@
-"""Why a revision did not start, read from its log in Cloud Logging.
+"""Why a revision did not start, or a training execution failed, read from Cloud Logging.
 
 Cloud Run's condition for a container that exits or misses its startup probe says only that it
-"failed to start and listen on the port ... Logs for this revision might contain more information":
-what the container printed (a missing module, a refused bucket, lsdeploy's own `error: ...` line)
-is in Cloud Logging only. When a new revision fails, the deploy reads the end of that revision's
-log (`entries.list`, one request, newest first; `logging.logEntries.list`, in roles/logging.viewer)
-and shows it. Reading it is a courtesy: a refusal or an error becomes a note, never the failure.
+"failed to start and listen on the port ... Logs for this revision might contain more information",
+and a failed job execution says only how many tasks failed: what the container printed (a missing
+module, a refused bucket, lsdeploy's own `error: ...` line, a traceback) is in Cloud Logging only.
+The deploy and `status` read the end of that log (`entries.list`, one request, newest first;
+`logging.logEntries.list`, in roles/logging.viewer) and show it. Reading it is a courtesy: a
+refusal or an error becomes a note, never the failure.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class LoggingRest(RestClient):
 
 
 @dataclass
-class RevisionLog:
+class RunLog:
     lines: list = field(default_factory=list)  # the log's last lines, oldest first
     reason: str = ""                           # the line that says why ("" when none does)
     note: str = ""                             # why the log could not be read ("" when it was)
@@ -62,30 +63,41 @@ def reason_of(lines: list) -> str:
 
 
 def revision_log(api, settings, revision: str, since: datetime | None = None, limit: int = 30,
-                 tries: int = 3) -> RevisionLog:
+                 tries: int = 3) -> RunLog:
     """The end of `revision`'s log. Entries reach Cloud Logging seconds after they are written:
     an empty answer is asked again (`tries` times, the deploy's poll interval apart)."""
+    query = (f'resource.type="cloud_run_revision" AND resource.labels.service_name="{settings.service}" AND '
+             f'resource.labels.revision_name="{revision}"')
+    return read_log(api, settings, f"revision {revision}", query, since, limit, tries)
+
+
+def execution_log(api, settings, execution: str, since: datetime | None = None, limit: int = 30) -> RunLog:
+    """The end of a training job execution's log (all its tasks and attempts)."""
+    query = (f'resource.type="cloud_run_job" AND resource.labels.job_name="{settings.job_id}" AND '
+             f'labels."run.googleapis.com/execution_name"="{execution}"')
+    return read_log(api, settings, f"execution {execution}", query, since, limit, tries=1)
+
+
+def read_log(api, settings, what: str, query: str, since: datetime | None, limit: int, tries: int) -> RunLog:
     from google.api_core import exceptions as gexc
 
     client = getattr(api.clients, "logging", None)
     if client is None:
-        return RevisionLog()
-    since = since or datetime.now(timezone.utc) - timedelta(hours=1)
-    query = (f'resource.type="cloud_run_revision" AND resource.labels.service_name="{settings.service}" AND '
-             f'resource.labels.revision_name="{revision}" AND '
-             f'timestamp>="{since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}"')
+        return RunLog()
+    since = since or datetime.now(timezone.utc) - timedelta(days=1)
+    query += f' AND timestamp>="{since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}"'
     entries = []
     for attempt in range(tries):
         try:
             entries = client.list_entries([f"projects/{settings.project}"], query, page_size=limit)
         except gexc.GoogleAPICallError as exc:
-            error = google_error(exc, "logging", "reading the log of revision", revision, settings.project)
-            return RevisionLog(note=f"its log could not be read: {error}")
-        except Exception as exc:  # noqa: BLE001 - no answer, credentials: the revision's failure is the news
-            return RevisionLog(note=f"its log could not be read ({type(exc).__name__}: {str(exc)[:200]})")
+            error = google_error(exc, "logging", "reading the log of", what, settings.project)
+            return RunLog(note=f"its log could not be read: {error}")
+        except Exception as exc:  # noqa: BLE001 - no answer, credentials: the failure itself is the news
+            return RunLog(note=f"its log could not be read ({type(exc).__name__}: {str(exc)[:200]})")
         if any(not e.get("logName", "").endswith(_SYSTEM_LOG) for e in entries) or attempt == tries - 1:
             break
         time.sleep(api.poll_interval)
     lines = [text for text in (entry_text(e) for e in reversed(entries)) if text]
     own = [entry_text(e) for e in reversed(entries) if not e.get("logName", "").endswith(_SYSTEM_LOG)]
-    return RevisionLog(lines=lines, reason=reason_of([line for line in own if line]) or reason_of(lines))
+    return RunLog(lines=lines, reason=reason_of([line for line in own if line]) or reason_of(lines))
