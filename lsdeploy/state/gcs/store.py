@@ -150,11 +150,11 @@ class GCSStore(StateStore):
         refused permission is checked again for up to `permission_wait` seconds first: on Cloud Run
         the grant the deploy just made may not have reached Cloud Storage yet."""
         started = time.monotonic()
-        pause = 2.0
+        pause, refusals = 2.0, 0
         while True:
             try:
                 self._check_once()
-                if time.monotonic() - started >= 1.0:
+                if refusals:
                     logger.warning("state store %s: the permission is in effect now, after %.0f s", self.uri,
                                    time.monotonic() - started)
                 return
@@ -169,7 +169,7 @@ class GCSStore(StateStore):
                                "(waiting up to %.0f s, MODEL_STATE_PERMISSION_WAIT_SECONDS)", error, pause,
                                self.permission_wait)
                 time.sleep(pause)
-                pause = min(pause * 2, 15.0)
+                pause, refusals = min(pause * 2, 15.0), refusals + 1
 
     def _check_once(self) -> None:
         try:
