@@ -13,9 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+from google.api_core import exceptions as gexc
 from google.cloud import run_v2
+from google.cloud.devtools import cloudbuild_v1 as cb
+from google.protobuf import duration_pb2
 
-from fakes.fixtures import FAST_POLLING
+from fakes.fixtures import FAST_POLLING, make_clients
 from gcp_support import PROJECT, REGION, backend, deploy, provider_for, settings_for  # noqa: F401
 from support import TEXT_CONFIG, predict_body, run_cli, text_task
 
@@ -168,6 +171,33 @@ def test_failed_build_deploys_nothing(api_cloud, backend):
     assert "step 1 (build)" in message and "No matching distribution found for not-a-package" in message
     assert api_cloud.log.count(api="run", method="CreateService") == 0
     assert api_cloud.log.count(api="secretmanager", method="CreateSecret") == 0
+
+
+def test_a_build_that_times_out_names_the_option_to_raise(api_cloud, backend):
+    api_cloud.cloudbuild.time_out_next()
+    with pytest.raises(LsdeployError) as info:
+        deploy(api_cloud, backend, settings_for("slow"))
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_BUILD and "\n" not in text
+    assert "the image build timed out after 1800 s (--build-timeout): raise it (at most 86400)" in text
+    assert "ERROR: context deadline exceeded" in text and "nothing was deployed" in text
+    assert api_cloud.log.count(api="run", method="CreateService") == 0
+
+
+def test_cli_build_timeout_reaches_the_build_and_is_checked(api_cloud, backend):
+    env = {**api_cloud.env, "GCP_PROJECT": PROJECT, "GCP_REGION": REGION, "LSDEPLOY_SOURCE_BUCKET": "src-bt",
+           "LSDEPLOY_STATE_BUCKET": "state-bt", "LSDEPLOY_BUILD_TIMEOUT": "7200"}
+    done = run_cli("deploy", "gcp", backend, "--service", "bt", "--no-basic-auth", env=env)
+    assert done.returncode == 0, done.stderr
+    (build,) = [e.body for e in api_cloud.log.filter(api="cloudbuild", method="CreateBuild")]
+    assert build["timeout"] == "7200s"
+    done = run_cli("deploy", "gcp", backend, "--service", "bt", "--build-timeout", "90000", env=env)
+    assert done.returncode == EXIT_USAGE and "--build-timeout" in done.stderr and "Traceback" not in done.stderr
+    # Google's limit, in the fake too: a build of more than 24 hours is refused
+    with pytest.raises(gexc.BadRequest, match="at most 24h"):
+        make_clients(api_cloud.url).builds.create_build(project_id=PROJECT, build=cb.Build(
+            steps=[cb.BuildStep(name="gcr.io/cloud-builders/docker", args=["version"])],
+            timeout=duration_pb2.Duration(seconds=90000)))
 
 
 def test_revision_never_ready_keeps_traffic(cloud, backend):
@@ -507,8 +537,6 @@ def test_state_bucket_access_is_granted_once(api_cloud):
 
 
 def test_state_bucket_grant_refused_names_the_role_and_the_command(api_cloud):
-    from google.api_core import exceptions as gexc
-
     provider = provider_for(api_cloud)
     bucket = PolicyBucket("state-y", fail_set=gexc.Forbidden("caller does not have storage.buckets.setIamPolicy access"))
     with pytest.raises(LsdeployError) as info:
@@ -521,8 +549,6 @@ def test_state_bucket_grant_refused_names_the_role_and_the_command(api_cloud):
 
 def test_an_identity_that_may_not_read_the_bucket_policy_gets_a_note_not_a_failure(api_cloud):
     # docs/ci.md's least-privilege recipe grants the runtime identity on the state bucket by hand
-    from google.api_core import exceptions as gexc
-
     provider, lines = provider_for(api_cloud), []
     bucket = PolicyBucket("state-z", fail=gexc.Forbidden("caller does not have storage.buckets.getIamPolicy access"))
     provider.grant_bucket_access(settings_for("z"), bucket, "serviceAccount:a@b", lines.append)

@@ -108,6 +108,9 @@ def _option(*names, envvar, **kwargs):
 @_option("--build-region", envvar="LSDEPLOY_BUILD_REGION", default=None,
          help="Where Cloud Build runs (default: the service's region; when Cloud Build refuses it for this project, "
               "the nearest region it allows, once). The image stays in the service's region.")
+@_option("--build-timeout", envvar="LSDEPLOY_BUILD_TIMEOUT", type=click.IntRange(60, 86400), default=1800,
+         metavar="SECONDS", help="How long Cloud Build may take to build the image (at most 24 hours): raise it for "
+                                 "images with heavy dependencies (CUDA, torch) when a build times out.")
 @_option("--repository", envvar="LSDEPLOY_REPOSITORY", default="lsdeploy", help="Artifact Registry repository.")
 @_option("--source-bucket", envvar="LSDEPLOY_SOURCE_BUCKET", default=None,
          help="Bucket for source bundles and build logs (default: PROJECT-lsdeploy-sources).")
@@ -137,7 +140,7 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         memory, cpu, gpu, gpu_type, training, training_cpu, training_memory, training_gpu, training_gpu_type,
         training_timeout, training_max_retries, min_instances, max_instances, concurrency, timeout, env, secret_env,
         service_account, ingress, basic_auth, basic_auth_user, labels, build_service_account, build_region,
-        repository, source_bucket,
+        build_timeout, repository, source_bucket,
         state_bucket, title, preview, keep_images, prune, wait_timeout, dry_run, check, enable_apis, as_json):
     """Build DIR with Cloud Build, serve it on Cloud Run, and register it with Label Studio.
 
@@ -162,7 +165,8 @@ def gcp(directory, script, blueprint, project, region, service, label_studio_hos
         source_bucket=source_bucket, state_bucket=state_bucket, label_studio_url=label_studio_host,
         label_studio_api_key=label_studio_api_key, projects=project_ids, title=title, keep_images=keep_images,
         prune=prune, ready_timeout=wait_timeout, build_region=build_region, enable_apis=enable_apis,
-        build_service_account=build_service_account, training=training, training_cpu=training_cpu,
+        build_service_account=build_service_account, build_timeout=build_timeout, training=training,
+        training_cpu=training_cpu,
         training_memory=training_memory, training_gpu=training_gpu, training_gpu_type=training_gpu_type,
         training_timeout=training_timeout, training_max_retries=training_max_retries,
     )

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from google.cloud import run_v2
+from google.cloud.devtools import cloudbuild_v1 as cb
 from google.protobuf import field_mask_pb2
 
 from engine import engine, why_no_engine
@@ -25,7 +27,7 @@ from gcp_support import PROJECT, REGION, provider_for, settings_for
 from labelstudio_server import import_tasks
 from lsdeploy.blueprints import create
 from lsdeploy.bundle import SourceBundle
-from lsdeploy.errors import EXIT_BUILD, EXIT_DEPLOY
+from lsdeploy.errors import EXIT_BUILD, EXIT_DEPLOY, LsdeployError
 from lsdeploy.providers.gcp import GcpClients
 from support import TEXT_CONFIG, predict_body, run_cli, text_task
 from test_labelstudio import NEGATIVE, POSITIVE, choices, retrieve_predictions
@@ -234,6 +236,26 @@ def test_a_dockerfile_that_does_not_build_fails_the_build_with_the_engines_log(c
     build = last_build(cloud)
     assert build.engine_images == [] and build.pushed == []
     assert "build exited with a non-zero status" in cloud.cloudbuild.log_text(build.build.id)
+
+
+def test_a_build_past_its_timeout_is_stopped_and_the_deploy_says_which_option_to_raise(cloud, tmp_path):
+    # Cloud Build stops a build at its `timeout` (TIMEOUT); with real builds the fake does too
+    directory = backend(tmp_path / "slowbuild")
+    (directory / "Dockerfile").write_text(
+        "FROM python:3.11-slim\nRUN echo compiling the world && sleep 40\nWORKDIR /app\nCOPY . /app\n"
+        "CMD [\"label-studio-ml\", \"start\", \"/app\"]\n")
+    started = time.monotonic()
+    with pytest.raises(LsdeployError) as info:
+        provider_for(cloud).deploy(settings_for("slowbuild", build_timeout=6), SourceBundle.from_directory(directory),
+                                   lambda line: None)
+    assert time.monotonic() - started < 35  # stopped at the deadline, not when the step ended
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_BUILD and "timed out after 6 s (--build-timeout): raise it" in text
+    build = last_build(cloud)
+    assert build.final.status == cb.Build.Status.TIMEOUT and build.final.steps[1].status == cb.Build.Status.TIMEOUT
+    assert build.engine_images == [] and build.pushed == []
+    assert "ERROR: context deadline exceeded" in cloud.cloudbuild.log_text(build.build.id)
+    assert cloud.log.count(api="run", method="CreateService") == 0
 
 
 def test_traffic_back_to_a_scaled_down_revision_starts_its_image_again(cloud, tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
 from .artifactregistry import PushError
-from .cloudbuild_steps import BuildSteps
+from .cloudbuild_steps import BuildSteps, BuildTimeout
 from .runner import bundle_files
 from .server import (ApiError, Route, compile_template, failed_precondition, invalid_argument, not_found, now_pb,
                      paginate, permission_denied_error, project_number, routes_from_transport)
@@ -72,6 +73,7 @@ class BuildRecord:
     identity: str = ""  # the service account the build runs as
     engine_images: list = field(default_factory=list)  # image ids a real build made (cloud.engine)
     engine_log: list = field(default_factory=list)  # the engine's own build output
+    deadline: float = 0.0  # time.monotonic() past which the build is TIMEOUT (its `timeout` from the start)
 
 
 # Where Cloud Build still runs builds for a restricted project (cloud.google.com/build/docs/locations)
@@ -87,6 +89,7 @@ class CloudBuildFake:
         self.builds: dict[str, BuildRecord] = {}
         self.failures: list[PlannedFailure] = []
         self.polls_to_finish: int | None = None  # polls a build needs (default: the server's operation_polls)
+        self.time_out_next_build = False  # time_out_next(): the next build runs past its timeout
         # restrict_regions(): like a new or low-usage project, builds only in these regions (None: anywhere)
         self.open_regions: tuple[str, ...] | None = None
         # who builds without build.service_account: "legacy" (NUMBER@cloudbuild...) or "compute" (new projects)
@@ -113,6 +116,11 @@ class CloudBuildFake:
         self.failures.append(PlannedFailure(step, message, list(log_lines or [
             "ERROR: Could not find a version that satisfies the requirement not-a-package==0.0",
             "ERROR: No matching distribution found for not-a-package==0.0"]), exit_code))
+
+    def time_out_next(self) -> None:
+        """The next build's first step runs past the build's `timeout` (a build on paper takes no
+        time; with an engine, builds time out for real)."""
+        self.time_out_next_build = True
 
     def log_text(self, build_id: str) -> str:
         record = self.builds[build_id]
@@ -220,6 +228,9 @@ class CloudBuildFake:
     def _validate(self, build) -> None:
         if not build.steps:
             raise invalid_argument("invalid build: build must have at least one step", "build.steps")
+        if build.HasField("timeout") and not 0 < build.timeout.seconds + build.timeout.nanos / 1e9 <= 86400:
+            raise invalid_argument("invalid build: timeout must be positive and at most 24h (86400s)",
+                                   "build.timeout")
         ids = set()
         for index, step in enumerate(build.steps):
             if not step.name:
@@ -290,6 +301,8 @@ class CloudBuildFake:
         lines.append("")
         daemon: dict[str, tuple] = {}  # local tags -> (digest, bundle, dockerfile)
         failure = self.failures.pop(0) if self.failures else None
+        time_out, self.time_out_next_build = self.time_out_next_build, False
+        record.deadline = time.monotonic() + (final.timeout.seconds or 600)
         files = None
         if final.source.HasField("storage_source"):
             src = final.source.storage_source
@@ -321,7 +334,13 @@ class CloudBuildFake:
                 step.exit_code = failure.exit_code
                 return self._fail(final, lines, index, FailureType.USER_BUILD_STEP,
                                   f'Build step failure: build step {index} "{step.name}" failed: {failure.message}')
-            ok, step_lines = self.steps.run(record, step, files, daemon)
+            try:
+                if time_out:
+                    raise BuildTimeout([])
+                ok, step_lines = self.steps.run(record, step, files, daemon)
+            except BuildTimeout as exc:
+                lines.extend(f"{prefix}: {line}" for line in exc.lines)
+                return self._time_out(final, lines, index)
             lines.extend(f"{prefix}: {line}" for line in step_lines)
             now_pb(step.timing.end_time)
             if not ok and not (step.allow_failure or 1 in step.allow_exit_codes):
@@ -370,6 +389,20 @@ class CloudBuildFake:
             record.lines.append(final.status_detail)
         with self.cloud.server.lock:
             record.final = final
+
+    @staticmethod
+    def _time_out(final, lines, step_index):
+        """What Cloud Build shows when the build's `timeout` passes: the build and the running step
+        TIMEOUT, the log's last lines."""
+        final.steps[step_index].status = Status.TIMEOUT
+        now_pb(final.steps[step_index].timing.end_time)
+        for step in final.steps[step_index + 1:]:
+            step.status = Status.QUEUED
+        lines.append("TIMEOUT")
+        lines.append("ERROR: context deadline exceeded")
+        final.status = Status.TIMEOUT
+        final.status_detail = f"Build timeout ({final.timeout.seconds} s)"
+        return final
 
     def _fail(self, final, lines, step_index, failure_type, detail):
         if step_index is not None:

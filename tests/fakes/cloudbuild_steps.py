@@ -23,14 +23,24 @@ import hashlib
 import io
 import re
 import shlex
+import subprocess
 import tarfile
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from .artifactregistry import PushError, parse_image
 from .docker import DOCKER_BUILDERS, copy_source_missing, dockerignore_patterns, dockerignored
 from .runner import dockerfile_instructions
+
+
+class BuildTimeout(Exception):
+    """A step ran past the build's `timeout`: `lines` is what its log got so far."""
+
+    def __init__(self, lines: list):
+        super().__init__("build timeout")
+        self.lines = lines
 
 
 class BuildSteps:
@@ -240,9 +250,16 @@ class BuildSteps:
             log_path = Path(tmp) / "engine.log"
             # a tag of its own per build: parallel test sessions share the engine's storage
             tag = f"localhost/lsdeploy-fakes/{record.build.id or uuid.uuid4()}:{len(record.engine_images)}"
+            remaining = record.deadline - time.monotonic() if record.deadline else 1800
+            if remaining <= 0:
+                raise BuildTimeout([])
             try:
                 image = engine.build(context, tag, dockerfile=context / dockerfile, build_args=build_args,
-                                     log_path=log_path)
+                                     log_path=log_path, timeout=remaining)
+            except subprocess.TimeoutExpired as exc:  # the engine's build was killed at the build's deadline
+                output = exc.stdout or b""
+                text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
+                raise BuildTimeout([line for line in text.splitlines() if line.strip()][-self.LOG_TAIL:]) from None
             except BuildError as exc:
                 tail = [line for line in exc.log.splitlines() if line.strip()][-self.LOG_TAIL:]
                 return tail + [f"error building image: {engine.name} build exited with a non-zero status"]

@@ -213,6 +213,11 @@ def wait_build(api, settings, operation, region, progress) -> tuple:
         time.sleep(api.poll_interval)
     streamer.poll()
     status = cb.Build.Status(build.status).name
+    if status == "TIMEOUT":
+        tail = " | ".join(streamer.tail(8))
+        raise BuildFailed(f"the image build timed out after {settings.build_timeout} s (--build-timeout): raise it "
+                          f"(at most 86400) or slim the image's dependencies; log tail: {tail or '(no log)'}; full "
+                          f"log: {build.log_url}; nothing was deployed", "timeout")
     if status != "SUCCESS":
         failing = [f"step {i} ({s.id or s.name})" for i, s in enumerate(build.steps)
                    if cb.Build.Status(s.status).name in ("FAILURE", "TIMEOUT", "INTERNAL_ERROR")]
