@@ -225,6 +225,7 @@ def test_a_revision_that_does_not_start_is_explained_from_its_log(cloud, backend
         deploy(cloud, backend, settings_for("crashes"), lines)
     text = str(info.value)
     assert info.value.exit_code == EXIT_DEPLOY and "The user-provided container failed to start" in text
+    assert "\n" not in text and "Logs URL: https://console.cloud.google.com/logs/viewer?" in text  # one line
     assert "its log says: error: importing" in text and "no_such_module_here" in text
     assert f"traffic stays on the previous revision: {first.revision}" in text
     assert any(line.startswith("the last lines of revision crashes-00002-") for line in lines), lines

@@ -195,6 +195,7 @@ def _send(api, settings, desired, live, progress):
         if isinstance(exc, (gexc.Forbidden, gexc.TooManyRequests, gexc.ResourceExhausted)):
             raise gpu_quota_note(settings, google_error(exc, "run", "deploying", settings.service_name,
                                                         settings.project, run_role="roles/run.admin")) from None
+        message = " ".join(message.split())  # Cloud Run's condition has line breaks: the error is one line
         why = _why_not_started(api, settings, revision, sent, progress) if revision else ""
         unchecked = "".join(f"; this deploy could not check that {what}: if the revision's log says a permission "
                             f"was denied, run `{command}` and deploy again"
