@@ -194,9 +194,11 @@ def test_a_revision_started_before_its_state_bucket_grant_applied_becomes_ready_
     service = create_service(cloud, "iamwait", "state-iamwait", wait="30")
     assert service.latest_ready_revision.rsplit("/", 1)[-1].startswith("iamwait-00001-")
     assert time.monotonic() - started >= 1.5  # ready only once the grant applied
+    # a wait shorter than IAM's (a propagation that outlasts the test, so no slow poll can see it land)
+    cloud = new_project(make_gcp_fakes(storage_url=gcs_emulator.url, iam_delay=3600))
     short = new_bucket(storage_client(cloud), "state-iamshort")
     grant(short, f"serviceAccount:{compute_account(cloud)}", "roles/storage.objectUser")
-    with pytest.raises(gexc.FailedPrecondition, match="failed to start"):  # a wait shorter than IAM's
+    with pytest.raises(gexc.FailedPrecondition, match="failed to start"):
         create_service(cloud, "iamshort", "state-iamshort", wait="0.5")
     # why is in the revision's log (Cloud Logging), as lsdeploy's store writes it
     failed = cloud.run.service("iamshort").latest_created_revision.rsplit("/", 1)[-1]

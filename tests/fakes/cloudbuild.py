@@ -334,9 +334,9 @@ class CloudBuildFake:
                 step.exit_code = failure.exit_code
                 return self._fail(final, lines, index, FailureType.USER_BUILD_STEP,
                                   f'Build step failure: build step {index} "{step.name}" failed: {failure.message}')
+            if time_out:
+                return self._time_out(final, lines, index)
             try:
-                if time_out:
-                    raise BuildTimeout([])
                 ok, step_lines = self.steps.run(record, step, files, daemon)
             except BuildTimeout as exc:
                 lines.extend(f"{prefix}: {line}" for line in exc.lines)

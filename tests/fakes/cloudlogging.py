@@ -78,7 +78,7 @@ class CloudLoggingFake:
 
     # ---- the entries -------------------------------------------------------------------------
     def entries(self, project: str) -> list[dict]:
-        """Every revision's log in `project`, oldest first."""
+        """Every revision's and job execution's log in `project`, oldest first."""
         found = []
         for name, rstate in self.cloud.run.revisions.items():
             parts = name.split("/")  # projects/P/locations/L/services/S/revisions/R
@@ -87,12 +87,10 @@ class CloudLoggingFake:
             lines = list(rstate.log)
             if rstate.process is not None:
                 lines += rstate.process.log_tail(10000).splitlines()
-            created = datetime.fromtimestamp(rstate.message.create_time.seconds, timezone.utc)
             labels = {"service_name": parts[5], "revision_name": parts[7], "location": parts[3],
                       "configuration_name": parts[5], "project_id": project}
-            fields = {"resource.type": "cloud_run_revision", "logName": f"projects/{project}/logs/{STDERR_LOG}",
-                      **{f"resource.labels.{k}": v for k, v in labels.items()}}
-            found += self._lines(lines, created, "cloud_run_revision", labels, {}, fields, parts[7])
+            found += self._lines(project, "cloud_run_revision", labels, {}, lines, rstate.message.create_time,
+                                 parts[7])
         for name, estate in self.cloud.jobs.executions.items():
             parts = name.split("/")  # projects/P/locations/L/jobs/J/executions/E
             if parts[1] != project or not estate.log_path:
@@ -102,20 +100,23 @@ class CloudLoggingFake:
                     lines = log.read().splitlines()
             except OSError:
                 continue
-            created = datetime.fromtimestamp(estate.message.create_time.seconds, timezone.utc)
             labels = {"job_name": parts[5], "location": parts[3], "project_id": project}
             entry_labels = {"run.googleapis.com/execution_name": parts[7], "run.googleapis.com/task_index": "0"}
-            fields = {"resource.type": "cloud_run_job", "logName": f"projects/{project}/logs/{STDERR_LOG}",
-                      **{f"resource.labels.{k}": v for k, v in labels.items()},
-                      **{f"labels.{k}": v for k, v in entry_labels.items()}}
-            found += self._lines(lines, created, "cloud_run_job", labels, entry_labels, fields, parts[7])
+            found += self._lines(project, "cloud_run_job", labels, entry_labels, lines, estate.message.create_time,
+                                 parts[7])
         return found
 
     @staticmethod
-    def _lines(lines, created, kind, labels, entry_labels, fields, source) -> list[dict]:
+    def _lines(project, kind, labels, entry_labels, lines, create_time, source) -> list[dict]:
+        """One entry a line of `source`'s log, a millisecond apart from its create time; `_fields`
+        are what a filter can name."""
+        created = datetime.fromtimestamp(create_time.seconds, timezone.utc)
+        fields = {"resource.type": kind, "logName": f"projects/{project}/logs/{STDERR_LOG}",
+                  **{f"resource.labels.{k}": v for k, v in labels.items()},
+                  **{f"labels.{k}": v for k, v in entry_labels.items()}}
         return [{"_time": created + timedelta(milliseconds=index), "_fields": {**fields, "textPayload": line},
-                 "kind": kind, "severity": "DEFAULT", "labels": labels, "entry_labels": entry_labels, "line": line, "index": index,
-                 "rev": source} for index, line in enumerate(lines)]
+                 "kind": kind, "severity": "DEFAULT", "labels": labels, "entry_labels": entry_labels,
+                 "line": line, "index": index, "rev": source} for index, line in enumerate(lines)]
 
     # ---- entries.list -------------------------------------------------------------------------
     def ListLogEntries(self, request, ctx):

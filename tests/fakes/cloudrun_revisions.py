@@ -218,10 +218,10 @@ def revision_outcome(run, rstate: RevisionState) -> str | None:
     """None while pending, "ready", or the failure message; sets the revision's conditions once known."""
     if rstate.outcome is None and rstate.bucket_wait is not None:
         wait = rstate.bucket_wait
-        if not run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS):
+        missing = run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS)
+        if not missing:
             rstate.bucket_wait = None  # the grant applied: the container's start-up goes on
         elif time.monotonic() >= wait.deadline:  # the container gave up, said why in its log, and exited 1
-            missing = run.cloud.bucket_iam.missing(wait.bucket, wait.member, STATE_PERMISSIONS)
             rstate.log.append(state_bucket_error(wait, missing[0]))
             rstate.bucket_wait, rstate.failure = None, start_failure(wait.port)
             if rstate.process is not None:

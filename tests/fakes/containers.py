@@ -117,7 +117,7 @@ class ContainerRevision(RevisionRun):
             checked[0] = time.monotonic()
             return self._exited(container)
 
-        outcome, code = startup_check(self.port, self.startup, self._stop, exited)
+        outcome, _ = startup_check(self.port, self.startup, self._stop, exited)
         if outcome == "ready":
             self.state = "ready"
         elif outcome == "exited":

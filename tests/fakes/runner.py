@@ -349,7 +349,7 @@ class RevisionProcess(RevisionRun):
         return self
 
     def _probe(self) -> None:
-        outcome, code = startup_check(self.port, self.startup, self._stop, self.proc.poll)
+        outcome, _ = startup_check(self.port, self.startup, self._stop, self.proc.poll)
         if outcome == "ready":
             self.state = "ready"
         elif outcome == "exited":

@@ -98,6 +98,7 @@ def read_log(api, settings, what: str, query: str, since: datetime | None, limit
         if any(not e.get("logName", "").endswith(_SYSTEM_LOG) for e in entries) or attempt == tries - 1:
             break
         time.sleep(api.poll_interval)
-    lines = [text for text in (entry_text(e) for e in reversed(entries)) if text]
-    own = [entry_text(e) for e in reversed(entries) if not e.get("logName", "").endswith(_SYSTEM_LOG)]
-    return RunLog(lines=lines, reason=reason_of([line for line in own if line]) or reason_of(lines))
+    texts = [(entry_text(e), e.get("logName", "").endswith(_SYSTEM_LOG)) for e in reversed(entries)]
+    lines = [text for text, _ in texts if text]
+    own = [text for text, system in texts if text and not system]  # the container's, not Cloud Run's
+    return RunLog(lines=lines, reason=reason_of(own) or reason_of(lines))

@@ -112,7 +112,7 @@ class GCSStore(StateStore):
         environ = os.environ if environ is None else environ
         bucket, prefix = parse_uri(uri.strip())
 
-        def number(name, default):
+        def number(name, default, zero_ok=False):
             raw = str(environ.get(name, "") or "").strip()
             if not raw:
                 return default
@@ -120,7 +120,10 @@ class GCSStore(StateStore):
                 value = float(raw)
             except ValueError:
                 value = -1.0
-            if value <= 0:
+            if zero_ok and not 0 <= value < float("inf"):
+                raise StateError(f"{name}={raw!r} must be a number of seconds, 0 or more (0: a refused permission "
+                                 "fails start-up at once)")
+            if not zero_ok and value <= 0:
                 raise StateError(f"{name}={raw!r} must be a positive number of seconds")
             return value
 
@@ -128,18 +131,8 @@ class GCSStore(StateStore):
         kwargs.setdefault("write_timeout", number("MODEL_STATE_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT))
         kwargs.setdefault("lease_seconds", number("MODEL_STATE_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
         on_cloud_run = bool(environ.get("K_SERVICE") or environ.get("CLOUD_RUN_JOB"))
-        raw_wait = str(environ.get("MODEL_STATE_PERMISSION_WAIT_SECONDS", "") or "").strip()
-        if raw_wait:
-            try:
-                wait = float(raw_wait)
-            except ValueError:
-                wait = -1.0
-            if not 0 <= wait < float("inf"):
-                raise StateError(f"MODEL_STATE_PERMISSION_WAIT_SECONDS={raw_wait!r} must be a number of seconds, "
-                                 "0 or more (0: a refused permission fails start-up at once)")
-        else:
-            wait = CLOUD_RUN_PERMISSION_WAIT if on_cloud_run else 0.0
-        kwargs.setdefault("permission_wait", wait)
+        kwargs.setdefault("permission_wait", number("MODEL_STATE_PERMISSION_WAIT_SECONDS",
+                                                    CLOUD_RUN_PERMISSION_WAIT if on_cloud_run else 0.0, zero_ok=True))
         cache = environ.get("MODEL_STATE_CACHE_DIR") or (
             os.path.join(environ["MODEL_DIR"], "gcs-cache") if environ.get("MODEL_DIR") else None)
         kwargs.setdefault("cache_dir", cache)
